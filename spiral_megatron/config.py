@@ -1,0 +1,124 @@
+"""SpiralConfig: Megatron's TransformerConfig plus SpiralFormer's own fields (SPEC.md 1-3)."""
+
+import copy
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from spiral_megatron import schedule
+
+DOWNSCALES = ("self-aggregation", "mean")
+UPSCALES = ("allocate", "repeat")
+TOPOLOGIES = ("residual", "anchor", "mesh")
+LATENT_POSITIONS = ("chunk-end", "index")
+
+
+@dataclass
+class SpiralConfig(TransformerConfig):
+    """A SpiralFormer `prelude + core x T + coda`. `num_layers` is derived (unique layers)."""
+
+    num_prelude_layers: int = 0
+    """N_pre: unshared layers before the loop, at full resolution."""
+
+    num_core_layers: int = 0
+    """N_loop: the shared layers ("core") the loop runs T times."""
+
+    num_coda_layers: int = 0
+    """N_post: unshared layers after the loop, at full resolution."""
+
+    chunk_sizes: Tuple[int, ...] = ()
+    """g_t per loop iteration, e.g. (8, 4, 2, 1); T = len(chunk_sizes); () = no loop."""
+
+    chunk_offsets: Optional[Tuple[int, ...]] = None
+    """w_t per iteration, each in [0, g_t); None = all 0 [ours: default]."""
+
+    downscale: str = "self-aggregation"
+    """Tokens -> latent per chunk: "self-aggregation" (paper) or "mean"."""
+
+    upscale: str = "allocate"
+    """Latent update -> tokens: "allocate" (learned, paper) or "repeat"."""
+
+    shift: str = "overlap"
+    """Causal right shift: "overlap" s = g - 1 (paper) or "no-overlap" s = g."""
+
+    topology: str = "residual"
+    """How an update merges into the state: "residual" [ours, default], "anchor" or "mesh"."""
+
+    mesh_slots: Optional[int] = None
+    """B, MeSH buffer slots; None = num_core_layers + 3. Only with topology "mesh"."""
+
+    latent_positions: str = "chunk-end"
+    """Rotary position of latent j: "chunk-end" (its last token, [ours]) or "index" (j)."""
+
+    def __post_init__(self):
+        self._check_spiral_fields()
+        self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)
+        if self.chunk_offsets is not None:
+            self.chunk_offsets = tuple(int(w) for w in self.chunk_offsets)
+        schedule.make_levels(self.chunk_sizes, self.chunk_offsets, self.shift)
+        if self.topology == "mesh" and self.mesh_slots is None:
+            self.mesh_slots = self.num_core_layers + 3
+        unique = self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
+        if self.num_layers not in (0, unique):
+            raise ValueError(
+                f"num_layers {self.num_layers} must equal num_prelude_layers + num_core_layers + "
+                f"num_coda_layers = {unique} (or be left 0)"
+            )
+        self.num_layers = unique
+        super().__post_init__()
+
+    def _check_spiral_fields(self):
+        for name in ("num_prelude_layers", "num_core_layers", "num_coda_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
+        if self.num_prelude_layers + self.num_core_layers + self.num_coda_layers < 1:
+            raise ValueError("a model needs at least one layer (prelude, core or coda)")
+        sizes = schedule.parse_chunk_sizes(self.chunk_sizes)
+        if self.num_core_layers > 0 and not sizes:
+            raise ValueError(
+                f"chunk_sizes {self.chunk_sizes!r} is an empty schedule but num_core_layers is "
+                f"{self.num_core_layers}: give one chunk size per loop iteration"
+            )
+        if self.num_core_layers == 0 and sizes:
+            raise ValueError(f"chunk_sizes {sizes} needs num_core_layers >= 1, got 0")
+        for name, allowed in (
+            ("downscale", DOWNSCALES),
+            ("upscale", UPSCALES),
+            ("topology", TOPOLOGIES),
+            ("latent_positions", LATENT_POSITIONS),
+            ("shift", schedule.SHIFTS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
+        if self.mesh_slots is not None:
+            if self.topology != "mesh":
+                raise ValueError(f"mesh_slots {self.mesh_slots} is only used with topology 'mesh'")
+            if self.mesh_slots < 2:
+                raise ValueError(f"mesh_slots {self.mesh_slots} must be >= 2")
+
+    @property
+    def levels(self) -> Tuple[schedule.Level, ...]:
+        """The loop's resolution schedule, one Level per iteration."""
+        return schedule.make_levels(self.chunk_sizes, self.chunk_offsets, self.shift)
+
+    @property
+    def num_loops(self) -> int:
+        """T, the number of loop iterations."""
+        return len(self.chunk_sizes)
+
+
+def block_config(config: TransformerConfig, num_layers: int) -> TransformerConfig:
+    """A copy of `config` for one TransformerBlock of `num_layers` layers (prelude, core, coda).
+
+    Each part numbers its layers from 1 and is one pipeline stage's own business, so its
+    checkpoint keys (`prelude.layers.i`, `core.layers.i`) do not depend on the layout.
+    """
+    part = copy.copy(config)
+    part.num_layers = num_layers
+    part.pipeline_model_parallel_size = 1
+    part.virtual_pipeline_model_parallel_size = None
+    part.num_layers_in_first_pipeline_stage = None
+    part.num_layers_in_last_pipeline_stage = None
+    part.pipeline_model_parallel_layout = None
+    return part

@@ -1,0 +1,124 @@
+"""Run Megatron-Core on a machine without CUDA (gloo backend, CPU tensors).
+
+Megatron hard-codes CUDA in places no config flag reaches (measured in
+shared/MEGATRON-NOTES.md): the forward-backward schedules create `device="cuda"` tensors,
+pipeline p2p calls `torch.cuda.current_device()` and `torch.cuda.synchronize()`, the rotary
+embedding and the local attention allocate on `torch.cuda.current_device()`, the default
+causal mask is built with `device="cuda"`, tied embeddings call `.cuda()`, distributed
+checkpoint saving synchronizes, and DDP waits on `torch.cuda.current_stream()`.
+
+`enable()` redirects exactly those `torch.cuda` entry points to the CPU, process-wide:
+  * `torch.cuda.current_device / synchronize / current_stream / Stream / Event / ...`
+    become CPU stand-ins;
+  * a `TorchFunctionMode` maps a `device="cuda"` (or integer device) argument and
+    `Tensor.cuda()` to the CPU.
+It touches only `torch.cuda`, never an attribute of Megatron, and does nothing where CUDA is
+available. CUDA random states are left alone: seed Megatron's tracker with
+`model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)` on CPU. It costs about 25% on tiny models (the mode sees every torch call).
+"""
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_MODE = None
+
+
+class _CpuStream:
+    """Stands in for `torch.cuda.Stream`: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuEvent()
+
+    def synchronize(self):
+        pass
+
+
+class _CpuEvent:
+    """Stands in for `torch.cuda.Event`."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+def _to_cpu_device(device):
+    """`"cuda"`, `"cuda:1"`, `torch.device("cuda")` or an integer index -> the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of any torch call to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func in (torch.Tensor.to,) and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def enable() -> bool:
+    """Redirect `torch.cuda` device calls to the CPU when CUDA is absent. Idempotent.
+
+    Returns True when the redirect is active.
+    """
+    global _MODE
+    if torch.cuda.is_available():
+        return False
+    if _MODE is not None:
+        return True
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.synchronize = lambda device=None: None
+    cuda.current_stream = lambda device=None: _CpuStream()
+    cuda.default_stream = lambda device=None: _CpuStream()
+    cuda.Stream = _CpuStream
+    cuda.Event = _CpuEvent
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.set_device = lambda device: None
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    cuda.reset_peak_memory_stats = lambda device=None: None
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    return True
+
+
+def is_enabled() -> bool:
+    """True after `enable()` installed the redirect in this process."""
+    return _MODE is not None

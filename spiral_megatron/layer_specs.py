@@ -1,0 +1,115 @@
+"""ModuleSpecs: which modules build SpiralFormer, for the `local` and `transformer_engine` backends.
+
+The transformer layer is Megatron's own GPT layer spec (prelude, core and coda all use it);
+what SpiralFormer adds (down-scale, up-scale, topology) is chosen here from the config's
+option names, so the model code never branches on them.
+
+For Megatron-LM's `--spec` option: `spiral_megatron.layer_specs get_spiral_layer_local_spec`
+or `spiral_megatron.layer_specs get_spiral_layer_te_spec`.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Union
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from spiral_megatron import resampling, topology
+from spiral_megatron.norm import TorchNorm
+
+BACKENDS = ("local", "transformer_engine")
+
+DOWNSCALE = {"self-aggregation": resampling.SelfAggregation, "mean": resampling.MeanPool}
+UPSCALE = {"allocate": resampling.Allocate, "repeat": resampling.Repeat}
+TOPOLOGY = {"residual": topology.Residual, "anchor": topology.Anchor, "mesh": topology.Mesh}
+
+
+@dataclass
+class SpiralLoopSubmodules:
+    """The loop of SPEC.md section 3: a core built from `layer`, plus the resampling ops."""
+
+    layer: ModuleSpec
+    """The TransformerLayer spec of the shared core."""
+
+    downscale: Union[ModuleSpec, type]
+    """Tokens -> latents, one module per iteration with chunk size > 1."""
+
+    upscale: Union[ModuleSpec, type]
+    """Latent update -> token update, one module per iteration with chunk size > 1."""
+
+    topology: Union[ModuleSpec, type]
+    """Merges each iteration's update into the loop state."""
+
+
+@dataclass
+class SpiralModelSubmodules:
+    """Everything SpiralGPTModel builds besides embedding and output layer."""
+
+    layer: ModuleSpec
+    """The TransformerLayer spec of prelude and coda."""
+
+    final_norm: Union[ModuleSpec, type]
+    """The norm before the output layer."""
+
+    loop: SpiralLoopSubmodules
+    """The looped core."""
+
+
+def get_spiral_layer_local_spec(normalization: str = "LayerNorm", qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's local GPT layer with norms that also work under sequence parallelism."""
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    sub = dataclasses.replace(spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
+    return dataclasses.replace(spec, submodules=sub)
+
+
+def have_transformer_engine() -> bool:
+    """True when Transformer Engine imports (Megatron's own check), without raising."""
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE)
+
+
+def _require_transformer_engine():
+    if not have_transformer_engine():
+        raise RuntimeError(
+            "backend 'transformer_engine' needs Transformer Engine (pip install "
+            "'spiral_megatron[te]' on a CUDA machine), which is not importable here; "
+            "use backend 'local'"
+        )
+
+
+def get_spiral_layer_te_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's Transformer Engine GPT layer (fused norms, FP8); needs TE."""
+    _require_transformer_engine()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+
+def _final_norm(backend: str):
+    if backend == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return TorchNorm
+
+
+def get_spiral_model_spec(config, backend: str = "local") -> SpiralModelSubmodules:
+    """The full SpiralFormer spec for `config` (a SpiralConfig) on one backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} must be one of {BACKENDS}")
+    if backend == "transformer_engine":
+        layer = get_spiral_layer_te_spec(qk_layernorm=config.qk_layernorm)
+    else:
+        layer = get_spiral_layer_local_spec(config.normalization, qk_layernorm=config.qk_layernorm)
+    loop = SpiralLoopSubmodules(
+        layer=layer,
+        downscale=DOWNSCALE[config.downscale],
+        upscale=UPSCALE[config.upscale],
+        topology=TOPOLOGY[config.topology],
+    )
+    return SpiralModelSubmodules(layer=layer, final_norm=_final_norm(backend), loop=loop)

@@ -1,0 +1,88 @@
+"""SpiralLoop: the shared core run T times, coarse to fine (SPEC.md sections 2-3).
+
+One iteration t, chunk size g, offset w, shift s, on the token states h [s, b, h]:
+    x = shift_right(h, w)                  chunk j of x = tokens [j*g - w, j*g + g - 1 - w]
+    z = downscale_t(x)                     [s/g, b, h]  one latent per chunk
+    y = core(z)                            [s/g, b, h]  causal over latents, shared weights
+    u = upscale_t(y, y - z)                [s, b, h]    the core's update, back on tokens
+    u = shift_right(u, s - w)              a token sees only chunks that closed at or before it
+    state = topology.write(state, u, t)
+Chunk sizes of 1 skip the resampling (an identity) and build no parameters for it.
+"""
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+from spiral_megatron.config import SpiralConfig, block_config
+from spiral_megatron.layer_specs import SpiralLoopSubmodules
+from spiral_megatron.resampling import shift_right
+
+
+def causal_mask(n: int, device) -> torch.Tensor:
+    """[1, 1, n, n] bool, True above the diagonal (Megatron's convention: True = masked)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+class SpiralLoop(MegatronModule):
+    """The looped core with its per-iteration resampling and the state topology."""
+
+    def __init__(self, config: SpiralConfig, submodules: SpiralLoopSubmodules, pg_collection=None):
+        super().__init__(config=config)
+        self.levels = config.levels
+        self.latent_positions = config.latent_positions
+        layers = [submodules.layer] * config.num_core_layers
+        self.core = TransformerBlock(
+            config=block_config(config, config.num_core_layers),
+            spec=TransformerBlockSubmodules(layer_specs=layers, layer_norm=None),
+            post_layer_norm=False,
+            pg_collection=pg_collection,
+        )
+        self.tp_group = self.core.tp_group
+        resampled = [t for t, lv in enumerate(self.levels) if lv.chunk_size > 1]
+        self.downscale = torch.nn.ModuleDict(
+            {str(t): build_module(submodules.downscale, config, self.levels[t].chunk_size) for t in resampled}
+        )
+        self.upscale = torch.nn.ModuleDict(
+            {str(t): build_module(submodules.upscale, config, self.levels[t].chunk_size) for t in resampled}
+        )
+        self.topology = build_module(submodules.topology, config, len(self.levels))
+
+    def forward(self, h: torch.Tensor, rotary_pos_emb=None, use_mask: bool = False) -> torch.Tensor:
+        """h: [s, b, h] loop input (s = this rank's slice under SP, already padded to a multiple
+        of every chunk size). rotary_pos_emb: [>= S, 1, 1, d] token-position freqs or None.
+        use_mask: pass explicit causal masks to the core (else Megatron's causal default)."""
+        state = self.topology.init(h)
+        for t in range(len(self.levels)):
+            u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)
+            state = self.topology.write(state, u, t)
+        return self.topology.read(state)
+
+    def iteration(self, t: int, h: torch.Tensor, rotary_pos_emb, use_mask: bool) -> torch.Tensor:
+        """The token-level update u [s, b, h] of iteration t."""
+        level, key = self.levels[t], str(t)
+        sp_group = self.tp_group if self.config.sequence_parallel else None
+        first_rank = sp_group is None or sp_group.rank() == 0
+        x = shift_right(h, level.offset, sp_group)  # [s, b, h]
+        if key in self.downscale:
+            z = self.downscale[key](x, num_pad=level.offset if first_rank else 0)  # [s/g, b, h]
+        else:
+            z = x
+        n = z.shape[0] * (sp_group.size() if sp_group is not None else 1)  # global latents
+        y = self.core(
+            z,
+            attention_mask=causal_mask(n, z.device) if use_mask else None,
+            rotary_pos_emb=self._latent_rope(rotary_pos_emb, level, n),
+        )  # [s/g, b, h]
+        u = self.upscale[key](y, y - z) if key in self.upscale else y - z  # [s, b, h]
+        return shift_right(u, level.shift - level.offset, sp_group)
+
+    def _latent_rope(self, rotary_pos_emb, level, n: int):
+        """Freqs of the n latents: at their chunk's last token (j*g + g - 1 - w) [ours] or j."""
+        if rotary_pos_emb is None:
+            return None
+        j = torch.arange(n, device=rotary_pos_emb.device)
+        if self.latent_positions == "chunk-end":
+            j = j * level.chunk_size + (level.chunk_size - 1 - level.offset)
+        return rotary_pos_emb[j]  # [n, 1, 1, d]

@@ -1,0 +1,34 @@
+"""A small Linear replicated on every tensor-parallel rank (scorer, allocator, routers).
+
+Its input is the token or latent states, which are replicated across TP ranks, or under
+sequence parallelism only this rank's slice of the sequence. In the second case each rank
+sees different tokens, so the parameters are marked `sequence_parallel = True`: Megatron's
+`finalize_model_grads` then sums their gradients over the TP group, as it does for norms.
+"""
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class ReplicatedLinear(MegatronModule):
+    """y = x W^T + b, W: [out, in]; weights initialised with `config.init_method`."""
+
+    def __init__(self, config: TransformerConfig, in_features: int, out_features: int, bias: bool):
+        super().__init__(config=config)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        kw = dict(device=device, dtype=config.params_dtype)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        if config.perform_initialization:
+            config.init_method(self.weight)
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def softmax_fp32(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax computed in float32 and returned in the input's dtype (bf16/fp16 safe)."""
+    return torch.softmax(scores.float(), dim=dim).to(scores.dtype)
