@@ -101,7 +101,10 @@ def enable() -> bool:
     if _MODE is not None:
         return True
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device object, not an index: Megatron's autograd backward functions allocate with
+    # `device=torch.cuda.current_device()`, and backward runs outside the mode below (a
+    # TorchFunctionMode is suspended while it handles `Tensor.backward` itself).
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda device=None: None
     cuda.current_stream = lambda device=None: _CpuStream()
     cuda.default_stream = lambda device=None: _CpuStream()

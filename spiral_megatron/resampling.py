@@ -34,8 +34,12 @@ def shift_right(x: torch.Tensor, k: int, sp_group=None) -> torch.Tensor:
         tails = tensor_parallel.gather_from_sequence_parallel_region(
             x[-k:].contiguous(), tensor_parallel_output_grad=True, group=sp_group
         )  # [tp*k, b, h]
+        # Rank r takes rank r-1's tail; rank 0 takes the zeros in front. Every rank slices the
+        # same concatenation, so the gather sits in every rank's graph and its backward
+        # reduce-scatter runs everywhere (else ranks deadlock on unmatched collectives).
+        tails = torch.cat([torch.zeros_like(tails[:k]), tails], dim=0)  # [(tp+1)*k, b, h]
         rank = sp_group.rank()
-        head = tails[(rank - 1) * k : rank * k] if rank > 0 else torch.zeros_like(tails[:k])
+        head = tails[rank * k : (rank + 1) * k]
     return torch.cat([head, x[:-k]], dim=0)  # [s, b, h]
 
 

@@ -1,0 +1,16 @@
+"""TP=2 and TP=2 + sequence parallel match one process (loss and every gradient)."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import torchrun
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+@pytest.mark.parametrize("flags", [[], ["--sequence-parallel"]], ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_matches_single_process(flags):
+    out = torchrun(WORKER, 2, *flags)
+    print(out)
+    assert "OK 6" in out
