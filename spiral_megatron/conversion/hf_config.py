@@ -1,0 +1,140 @@
+"""ModelArgs (Megatron architecture) <-> SpiralFormerConfig (Hugging Face), with the checks
+that refuse what the HF model cannot express."""
+
+from typing import Optional
+
+from spiral_megatron.conversion.mapping import Shapes
+from spiral_megatron.hf.configuration_spiral import ACTIVATIONS, NORMALIZATIONS, SpiralFormerConfig
+from spiral_megatron.model_args import ModelArgs
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_spiral.SpiralFormerConfig",
+    "AutoModelForCausalLM": "modeling_spiral.SpiralForCausalLM",
+}
+UNSUPPORTED = (  # (SpiralConfig field, the value the HF model implements)
+    ("rotary_interleaved", False),
+    ("layernorm_zero_centered_gamma", False),
+    ("softmax_scale", None),
+    ("num_moe_experts", None),
+    ("multi_latent_attention", False),
+    ("glu_linear_offset", 0.0),
+    ("activation_func_clamp_value", None),
+    ("bias_activation_fusion", False),  # Megatron's fused bias-GeLU is the tanh approximation
+    ("use_te_activation_func", False),
+)
+
+
+class UnsupportedConfigError(ValueError):
+    """The Megatron model uses a feature the Hugging Face model does not implement."""
+
+
+def check_expressible(args: ModelArgs) -> None:
+    """Raise UnsupportedConfigError naming every field the HF side cannot express."""
+    config = args.spiral_config()
+    bad = [f"{name}={getattr(config, name, value)!r} (HF supports {value!r})"
+           for name, value in UNSUPPORTED if getattr(config, name, value) != value]
+    act = config.activation_func.__name__
+    if act not in ACTIVATIONS:
+        bad.append(f"activation {act!r} (HF supports {ACTIVATIONS})")
+    if config.normalization not in NORMALIZATIONS:
+        bad.append(f"normalization {config.normalization!r} (HF supports {NORMALIZATIONS})")
+    if args.position_embedding_type not in ("rope", "none"):
+        bad.append(f"position_embedding_type {args.position_embedding_type!r} (HF supports 'rope', 'none')")
+    if bad:
+        raise UnsupportedConfigError("the Hugging Face SpiralFormer cannot express: " + "; ".join(bad))
+
+
+def to_hf_config(args: ModelArgs, vocab_size: Optional[int] = None, **extra) -> SpiralFormerConfig:
+    """The HF config of a Megatron architecture; `vocab_size` = the tokenizer's (rows trimmed)."""
+    check_expressible(args)
+    c = args.spiral_config()
+    vocab_size = vocab_size or args.vocab_size
+    if vocab_size > args.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {vocab_size} is larger than the model's {args.vocab_size} rows")
+    config = SpiralFormerConfig(
+        vocab_size=vocab_size,
+        megatron_vocab_size=args.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.ffn_hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_query_groups,
+        head_dim=c.kv_channels,
+        num_prelude_layers=c.num_prelude_layers,
+        num_core_layers=c.num_core_layers,
+        num_coda_layers=c.num_coda_layers,
+        chunk_sizes=list(c.chunk_sizes),
+        chunk_offsets=list(c.chunk_offsets) if c.chunk_offsets is not None else None,
+        downscale=c.downscale,
+        upscale=c.upscale,
+        shift=c.shift,
+        topology=c.topology,
+        mesh_slots=c.mesh_slots,
+        latent_positions=c.latent_positions,
+        normalization=c.normalization,
+        layer_norm_eps=c.layernorm_epsilon,
+        hidden_act=c.activation_func.__name__,
+        gated_linear_unit=c.gated_linear_unit,
+        add_bias_linear=c.add_bias_linear,
+        add_qkv_bias=c.add_qkv_bias,
+        qk_layernorm=c.qk_layernorm,
+        position_embedding_type=args.position_embedding_type,
+        rope_theta=float(args.rotary_base),
+        rotary_percent=args.rotary_percent,
+        max_position_embeddings=args.max_sequence_length,
+        initializer_range=c.init_method_std,
+        tie_word_embeddings=args.share_embeddings_and_output_weights,
+        architectures=["SpiralForCausalLM"],
+        **extra,
+    )
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+def to_model_args(config: SpiralFormerConfig) -> ModelArgs:
+    """The Megatron architecture of an HF config (the reverse of `to_hf_config`)."""
+    arch = dict(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        ffn_hidden_size=config.intermediate_size,
+        kv_channels=config.head_dim,
+        normalization=config.normalization,
+        layernorm_epsilon=config.layer_norm_eps,
+        gated_linear_unit=config.gated_linear_unit,
+        add_bias_linear=config.add_bias_linear,
+        add_qkv_bias=config.add_qkv_bias,
+        qk_layernorm=config.qk_layernorm,
+        activation_func_name=config.hidden_act,
+        init_method_std=config.initializer_range,
+        num_prelude_layers=config.num_prelude_layers,
+        num_core_layers=config.num_core_layers,
+        num_coda_layers=config.num_coda_layers,
+        chunk_sizes=list(config.chunk_sizes),
+        chunk_offsets=list(config.chunk_offsets) if config.chunk_offsets is not None else None,
+        downscale=config.downscale,
+        upscale=config.upscale,
+        shift=config.shift,
+        topology=config.topology,
+        mesh_slots=config.mesh_slots,
+        latent_positions=config.latent_positions,
+    )
+    return ModelArgs(
+        config=arch,
+        vocab_size=config.megatron_vocab_size or config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        share_embeddings_and_output_weights=bool(config.tie_word_embeddings),
+        position_embedding_type=config.position_embedding_type,
+        rotary_base=int(config.rope_theta) if float(config.rope_theta).is_integer() else config.rope_theta,
+        rotary_percent=config.rotary_percent,
+    )
+
+
+def shapes_of(config: SpiralFormerConfig) -> Shapes:
+    return Shapes(
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        gated_linear_unit=config.gated_linear_unit,
+        vocab_size=config.vocab_size,
+        megatron_vocab_size=config.megatron_vocab_size or config.vocab_size,
+    )

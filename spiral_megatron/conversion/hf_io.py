@@ -1,0 +1,129 @@
+"""Writing and reading a Hugging Face model folder (safetensors only).
+
+A folder holds config.json (with `auto_map`), generation_config.json, the model files of
+`spiral_megatron/hf/`, the tokenizer files of the training run, the weights as
+model.safetensors (or shards plus model.safetensors.index.json above `max_shard_bytes`), and
+megatron_vocab_padding.safetensors: the Megatron rows beyond the tokenizer's vocabulary, which
+the HF model does not use and the reverse conversion puts back (bit-exact round trip).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from spiral_megatron import hf as hf_package
+from spiral_megatron.conversion.mapping import StateDict
+from spiral_megatron.hf.configuration_spiral import SpiralFormerConfig
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PADDING = "megatron_vocab_padding.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder unless `force` (checked before any work)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"output {str(out)!r} exists and is not empty; pass --force to replace it")
+
+
+def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tokenizer: Optional[Path] = None,
+                    padding: Optional[StateDict] = None, force: bool = False,
+                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Everything is written into a temporary sibling folder, renamed to `out` at the end."""
+    out = Path(out)
+    prepare_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config.save_pretrained(str(tmp))
+        _write_generation_config(tmp, config)
+        pkg = Path(hf_package.__file__).parent
+        for name in hf_package.MODEL_FILES:
+            shutil.copy2(pkg / name, tmp / name)
+        if tokenizer is not None:
+            for f in Path(tokenizer).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        _write_weights(tmp, state, max_shard_bytes)
+        if padding:
+            save_file({k: v.contiguous() for k, v in padding.items()}, str(tmp / PADDING), metadata={"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_generation_config(folder: Path, config: SpiralFormerConfig) -> None:
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
+           "do_sample": False, "use_cache": True}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _write_weights(folder: Path, state: StateDict, max_shard_bytes: int) -> None:
+    shards, current, size = [], {}, 0
+    for name in sorted(state):
+        t = state[name].contiguous()
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards, 1):
+        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def read_hf_folder(folder: Path):
+    """(SpiralFormerConfig, weights, vocab padding) of a folder; only safetensors are loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Hugging Face folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json")
+    config = SpiralFormerConfig.from_pretrained(str(folder))
+    if (folder / INDEX).is_file():
+        files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+    elif (folder / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        raise FileNotFoundError(f"{str(folder)!r} has no {WEIGHTS} or {INDEX}"
+                                + (f"; only safetensors are loaded, not {others}" if others else ""))
+    state = {}
+    for name in files:
+        state.update(_load(folder / name))
+    padding = _load(folder / PADDING) if (folder / PADDING).is_file() else {}
+    return config, state, padding
+
+
+def _load(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"weights file {str(path)!r} is corrupt or truncated: {e}") from e

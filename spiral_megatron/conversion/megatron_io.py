@@ -1,0 +1,143 @@
+"""Reading and writing the training script's checkpoints, in one process without GPUs.
+
+Layout (agreed with the training script):
+    SAVE/latest_checkpointed_iteration.txt
+    SAVE/iter_0000200/   Megatron dist checkpoint + model_args.json, config.yaml, tokenizer/
+`dist_checkpointing` returns full tensors whatever TP/PP layout saved them.
+"""
+
+import re
+import shutil
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from spiral_megatron.conversion.mapping import StateDict
+from spiral_megatron.model_args import ModelArgs
+
+MODEL_ROOTS = ("embedding", "prelude", "loop", "coda", "output_layer")  # model tensors
+DROPPED_ROOTS = ("optimizer", "rng_state", "rerun_state_machine_state")  # not weights: dropped
+
+
+def _read_errors() -> tuple:
+    """What a bad checkpoint raises: torch's CheckpointException is a BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, incomplete or unreadable; the message says which."""
+
+
+def iteration_dir(save: Path, iteration: int) -> Path:
+    return Path(save) / f"iter_{iteration:07d}"
+
+
+def find_checkpoint(load: str, iteration: Optional[int] = None) -> Tuple[Path, int]:
+    """(the iteration's folder, iteration); the latest one unless `iteration` is given."""
+    load = Path(load)
+    if not load.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(load)!r} does not exist")
+    if iteration is None:
+        tracker = load / "latest_checkpointed_iteration.txt"
+        if tracker.is_file():
+            text = tracker.read_text().strip()
+            if not text.isdigit():
+                raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
+            iteration = int(text)
+        else:
+            found = sorted(int(m.group(1)) for p in load.iterdir() if (m := re.fullmatch(r"iter_(\d+)", p.name)))
+            if not found:
+                raise CheckpointError(f"{str(load)!r} has no latest_checkpointed_iteration.txt and no iter_* folder")
+            iteration = found[-1]
+    folder = iteration_dir(load, iteration)
+    if not folder.is_dir():
+        have = sorted(p.name for p in load.glob("iter_*"))
+        raise CheckpointError(f"no checkpoint at iteration {iteration} in {str(load)!r} (found: {have or 'none'})")
+    return folder, iteration
+
+
+def _ensure_process_group() -> None:
+    """dist_checkpointing needs torch.distributed; a one-process gloo group is enough."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from spiral_megatron import parallel
+
+        parallel.initialize(1, 1, backend="gloo")
+
+
+def read_model_args(folder: Path) -> ModelArgs:
+    path = Path(folder) / "model_args.json"
+    if not path.is_file():
+        raise CheckpointError(f"{str(folder)!r} has no model_args.json (needed to know the architecture)")
+    try:
+        return ModelArgs.load(path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid ModelArgs JSON: {e}") from e
+
+
+def read_tensors(folder: Path) -> StateDict:
+    """Full model tensors of a dist checkpoint; optimizer/RNG state is dropped, anything
+    else unknown is refused."""
+    from megatron.core import dist_checkpointing
+
+    _ensure_process_group()
+    folder = Path(folder)
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(str(folder))
+    except _read_errors() as e:  # Megatron and torch raise many kinds; name the folder
+        raise CheckpointError(f"{str(folder)!r} is not a readable Megatron dist checkpoint: {e}") from e
+    roots = {key: key.split(".")[0] for key in meta}
+    unknown = sorted(k for k, r in roots.items() if r not in MODEL_ROOTS + DROPPED_ROOTS)
+    if unknown:
+        raise CheckpointError(f"checkpoint tensors that are neither model nor optimizer state: {unknown[:10]}")
+    wanted = {k: v for k, v in meta.items() if roots[k] in MODEL_ROOTS}
+    try:
+        loaded = dist_checkpointing.load(wanted, str(folder), validate_access_integrity=False)
+    except _read_errors() as e:
+        raise CheckpointError(f"checkpoint {str(folder)!r} could not be read (corrupt or truncated file?): {e}") from e
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def build_megatron(args: ModelArgs, **runtime):
+    """A TP1 SpiralGPTModel on CPU for `args` (initialises a one-process group if needed)."""
+    from spiral_megatron.model_args import build_model
+
+    _ensure_process_group()
+    runtime = {"use_cpu_initialization": True, "hidden_dropout": 0.0, "attention_dropout": 0.0, **runtime}
+    return build_model(args, **runtime)
+
+
+def write_checkpoint(save: str, iteration: int, args: ModelArgs, state: StateDict,
+                     tokenizer: Optional[Path] = None, force: bool = False) -> Path:
+    """A checkpoint of `state` (local per-layer names) in the training script's layout."""
+    from megatron.core import dist_checkpointing
+
+    save = Path(save)
+    folder = iteration_dir(save, iteration)
+    if folder.exists() and any(folder.iterdir()):
+        if not force:
+            raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
+        shutil.rmtree(folder)
+    model = build_megatron(args)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"state does not fit the Megatron model: missing {missing}, unexpected {unexpected}")
+    folder.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(folder))
+    args.save(folder / "model_args.json")
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, folder / "tokenizer", dirs_exist_ok=True)
+    (save / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return folder
+
+
+def model_state(model) -> StateDict:
+    """A Megatron module's weights (no `_extra_state`), detached, on CPU."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("._extra_state")}
+

@@ -1,0 +1,186 @@
+"""The SpiralFormer loop in plain PyTorch (SPEC.md sections 2, 3 and 6), batch-first [b, s, d].
+
+One iteration t, chunk size g, offset w, shift s, on token states h:
+    x = shift_right(h, w)          chunk j of x = tokens [j*g - w, j*g + g - 1 - w] (front zeros)
+    z = downscale_t(x)             [b, s/g, d]   one latent per chunk
+    y = core(z)                    [b, s/g, d]   causal over latents, shared weights
+    u = upscale_t(y, y - z)        [b, s, d]     the core's update, back on tokens
+    u = shift_right(u, s - w)      token i sees only chunks that closed at or before it
+    state = topology.write(state, u, t)
+Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
+record a `LevelCache` per iteration); `step` runs one new token against those caches, running
+the core of level t only when the token closes one of its chunks (SPEC.md section 6).
+"""
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers_spiral import KV, Block, rotary_angles
+
+
+def shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """out[:, i] = x[:, i - k], zeros for i < k.   x: [b, s, d]"""
+    if k == 0:
+        return x
+    return torch.cat([x.new_zeros(x.shape[0], k, x.shape[2]), x], dim=1)[:, : x.shape[1]]
+
+
+def softmax_fp32(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax in float32, returned in the input's dtype (as the Megatron model)."""
+    return torch.softmax(scores.float(), dim=dim).to(scores.dtype)
+
+
+class LevelCache:
+    """What level t keeps between tokens: the core's latent (k, v) per core layer, the token
+    states of the chunk not yet closed (x-space, front zeros included), and the token-level
+    updates (before the shift) of the last two closed chunks, by chunk index."""
+
+    def __init__(self, kv: List[KV], pending: torch.Tensor, closed: Dict[int, torch.Tensor]):
+        self.kv, self.pending, self.closed = kv, pending, closed
+
+    def map(self, fn) -> None:
+        """Apply `fn` to every batch-first tensor (e.g. reorder rows for beam search)."""
+        self.kv = [(fn(k), fn(v)) for k, v in self.kv]
+        self.pending = fn(self.pending)
+        self.closed = {j: fn(u) for j, u in self.closed.items()}
+
+
+class SpiralLoop(nn.Module):
+    """The shared core, the per-iteration resampling (named by the paper) and the topology."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.chunk_sizes, self.offsets, self.shifts = config.chunk_sizes, config.offsets, config.shifts
+        d = config.hidden_size
+        self.core = Block(config, config.num_core_layers)
+        resampled = [t for t, g in enumerate(self.chunk_sizes) if g > 1]
+        if config.downscale == "self-aggregation":  # A_t: Linear(d, 1) per iteration [ours]
+            self.aggregate = nn.ModuleDict({str(t): nn.Linear(d, 1, bias=False) for t in resampled})
+        if config.upscale == "allocate":  # B_t: Linear(d, g) per iteration [ours]
+            self.allocate = nn.ModuleDict({str(t): nn.Linear(d, self.chunk_sizes[t]) for t in resampled})
+        if config.topology == "mesh":  # MeSH routers, one pair per iteration
+            B = config.mesh_slots
+            self.mesh_write = nn.ModuleList([nn.Linear(d, B) for _ in self.chunk_sizes])
+            self.mesh_read = nn.ModuleList([nn.Linear(d, B) for _ in self.chunk_sizes])
+
+    # ---- resampling (SPEC.md 3.1 and 3.3) ----
+    def downscale(self, t: int, chunks: torch.Tensor, first_pad: int) -> torch.Tensor:
+        """chunks [b, n, g, d] -> latents [b, n, d]; the first `first_pad` slots of chunk 0
+        are front padding and get no weight."""
+        g = chunks.shape[2]
+        if self.config.downscale == "mean":
+            z = chunks.mean(dim=2)  # [b, n, d]
+            if first_pad:  # padded slots are zeros: rescale chunk 0 to the mean of its real tokens
+                z = torch.cat([z[:, :1] * (g / (g - first_pad)), z[:, 1:]], dim=1)
+            return z
+        scores = self.aggregate[str(t)](chunks)  # [b, n, g, 1]
+        if first_pad:
+            pad = torch.arange(g, device=chunks.device) < first_pad  # [g]
+            scores = torch.cat([scores[:, :1].masked_fill(pad[None, None, :, None], float("-inf")), scores[:, 1:]], 1)
+        return (softmax_fp32(scores, dim=2) * chunks).sum(dim=2)  # [b, n, d]
+
+    def upscale(self, t: int, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """latent update delta [b, n, d] -> token update [b, n*g, d]."""
+        b, n, d = delta.shape
+        g = self.chunk_sizes[t]
+        if self.config.upscale == "repeat":
+            return delta[:, :, None].expand(b, n, g, d).reshape(b, n * g, d)
+        beta = softmax_fp32(self.allocate[str(t)](y), dim=-1)  # [b, n, g]
+        slots = beta[..., None] * delta[:, :, None]  # [b, n, g, d]
+        return (math.sqrt(g) * slots).reshape(b, n * g, d)  # slot k gets sqrt(g) beta_k delta [ours]
+
+    def latent_angles(self, t: int, j: torch.Tensor):
+        """RoPE angles of latents j: their chunk's last token j*g + g - 1 - w [ours], or j."""
+        g, w = self.chunk_sizes[t], self.offsets[t]
+        pos = j * g + (g - 1 - w) if self.config.latent_positions == "chunk-end" else j
+        return rotary_angles(self.config, pos)
+
+    # ---- topology (SPEC.md 3.5) ----
+    def init(self, h0: torch.Tensor):
+        if self.config.topology == "anchor":
+            return (h0, h0)
+        if self.config.topology == "mesh":  # slot 0 = loop input, the rest zeros
+            rest = h0.new_zeros((self.config.mesh_slots - 1,) + h0.shape)
+            return (h0, torch.cat([h0[None], rest], dim=0))  # (h, slots [B, b, s, d])
+        return (h0,)
+
+    def write(self, state, u: torch.Tensor, t: int):
+        if self.config.topology == "anchor":
+            return (state[1] + u, state[1])
+        if self.config.topology == "mesh":
+            h, slots = state
+            w = softmax_fp32(self.mesh_write[t](u), dim=-1)  # [b, s, B]
+            slots = slots + w.permute(2, 0, 1)[..., None] * u[None]  # [B, b, s, d]
+            r = softmax_fp32(self.mesh_read[t](h), dim=-1)  # [b, s, B]
+            return (torch.einsum("bsk,kbsd->bsd", r, slots), slots)
+        return (state[0] + u,)
+
+    # ---- whole sequences ----
+    def forward(self, h: torch.Tensor, caches: Optional[List[LevelCache]] = None) -> torch.Tensor:
+        """h: [b, L, d] loop input, padded here at its END to a multiple of every chunk size
+        (causality keeps the padding out of real tokens). If `caches` is a list, one
+        LevelCache per iteration is appended for decoding after these L tokens."""
+        b, L, d = h.shape
+        m = self.config.padding_multiple
+        S = -(-L // m) * m
+        if S > L:
+            h = torch.cat([h, h.new_zeros(b, S - L, d)], dim=1)  # [b, S, d]
+        state = self.init(h)
+        for t in range(len(self.chunk_sizes)):
+            state = self.write(state, self.iteration(t, state[0], L, caches), t)
+        return state[0][:, :L]
+
+    def iteration(self, t: int, h: torch.Tensor, L: int, caches) -> torch.Tensor:
+        b, S, d = h.shape
+        g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
+        x = shift_right(h, w)  # [b, S, d]
+        n = S // g
+        z = self.downscale(t, x.view(b, n, g, d), first_pad=w) if g > 1 else x  # [b, n, d]
+        y, kv = self.core(z, self.latent_angles(t, torch.arange(n, device=h.device)))  # [b, n, d]
+        u = self.upscale(t, y, y - z) if g > 1 else y - z  # [b, S, d]
+        if caches is not None:
+            caches.append(self._level_cache(h, u, kv, g, w, L))
+        return shift_right(u, s - w)
+
+    @staticmethod
+    def _level_cache(h, u, kv, g: int, w: int, L: int) -> LevelCache:
+        """Level state after L real tokens: only the n_c chunks that closed are kept (the core
+        is causal, so their keys/values do not depend on the padded tail)."""
+        n_c = (L + w) // g  # chunk j is closed once token j*g + g - 1 - w <= L - 1
+        start = n_c * g - w  # first token of the open chunk (negative: front padding)
+        pending = h[:, max(start, 0) : L]
+        if start < 0:
+            pending = torch.cat([h.new_zeros(h.shape[0], -start, h.shape[2]), pending], dim=1)
+        closed = {j: u[:, j * g : (j + 1) * g] for j in (n_c - 2, n_c - 1) if j >= 0}
+        return LevelCache([(k[:, :, :n_c], v[:, :, :n_c]) for k, v in kv], pending, closed)
+
+    # ---- one new token (SPEC.md 6) ----
+    def step(self, h: torch.Tensor, i: int, caches: List[LevelCache]) -> torch.Tensor:
+        """h: [b, 1, d] loop input of the token at position i; updates `caches` in place."""
+        state = self.init(h)
+        for t in range(len(self.chunk_sizes)):
+            state = self.write(state, self.step_iteration(t, state[0], i, caches[t]), t)
+        return state[0]
+
+    def step_iteration(self, t: int, h: torch.Tensor, i: int, cache: LevelCache) -> torch.Tensor:
+        g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
+        cache.pending = torch.cat([cache.pending, h], dim=1)  # [b, <= g, d]
+        j, slot = divmod(i + w, g)  # the token's chunk and slot in x-space
+        if slot == g - 1:  # the token closes chunk j: run the core on one new latent
+            chunk = cache.pending  # [b, g, d]
+            z = self.downscale(t, chunk[:, None], first_pad=w if j == 0 else 0) if g > 1 else chunk  # [b, 1, d]
+            angles = self.latent_angles(t, torch.tensor([j], device=h.device))
+            y, cache.kv = self.core(z, angles, cache.kv)  # [b, 1, d]
+            cache.closed[j] = self.upscale(t, y, y - z) if g > 1 else y - z  # [b, g, d]
+            cache.closed.pop(j - 2, None)
+            cache.pending = chunk[:, :0]
+        m = i - (s - w)  # the x-space index whose update this token receives
+        if m < 0:
+            return torch.zeros_like(h)
+        jm, km = divmod(m, g)
+        return cache.closed[jm][:, km : km + 1]  # [b, 1, d]

@@ -1,0 +1,153 @@
+"""tools/convert_to_hf.py and convert_from_hf.py end to end on a TP1 checkpoint: verify,
+AutoModelForCausalLM + generate (cached == uncached), bit-exact round trip, every error."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.hf import helpers as H
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(ROOT / "tools"))
+import convert_from_hf  # noqa: E402
+import convert_to_hf  # noqa: E402
+
+ARGS = dict(num_query_groups=2, gated_linear_unit=True, chunk_offsets=[1, 1, 0], topology="mesh")
+
+
+@pytest.fixture(scope="module")
+def ckpt(megatron, tmp_path_factory):
+    args = H.model_args(**ARGS)
+    model = H.build(args, seed=3)
+    save = tmp_path_factory.mktemp("ckpt")
+    H.save_checkpoint(model, args, save)
+    return save
+
+
+@pytest.fixture(scope="module")
+def hf_dir(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "model"
+    assert convert_to_hf.main(["--load", str(ckpt), "--out", str(out), "--verify"]) == 0
+    return out
+
+
+def _load(path):
+    from spiral_megatron.conversion.convert import load_hf
+
+    return load_hf(path)
+
+
+def test_folder_contents(hf_dir):
+    names = {p.name for p in hf_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "modeling_spiral.py",
+            "configuration_spiral.py", "layers_spiral.py", "loop_spiral.py", "tokenizer.json",
+            "tokenizer_config.json", "megatron_vocab_padding.safetensors"} <= names
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spiral.SpiralForCausalLM"
+    assert config["vocab_size"] == H.VOCAB and config["megatron_vocab_size"] == H.PADDED_VOCAB
+    assert not any(p.name.startswith(".") for p in hf_dir.parent.iterdir())  # temp folder renamed away
+
+
+def test_generate_cached_equals_uncached(hf_dir):
+    from transformers import AutoTokenizer
+
+    model = _load(hf_dir)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
+    ids = torch.tensor([tok("w1 w2 w3 w4 w5")["input_ids"], [7, 8, 9, 10, 11]])  # equal lengths batch
+    kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    greedy_c = model.generate(ids, do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True, **kw)
+    greedy_u = model.generate(ids, do_sample=False, use_cache=False, **kw)
+    assert torch.equal(greedy_c.sequences, greedy_u)
+    with torch.no_grad():  # every cached step's logits == the full forward's at that position
+        full = model(greedy_c.sequences, use_cache=False).logits
+    steps = torch.stack(greedy_c.logits, dim=1)  # [b, new, V]
+    torch.testing.assert_close(steps, full[:, ids.shape[1] - 1 : -1], rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    sample_c = model.generate(ids, do_sample=True, top_k=20, use_cache=True, **kw)
+    torch.manual_seed(0)
+    sample_u = model.generate(ids, do_sample=True, top_k=20, use_cache=False, **kw)
+    assert torch.equal(sample_c, sample_u)
+
+
+def test_left_padding_is_refused(hf_dir):
+    model = _load(hf_dir)
+    ids = torch.tensor([[0, 5, 6], [4, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="padded batches"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+def test_round_trip_is_bit_exact(ckpt, hf_dir, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    from spiral_megatron.model_args import ModelArgs
+
+    back = tmp_path / "back"
+    assert convert_from_hf.main(["--load", str(hf_dir), "--save", str(back), "--iteration", "200"]) == 0
+    a = dist_checkpointing.load_plain_tensors(str(ckpt / "iter_0000200"))
+    b = dist_checkpointing.load_plain_tensors(str(back / "iter_0000200"))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    old, new = ModelArgs.load(ckpt / "iter_0000200/model_args.json"), ModelArgs.load(back / "iter_0000200/model_args.json")
+    arch = lambda a: ModelArgs.from_config(a.spiral_config(), vocab_size=a.vocab_size)  # noqa: E731
+    assert arch(old) == arch(new)
+    assert (back / "iter_0000200/tokenizer/tokenizer.json").is_file()
+    assert (back / "latest_checkpointed_iteration.txt").read_text() == "200"
+
+
+def test_bf16_and_sharded(ckpt, tmp_path):
+    from spiral_megatron.conversion import convert, hf_io
+
+    out = tmp_path / "bf16"
+    assert convert_to_hf.main(["--load", str(ckpt), "--out", str(out), "--dtype", "bf16", "--verify",
+                               "--max-shard-size", str(20e3 / 1024**3)]) == 0
+    assert (out / hf_io.INDEX).is_file() and len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    config, state, _ = hf_io.read_hf_folder(out)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert convert.load_hf(out)(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, H.VOCAB)
+
+
+def test_errors(ckpt, hf_dir, tmp_path, capsys):
+    def run(*argv):
+        rc = convert_to_hf.main(list(argv))
+        return rc, capsys.readouterr().err
+
+    rc, err = run("--load", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"))
+    assert rc == 2 and "does not exist" in err
+    rc, err = run("--load", str(ckpt), "--out", str(tmp_path / "o2"), "--iteration", "5")
+    assert rc == 2 and "no checkpoint at iteration 5" in err
+    rc, err = run("--load", str(ckpt), "--out", str(hf_dir))
+    assert rc == 2 and "--force" in err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    for f in (broken / "iter_0000200").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    rc, err = run("--load", str(broken), "--out", str(tmp_path / "o3"))
+    assert rc == 2 and "corrupt or truncated" in err and not (tmp_path / "o3").exists()
+
+    odd = tmp_path / "odd"
+    shutil.copytree(ckpt, odd)
+    margs = json.loads((odd / "iter_0000200/model_args.json").read_text())
+    margs["config"]["rotary_interleaved"] = True
+    (odd / "iter_0000200/model_args.json").write_text(json.dumps(margs))
+    rc, err = run("--load", str(odd), "--out", str(tmp_path / "o4"))
+    assert rc == 2 and "cannot express" in err and "rotary_interleaved" in err
+
+    bin_only = tmp_path / "bin_only"
+    shutil.copytree(hf_dir, bin_only)
+    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
+    assert convert_from_hf.main(["--load", str(bin_only), "--save", str(tmp_path / "b1")]) == 2
+    assert "only safetensors" in capsys.readouterr().err
+
+    cut = tmp_path / "cut"
+    shutil.copytree(hf_dir, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert convert_from_hf.main(["--load", str(cut), "--save", str(tmp_path / "b2")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err

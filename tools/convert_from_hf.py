@@ -1,0 +1,39 @@
+"""Convert a SpiralFormer Hugging Face folder back to a Megatron checkpoint.
+
+    python tools/convert_from_hf.py --load hf/debug --save checkpoints/from_hf [--iteration 0] [--force]
+
+Writes the training script's layout (SAVE/iter_NNNNNNN/ with model_args.json and tokenizer/,
+plus latest_checkpointed_iteration.txt); the dist checkpoint loads at any TP/PP layout.
+Megatron -> HF -> Megatron is bit-exact for fp32 conversions.
+"""
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="Hugging Face folder (safetensors)")
+    p.add_argument("--save", required=True, help="checkpoint folder to write")
+    p.add_argument("--iteration", type=int, default=0, help="iteration number to record")
+    p.add_argument("--force", action="store_true", help="overwrite an existing iteration folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    from spiral_megatron.conversion import convert
+
+    try:
+        folder = convert.hf_folder_to_megatron(args.load, args.save, args.iteration, args.force)
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
