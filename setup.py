@@ -13,9 +13,11 @@ setup(
         "numpy",
         "pyyaml",
         "psutil",
+        "tokenizers",
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
+        "hf": ["transformers>=4.45", "safetensors"],
+        "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
         "modelopt": ["nvidia-modelopt", "requests", "huggingface_hub"],
         "dev": ["pytest", "pytest-timeout"],

@@ -11,7 +11,9 @@ checkpoint saving synchronizes, and DDP waits on `torch.cuda.current_stream()`.
   * `torch.cuda.current_device / synchronize / current_stream / Stream / Event / ...`
     become CPU stand-ins;
   * a `TorchFunctionMode` maps a `device="cuda"` (or integer device) argument and
-    `Tensor.cuda()` to the CPU.
+    `Tensor.cuda()` to the CPU, and reports a CPU tensor's `Tensor.type()` as the CUDA
+    type (`torch.cuda.FloatTensor`), which Megatron's distributed optimizer and gradient
+    clipping check.
 It touches only `torch.cuda`, never an attribute of Megatron, and does nothing where CUDA is
 available. CUDA random states are left alone: seed Megatron's tracker with
 `model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)` on CPU. It costs about 25% on tiny models (the mode sees every torch call).
@@ -83,6 +85,11 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron checks type strings ('torch.cuda.FloatTensor') in its distributed
+            # optimizer and gradient clipping: a CPU tensor stands in for a CUDA one.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func in (torch.Tensor.to,) and len(args) > 1:

@@ -16,7 +16,7 @@ from spiral_megatron.config import SpiralConfig
 ARCHITECTURE_FIELDS = (
     "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
     "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear", "add_qkv_bias",
-    "qk_layernorm", "activation_func_name", "init_method_std",
+    "qk_layernorm", "activation_func_name", "init_method_std", "hidden_dropout", "attention_dropout",
     "num_prelude_layers", "num_core_layers", "num_coda_layers", "chunk_sizes", "chunk_offsets",
     "downscale", "upscale", "shift", "topology", "mesh_slots", "latent_positions",
 )

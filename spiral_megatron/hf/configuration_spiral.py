@@ -56,6 +56,8 @@ class SpiralFormerConfig(PretrainedConfig):
         rotary_percent: float = 1.0,
         max_position_embeddings: int = 4096,
         initializer_range: float = 0.02,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
         megatron_vocab_size: int = None,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -93,6 +95,10 @@ class SpiralFormerConfig(PretrainedConfig):
         self.rotary_percent = rotary_percent
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
+        # Training-time dropout of the Megatron run, carried for round trips; the HF model
+        # is an inference model and applies none.
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
         self.megatron_vocab_size = megatron_vocab_size  # rows before trimming, for the reverse
         self.use_cache = use_cache
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
