@@ -1,0 +1,1 @@
+"""The embedded default corpus (see corpus.py and README.md in this folder)."""

@@ -1,0 +1,100 @@
+"""The refusals of a TrainingConfig: each names the key, the value and the rule.
+
+`check` runs before anything starts (no world size needed); `check_world` once the world
+size is known. Both raise ConfigError.
+"""
+
+import dataclasses
+import math
+
+from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
+                                             TrainingConfig, seq_length)
+
+
+def _positive(cfg: TrainingConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} {value!r} must be > 0")
+
+
+def check(cfg: TrainingConfig) -> None:
+    """Refuse impossible values and combinations that do not depend on the world size."""
+    _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
+              "train_iters", "exit_interval", "lr", "lr_decay_iters", "log_interval", "eval_interval",
+              "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
+              "make_vocab_size_divisible_by", "peak_tflops")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} {value!r} must be finite and >= 0")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr {cfg.min_lr} must be <= lr {cfg.lr}")
+    if cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= (cfg.lr_decay_iters or cfg.train_iters):
+        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
+                          f"lr_decay_iters (or train_iters) {cfg.lr_decay_iters or cfg.train_iters}")
+    for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
+                          ("backend", BACKENDS)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} {getattr(cfg, name)!r} must be one of {allowed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} {getattr(cfg, name)} must be in [0, 1)")
+    if cfg.pipeline_parallel != 1:
+        raise ConfigError(f"pipeline_parallel {cfg.pipeline_parallel} is not supported by "
+                          "pretrain_spiral yet (pipeline support is a separate issue); use 1")
+    if cfg.sequence_parallel and cfg.tensor_parallel == 1:
+        raise ConfigError("sequence_parallel true needs tensor_parallel > 1, got tensor_parallel 1")
+    if cfg.loss_scale is not None and cfg.precision != "fp16":
+        raise ConfigError(f"loss_scale {cfg.loss_scale} is only used with precision fp16, "
+                          f"got precision {cfg.precision!r}")
+    if cfg.fp8 is not None and cfg.precision == "fp32":
+        raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
+    if cfg.mock_data and cfg.data_path:
+        raise ConfigError(f"mock_data true and data_path {cfg.data_path} exclude each other")
+    if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
+        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
+    _check_model(cfg)
+
+
+def _check_model(cfg: TrainingConfig) -> None:
+    from spiral_megatron import flavors, schedule
+    from spiral_megatron.config import SpiralConfig
+
+    model = dict(cfg.model)
+    name = model.pop("flavor", None)
+    if name is None:
+        raise ConfigError(f"model {cfg.model!r} needs a 'flavor' key; known: {', '.join(flavors.names())}")
+    try:
+        flavor = flavors.get(name)
+    except ValueError as e:
+        raise ConfigError(f"model.flavor: {e}") from None
+    fields = {f.name for f in dataclasses.fields(SpiralConfig)}
+    for key, value in model.items():
+        if key not in fields:
+            raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig field")
+    try:
+        spiral = flavor.config(**model)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model {cfg.model!r}: {e}") from None
+    if spiral.num_attention_heads % cfg.tensor_parallel:
+        raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} does not divide model "
+                          f"num_attention_heads {spiral.num_attention_heads}")
+    try:
+        schedule.check_sequence_layout(seq_length(cfg), spiral.levels, cfg.tensor_parallel,
+                                       cfg.sequence_parallel)
+    except ValueError as e:
+        raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
+
+
+def check_world(cfg: TrainingConfig, world_size: int) -> int:
+    """Refuse a layout the world size cannot hold; returns the data-parallel size."""
+    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not a multiple of tensor_parallel "
+                          f"{cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel}")
+    dp = world_size // model_parallel
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                          f"micro_batch_size {cfg.micro_batch_size} x data-parallel size {dp}")
+    return dp

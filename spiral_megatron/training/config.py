@@ -1,0 +1,287 @@
+"""TrainingConfig: one flat, typed set of keys, read from YAML and `--key value` overrides.
+
+Every key has a type and a one-line docstring; unknown keys, values of the wrong type and
+impossible combinations raise `ConfigError` naming the key and the value, before any compute.
+The model is a flavor name plus SpiralConfig overrides: `model: {flavor: debug, hidden_size: 128}`
+in YAML, `--model.hidden_size 128` on the command line.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A bad key, value or combination in the training config."""
+
+
+@dataclass
+class TrainingConfig:
+    """Everything `pretrain_spiral.py` needs; the resolved copy is saved beside each checkpoint."""
+
+    model: Dict[str, Any] = field(default_factory=lambda: {"flavor": "debug"})
+    """`flavor` (see spiral_megatron.flavors) plus any SpiralConfig field overrides."""
+
+    seq_length: Optional[int] = None
+    """Tokens per sample; None = the flavor's."""
+
+    tensor_parallel: int = 1
+    """Tensor model parallel size."""
+
+    pipeline_parallel: int = 1
+    """Pipeline model parallel size (only 1 for now)."""
+
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_parallel > 1)."""
+
+    micro_batch_size: int = 8
+    """Samples per micro-batch per data-parallel rank."""
+
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
+
+    train_iters: int = 300
+    """Optimizer steps to train for."""
+
+    exit_interval: Optional[int] = None
+    """Save and stop after this iteration (the schedule still assumes train_iters)."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+
+    lr_warmup_iters: int = 20
+    """Linear warmup steps from 0 to lr."""
+
+    lr_decay_iters: Optional[int] = None
+    """Steps over which lr decays to min_lr; None = train_iters."""
+
+    lr_decay_style: str = "cosine"
+    """One of LR_DECAY_STYLES."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+    precision: str = "fp32"
+    """"fp32", "bf16" or "fp16" (fp16 uses Megatron's dynamic loss scaling). CPU: fp32 only."""
+
+    loss_scale: Optional[float] = None
+    """fp16 only: a static loss scale; None = dynamic."""
+
+    fp8: Optional[str] = None
+    """Transformer Engine FP8 format ("e4m3" or "hybrid"); None = off. Needs GPUs and TE."""
+
+    fp8_recipe: str = "tensorwise"
+    """TE FP8 recipe; the looped core needs a per-call recipe (MEGATRON-NOTES.md)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    seed: int = 1234
+    """Seed for model init and data order."""
+
+    data_path: Optional[List[str]] = None
+    """Indexed dataset prefixes, optionally weighted ("0.7 a 0.3 b"); None = embedded corpus."""
+
+    mock_data: bool = False
+    """Train on Megatron's MockGPTDataset (random tokens) instead of text."""
+
+    split: str = "969,30,1"
+    """Train/valid/test split of the documents, as Megatron's --split."""
+
+    tokenizer: Optional[str] = None
+    """Folder or tokenizer.json of a Hugging Face tokenizer; None = the embedded corpus's."""
+
+    tokenizer_vocab_size: int = 512
+    """Vocabulary of the BPE trained on the embedded corpus."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this x tensor_parallel."""
+
+    cache_dir: Optional[str] = None
+    """Where the embedded corpus and dataset indices are cached; None = $SPIRAL_CACHE or
+    ~/.cache/spiral_megatron."""
+
+    log_interval: int = 10
+    """Log every this many steps."""
+
+    eval_interval: Optional[int] = 100
+    """Evaluate every this many steps and at the end; None = never."""
+
+    eval_iters: int = 10
+    """Validation batches per evaluation."""
+
+    save: Optional[str] = "checkpoints/debug"
+    """Checkpoint folder; None = do not save."""
+
+    save_interval: Optional[int] = None
+    """Save every this many steps (and always at the end); None = only at the end."""
+
+    load: Optional[str] = None
+    """Resume from this checkpoint folder (its latest_checkpointed_iteration.txt)."""
+
+    log_json: Optional[str] = None
+    """Append one JSON object per logged step to this file."""
+
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event folder (needs the `tensorboard` package)."""
+
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s per device for MFU; None = from the GPU's name (unknown on CPU)."""
+
+    backend: str = "auto"
+    """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+_TYPES = typing.get_type_hints(TrainingConfig)
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """`value` as type `tp`, or a ConfigError naming key and value."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return [_coerce(key, v, args[0]) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: {value!r} is not of type {getattr(tp, '__name__', tp)}")
+
+
+def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
+    """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
+    values = cfg.to_dict()
+    for raw_key, value in overrides.items():
+        key = raw_key.replace("-", "_")
+        if key.startswith("model."):
+            values["model"] = {**values["model"], key[len("model."):]: value}
+        elif key == "model" and isinstance(value, str):
+            values["model"] = {"flavor": value}
+        elif key in _FIELDS:
+            values[key] = _coerce(key, value, _TYPES[key])
+        else:
+            raise ConfigError(f"unknown config key {raw_key!r} (value {value!r}); known keys: "
+                              f"{', '.join(sorted(_FIELDS))}")
+    return TrainingConfig(**values)
+
+
+def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (= true) into an ordered mapping.
+
+    Values are read as YAML scalars (`8`, `true`, `[1, 2]`); types are enforced by `apply`.
+    """
+    out, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"expected --key, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key] = value
+        i += 1
+    return out
+
+
+def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingConfig:
+    """The config from `--config PATH` (else `default_path`) plus the other `--key value` pairs."""
+    overrides = parse_cli(argv)
+    path = overrides.pop("config", None) or default_path
+    cfg = TrainingConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+        cfg = apply(cfg, data)
+    cfg = apply(cfg, overrides)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: TrainingConfig) -> None:
+    """Refuse impossible values and combinations (see checks.py)."""
+    from spiral_megatron.training import checks
+
+    checks.check(cfg)
+
+
+def seq_length(cfg: TrainingConfig) -> int:
+    """The training sequence length: the key, else the flavor's."""
+    from spiral_megatron import flavors
+
+    return cfg.seq_length or flavors.get(cfg.model["flavor"]).seq_length
+
+
+def check_world(cfg: TrainingConfig, world_size: int) -> int:
+    """Refuse a layout the world size cannot hold; returns the data-parallel size."""
+    from spiral_megatron.training import checks
+
+    return checks.check_world(cfg, world_size)

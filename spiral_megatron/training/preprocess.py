@@ -1,0 +1,111 @@
+"""Text -> Megatron indexed dataset (`PREFIX.bin` / `PREFIX.idx`), with Megatron's builder.
+
+Inputs are JSONL files (one document per line, text under `text_key`) or plain text files
+(one document per file). Each document is tokenized and ends with the end-of-document token,
+as Megatron's `tools/preprocess_data.py --append-eod` does.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence
+
+import numpy
+
+from spiral_megatron.training.tokenizer import Tokenizer
+
+
+def read_documents(paths: Sequence[Path], text_key: str = "text") -> Iterator[str]:
+    """Documents of JSONL (`*.jsonl`, `*.json`) and plain text files, in the given order."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"input {str(path)!r} does not exist")
+        if path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if text_key not in record:
+                            raise KeyError(f"{path}:{n} has no key {text_key!r}")
+                        yield record[text_key]
+        else:
+            yield path.read_text(encoding="utf-8")
+
+
+def token_dtype(vocab_size: int):
+    """uint16 when every id fits (as Megatron's DType.optimal_dtype), else int32."""
+    return numpy.uint16 if vocab_size < 65500 else numpy.int32
+
+
+class _Progress:
+    """A one-line progress display on a terminal; a summary line otherwise."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream, self.start, self.docs, self.tokens = stream, time.time(), 0, 0
+        self.tty = stream.isatty()
+
+    def update(self, tokens: int) -> None:
+        self.docs, self.tokens = self.docs + 1, self.tokens + tokens
+        if self.tty and self.docs % 100 == 0:
+            self.stream.write(f"\r{self.line()}")
+            self.stream.flush()
+
+    def line(self) -> str:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return (f"{self.docs} documents, {self.tokens} tokens, {elapsed:.1f} s, "
+                f"{self.tokens / elapsed:,.0f} tokens/s")
+
+    def close(self) -> None:
+        self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
+
+
+def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output_prefix: str,
+                          append_eod: bool = True, quiet: bool = False) -> int:
+    """Tokenize `documents` into `output_prefix`.bin/.idx atomically; returns the token count."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(output_prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(tokenizer.vocab_size))
+    progress = _Progress()
+    for text in documents:
+        ids = tokenizer.encode(text) + ([tokenizer.eod] if append_eod else [])
+        if ids:
+            builder.add_document(ids, [len(ids)])
+            progress.update(len(ids))
+    builder.finalize(f"{tmp}.idx")
+    os.replace(f"{tmp}.bin", f"{prefix}.bin")
+    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    if not quiet:
+        progress.close()
+    return progress.tokens
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[str] = None,
+               vocab_size: int = 512, text_key: str = "text", save_tokenizer: Optional[str] = None
+               ) -> Tokenizer:
+    """The tool's work: load (or train a BPE on the inputs) a tokenizer, then write the dataset.
+
+    A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`).
+    """
+    if tokenizer is not None:
+        tok = Tokenizer.load(tokenizer)
+    else:
+        tok = Tokenizer.train_bpe(read_documents(inputs, text_key), vocab_size)
+        folder = save_tokenizer or f"{output_prefix}_tokenizer"
+        tok.save(folder)
+        print(f"trained a byte-level BPE of {tok.vocab_size} tokens, saved to {folder}")
+    count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix)
+    print(f"wrote {output_prefix}.bin/.idx: {count} tokens")
+    return tok
+
+
+def read_indexed_dataset(prefix: str) -> List[numpy.ndarray]:
+    """Every document of an indexed dataset (for checks and tests)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return [numpy.array(ds[i]) for i in range(len(ds))]  # copies: the mmap closes with ds

@@ -1,0 +1,58 @@
+"""Launch pretrain_spiral.py as users do (plain python for 1 rank, torch.distributed.run for 2).
+
+Every launch shares one cache folder (the embedded corpus is built once per test session)
+and uses tiny step counts: the point is behaviour, not convergence.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "pretrain_spiral.py"
+
+# A few-step job: 4 micro-batches of 2 per step, short eval, no warmup surprises.
+TINY = ("--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 4, "--lr-warmup-iters", 1,
+        "--log-interval", 1, "--eval-interval", 2, "--eval-iters", 1, "--save-interval", 2)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("spiral_cache")
+
+
+def command(nproc: int, args) -> list:
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return launch + [str(SCRIPT), *map(str, args)]
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def environment(cache_dir) -> dict:
+    """This environment minus any torch.distributed rendezvous of the test process itself."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SPIRAL_CACHE=str(cache_dir),
+                PYTHONWARNINGS="ignore")
+
+
+def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 300):
+    """Run the job; fail with its output when the exit code is not `expect_rc`."""
+    proc = subprocess.run(command(nproc, args), capture_output=True, text=True, timeout=timeout,
+                          env=environment(cache_dir), cwd=ROOT)
+    if proc.returncode != expect_rc:
+        pytest.fail(f"exit {proc.returncode} (expected {expect_rc}) for {args}\n"
+                    f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def logged(path) -> dict:
+    """iteration -> the JSON record of that training step (evaluation-only lines skipped)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return {r["iteration"]: r for r in records if "loss" in r}

@@ -1,0 +1,68 @@
+"""Config: YAML + command-line overrides, and every refusal names the key and the value."""
+
+from pathlib import Path
+
+import pytest
+
+from spiral_megatron.training import config
+from spiral_megatron.training.config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+
+
+def test_overrides_apply_with_types_over_yaml():
+    cfg = config.load(["--micro-batch-size", "4", "--lr=1e-3", "--sequence-parallel", "--tensor_parallel", "2",
+                       "--model.chunk_sizes", "4,2,1", "--data-path", "0.3 a 0.7 b", "--save", "null"],
+                      CONFIGS / "debug-cpu.yaml")
+    assert cfg.micro_batch_size == 4 and cfg.lr == 1e-3 and cfg.sequence_parallel is True
+    assert cfg.tensor_parallel == 2 and cfg.save is None
+    assert cfg.model == {"flavor": "debug", "chunk_sizes": "4,2,1"}
+    assert cfg.data_path == ["0.3", "a", "0.7", "b"]
+    assert cfg.train_iters == 300  # from the YAML
+
+
+def test_every_shipped_config_resolves():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = config.load(["--config", str(path)])
+        assert config.seq_length(cfg) > 0, path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--micro-batchsize", "4"], "unknown config key 'micro-batchsize' (value 4)"),
+    (["--train-iters", "many"], "train_iters: 'many' is not of type int"),
+    (["--train-iters", "2.5"], "train_iters: 2.5 is not of type int"),
+    (["--sequence-parallel", "maybe"], "sequence_parallel: 'maybe' is not of type bool"),
+    (["--lr", "fast"], "lr: 'fast' is not of type float"),
+    (["--micro-batch-size", "0"], "micro_batch_size 0 must be > 0"),
+    (["--pipeline-parallel", "2"], "pipeline_parallel 2 is not supported"),
+    (["--sequence-parallel", "true"], "sequence_parallel true needs tensor_parallel > 1"),
+    (["--min-lr", "1", "--lr", "0.1"], "min_lr 1.0 must be <= lr 0.1"),
+    (["--lr-warmup-iters", "300"], "lr_warmup_iters 300 must be >= 0 and below"),
+    (["--precision", "fp64"], "precision 'fp64' must be one of"),
+    (["--loss-scale", "128"], "loss_scale 128.0 is only used with precision fp16"),
+    (["--fp8", "e4m3"], "fp8 'e4m3' needs precision bf16 or fp16"),
+    (["--mock-data", "--data-path", "x"], "mock_data true and data_path ['x'] exclude each other"),
+    (["--exit-interval", "400"], "exit_interval 400 is after train_iters 300"),
+    (["--model.flavor", "huge"], "model.flavor: unknown flavor 'huge'"),
+    (["--model.hiden_size", "64"], "unknown model key 'model.hiden_size' (value 64)"),
+    (["--model.chunk_sizes", "8,0"], "chunk size 0"),
+    (["--tensor-parallel", "3"], "tensor_parallel 3 does not divide model num_attention_heads 4"),
+    (["--tensor-parallel", "2", "--sequence-parallel", "--seq-length", "72"], "seq_length 72"),
+    (["--config", "nowhere.yaml"], "config: file 'nowhere.yaml' does not exist"),
+    (["train"], "expected --key, got 'train'"),
+])
+def test_errors_name_key_and_value(argv, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(argv, CONFIGS / "debug-cpu.yaml")
+    assert message in str(e.value)
+
+
+def test_world_size_combinations():
+    cfg = config.load(["--tensor-parallel", "2", "--global-batch-size", "12", "--micro-batch-size", "4"],
+                      CONFIGS / "debug-cpu.yaml")
+    assert config.check_world(cfg, 2) == 1
+    with pytest.raises(ConfigError, match="world size 3 is not a multiple of tensor_parallel 2"):
+        config.check_world(cfg, 3)
+    with pytest.raises(ConfigError, match="global_batch_size 12 is not a multiple of micro_batch_size 4 x "
+                                          "data-parallel size 2"):
+        config.check_world(cfg, 4)

@@ -1,0 +1,46 @@
+"""Data: the embedded corpus round-trips through its BPE; the tool writes Megatron's format."""
+
+import json
+import subprocess
+import sys
+
+import numpy
+
+from spiral_megatron.data import corpus
+from spiral_megatron.training import default_data
+from spiral_megatron.training.preprocess import read_indexed_dataset
+from spiral_megatron.training.tokenizer import Tokenizer
+from tests.integration.conftest import ROOT, environment
+
+
+def test_default_corpus_round_trips(cache_dir):
+    prefix, tokenizer_dir = default_data.ensure(str(cache_dir), 512)
+    tok = Tokenizer.load(tokenizer_dir)
+    docs = corpus.documents()
+    assert len(docs) > 100 and sum(map(len, docs)) > 500_000  # a real corpus, not a toy
+    assert tok.vocab_size == 512 and tok.decode([tok.eod]) == "<|endoftext|>"
+    stored = read_indexed_dataset(prefix)
+    assert len(stored) == len(docs)
+    for doc, ids in zip(docs, stored):
+        assert ids[-1] == tok.eod
+        assert tok.decode(ids[:-1].tolist()) == doc  # decode(encode(text)) == text, via the .bin
+
+
+def test_tool_trains_a_tokenizer_and_writes_indexed_dataset(tmp_path, cache_dir):
+    texts = ["Hello, world!\nSecond line.", "ünïcödé — and emoji 🙂 survive byte-level BPE", "x" * 50]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"content": t}) for t in texts[:2]) + "\n")
+    (tmp_path / "b.txt").write_text(texts[2])
+    prefix = tmp_path / "out" / "text"
+    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", tmp_path / "a.jsonl",
+           tmp_path / "b.txt", "--output-prefix", prefix, "--json-key", "content", "--vocab-size", 300]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=environment(cache_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens/s" in proc.stdout
+    tok = Tokenizer.load(f"{prefix}_tokenizer")
+    stored = read_indexed_dataset(str(prefix))
+    assert [tok.decode(ids[:-1].tolist()) for ids in stored] == texts
+    assert all(ids[-1] == tok.eod for ids in stored) and stored[0].dtype == numpy.uint16
+
+    missing = subprocess.run(list(map(str, cmd[:3] + [tmp_path / "nope.jsonl"] + cmd[5:])),
+                             capture_output=True, text=True, env=environment(cache_dir))
+    assert missing.returncode == 2 and "nope.jsonl' does not exist" in missing.stderr

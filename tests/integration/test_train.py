@@ -1,0 +1,141 @@
+"""The main job end to end: few-step runs at 1 and 2 processes, exact resume, resume at
+another TP, the checkpoint layout the converters read, NaN stop, SIGTERM save, early errors."""
+
+import re
+import signal
+import subprocess
+
+import pytest
+import yaml
+
+from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.training.checkpointing import TRACKER
+from tests.integration.conftest import TINY, command, environment, launch, logged, ROOT
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir, tmp_path_factory):
+    """4 steps in one single-process run (saves at 2 and 4): the losses everything is compared to."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = launch(cache_dir, *TINY, "--save", out / "ckpt", "--log-json", out / "log.jsonl")
+    return out, logged(out / "log.jsonl"), proc.stdout
+
+
+def test_single_process_run_logs_evaluates_and_saves(reference):
+    out, log, stdout = reference
+    assert sorted(log) == [1, 2, 3, 4]
+    for record in log.values():
+        for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tflops", "consumed_tokens"):
+            assert record[key] is not None, key
+    assert log[1]["loss"] == pytest.approx(6.24, abs=0.1)  # ln(512): an untrained model
+    assert log[4]["loss"] < log[1]["loss"] - 0.1
+    assert "val_loss" in log[2] and "val_loss" in log[4] and "val_loss" not in log[3]
+    assert "val ppl" in stdout and "pretrain_spiral: finished iteration 4" in stdout
+
+
+def test_checkpoint_layout_for_the_converters(reference, megatron):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from spiral_megatron.model_args import build_model
+
+    root = reference[0] / "ckpt"
+    assert (root / TRACKER).read_text() == "4"
+    folder = root / "iter_0000004"
+    assert (root / "iter_0000002").is_dir()
+    args = ModelArgs.load(folder / "model_args.json")
+    assert args.vocab_size == 512 and args.config["chunk_sizes"] == [8, 4, 2, 1]
+    assert yaml.safe_load((folder / "config.yaml").read_text())["train_iters"] == 4
+    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    tensors = dist_checkpointing.load_plain_tensors(str(folder))
+    # Model tensors sit under the module's own sharded_state_dict keys (its parameter names).
+    module = build_model(args, use_cpu_initialization=True)
+    expected = [v for v in nested_values(module.sharded_state_dict()) if isinstance(v, ShardedTensor)]
+    assert expected and {v.key for v in expected} <= set(tensors)
+    for v in expected:
+        assert tuple(tensors[v.key].shape) == tuple(v.global_shape), v.key
+    assert tensors["embedding.word_embeddings.weight"].shape == (512, 64)
+    assert any(k.startswith("optimizer.state.exp_avg.") for k in tensors)
+
+
+def test_exact_resume(reference, cache_dir, tmp_path):
+    """2 steps + resume + 2 steps == 4 steps, the same loss at every step (bitwise on CPU)."""
+    _, full, _ = reference
+    save = tmp_path / "ckpt"
+    launch(cache_dir, *TINY, "--exit-interval", 2, "--save", save, "--log-json", tmp_path / "a.jsonl")
+    assert (save / TRACKER).read_text() == "2"
+    proc = launch(cache_dir, *TINY, "--load", save, "--save", save, "--log-json", tmp_path / "b.jsonl")
+    assert "resumed from" in proc.stdout and "at iteration 2 (8 samples consumed)" in proc.stdout
+    first, second = logged(tmp_path / "a.jsonl"), logged(tmp_path / "b.jsonl")
+    assert sorted(first) == [1, 2] and sorted(second) == [3, 4]
+    for it, record in {**first, **second}.items():
+        assert record["loss"] == full[it]["loss"], it
+        assert record["lr"] == full[it]["lr"], it
+
+
+@pytest.fixture(scope="module")
+def tp2_then_tp1(cache_dir, tmp_path_factory):
+    """2 steps at TP=2 + SP on 2 ranks (gradient accumulation over 2 micro-batches), then 2
+    more resumed at TP=1 on one process."""
+    out = tmp_path_factory.mktemp("tp2")
+    save = out / "ckpt"
+    launch(cache_dir, *TINY, "--tensor-parallel", 2, "--sequence-parallel",
+           "--exit-interval", 2, "--save", save, "--log-json", out / "tp2.jsonl", nproc=2)
+    proc = launch(cache_dir, *TINY, "--load", save, "--save", save, "--log-json", out / "tp1.jsonl")
+    return save, {**logged(out / "tp2.jsonl"), **logged(out / "tp1.jsonl")}, proc.stdout
+
+
+def test_two_processes_tensor_parallel_then_resume_at_tp1(tp2_then_tp1):
+    save, losses, stdout = tp2_then_tp1
+    assert "resumed from" in stdout and "at iteration 2 (8 samples consumed)" in stdout
+    assert sorted(losses) == [1, 2, 3, 4] and (save / TRACKER).read_text() == "4"
+    assert losses[1]["loss"] == pytest.approx(6.24, abs=0.1)
+    assert losses[4]["loss"] < losses[1]["loss"]
+
+
+def test_tensor_parallel_losses_match_single_process(reference, tp2_then_tp1):
+    _, full, _ = reference
+    for it, record in tp2_then_tp1[1].items():
+        assert record["loss"] == pytest.approx(full[it]["loss"], rel=1e-4), it
+
+
+def test_nan_loss_stops_naming_the_iteration(cache_dir, tmp_path):
+    """An absurd LR blows the weights up: the job stops at the first non-finite step."""
+    save = tmp_path / "ckpt"
+    proc = launch(cache_dir, *TINY, "--lr", 1e30, "--min-lr", 1e30, "--lr-warmup-iters", 0,
+                  "--save-interval", 1, "--save", save, expect_rc=1)
+    match = re.search(r"at iteration (\d+): stopping; last good checkpoint: iteration (\d+)", proc.stderr)
+    assert match, proc.stderr[-2000:]
+    bad, good = map(int, match.groups())
+    assert good == bad - 1 and (save / TRACKER).read_text() == str(good)
+    assert not (save / f"iter_{bad:07d}").exists()
+
+
+def test_sigterm_saves_then_exits_cleanly(cache_dir, tmp_path):
+    save = tmp_path / "ckpt"
+    args = [*TINY, "--train-iters", 100000, "--eval-interval", "null", "--save-interval", "null",
+            "--save", save]
+    proc = subprocess.Popen(command(1, args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=environment(cache_dir), cwd=ROOT)
+    for line in proc.stdout:  # wait until training runs
+        if line.lstrip().startswith("iteration"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    stopped = int(re.search(r"stopped after iteration (\d+)", rest).group(1))
+    assert (save / TRACKER).read_text() == str(stopped)
+    assert (save / f"iter_{stopped:07d}" / "model_args.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-path", "/nonexistent/corpus"], "data_path: '/nonexistent/corpus.bin' does not exist"),
+    (["--tokenizer", "/nonexistent/tok"], "tokenizer '/nonexistent/tok': no tokenizer.json there"),
+    (["--save", "/proc/spiral_ckpt"], "save '/proc/spiral_ckpt' is not writable"),
+    (["--load", "/nonexistent/ckpt"], "load '/nonexistent/ckpt': no latest_checkpointed_iteration.txt"),
+    (["--precision", "bf16"], "precision 'bf16' is not supported on CPU"),
+])
+def test_clear_errors_before_training(cache_dir, tmp_path, args, message):
+    proc = launch(cache_dir, *TINY, "--save", tmp_path / "ckpt", *args, expect_rc=2)
+    assert message in proc.stderr and "iteration" not in proc.stdout

@@ -1,0 +1,40 @@
+"""Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing is downloaded.
+
+    python tools/preprocess_data.py --input a.jsonl b.txt --output-prefix data/my_text \
+        [--tokenizer path/to/tokenizer_folder | --vocab-size 32000] [--json-key text]
+
+JSONL files give one document per line (text under --json-key); other files are one document
+each. Without --tokenizer a byte-level BPE is trained on the input and saved next to the data
+(<output-prefix>_tokenizer/). Train with: --data-path <output-prefix> --tokenizer <that folder>.
+"""
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="JSONL or plain text files")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", help="a tokenizer.json or a folder holding one")
+    p.add_argument("--vocab-size", type=int, default=512, help="vocabulary of a trained BPE")
+    p.add_argument("--json-key", default="text", help="the text field of JSONL records")
+    p.add_argument("--save-tokenizer", help="where a trained BPE goes (default PREFIX_tokenizer)")
+    return p.parse_args(argv)
+
+
+def main(argv) -> int:
+    from spiral_megatron.training.preprocess import preprocess
+
+    args = parse_args(argv)
+    try:
+        preprocess(args.input, args.output_prefix, args.tokenizer, args.vocab_size, args.json_key,
+                   args.save_tokenizer)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
