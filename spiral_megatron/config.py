@@ -51,6 +51,12 @@ class SpiralConfig(TransformerConfig):
     latent_positions: str = "chunk-end"
     """Rotary position of latent j: "chunk-end" (its last token, [ours]) or "index" (j)."""
 
+    loop_placement: str = "across"
+    """Pipeline: "across" (iterations spread over stages by cost) or "one-stage" (whole loop)."""
+
+    pipeline_split: Optional[Tuple[int, ...]] = None
+    """Pipeline: units of work per stage (see pipeline_plan.py); None = cost-balanced."""
+
     def __post_init__(self):
         self._check_spiral_fields()
         self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)
@@ -66,7 +72,28 @@ class SpiralConfig(TransformerConfig):
                 f"num_coda_layers = {unique} (or be left 0)"
             )
         self.num_layers = unique
+        if self.pipeline_split is not None:
+            self.pipeline_split = tuple(int(n) for n in self.pipeline_split)
         super().__post_init__()
+        self._check_parallel_layout()
+        if self.pipeline_model_parallel_size > 1 and self.chunk_sizes:
+            # Pipeline messages change shape inside and around the loop (a packed loop state
+            # is k x the padded sequence): let Megatron's p2p exchange shapes first.
+            self.variable_seq_lengths = True
+
+    def _check_parallel_layout(self):
+        if self.virtual_pipeline_model_parallel_size is not None:
+            raise ValueError(
+                f"virtual_pipeline_model_parallel_size {self.virtual_pipeline_model_parallel_size}: "
+                f"the interleaved pipeline schedule is not supported by SpiralGPTModel; leave it None"
+            )
+        if self.context_parallel_size > 1 and self.chunk_sizes:
+            raise ValueError(
+                f"context_parallel_size {self.context_parallel_size} is not supported with a loop "
+                f"(chunk_sizes {self.chunk_sizes}); use sequence parallelism"
+            )
+        if self.loop_placement not in ("across", "one-stage"):
+            raise ValueError(f"loop_placement {self.loop_placement!r} must be one of ('across', 'one-stage')")
 
     def _check_spiral_fields(self):
         for name in ("num_prelude_layers", "num_core_layers", "num_coda_layers"):

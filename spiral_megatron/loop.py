@@ -26,11 +26,17 @@ def causal_mask(n: int, device) -> torch.Tensor:
 
 
 class SpiralLoop(MegatronModule):
-    """The looped core with its per-iteration resampling and the state topology."""
+    """The looped core with the resampling and topology of iterations `iterations`.
 
-    def __init__(self, config: SpiralConfig, submodules: SpiralLoopSubmodules, pg_collection=None):
+    A pipeline stage builds the iterations it runs (all T without pipelining); the core is
+    built once per stage and shared by its iterations.
+    """
+
+    def __init__(self, config: SpiralConfig, submodules: SpiralLoopSubmodules, iterations: range = None,
+                 pg_collection=None):
         super().__init__(config=config)
         self.levels = config.levels
+        self.iterations = iterations if iterations is not None else range(len(self.levels))
         self.latent_positions = config.latent_positions
         layers = [submodules.layer] * config.num_core_layers
         self.core = TransformerBlock(
@@ -40,24 +46,26 @@ class SpiralLoop(MegatronModule):
             pg_collection=pg_collection,
         )
         self.tp_group = self.core.tp_group
-        resampled = [t for t, lv in enumerate(self.levels) if lv.chunk_size > 1]
+        resampled = [t for t in self.iterations if self.levels[t].chunk_size > 1]
         self.downscale = torch.nn.ModuleDict(
             {str(t): build_module(submodules.downscale, config, self.levels[t].chunk_size) for t in resampled}
         )
         self.upscale = torch.nn.ModuleDict(
             {str(t): build_module(submodules.upscale, config, self.levels[t].chunk_size) for t in resampled}
         )
-        self.topology = build_module(submodules.topology, config, len(self.levels))
+        self.topology = build_module(submodules.topology, config, self.iterations)
 
-    def forward(self, h: torch.Tensor, rotary_pos_emb=None, use_mask: bool = False) -> torch.Tensor:
-        """h: [s, b, h] loop input (s = this rank's slice under SP, already padded to a multiple
-        of every chunk size). rotary_pos_emb: [>= S, 1, 1, d] token-position freqs or None.
-        use_mask: pass explicit causal masks to the core (else Megatron's causal default)."""
-        state = self.topology.init(h)
-        for t in range(len(self.levels)):
+    def forward(self, state, rotary_pos_emb=None, use_mask: bool = False):
+        """Run this stage's iterations on the loop state (see topology.py).
+
+        The state's tensors are [S, b, h] (S = this rank's slice under SP, a multiple of every
+        chunk size). rotary_pos_emb: [>= S_global, 1, 1, d] token-position freqs or None.
+        use_mask: pass explicit causal masks to the core (else Megatron's causal default).
+        """
+        for t in self.iterations:
             u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)
             state = self.topology.write(state, u, t)
-        return self.topology.read(state)
+        return state
 
     def iteration(self, t: int, h: torch.Tensor, rotary_pos_emb, use_mask: bool) -> torch.Tensor:
         """The token-level update u [s, b, h] of iteration t."""

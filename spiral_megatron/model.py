@@ -4,6 +4,12 @@ Built from Megatron's own modules: `LanguageModelEmbedding`, `RotaryEmbedding`,
 `TransformerBlock`s of the spec's `TransformerLayer`, and a `ColumnParallelLinear` head.
 The forward contract is `GPTModel`'s: logits [b, s, V] without labels, per-token loss [b, s]
 with them. Tensors inside are sequence-first, [s, b, h] (s = this rank's slice under SP).
+
+Under pipeline parallelism each rank builds only its stage of the plan (pipeline_plan.py).
+What crosses a stage boundary is one tensor: the token states h [s, b, h] outside the loop,
+or, inside it, the topology's packed state [k * S, b, h] (S = the padded length; residual
+k = 1, anchor k = 2, MeSH k = 1 + B). Shapes differ, so SpiralConfig turns on Megatron's
+`variable_seq_lengths` (shapes are exchanged before each message).
 """
 
 from typing import Optional
@@ -14,22 +20,24 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.enums import ModelType
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from spiral_megatron import schedule
+from spiral_megatron import pipeline, pipeline_plan, schedule
 from spiral_megatron.config import SpiralConfig, block_config
 from spiral_megatron.layer_specs import SpiralModelSubmodules, get_spiral_model_spec
 from spiral_megatron.loop import SpiralLoop
+from spiral_megatron.stage_block import StageBlock
 
 POSITION_EMBEDDINGS = ("rope", "none")
 
 
 class SpiralGPTModel(LanguageModule):
-    """A SpiralFormer language model on Megatron-Core.
+    """A SpiralFormer language model on Megatron-Core (one pipeline stage of it).
 
     Args mirror GPTModel's: `spec` defaults to the local backend's spec for `config`;
-    `pre_process`/`post_process` say whether this pipeline stage owns the embedding and the
-    output layer (a stage without `pre_process` takes its input from `set_input_tensor`).
+    `pre_process`/`post_process` say whether this stage owns the embedding and the output
+    layer (a stage without `pre_process` takes its input from `set_input_tensor`).
+    `max_sequence_length` and `vocab_size` also feed the pipeline cost model.
     """
 
     def __init__(
@@ -64,6 +72,12 @@ class SpiralGPTModel(LanguageModule):
         self.levels = config.levels
         self.input_tensor = None
 
+        pp_group = self.pg_collection.pp
+        self.plan = pipeline_plan.plan(config, max_sequence_length, vocab_size, pp_group.size(),
+                                       config.loop_placement, config.pipeline_split)
+        self.stage = self.plan[pp_group.rank()]
+        self.iterations = self.stage.span("loop")
+
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config=config,
@@ -80,9 +94,10 @@ class SpiralGPTModel(LanguageModule):
                 rotary_base=rotary_base,
                 use_cpu_initialization=config.use_cpu_initialization,
             )
-        self.prelude = self._block(spec.layer, config.num_prelude_layers, final_norm=None)
-        self.loop = SpiralLoop(config, spec.loop, self.pg_collection) if self.levels else None
-        self.coda = self._block(spec.layer, config.num_coda_layers, final_norm=spec.final_norm)
+        self.prelude = self._block(spec.layer, self.stage.span("prelude"), final_norm=None)
+        self.loop = SpiralLoop(config, spec.loop, self.iterations, self.pg_collection) if self.iterations else None
+        self.coda = self._block(spec.layer, self.stage.span("coda"), spec.final_norm if post_process else None)
+        self.core_replicas = pipeline.CoreReplicas(self.plan, pp_group) if self.levels else None
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
@@ -97,13 +112,16 @@ class SpiralGPTModel(LanguageModule):
             )
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
+        if self.loop is not None:
+            self.core_replicas.mark(self.loop.core)
 
-    def _block(self, layer_spec, num_layers: int, final_norm) -> TransformerBlock:
-        return TransformerBlock(
-            config=block_config(self.config, num_layers),
-            spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm),
+    def _block(self, layer_spec, layers: range, final_norm) -> StageBlock:
+        return StageBlock(
+            config=block_config(self.config, len(layers)),
+            spec=TransformerBlockSubmodules(layer_specs=[layer_spec] * len(layers), layer_norm=final_norm),
             post_layer_norm=final_norm is not None,
             pg_collection=self.pg_collection,
+            first_layer=layers.start,
         )
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -123,26 +141,25 @@ class SpiralGPTModel(LanguageModule):
     ) -> torch.Tensor:
         """input_ids, position_ids: [b, s]; attention_mask: causal [b|1, 1, s, s] or None.
 
-        Returns logits [b, s, V(/tp)] without labels, else the per-token loss [b, s].
+        Returns logits [b, s, V(/tp)] without labels, else the per-token loss [b, s]; a stage
+        without `post_process` returns what it sends on (h, or the packed loop state).
         """
         if decoder_input is not None:
-            h = decoder_input
+            x = decoder_input
         elif self.pre_process:
-            h = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+            x = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
         else:
-            h = self.input_tensor
-        sp = self.config.sequence_parallel
-        tp = self.pg_collection.tp.size() if sp else 1
-        seq = h.shape[0] * tp  # global sequence length
-        schedule.check_sequence_layout(seq, self.levels, self.config.tensor_model_parallel_size, sp)
-        padded = schedule.padded_length(seq, self.levels)
+            x = self.input_tensor
+        seq, padded = self._lengths(x)
         rope = self.rotary_pos_emb(padded) if self.position_embedding_type == "rope" else None
         token_rope = rope[:seq] if rope is not None else None  # [s, 1, 1, d]
 
-        h = self.prelude(h, attention_mask, rotary_pos_emb=token_rope)  # [s, b, h]
+        h = self.prelude(x, attention_mask, rotary_pos_emb=token_rope)  # [s, b, h]
         if self.loop is not None:
             h = self._run_loop(h, padded - seq, rope, use_mask=attention_mask is not None)
-        h = self.coda(h, attention_mask, rotary_pos_emb=token_rope)  # [s, b, h], final norm applied
+            if self.iterations.stop < len(self.levels):
+                return h  # the packed loop state, for the next stage
+        h = self.coda(h, attention_mask, rotary_pos_emb=token_rope)  # [s, b, h], final norm if last
         if not self.post_process:
             return h
 
@@ -152,13 +169,47 @@ class SpiralGPTModel(LanguageModule):
             return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
         return self.compute_language_model_loss(labels, logits)  # [b, s]
 
-    def _run_loop(self, h: torch.Tensor, pad: int, rope, use_mask: bool) -> torch.Tensor:
-        """The loop on h [s, b, h], padded at the end to a multiple of every chunk size.
+    def _lengths(self, x: torch.Tensor):
+        """(global sequence length L, padded length S) from this stage's input, checked."""
+        sp = self.config.sequence_parallel
+        local = x.shape[0]
+        if self.iterations and self.iterations.start > 0:  # a packed loop state [k * S, b, h]
+            local //= self.loop.topology.state_size
+        seq = local * (self.pg_collection.tp.size() if sp else 1)
+        schedule.check_sequence_layout(seq, self.levels, self.config.tensor_model_parallel_size, sp)
+        padded = schedule.padded_length(seq, self.levels)
+        if padded != seq and self.plan_splits_loop():
+            raise ValueError(
+                f"seq_length {seq} must be a multiple of {schedule.padding_multiple(self.levels)} (every "
+                f"chunk size) when the loop spans pipeline stages: a stage inside the loop only sees "
+                f"the padded length"
+            )
+        return seq, padded
 
-        End padding sits after every real token, so causality keeps it out of their outputs;
-        under sequence parallelism the layout rule guarantees pad == 0.
-        """
-        if pad:
-            h = torch.cat([h, h.new_zeros((pad,) + h.shape[1:])], dim=0)  # [S, b, h]
-        h = self.loop(h, rope, use_mask=use_mask)
+    def plan_splits_loop(self) -> bool:
+        """True when the loop's iterations are spread over more than one stage."""
+        return sum(1 for st in self.plan if st.span("loop")) > 1
+
+    def _run_loop(self, h: torch.Tensor, pad: int, rope, use_mask: bool) -> torch.Tensor:
+        """This stage's iterations. The first stage of the loop pads h at the end to a multiple
+        of every chunk size (padding after every real token cannot reach them, by causality;
+        under SP the layout rule makes pad 0) and starts the state; the last reads it out."""
+        topology = self.loop.topology
+        if self.iterations.start == 0:
+            if pad:
+                h = torch.cat([h, h.new_zeros((pad,) + h.shape[1:])], dim=0)  # [S, b, h]
+            state = topology.init(h)
+        else:
+            state = topology.unpack(h)
+        state = self.loop(state, rope, use_mask=use_mask)
+        if self.iterations.stop < len(self.levels):
+            return topology.pack(state)  # [k * S, b, h]
+        h = topology.read(state)
         return h[: h.shape[0] - pad] if pad else h
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron's, with the core's replicas on later stages marked as copies (one is saved)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.loop is not None:
+            self.core_replicas.mark_copies(state, f"{prefix}loop.core.")
+        return state

@@ -1,10 +1,12 @@
 """How one iteration's token update u merges into the loop state (SPEC.md section 3.5).
 
-Each topology is a module with three steps, over a state that is a tuple of tensors
-(so a pipeline stage can hand it on as is):
+Each topology is a module with three steps, over a state that is a tuple of tensors of one
+shape (so a pipeline stage can hand it on concatenated, see `pack`):
     state = init(h0)            h0: the loop input [s, b, h]
     h     = read(state)         the input of the next iteration [s, b, h]
     state = write(state, u, t)  after iteration t produced u [s, b, h]
+    packed = pack(state)        the state as one tensor [k * s, b, h], for a pipeline message
+    state = unpack(packed)
 """
 
 from typing import Tuple
@@ -17,10 +19,22 @@ from spiral_megatron.replicated_linear import ReplicatedLinear, softmax_fp32
 State = Tuple[torch.Tensor, ...]
 
 
+def pack(state: State) -> torch.Tensor:
+    """A state of k tensors [s, b, h] -> one tensor [k * s, b, h] for a pipeline message."""
+    return torch.cat(state, dim=0) if len(state) > 1 else state[0]
+
+
+def unpack(packed: torch.Tensor, k: int) -> State:
+    """Inverse of `pack` for k tensors."""
+    return tuple(packed.chunk(k, dim=0)) if k > 1 else (packed,)
+
+
 class Residual(MegatronModule):
     """h <- h + u [ours, default]; with every g = 1 this is a classic looped transformer."""
 
-    def __init__(self, config, num_loops: int):
+    state_size = 1  # (h,)
+
+    def __init__(self, config, iterations: range):
         super().__init__(config=config)
 
     def init(self, h0: torch.Tensor) -> State:
@@ -29,6 +43,12 @@ class Residual(MegatronModule):
     def read(self, state: State) -> torch.Tensor:
         return state[0]
 
+    def pack(self, state: State) -> torch.Tensor:
+        return pack(state)
+
+    def unpack(self, packed: torch.Tensor) -> State:
+        return unpack(packed, 1)
+
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
         return (state[0] + u,)
 
@@ -36,7 +56,9 @@ class Residual(MegatronModule):
 class Anchor(MegatronModule):
     """h <- h0 + u: every iteration restarts from the loop's input (paper baseline)."""
 
-    def __init__(self, config, num_loops: int):
+    state_size = 2  # (h, h0)
+
+    def __init__(self, config, iterations: range):
         super().__init__(config=config)
 
     def init(self, h0: torch.Tensor) -> State:
@@ -44,6 +66,12 @@ class Anchor(MegatronModule):
 
     def read(self, state: State) -> torch.Tensor:
         return state[0]
+
+    def pack(self, state: State) -> torch.Tensor:
+        return pack(state)
+
+    def unpack(self, packed: torch.Tensor) -> State:
+        return unpack(packed, 2)
 
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
         return (state[1] + u, state[1])
@@ -58,15 +86,16 @@ class Mesh(MegatronModule):
         h       = sum_b slot_b * softmax_b(R_t(h))   read router on the previous state [ours]
     """
 
-    def __init__(self, config, num_loops: int):
+    def __init__(self, config, iterations: range):
         super().__init__(config=config)
         d, B = config.hidden_size, config.mesh_slots
         self.num_slots = B
-        self.write_router = torch.nn.ModuleList(
-            [ReplicatedLinear(config, d, B, bias=True) for _ in range(num_loops)]
+        self.state_size = 1 + B  # (h, B slots)
+        self.write_router = torch.nn.ModuleDict(
+            {str(t): ReplicatedLinear(config, d, B, bias=True) for t in iterations}
         )
-        self.read_router = torch.nn.ModuleList(
-            [ReplicatedLinear(config, d, B, bias=True) for _ in range(num_loops)]
+        self.read_router = torch.nn.ModuleDict(
+            {str(t): ReplicatedLinear(config, d, B, bias=True) for t in iterations}
         )
 
     def init(self, h0: torch.Tensor) -> State:
@@ -76,10 +105,18 @@ class Mesh(MegatronModule):
     def read(self, state: State) -> torch.Tensor:
         return state[0]
 
+    def pack(self, state: State) -> torch.Tensor:
+        h, slots = state
+        return torch.cat([h.unsqueeze(0), slots], dim=0).flatten(0, 1)  # [(1 + B) * s, b, h]
+
+    def unpack(self, packed: torch.Tensor) -> State:
+        parts = packed.unflatten(0, (1 + self.num_slots, -1))  # [1 + B, s, b, h]
+        return (parts[0], parts[1:])
+
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
         h, slots = state
-        w = softmax_fp32(self.write_router[t](u), dim=-1)  # [s, b, B]
+        w = softmax_fp32(self.write_router[str(t)](u), dim=-1)  # [s, b, B]
         slots = slots + w.permute(2, 0, 1).unsqueeze(-1) * u.unsqueeze(0)  # [B, s, b, h]
-        r = softmax_fp32(self.read_router[t](h), dim=-1)  # [s, b, B]
+        r = softmax_fp32(self.read_router[str(t)](h), dim=-1)  # [s, b, B]
         h = torch.einsum("sbk,ksbd->sbd", r, slots)  # [s, b, h]
         return (h, slots)

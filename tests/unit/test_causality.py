@@ -61,3 +61,16 @@ def test_logits_ignore_later_tokens(megatron, case):
             torch.testing.assert_close(after[:, : i + 1], base[:, : i + 1], rtol=0, atol=0,
                                        msg=lambda m: f"{case}: change after {i} moved logits at <= {i}: {m}")
             assert not torch.equal(after[:, i + 1 :], base[:, i + 1 :]), f"{case}: later logits did not change"
+
+
+@pytest.mark.parametrize("case", ["default-8421", "mesh-self-aggregation-allocate", "offsets-16"])
+def test_samples_of_a_batch_do_not_mix(megatron, case):
+    """Another sequence of the micro-batch never changes a sequence's logits."""
+    model = tiny_model(**CASES[case])
+    tokens = torch.randint(0, VOCAB, (3, SEQ))
+    positions = torch.arange(SEQ).expand(3, SEQ)
+    with torch.no_grad():
+        base = model(tokens, positions, None)
+        other = tokens.clone()
+        other[1:] = torch.randint(0, VOCAB, (2, SEQ))
+        torch.testing.assert_close(model(other, positions, None)[0], base[0], rtol=0, atol=0)
