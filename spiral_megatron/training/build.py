@@ -6,9 +6,13 @@ import torch
 
 from spiral_megatron import flavors
 from spiral_megatron.model_args import ModelArgs, build_model
-from spiral_megatron.training.config import TrainingConfig, seq_length
+from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# SpiralConfig fields that place the model on the pipeline: not architecture (model_args.json
+# leaves them out, so a checkpoint loads at any layout), passed at build time.
+PIPELINE_FIELDS = ("loop_placement", "pipeline_split")
 
 
 @dataclass
@@ -30,8 +34,7 @@ def padded_vocab_size(vocab_size: int, cfg: TrainingConfig) -> int:
 
 def make_model_args(cfg: TrainingConfig, vocab_size: int) -> ModelArgs:
     """The architecture (flavor + overrides) as saved in model_args.json."""
-    model = dict(cfg.model)
-    spiral = flavors.get(model.pop("flavor")).config(**model)
+    spiral = flavors.get(cfg.model["flavor"]).config(**model_overrides(cfg))
     return ModelArgs.from_config(spiral, vocab_size=padded_vocab_size(vocab_size, cfg),
                                  max_sequence_length=seq_length(cfg))
 
@@ -49,6 +52,8 @@ def runtime_overrides(cfg: TrainingConfig, on_cpu: bool) -> dict:
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
     )
+    model = model_overrides(cfg)
+    runtime.update({k: model[k] for k in PIPELINE_FIELDS if k in model})
     if cfg.fp8 is not None:
         runtime.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
     return runtime
@@ -61,15 +66,20 @@ def have_transformer_engine() -> bool:
 
 
 def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
-    """SpiralGPTModel in Megatron DDP, Megatron's Adam and OptimizerParamScheduler."""
+    """This pipeline stage of the SpiralGPTModel in Megatron DDP, Megatron's Adam and
+    OptimizerParamScheduler."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from spiral_megatron.pipeline import finalize_model_grads
+
     args = make_model_args(cfg, vocab_size)
     backend = "transformer_engine" if not on_cpu and have_transformer_engine() else "local"
-    module = build_model(args, backend=backend, **runtime_overrides(cfg, on_cpu))
+    module = build_model(args, backend=backend, pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage(),
+                         **runtime_overrides(cfg, on_cpu))
     if not on_cpu:
         module.cuda(torch.cuda.current_device())
     config = module.config
@@ -80,8 +90,7 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        # Megatron's clipping asserts CUDA tensors: on CPU the step clips itself (step.py).
-        clip_grad=0.0 if on_cpu else cfg.clip_grad,
+        clip_grad=cfg.clip_grad,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", loss_scale=cfg.loss_scale,
         params_dtype=DTYPES[cfg.precision], use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
@@ -95,6 +104,7 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
         wd_incr_steps=cfg.train_iters * samples, wd_incr_style="constant",
     )
     # The schedules find these hooks on the model config, as in Megatron-LM's training.py.
+    # Ours wraps Megatron's and also sums the gradients of the core's replicas over stages.
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model.no_sync
     config.grad_scale_func = optimizer.scale_loss

@@ -8,13 +8,16 @@ Layout (the Hugging Face converter depends on it):
     SAVE/iter_0000200/tokenizer/              tokenizer.json + tokenizer_config.json
 State: `model` (the module's sharded_state_dict, so plain-tensor keys are parameter names),
 `optimizer`, `scheduler`, `rng` (per rank), `iteration`, `consumed_samples`, `layout`, `config`.
+A model-only checkpoint (what tools/convert_from_hf.py writes: `model` and model_args.json)
+also loads: weights only, the optimizer and the LR schedule start fresh.
 """
 
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy
 import torch
@@ -109,32 +112,49 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
     return folder
 
 
-def load(root, parts: Components) -> Tuple[int, int]:
-    """Restore the latest checkpoint under `root`; returns (iteration, consumed_samples).
+@dataclass
+class Restored:
+    """What `load` restored: the iteration, and the data position unless only weights were there."""
 
-    The model (and the non-distributed optimizer) reshard to this run's TP layout; RNG
-    states are restored only when the layout is the saved one.
+    iteration: int
+    consumed_samples: Optional[int]
+    weights_only: bool
+
+
+def load(root, parts: Components) -> Restored:
+    """Restore the latest checkpoint under `root`.
+
+    The model reshards to this run's TP/PP layout, as does the non-distributed optimizer
+    (its state tensors carry the model's keys); RNG states are restored only when the layout
+    is the saved one. A model-only checkpoint (no optimizer tensors, no scheduler) restores
+    the weights and leaves the freshly built optimizer and scheduler as they are.
     """
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
     if iteration is None:
         raise FileNotFoundError(f"load {str(root)!r}: no {TRACKER} (no complete checkpoint)")
-    folder = iteration_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    folder = str(iteration_dir(root, iteration))
+    common = dist_checkpointing.load_common_state_dict(folder)
+    # Our saves put the scheduler in the common state; model-only checkpoints have none.
+    # (The distributed optimizer's state is not plain tensors: tensor metadata cannot tell.)
+    weights_only = "scheduler" not in common
     model_sd = parts.module.sharded_state_dict()
-    request = {"model": model_sd,
-               "optimizer": parts.optimizer.sharded_state_dict(model_sd, is_loading=True)}
-    same_layout = common["layout"] == _layout()
+    request = {"model": model_sd}
+    if not weights_only:
+        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True)
+    same_layout = common.get("layout") == _layout()
     if same_layout:
         request["rng"] = _rng_object(common["layout"], state={})
-    state = dist_checkpointing.load(request, str(folder))
+    state = dist_checkpointing.load(request, folder)
     parts.module.load_state_dict(state["model"])
+    if weights_only:
+        return Restored(iteration, None, True)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng(state["rng"])
-    return iteration, common["consumed_samples"]
+    return Restored(iteration, common["consumed_samples"], False)
 
 
 def check_writable(root) -> None:

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
-                                             TrainingConfig, seq_length)
+                                             TrainingConfig, model_overrides, seq_length)
 
 
 def _positive(cfg: TrainingConfig, *names: str) -> None:
@@ -40,9 +40,6 @@ def check(cfg: TrainingConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be in [0, 1)")
-    if cfg.pipeline_parallel != 1:
-        raise ConfigError(f"pipeline_parallel {cfg.pipeline_parallel} is not supported by "
-                          "pretrain_spiral yet (pipeline support is a separate issue); use 1")
     if cfg.sequence_parallel and cfg.tensor_parallel == 1:
         raise ConfigError("sequence_parallel true needs tensor_parallel > 1, got tensor_parallel 1")
     if cfg.loss_scale is not None and cfg.precision != "fp16":
@@ -61,14 +58,14 @@ def _check_model(cfg: TrainingConfig) -> None:
     from spiral_megatron import flavors, schedule
     from spiral_megatron.config import SpiralConfig
 
-    model = dict(cfg.model)
-    name = model.pop("flavor", None)
+    name = cfg.model.get("flavor")
     if name is None:
         raise ConfigError(f"model {cfg.model!r} needs a 'flavor' key; known: {', '.join(flavors.names())}")
     try:
         flavor = flavors.get(name)
     except ValueError as e:
         raise ConfigError(f"model.flavor: {e}") from None
+    model = model_overrides(cfg)
     fields = {f.name for f in dataclasses.fields(SpiralConfig)}
     for key, value in model.items():
         if key not in fields:
@@ -85,6 +82,28 @@ def _check_model(cfg: TrainingConfig) -> None:
                                        cfg.sequence_parallel)
     except ValueError as e:
         raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
+    _check_pipeline(cfg, spiral)
+
+
+def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
+    """The model's own pipeline plan (pure Python), so a bad layout fails before any build."""
+    from spiral_megatron import pipeline_plan, schedule
+
+    pp, seq = cfg.pipeline_parallel, seq_length(cfg)
+    where = (f"pipeline_parallel {pp}, model.loop_placement {spiral.loop_placement!r}, "
+             f"model.pipeline_split {spiral.pipeline_split}")
+    try:
+        stages = pipeline_plan.plan(spiral, seq, cfg.tokenizer_vocab_size, pp, spiral.loop_placement,
+                                    spiral.pipeline_split)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    loop_stages = sum(1 for stage in stages if stage.span("loop"))
+    multiple = schedule.padding_multiple(spiral.levels)
+    if loop_stages > 1 and seq % multiple:
+        # A stage inside the loop only sees the padded state, not the true length (model.py).
+        raise ConfigError(f"{where}: seq_length {seq} must be a multiple of {multiple} (every chunk "
+                          f"size of {spiral.chunk_sizes}) when the loop spans {loop_stages} pipeline "
+                          "stages; use a multiple, or model.loop_placement one-stage")
 
 
 def check_world(cfg: TrainingConfig, world_size: int) -> int:

@@ -37,7 +37,7 @@ class TrainingConfig:
     """Tensor model parallel size."""
 
     pipeline_parallel: int = 1
-    """Pipeline model parallel size (only 1 for now)."""
+    """Pipeline model parallel size; where the loop goes: `model.loop_placement`, `model.pipeline_split`."""
 
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor_parallel > 1)."""
@@ -278,6 +278,22 @@ def seq_length(cfg: TrainingConfig) -> int:
     from spiral_megatron import flavors
 
     return cfg.seq_length or flavors.get(cfg.model["flavor"]).seq_length
+
+
+def model_overrides(cfg: TrainingConfig) -> Dict[str, Any]:
+    """The SpiralConfig overrides of `cfg.model` (all but `flavor`); `pipeline_split` given as
+    "3,3", 6 or [3, 3] becomes a tuple of ints."""
+    model = {k: v for k, v in cfg.model.items() if k != "flavor"}
+    split = model.get("pipeline_split")
+    if split is not None:
+        items = split.replace(",", " ").split() if isinstance(split, str) else split
+        items = items if isinstance(items, (list, tuple)) else [items]
+        try:
+            model["pipeline_split"] = tuple(int(n) for n in items)
+        except (TypeError, ValueError):
+            raise ConfigError(f"model.pipeline_split: {split!r} is not a list of ints (units per stage, "
+                              "e.g. 3,3)") from None
+    return model
 
 
 def check_world(cfg: TrainingConfig, world_size: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from spiral_megatron import parallel
+from spiral_megatron import parallel, pipeline_plan
 from spiral_megatron.training import checkpointing, config, data, step
 from spiral_megatron.training.build import Components, build
 from spiral_megatron.training.config import ConfigError, TrainingConfig
@@ -108,7 +108,17 @@ class Trainer:
                                   self.layout.dp_size)
 
     def resume(self) -> None:
-        self.iteration, self.consumed_samples = checkpointing.load(self.cfg.load, self.parts)
+        restored = checkpointing.load(self.cfg.load, self.parts)
+        self.iteration = restored.iteration
+        if restored.weights_only:
+            # No data position saved: assume Megatron's sampler order up to this iteration.
+            self.consumed_samples = restored.iteration * self.cfg.global_batch_size
+            if self.layout.rank0:
+                print(f"loaded model weights only from {self.cfg.load} (iteration {self.iteration}): "
+                      f"it holds no optimizer, LR scheduler or data position; the optimizer and the "
+                      f"LR schedule start fresh, data from sample {self.consumed_samples}", flush=True)
+            return
+        self.consumed_samples = restored.consumed_samples
         if self.layout.rank0:
             print(f"resumed from {self.cfg.load} at iteration {self.iteration} "
                   f"({self.consumed_samples} samples consumed)", flush=True)
@@ -128,8 +138,7 @@ class Trainer:
 
     def train_one(self, batches) -> dict:
         stats = step.train_step(self.parts, batches, self.num_microbatches, self.seq_length,
-                                self.cfg.micro_batch_size, self.cfg.global_batch_size,
-                                self.cfg.clip_grad, self.layout.on_cpu)
+                                self.cfg.micro_batch_size, self.cfg.global_batch_size)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
         bad = [k for k in ("loss", "grad_norm") if stats[k] is not None and not math.isfinite(stats[k])]
@@ -173,6 +182,10 @@ def run(cfg: TrainingConfig) -> str:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
         source, tokenizer = prepare_data(cfg, layout)
         parts = build(cfg, tokenizer.vocab_size, layout.on_cpu)
+        if layout.rank0:
+            print(f"pipeline partition ({cfg.pipeline_parallel} stage"
+                  f"{'s' if cfg.pipeline_parallel > 1 else ''}):\n"
+                  + pipeline_plan.describe(parts.module.plan), flush=True)
         seq, gbs = config.seq_length(cfg), cfg.global_batch_size
         datasets = data.build_datasets(cfg, source, tokenizer, seq,
                                        (cfg.train_iters * gbs, max(cfg.eval_iters * gbs, 1)))

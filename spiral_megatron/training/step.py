@@ -1,7 +1,13 @@
-"""One training step and one evaluation, through Megatron's forward-backward schedule."""
+"""One training step and one evaluation, through Megatron's forward-backward schedule.
+
+Under pipeline parallelism every stage runs `forward_step` on the same micro-batches (each
+reads what it needs: the first stage the tokens, the last the labels and loss mask), and
+only the last stage computes losses; `_mean_loss` hands its value to every rank so that
+logging and the NaN check see the same number everywhere.
+"""
 
 from functools import partial
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator
 
 import torch
 
@@ -9,7 +15,8 @@ from spiral_megatron.training.build import Components
 
 
 def forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    """Megatron's forward_step_func: the per-token loss [b, s] and how to reduce it."""
+    """Megatron's forward_step_func: the per-token loss [b, s] (last stage; earlier stages
+    return what they send on) and how to reduce it."""
     batch = next(data_iterator)
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -24,40 +31,31 @@ def masked_mean_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}  # the schedule divides `loss` in place
 
 
-def _mean_over_data_parallel(values, num_microbatches: int) -> float:
-    """The micro-batch losses of this rank averaged, then averaged over data-parallel ranks."""
-    from megatron.core import parallel_state
+def _mean_loss(values, num_microbatches: int) -> float:
+    """The micro-batch losses averaged over micro-batches and data-parallel ranks, on every rank.
 
-    local = torch.stack([v["lm loss"] for v in values]).float().sum() / num_microbatches
-    if torch.cuda.is_available():
-        local = local.cuda()
-    torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    return local.item() / parallel_state.get_data_parallel_world_size()
-
-
-@torch.no_grad()
-def clip_and_step(optimizer, clip_grad: float) -> Tuple[bool, Optional[float]]:
-    """Megatron's optimizer step with the gradient clipping done here (CPU path).
-
-    The same sequence as `ChainedOptimizer.step` (prepare grads, global norm over the model-
-    parallel group, scale, step), but the scaling is plain torch: Megatron's
-    `clip_grad_by_total_norm_fp32` asserts CUDA tensors.
+    Only the last pipeline stage has losses (`values` is empty elsewhere): it contributes the
+    sum, the others zero, and a sum over the pipeline group gives every stage the value.
     """
-    if optimizer.prepare_grads():
-        return False, None
-    grad_norm = optimizer.get_grad_norm()
-    coeff = clip_grad / (grad_norm + 1.0e-6)
-    if clip_grad > 0 and coeff < 1.0:
-        for param in optimizer.get_parameters():
-            if param.grad is not None:
-                param.grad.mul_(coeff)
-    return optimizer.step_with_ready_grads(), grad_norm
+    from megatron.core import parallel_state as ps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    local = torch.zeros((), dtype=torch.float32, device=device)
+    if values:
+        local = torch.stack([v["lm loss"] for v in values]).float().sum().to(device) / num_microbatches
+    torch.distributed.all_reduce(local, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
+    return local.item() / ps.get_data_parallel_world_size()
 
 
 def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int,
-               seq_length: int, micro_batch_size: int, global_batch_size: int,
-               clip_grad: float, on_cpu: bool) -> Dict[str, float]:
-    """Forward and backward over `num_microbatches`, one optimizer and scheduler step."""
+               seq_length: int, micro_batch_size: int, global_batch_size: int) -> Dict[str, float]:
+    """Forward and backward over `num_microbatches`, one optimizer and scheduler step.
+
+    Megatron's optimizer step clips the global gradient norm (`clip_grad`), on CPU too: the
+    CPU path reports CPU tensors with the type string Megatron's clipping asserts.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     parts.model.zero_grad_buffer()
@@ -67,14 +65,11 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
         num_microbatches=num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=False,
     )
-    if on_cpu:
-        success, grad_norm = clip_and_step(parts.optimizer, clip_grad)
-    else:
-        success, grad_norm, _ = parts.optimizer.step()
+    success, grad_norm, _ = parts.optimizer.step()
     if success:
         parts.scheduler.step(increment=global_batch_size)
     return {
-        "loss": _mean_over_data_parallel(losses, num_microbatches),
+        "loss": _mean_loss(losses, num_microbatches),
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "lr": parts.optimizer.param_groups[0]["lr"],
         "skipped": not success,
@@ -84,7 +79,7 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
 @torch.no_grad()
 def evaluate(parts: Components, data_iterator: Iterator, eval_iters: int, num_microbatches: int,
              seq_length: int, micro_batch_size: int) -> float:
-    """Mean validation loss over `eval_iters` global batches."""
+    """Mean validation loss over `eval_iters` global batches (the same on every rank)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     parts.model.eval()
@@ -95,6 +90,6 @@ def evaluate(parts: Components, data_iterator: Iterator, eval_iters: int, num_mi
             num_microbatches=num_microbatches, seq_length=seq_length,
             micro_batch_size=micro_batch_size, forward_only=True,
         )
-        total += _mean_over_data_parallel(losses, num_microbatches)
+        total += _mean_loss(losses, num_microbatches)
     parts.model.train()
     return total / eval_iters

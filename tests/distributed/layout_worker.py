@@ -67,7 +67,7 @@ def build(case, args):
     if init.exists():  # every layout starts from the reference's weights, resharded
         module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), str(init)))
     else:
-        init.mkdir(parents=True)
+        init.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(module.sharded_state_dict(), str(init))
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
                                         use_distributed_optimizer=args.distributed_optimizer)
@@ -107,6 +107,28 @@ def full_tensors(module, tensors):
     return merged
 
 
+def token_losses(model):
+    """Per-token losses [GLOBAL_BATCH, SEQ] of a fixed held-out batch, on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def keep(output):
+        return output.float().mean(), {"tokens": output.detach().clone()}
+
+    def step(data_iterator, model):
+        tokens = next(data_iterator)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        return model(inputs, torch.arange(SEQ).expand_as(inputs), None, labels=labels), keep
+
+    held_out = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(99))
+    out = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(held_out.split(1)), model=[model],
+        num_microbatches=GLOBAL_BATCH, seq_length=SEQ, micro_batch_size=1, forward_only=True,
+    )
+    losses = torch.cat([o["tokens"] for o in out]) if out else torch.zeros(GLOBAL_BATCH, SEQ)
+    dist.all_reduce(losses, group=ps.get_pipeline_model_parallel_group())  # only the last stage's is non-zero
+    return losses
+
+
 def train(case, args):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -114,7 +136,7 @@ def train(case, args):
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     data = batches()[:, dp_rank * GLOBAL_BATCH // dp : (dp_rank + 1) * GLOBAL_BATCH // dp]
     result = {"loss": [], "grad_norm": []}
-    for step in range(STEPS):
+    for step in range(args.steps):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         micro = iter(data[step].split(1))
@@ -133,6 +155,11 @@ def train(case, args):
         result["grad_norm"].append(float(optimizer.get_grad_norm()))
         optimizer.step_with_ready_grads()
     result["params"] = full_tensors(module, list(module.parameters()))
+    result["token_losses"] = token_losses(model)
+    if args.save_final:  # for the resharding check: loaded elsewhere at another layout
+        final = Path(args.save_final) / case
+        final.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(module.sharded_state_dict(), str(final))
     return result
 
 
@@ -147,6 +174,8 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", required=True)
     ap.add_argument("--init", required=True, help="initial weights: saved there if absent, else loaded")
+    ap.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (0: load and evaluate)")
+    ap.add_argument("--save-final", help="save the trained weights here (one folder per case)")
     args = ap.parse_args()
     results = {}
     for case in args.cases.split(","):
