@@ -67,6 +67,8 @@ def excess(mine: dict, theirs: dict, rtol: float) -> dict:
 def compare(layout: str, result: dict, ref: dict):
     for case, got in result.items():
         want = ref[case]
+        loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got["loss"], want["loss"]))
+        print(f"SUMMARY {layout} {case}: max loss rel diff {loss_diff:.1e}")
         for step, (loss, ref_loss) in enumerate(zip(got["loss"], want["loss"])):
             assert loss == pytest.approx(ref_loss, rel=1e-5), (
                 f"{layout} {case} step {step}: loss {loss} vs one process {ref_loss}")
@@ -82,7 +84,10 @@ def compare(layout: str, result: dict, ref: dict):
             ratio = excess(mine, theirs, rtol)
             name = max(ratio, key=ratio.get)
             largest = (mine[name] - theirs[name]).abs().max().item()
-            print(f"{layout} {case} step {step} {what}: worst {name}, |diff| {largest:.2e} ({ratio[name]:.2f} of tolerance)")
+            scale = max(t.abs().max().item() for t in theirs.values())
+            spread = max((mine[n] - t).abs().max().item() for n, t in theirs.items()) / scale
+            print(f"SUMMARY {layout} {case} step {step} {what}: max |diff| / max |ref| {spread:.1e}; "
+                  f"worst vs tolerance {name} ({ratio[name]:.2f} of it)")
             assert ratio[name] <= 1, (
                 f"{layout} {case} step {step}: {what} of {name} differ by up to {largest:.2e}, "
                 f"{ratio[name]:.1f}x the tolerance (rtol {rtol})")

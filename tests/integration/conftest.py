@@ -25,6 +25,17 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("spiral_cache")
 
 
+@pytest.fixture(scope="session")
+def reference(cache_dir, tmp_path_factory):
+    """4 steps in one single-process run (saves at 2 and 4): the losses everything is compared to.
+
+    Returns (folder, {iteration: logged record}, stdout); the checkpoints are in folder/ckpt.
+    """
+    out = tmp_path_factory.mktemp("reference")
+    proc = launch(cache_dir, *TINY, "--save", out / "ckpt", "--log-json", out / "log.jsonl")
+    return out, logged(out / "log.jsonl"), proc.stdout
+
+
 def command(nproc: int, args) -> list:
     launch = [sys.executable]
     if nproc > 1:
@@ -50,6 +61,17 @@ def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 
         pytest.fail(f"exit {proc.returncode} (expected {expect_rc}) for {args}\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def checkpoint_at(root, iteration: int, dest):
+    """A checkpoint folder `dest` whose latest (only) checkpoint is `root`'s `iteration`."""
+    import shutil
+
+    from spiral_megatron.training.checkpointing import TRACKER, iteration_dir
+
+    shutil.copytree(iteration_dir(root, iteration), iteration_dir(dest, iteration))
+    (Path(dest) / TRACKER).write_text(str(iteration))
+    return dest
 
 
 def logged(path) -> dict:

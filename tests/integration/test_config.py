@@ -34,7 +34,14 @@ def test_every_shipped_config_resolves():
     (["--sequence-parallel", "maybe"], "sequence_parallel: 'maybe' is not of type bool"),
     (["--lr", "fast"], "lr: 'fast' is not of type float"),
     (["--micro-batch-size", "0"], "micro_batch_size 0 must be > 0"),
-    (["--pipeline-parallel", "2"], "pipeline_parallel 2 is not supported"),
+    (["--pipeline-parallel", "7"], "pipeline_model_parallel_size 7 is more than the 6 units of work"),
+    (["--pipeline-parallel", "2", "--model.pipeline_split", "4,3"],
+     "model.pipeline_split (4, 3): pipeline split (4, 3) must give each of the 2 stages at least one"),
+    (["--pipeline-parallel", "2", "--model.pipeline_split", "3,x"], "model.pipeline_split: '3,x' is not a list"),
+    (["--pipeline-parallel", "2", "--seq-length", "100"], "seq_length 100 must be a multiple of 8"),
+    (["--pipeline-parallel", "2", "--model.loop_placement", "middle"], "loop_placement 'middle' must be one of"),
+    (["--pipeline-parallel", "2", "--tensor-parallel", "3"], "tensor_parallel 3 does not divide model "
+                                                                "num_attention_heads 4"),
     (["--sequence-parallel", "true"], "sequence_parallel true needs tensor_parallel > 1"),
     (["--min-lr", "1", "--lr", "0.1"], "min_lr 1.0 must be <= lr 0.1"),
     (["--lr-warmup-iters", "300"], "lr_warmup_iters 300 must be >= 0 and below"),
@@ -55,6 +62,21 @@ def test_errors_name_key_and_value(argv, message):
     with pytest.raises(ConfigError) as e:
         config.load(argv, CONFIGS / "debug-cpu.yaml")
     assert message in str(e.value)
+
+
+def test_pipeline_overrides_reach_the_model():
+    from spiral_megatron.training.build import runtime_overrides
+
+    cfg = config.load(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
+    runtime = runtime_overrides(cfg, on_cpu=True)
+    assert runtime["pipeline_model_parallel_size"] == 2 and runtime["pipeline_split"] == (5, 1)
+    # one-stage: prelude, the whole loop, coda = 3 units; the loop pads 100 itself.
+    cfg = config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
+                       "--model.pipeline_split", "2,1", "--seq-length", "100"], CONFIGS / "debug-cpu.yaml")
+    assert runtime_overrides(cfg, on_cpu=True)["loop_placement"] == "one-stage"
+    with pytest.raises(ConfigError, match=r"pipeline split \(5, 1\) must give each of the 2 stages .* 3 units"):
+        config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
+                     "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
 
 
 def test_world_size_combinations():

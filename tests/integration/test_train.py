@@ -13,14 +13,6 @@ from spiral_megatron.training.checkpointing import TRACKER
 from tests.integration.conftest import TINY, command, environment, launch, logged, ROOT
 
 
-@pytest.fixture(scope="module")
-def reference(cache_dir, tmp_path_factory):
-    """4 steps in one single-process run (saves at 2 and 4): the losses everything is compared to."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = launch(cache_dir, *TINY, "--save", out / "ckpt", "--log-json", out / "log.jsonl")
-    return out, logged(out / "log.jsonl"), proc.stdout
-
-
 def test_single_process_run_logs_evaluates_and_saves(reference):
     out, log, stdout = reference
     assert sorted(log) == [1, 2, 3, 4]
