@@ -26,6 +26,10 @@ import torch.distributed as dist
 from spiral_megatron.training.build import Components
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's format, as Megatron-LM's default: megatron-core 0.16's own
+# default ("fully_sharded_model_space") needs flattened ShardedTensors, which its
+# dist_checkpointing refuses. This one reloads at the same TP/PP layout only.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -89,7 +93,7 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
     model_sd = parts.module.sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": parts.optimizer.sharded_state_dict(model_sd),
+        "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
         "scheduler": parts.scheduler.state_dict(),
         "rng": _rng_object(layout),
         "iteration": iteration,
@@ -142,7 +146,9 @@ def load(root, parts: Components) -> Restored:
     model_sd = parts.module.sharded_state_dict()
     request = {"model": model_sd}
     if not weights_only:
-        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _check_optimizer_loadable(parts.optimizer)
+        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                  metadata=OPTIMIZER_FORMAT)
     same_layout = common.get("layout") == _layout()
     if same_layout:
         request["rng"] = _rng_object(common["layout"], state={})
@@ -155,6 +161,18 @@ def load(root, parts: Components) -> Restored:
     if same_layout:
         _set_rng(state["rng"])
     return Restored(iteration, common["consumed_samples"], False)
+
+
+def _check_optimizer_loadable(optimizer) -> None:
+    """Megatron 0.16's DistributedOptimizer over torch's Adam (no apex/TE, e.g. on CPU) cannot
+    build the state dict to load into before its first step: refuse clearly."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, distrib_optimizer.DistributedOptimizer) and not distrib_optimizer.HAVE_APEX_OR_TE:
+            raise RuntimeError("load: resuming the distributed optimizer's state needs apex or Transformer "
+                               "Engine's Adam (megatron-core 0.16 with torch's Adam cannot load it); "
+                               "use_distributed_optimizer false resumes from non-distributed checkpoints")
 
 
 def check_writable(root) -> None:
