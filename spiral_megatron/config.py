@@ -61,7 +61,7 @@ class SpiralConfig(TransformerConfig):
         self._check_spiral_fields()
         self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)
         if self.chunk_offsets is not None:
-            self.chunk_offsets = tuple(int(w) for w in self.chunk_offsets)
+            self.chunk_offsets = schedule.parse_ints(self.chunk_offsets, "chunk_offsets")
         schedule.make_levels(self.chunk_sizes, self.chunk_offsets, self.shift)
         if self.topology == "mesh" and self.mesh_slots is None:
             self.mesh_slots = self.num_core_layers + 3
@@ -73,7 +73,7 @@ class SpiralConfig(TransformerConfig):
             )
         self.num_layers = unique
         if self.pipeline_split is not None:
-            self.pipeline_split = tuple(int(n) for n in self.pipeline_split)
+            self.pipeline_split = schedule.parse_ints(self.pipeline_split, "pipeline_split")
         super().__post_init__()
         self._check_parallel_layout()
         if self.pipeline_model_parallel_size > 1 and self.chunk_sizes:

@@ -31,15 +31,22 @@ class Level:
         return 1.0 / self.chunk_size
 
 
-def parse_chunk_sizes(value: Union[str, Sequence[int]]) -> Tuple[int, ...]:
-    """"8,4,2,1" or [8, 4, 2, 1] -> (8, 4, 2, 1). Empty string -> ()."""
+def parse_ints(value: Union[str, int, Sequence[int]], what: str = "chunk sizes") -> Tuple[int, ...]:
+    """"8,4,2,1", 8 or [8, 4, 2, 1] -> a tuple of ints. Empty string -> ()."""
+    if isinstance(value, int):
+        return (value,)
     if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",") if p.strip()]
+        parts = [p.strip() for p in value.strip("()[] ").split(",") if p.strip()]
         try:
             return tuple(int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"chunk sizes {value!r} must be comma-separated integers") from None
+            raise ValueError(f"{what} {value!r} must be comma-separated integers") from None
     return tuple(int(g) for g in value)
+
+
+def parse_chunk_sizes(value: Union[str, Sequence[int]]) -> Tuple[int, ...]:
+    """"8,4,2,1" or [8, 4, 2, 1] -> (8, 4, 2, 1). Empty string -> ()."""
+    return parse_ints(value, "chunk sizes")
 
 
 def make_levels(

@@ -281,19 +281,9 @@ def seq_length(cfg: TrainingConfig) -> int:
 
 
 def model_overrides(cfg: TrainingConfig) -> Dict[str, Any]:
-    """The SpiralConfig overrides of `cfg.model` (all but `flavor`); `pipeline_split` given as
-    "3,3", 6 or [3, 3] becomes a tuple of ints."""
-    model = {k: v for k, v in cfg.model.items() if k != "flavor"}
-    split = model.get("pipeline_split")
-    if split is not None:
-        items = split.replace(",", " ").split() if isinstance(split, str) else split
-        items = items if isinstance(items, (list, tuple)) else [items]
-        try:
-            model["pipeline_split"] = tuple(int(n) for n in items)
-        except (TypeError, ValueError):
-            raise ConfigError(f"model.pipeline_split: {split!r} is not a list of ints (units per stage, "
-                              "e.g. 3,3)") from None
-    return model
+    """The SpiralConfig overrides of `cfg.model` (all but `flavor`); SpiralConfig parses
+    list fields given as strings ("8,4,2,1", "3,3")."""
+    return {k: v for k, v in cfg.model.items() if k != "flavor"}
 
 
 def check_world(cfg: TrainingConfig, world_size: int) -> int:

@@ -7,6 +7,7 @@ SIGINT saves a checkpoint at the end of the current step and exits cleanly.
 
 import math
 import signal
+import time
 from dataclasses import dataclass
 
 import torch
@@ -155,8 +156,9 @@ class Trainer:
         cfg, stop = self.cfg, self.cfg.exit_interval or self.cfg.train_iters
         batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None
         while self.iteration < stop:
+            started = time.time()
             stats = self.train_one(batches)
-            self.logger.step_done(self.iteration, stop)
+            self.logger.step_done(self.iteration, stop, time.time() - started)
             last = self.iteration == stop
             evaluate = cfg.eval_interval and (self.iteration % cfg.eval_interval == 0 or last)
             val_loss = self.evaluate() if evaluate else None

@@ -4,7 +4,6 @@
 import json
 import math
 import sys
-import time
 from typing import Dict, Optional
 
 import torch
@@ -46,7 +45,8 @@ def tensorboard_writer(folder: Optional[str]):
 
 
 class Logger:
-    """Accumulates step time between logs and writes each logged step everywhere."""
+    """Accumulates training-step time between logs (evaluation and saving excluded) and writes
+    each logged step everywhere."""
 
     def __init__(self, model_config, seq_length: int, vocab_size: int, global_batch_size: int,
                  world_size: int, peak_tflops: Optional[float], log_json: Optional[str],
@@ -57,17 +57,18 @@ class Logger:
         self.json = open(log_json, "a") if rank0 and log_json else None
         self.tb = tensorboard_writer(tensorboard_dir) if rank0 else None
         self.tty = rank0 and sys.stdout.isatty()
-        self.mark, self.steps = time.time(), 0
+        self.train_time, self.steps = 0.0, 0
 
-    def step_done(self, iteration: int, total: int) -> None:
+    def step_done(self, iteration: int, total: int, seconds: float) -> None:
         self.steps += 1
+        self.train_time += seconds
         if self.tty:
             sys.stdout.write(f"\r  step {iteration}/{total}")
             sys.stdout.flush()
 
     def log(self, iteration: int, consumed_samples: int, stats: Dict[str, float],
             val_loss: Optional[float] = None) -> Dict:
-        elapsed = max(time.time() - self.mark, 1e-9) / max(self.steps, 1)
+        elapsed = max(self.train_time, 1e-9) / max(self.steps, 1)
         tflops = self.flops_per_step / elapsed / self.world_size / 1e12
         record = {
             "iteration": iteration,
@@ -79,7 +80,7 @@ class Logger:
         }
         if val_loss is not None:
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-        self.mark, self.steps = time.time(), 0
+        self.train_time, self.steps = 0.0, 0
         self.write(record)
         return record
 

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from spiral_megatron import flavors
+
 from spiral_megatron.training import config
 from spiral_megatron.training.config import ConfigError
 
@@ -37,7 +39,7 @@ def test_every_shipped_config_resolves():
     (["--pipeline-parallel", "7"], "pipeline_model_parallel_size 7 is more than the 6 units of work"),
     (["--pipeline-parallel", "2", "--model.pipeline_split", "4,3"],
      "model.pipeline_split (4, 3): pipeline split (4, 3) must give each of the 2 stages at least one"),
-    (["--pipeline-parallel", "2", "--model.pipeline_split", "3,x"], "model.pipeline_split: '3,x' is not a list"),
+    (["--pipeline-parallel", "2", "--model.pipeline_split", "3,x"], "pipeline_split '3,x' must be comma-separated integers"),
     (["--pipeline-parallel", "2", "--seq-length", "100"], "seq_length 100 must be a multiple of 8"),
     (["--pipeline-parallel", "2", "--model.loop_placement", "middle"], "loop_placement 'middle' must be one of"),
     (["--pipeline-parallel", "2", "--tensor-parallel", "3"], "tensor_parallel 3 does not divide model "
@@ -69,7 +71,9 @@ def test_pipeline_overrides_reach_the_model():
 
     cfg = config.load(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
     runtime = runtime_overrides(cfg, on_cpu=True)
-    assert runtime["pipeline_model_parallel_size"] == 2 and runtime["pipeline_split"] == (5, 1)
+    assert runtime["pipeline_model_parallel_size"] == 2 and runtime["pipeline_split"] == "5,1"
+    spiral = flavors.get("debug").config(**runtime)
+    assert spiral.pipeline_split == (5, 1) and spiral.pipeline_model_parallel_size == 2
     # one-stage: prelude, the whole loop, coda = 3 units; the loop pads 100 itself.
     cfg = config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
                        "--model.pipeline_split", "2,1", "--seq-length", "100"], CONFIGS / "debug-cpu.yaml")
