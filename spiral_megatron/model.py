@@ -114,6 +114,7 @@ class SpiralGPTModel(LanguageModule):
             self.setup_embeddings_and_output_layer()
         if self.loop is not None:
             self.core_replicas.mark(self.loop.core)
+            self.core_replicas.synchronize(self.loop.core)
 
     def _block(self, layer_spec, layers: range, final_norm) -> StageBlock:
         return StageBlock(

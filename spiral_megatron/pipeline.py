@@ -1,8 +1,9 @@
 """The shared core replicated on several pipeline stages (SPEC.md section 1 under PP).
 
 Every stage that runs loop iterations holds a full replica of the core. The replicas start
-identical (same seed, CPU or tracker initialisation of the same full weights), and stay so
-because their gradients are summed over a dedicated process group after each step, as
+identical because the first one is broadcast to the others when the model is built (each
+stage draws its own random weights, after different modules), and stay so because their
+gradients are summed over a dedicated process group after each step, as
 Megatron does for word embeddings tied across the first and last stage
 (`_allreduce_word_embedding_grads`). A checkpoint saves one copy: the replicas on later
 stages are marked with a non-zero replica id, and any layout loads the same keys.
@@ -39,6 +40,14 @@ class CoreReplicas:
             if self.replicated:
                 p.shared_embedding = True
                 p.shared = bool(self.index)
+
+    def synchronize(self, core: torch.nn.Module) -> None:
+        """Copy the first replica's weights to the others (collective over the replicas)."""
+        if not self.replicated:
+            return
+        first = dist.get_global_rank(self.group, 0)
+        for p in core.parameters():
+            dist.broadcast(p.data, src=first, group=self.group)
 
     def mark_copies(self, sharded_state_dict: dict, prefix: str) -> None:
         """Give the core's entries on replicas after the first a non-zero pipeline replica id."""

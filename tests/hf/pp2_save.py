@@ -1,0 +1,44 @@
+"""torchrun --nproc_per_node=2: save a PP2 checkpoint (the loop split across the two stages,
+MeSH state crossing the boundary) and the pipelined model's logits, computed stage by stage."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+PP2_CONFIG = dict(topology="mesh", chunk_offsets=[1, 0, 0], init_method_std=0.2)
+
+
+def main(save: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    from spiral_megatron import parallel
+    from spiral_megatron.model_args import build_model
+    from tests.hf import helpers as H
+
+    parallel.initialize(tensor_parallel=1, pipeline_parallel=2, seed=7, backend="gloo")
+    args = H.model_args(**PP2_CONFIG)
+    first = ps.is_pipeline_first_stage()
+    model = build_model(args, pre_process=first, post_process=not first, use_cpu_initialization=True,
+                        pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                        pipeline_split=(2, 3)).eval()  # prelude, iteration 0 | iterations 1-2, coda
+    ids = torch.randint(0, H.VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    Path(save).mkdir(parents=True, exist_ok=True)
+    if first:
+        sent = H.logits(model, ids)  # the packed MeSH state [(1 + B) * S, b, h]
+        dist.send(torch.tensor(sent.shape), 1)
+        dist.send(sent.contiguous(), 1)
+    else:
+        shape = torch.zeros(3, dtype=torch.long)
+        dist.recv(shape, 0)
+        received = torch.empty(*shape.tolist())
+        dist.recv(received, 0)
+        model.set_input_tensor(received)
+        torch.save({"ids": ids, "logits": H.logits(model, ids)}, f"{save}/pp2_logits.pt")
+    H.save_checkpoint(model, args, save)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
