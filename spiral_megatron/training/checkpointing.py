@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron.training.build import Components
+from spiral_megatron.training.config import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's format, as Megatron-LM's default: megatron-core 0.16's own
@@ -170,7 +171,7 @@ def _check_optimizer_loadable(optimizer) -> None:
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(opt, distrib_optimizer.DistributedOptimizer) and not distrib_optimizer.HAVE_APEX_OR_TE:
-            raise RuntimeError("load: resuming the distributed optimizer's state needs apex or Transformer "
+            raise ConfigError("load: resuming the distributed optimizer's state needs apex or Transformer "
                                "Engine's Adam (megatron-core 0.16 with torch's Adam cannot load it); "
                                "use_distributed_optimizer false resumes from non-distributed checkpoints")
 
