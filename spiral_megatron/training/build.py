@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from spiral_megatron import flavors
+from spiral_megatron.layer_specs import have_transformer_engine
 from spiral_megatron.model_args import ModelArgs, build_model
 from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length
 
@@ -57,12 +58,6 @@ def runtime_overrides(cfg: TrainingConfig, on_cpu: bool) -> dict:
     if cfg.fp8 is not None:
         runtime.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
     return runtime
-
-
-def have_transformer_engine() -> bool:
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    return HAVE_TE
 
 
 def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:

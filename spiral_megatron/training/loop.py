@@ -71,7 +71,7 @@ def start(cfg: TrainingConfig) -> Layout:
 def preflight(cfg: TrainingConfig, layout: Layout) -> None:
     """Refuse, before any compute, what would fail later: fp8 without TE, bad folders."""
     if cfg.fp8 is not None:
-        from spiral_megatron.training.build import have_transformer_engine
+        from spiral_megatron.layer_specs import have_transformer_engine
 
         if layout.on_cpu or not have_transformer_engine():
             raise ConfigError(f"fp8 {cfg.fp8!r} needs CUDA GPUs and Transformer Engine")
