@@ -166,7 +166,9 @@ def load(root, parts: Components) -> Restored:
 
 def _check_optimizer_loadable(optimizer) -> None:
     """Megatron 0.16's DistributedOptimizer over torch's Adam (no apex/TE, e.g. on CPU) cannot
-    build the state dict to load into before its first step: refuse clearly."""
+    build the state dict to load into before its first step: refuse clearly. (Seeding that
+    state with Megatron's `_init_optimizer_states_with_dummy_values` and loading under no_grad
+    runs, but the resume is not exact: the step after it differs, so it stays refused.)"""
     from megatron.core.optimizer import distrib_optimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
