@@ -33,12 +33,15 @@ LAYOUTS = {
     "dp2": (2, []),
     "dp2-distributed-optimizer": (2, ["--distributed-optimizer"]),
     "tp2-pp2-loop-across": (4, ["--tp", "2", "--pp", "2", "--split", "3,3"]),
+    # core replicas on two stages x the distributed optimizer's sharded buckets
+    "pp2-dp2-distributed-optimizer": (4, ["--pp", "2", "--split", "3,3", "--distributed-optimizer"]),
 }
 RESHARD = ("pp2-loop-across", "dp2-distributed-optimizer", "tp2-pp2-loop-across")  # saved, reloaded at TP1 PP1
 REPRESENTATIVE = {  # layout: cases run in CI
     "pp2-loop-across": ALL_CASES,
     "dp2-distributed-optimizer": ["residual-8421", "mesh-1111"],
     "tp2-pp2-loop-across": ["mesh-8421"],
+    "pp2-dp2-distributed-optimizer": ["residual-8421", "mesh-8421"],
 }
 
 
