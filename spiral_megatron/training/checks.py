@@ -83,6 +83,29 @@ def _check_model(cfg: TrainingConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
     _check_pipeline(cfg, spiral)
+    _check_fp8_shapes(cfg, spiral)
+
+
+# Transformer Engine's FP8 GEMMs need their token count to be a multiple of this (by recipe).
+FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
+
+
+def _check_fp8_shapes(cfg: TrainingConfig, spiral) -> None:
+    """Every GEMM of every resolution must have a token count FP8 can take (MEGATRON-NOTES.md):
+    (seq_length / g [/ tp under SP]) x micro_batch_size, for the full length and each chunk size."""
+    if cfg.fp8 is None:
+        return
+    multiple = FP8_TOKEN_MULTIPLE.get(cfg.fp8_recipe)
+    if multiple is None:
+        raise ConfigError(f"fp8_recipe {cfg.fp8_recipe!r} must be one of {tuple(FP8_TOKEN_MULTIPLE)}")
+    split = cfg.tensor_parallel if cfg.sequence_parallel else 1
+    for g in sorted({1, *spiral.chunk_sizes}):
+        tokens = seq_length(cfg) // g // split * cfg.micro_batch_size
+        if tokens % multiple:
+            raise ConfigError(
+                f"fp8 {cfg.fp8!r} with fp8_recipe {cfg.fp8_recipe!r}: a GEMM at chunk size {g} sees "
+                f"seq_length {seq_length(cfg)} / {g}{f' / tp {split}' if split > 1 else ''} x micro_batch_size "
+                f"{cfg.micro_batch_size} = {tokens} tokens, not a multiple of {multiple}")
 
 
 def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
