@@ -14,34 +14,21 @@ sys.path.insert(0, str(ROOT / "tools"))
 import convert_to_hf  # noqa: E402
 
 
-def test_tp2_checkpoint_converts_to_the_same_logits(megatron, tmp_path):
+@pytest.mark.parametrize("layout,script", [
+    ("TP2", "tp2_save.py"),  # GQA + gated MLP sharded over two ranks
+    ("PP2", "pp2_save.py"),  # two pipeline stages, the loop split between them, MeSH state crossing
+])
+def test_checkpoint_of_another_layout_converts_to_the_same_logits(megatron, tmp_path, layout, script):
     from spiral_megatron.conversion.convert import load_hf
 
-    save = tmp_path / "tp2"
-    torchrun(ROOT / "tests/hf/tp2_save.py", 2, save)
+    save = tmp_path / layout
+    torchrun(ROOT / "tests/hf" / script, 2, save)
     out = tmp_path / "hf"
     assert convert_to_hf.main(["--load", str(save), "--out", str(out), "--verify"]) == 0
-    ref = torch.load(save / "tp2_logits.pt")
+    ref = torch.load(save / f"{layout.lower()}_logits.pt")
     with torch.no_grad():
         got = load_hf(out)(ref["ids"], use_cache=False).logits
     diff = (got - ref["logits"][..., : H.VOCAB]).abs().max().item()
-    print(f"\nTP2 checkpoint: max |megatron(TP2) - hf| = {diff:.2e}")
-    assert ref["logits"].abs().max() > 0.5
-    torch.testing.assert_close(got, ref["logits"][..., : H.VOCAB], rtol=0, atol=2e-5)
-
-
-def test_pp2_checkpoint_converts_to_the_same_logits(megatron, tmp_path):
-    """Saved by two pipeline stages (loop split between them): one HF model, same logits."""
-    from spiral_megatron.conversion.convert import load_hf
-
-    save = tmp_path / "pp2"
-    torchrun(ROOT / "tests/hf/pp2_save.py", 2, save)
-    out = tmp_path / "hf"
-    assert convert_to_hf.main(["--load", str(save), "--out", str(out), "--verify"]) == 0
-    ref = torch.load(save / "pp2_logits.pt")
-    with torch.no_grad():
-        got = load_hf(out)(ref["ids"], use_cache=False).logits
-    diff = (got - ref["logits"][..., : H.VOCAB]).abs().max().item()
-    print(f"\nPP2 checkpoint: max |megatron(PP2) - hf| = {diff:.2e}")
+    print(f"\n{layout} checkpoint: max |megatron({layout}) - hf| = {diff:.2e}")
     assert ref["logits"].abs().max() > 0.5
     torch.testing.assert_close(got, ref["logits"][..., : H.VOCAB], rtol=0, atol=2e-5)
