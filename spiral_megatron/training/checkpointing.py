@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron.training.build import Components
-from spiral_megatron.training.config import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's format, as Megatron-LM's default: megatron-core 0.16's own
@@ -147,7 +146,7 @@ def load(root, parts: Components) -> Restored:
     model_sd = parts.module.sharded_state_dict()
     request = {"model": model_sd}
     if not weights_only:
-        _check_optimizer_loadable(parts.optimizer)
+        _prepare_state_for_loading(parts.optimizer)
         request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                   metadata=OPTIMIZER_FORMAT)
     same_layout = common.get("layout") == _layout()
@@ -157,25 +156,45 @@ def load(root, parts: Components) -> Restored:
     parts.module.load_state_dict(state["model"])
     if weights_only:
         return Restored(iteration, None, True)
-    parts.optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
+        parts.optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(parts.optimizer)
     parts.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng(state["rng"])
     return Restored(iteration, common["consumed_samples"], False)
 
 
-def _check_optimizer_loadable(optimizer) -> None:
-    """Megatron 0.16's DistributedOptimizer over torch's Adam (no apex/TE, e.g. on CPU) cannot
-    build the state dict to load into before its first step: refuse clearly. (Seeding that
-    state with Megatron's `_init_optimizer_states_with_dummy_values` and loading under no_grad
-    runs, but the resume is not exact: the step after it differs, so it stays refused.)"""
+def _torch_adam_distributed(optimizer):
+    """The DistributedOptimizers of `optimizer` that run torch's Adam (no apex/TE, e.g. CPU)."""
     from megatron.core.optimizer import distrib_optimizer
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, distrib_optimizer.DistributedOptimizer) and not distrib_optimizer.HAVE_APEX_OR_TE:
-            raise ConfigError("load: resuming the distributed optimizer's state needs apex or Transformer "
-                               "Engine's Adam (megatron-core 0.16 with torch's Adam cannot load it); "
-                               "use_distributed_optimizer false resumes from non-distributed checkpoints")
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+
+
+def _prepare_state_for_loading(optimizer) -> None:
+    """Megatron 0.16's DistributedOptimizer over torch's Adam has no state to load into before
+    its first step: give it Megatron's own dummy state (a zero-gradient step; the parameters
+    it touches are overwritten by the load that follows)."""
+    for opt in _torch_adam_distributed(optimizer):
+        if not opt.optimizer.state:
+            with torch.no_grad():
+                opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """After loading, torch's Adam keeps the dummy step count (1) in its per-parameter state;
+    the checkpoint's count is in the param groups (Megatron stores it there): copy it back,
+    or the bias correction of the next step is wrong and the resume is not exact."""
+    for opt in _torch_adam_distributed(optimizer):
+        for group in opt.optimizer.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    if param in opt.optimizer.state:
+                        opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def check_writable(root) -> None:

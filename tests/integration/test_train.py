@@ -66,6 +66,21 @@ def test_exact_resume(reference, cache_dir, tmp_path):
         assert record["lr"] == full[it]["lr"], it
 
 
+def test_exact_resume_with_the_distributed_optimizer(cache_dir, tmp_path):
+    """DP2 with the distributed optimizer: 2 steps + resume + 2 steps == 4 steps, bitwise
+    (loss, learning rate and gradient norm; the Adam step count must survive the load)."""
+    args = (*TINY, "--use-distributed-optimizer", "true")
+    launch(cache_dir, *args, "--save", tmp_path / "full", "--log-json", tmp_path / "full.jsonl", nproc=2)
+    save = tmp_path / "ckpt"
+    launch(cache_dir, *args, "--exit-interval", 2, "--save", save, "--log-json", tmp_path / "a.jsonl", nproc=2)
+    launch(cache_dir, *args, "--load", save, "--save", save, "--log-json", tmp_path / "b.jsonl", nproc=2)
+    full, resumed = logged(tmp_path / "full.jsonl"), {**logged(tmp_path / "a.jsonl"), **logged(tmp_path / "b.jsonl")}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for it, record in resumed.items():
+        for key in ("loss", "lr", "grad_norm"):
+            assert record[key] == full[it][key], (it, key)
+
+
 @pytest.fixture(scope="module")
 def tp2_then_tp1(cache_dir, tmp_path_factory):
     """2 steps at TP=2 + SP on 2 ranks (gradient accumulation over 2 micro-batches), then 2
