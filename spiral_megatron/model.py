@@ -77,6 +77,7 @@ class SpiralGPTModel(LanguageModule):
                                        config.loop_placement, config.pipeline_split)
         self.stage = self.plan[pp_group.rank()]
         self.iterations = self.stage.span("loop")
+        self.loop_spans_stages = sum(1 for st in self.plan if st.span("loop")) > 1
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(
@@ -179,17 +180,13 @@ class SpiralGPTModel(LanguageModule):
         seq = local * (self.pg_collection.tp.size() if sp else 1)
         schedule.check_sequence_layout(seq, self.levels, self.config.tensor_model_parallel_size, sp)
         padded = schedule.padded_length(seq, self.levels)
-        if padded != seq and self.plan_splits_loop():
+        if padded != seq and self.loop_spans_stages:
             raise ValueError(
                 f"seq_length {seq} must be a multiple of {schedule.padding_multiple(self.levels)} (every "
                 f"chunk size) when the loop spans pipeline stages: a stage inside the loop only sees "
                 f"the padded length"
             )
         return seq, padded
-
-    def plan_splits_loop(self) -> bool:
-        """True when the loop's iterations are spread over more than one stage."""
-        return sum(1 for st in self.plan if st.span("loop")) > 1
 
     def _run_loop(self, h: torch.Tensor, pad: int, rope, use_mask: bool) -> torch.Tensor:
         """This stage's iterations. The first stage of the loop pads h at the end to a multiple

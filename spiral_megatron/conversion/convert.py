@@ -134,7 +134,7 @@ def verify(result: dict, tolerance: float = 1e-3) -> dict:
     model = load_hf(out)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cached = _cached_logits(model, ids)
+        cached = cached_logits(model, ids)
     scale = max(1.0, ref.abs().max().item())
     report = {"max_abs_logit_diff": (full - ref).abs().max().item(),
               "max_abs_cached_diff": (cached - full).abs().max().item(), "logit_scale": scale, "tokens": ids.shape[1]}
@@ -142,7 +142,9 @@ def verify(result: dict, tolerance: float = 1e-3) -> dict:
     return report
 
 
-def _cached_logits(model, ids: torch.Tensor, prefill: int = 3) -> torch.Tensor:
+def cached_logits(model, ids: torch.Tensor, prefill: int = 3) -> torch.Tensor:
+    """Logits [b, s, V] of an HF SpiralFormer decoding `ids` with its cache: `prefill` tokens,
+    then one token per call."""
     from spiral_megatron.hf.modeling_spiral import CACHE_FIELD
 
     out = model(ids[:, :prefill], use_cache=True)

@@ -44,6 +44,39 @@ def check_expressible(args: ModelArgs) -> None:
         raise UnsupportedConfigError("the Hugging Face SpiralFormer cannot express: " + "; ".join(bad))
 
 
+# SpiralConfig field -> SpiralFormerConfig field, copied as is in both directions.
+CONFIG_NAMES = (
+    ("hidden_size", "hidden_size"),
+    ("ffn_hidden_size", "intermediate_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_query_groups", "num_key_value_heads"),
+    ("kv_channels", "head_dim"),
+    ("num_prelude_layers", "num_prelude_layers"),
+    ("num_core_layers", "num_core_layers"),
+    ("num_coda_layers", "num_coda_layers"),
+    ("downscale", "downscale"),
+    ("upscale", "upscale"),
+    ("shift", "shift"),
+    ("topology", "topology"),
+    ("mesh_slots", "mesh_slots"),
+    ("latent_positions", "latent_positions"),
+    ("normalization", "normalization"),
+    ("layernorm_epsilon", "layer_norm_eps"),
+    ("gated_linear_unit", "gated_linear_unit"),
+    ("add_bias_linear", "add_bias_linear"),
+    ("add_qkv_bias", "add_qkv_bias"),
+    ("qk_layernorm", "qk_layernorm"),
+    ("init_method_std", "initializer_range"),
+    ("hidden_dropout", "hidden_dropout"),
+    ("attention_dropout", "attention_dropout"),
+)
+LIST_NAMES = (("chunk_sizes", "chunk_sizes"), ("chunk_offsets", "chunk_offsets"))  # tuple <-> list
+
+
+def _as_list(value):
+    return list(value) if value is not None else None
+
+
 def to_hf_config(args: ModelArgs, vocab_size: Optional[int] = None, **extra) -> SpiralFormerConfig:
     """The HF config of a Megatron architecture; `vocab_size` = the tokenizer's (rows trimmed)."""
     check_expressible(args)
@@ -51,39 +84,17 @@ def to_hf_config(args: ModelArgs, vocab_size: Optional[int] = None, **extra) -> 
     vocab_size = vocab_size or args.vocab_size
     if vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer vocabulary {vocab_size} is larger than the model's {args.vocab_size} rows")
+    fields = {hf: getattr(c, mc) for mc, hf in CONFIG_NAMES}
+    fields.update({hf: _as_list(getattr(c, mc)) for mc, hf in LIST_NAMES})
     config = SpiralFormerConfig(
+        **fields,
         vocab_size=vocab_size,
         megatron_vocab_size=args.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.ffn_hidden_size,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_query_groups,
-        head_dim=c.kv_channels,
-        num_prelude_layers=c.num_prelude_layers,
-        num_core_layers=c.num_core_layers,
-        num_coda_layers=c.num_coda_layers,
-        chunk_sizes=list(c.chunk_sizes),
-        chunk_offsets=list(c.chunk_offsets) if c.chunk_offsets is not None else None,
-        downscale=c.downscale,
-        upscale=c.upscale,
-        shift=c.shift,
-        topology=c.topology,
-        mesh_slots=c.mesh_slots,
-        latent_positions=c.latent_positions,
-        normalization=c.normalization,
-        layer_norm_eps=c.layernorm_epsilon,
         hidden_act=c.activation_func.__name__,
-        gated_linear_unit=c.gated_linear_unit,
-        add_bias_linear=c.add_bias_linear,
-        add_qkv_bias=c.add_qkv_bias,
-        qk_layernorm=c.qk_layernorm,
         position_embedding_type=args.position_embedding_type,
         rope_theta=float(args.rotary_base),
         rotary_percent=args.rotary_percent,
         max_position_embeddings=args.max_sequence_length,
-        initializer_range=c.init_method_std,
-        hidden_dropout=c.hidden_dropout,
-        attention_dropout=c.attention_dropout,
         tie_word_embeddings=args.share_embeddings_and_output_weights,
         architectures=["SpiralForCausalLM"],
         **extra,
@@ -94,34 +105,9 @@ def to_hf_config(args: ModelArgs, vocab_size: Optional[int] = None, **extra) -> 
 
 def to_model_args(config: SpiralFormerConfig) -> ModelArgs:
     """The Megatron architecture of an HF config (the reverse of `to_hf_config`)."""
-    arch = dict(
-        hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        num_query_groups=config.num_key_value_heads,
-        ffn_hidden_size=config.intermediate_size,
-        kv_channels=config.head_dim,
-        normalization=config.normalization,
-        layernorm_epsilon=config.layer_norm_eps,
-        gated_linear_unit=config.gated_linear_unit,
-        add_bias_linear=config.add_bias_linear,
-        add_qkv_bias=config.add_qkv_bias,
-        qk_layernorm=config.qk_layernorm,
-        activation_func_name=config.hidden_act,
-        init_method_std=config.initializer_range,
-        hidden_dropout=getattr(config, "hidden_dropout", 0.0),
-        attention_dropout=getattr(config, "attention_dropout", 0.0),
-        num_prelude_layers=config.num_prelude_layers,
-        num_core_layers=config.num_core_layers,
-        num_coda_layers=config.num_coda_layers,
-        chunk_sizes=list(config.chunk_sizes),
-        chunk_offsets=list(config.chunk_offsets) if config.chunk_offsets is not None else None,
-        downscale=config.downscale,
-        upscale=config.upscale,
-        shift=config.shift,
-        topology=config.topology,
-        mesh_slots=config.mesh_slots,
-        latent_positions=config.latent_positions,
-    )
+    arch = {mc: getattr(config, hf) for mc, hf in CONFIG_NAMES}
+    arch.update({mc: _as_list(getattr(config, hf)) for mc, hf in LIST_NAMES})
+    arch["activation_func_name"] = config.hidden_act
     return ModelArgs(
         config=arch,
         vocab_size=config.megatron_vocab_size or config.vocab_size,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spiral_megatron.conversion import hf_config, mapping
-from spiral_megatron.hf.modeling_spiral import CACHE_FIELD, SpiralForCausalLM
+from spiral_megatron.conversion.convert import cached_logits
+from spiral_megatron.hf.modeling_spiral import SpiralForCausalLM
 from tests.hf import helpers as H
 
 TOL = 2e-5  # float32 max abs logit difference (logits are O(1) here)
@@ -35,16 +36,6 @@ def hf_from_megatron(args, model) -> SpiralForCausalLM:
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if config.tie_word_embeddings else set())
     return hf
-
-
-def cached_logits(hf, ids, prefill: int):
-    out = hf(ids[:, :prefill], use_cache=True)
-    steps, cache = [out.logits], out.get(CACHE_FIELD)
-    for k in range(prefill, ids.shape[1]):
-        out = hf(ids[:, k : k + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits)
-        cache = out.get(CACHE_FIELD)
-    return torch.cat(steps, dim=1)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
