@@ -7,7 +7,7 @@ import torch
 from spiral_megatron import flavors
 from spiral_megatron.layer_specs import have_transformer_engine
 from spiral_megatron.model_args import ModelArgs, build_model
-from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length
+from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length, warmup_iters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +93,7 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     samples = cfg.global_batch_size  # Megatron's scheduler counts samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters * samples,
+        lr_warmup_steps=warmup_iters(cfg) * samples,
         lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * samples,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters * samples, wd_incr_style="constant",

@@ -30,9 +30,7 @@ def check(cfg: TrainingConfig) -> None:
             raise ConfigError(f"{name} {value!r} must be finite and >= 0")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr {cfg.min_lr} must be <= lr {cfg.lr}")
-    if cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= (cfg.lr_decay_iters or cfg.train_iters):
-        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
-                          f"lr_decay_iters (or train_iters) {cfg.lr_decay_iters or cfg.train_iters}")
+    _check_warmup(cfg)
     for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
                           ("backend", BACKENDS)):
         if getattr(cfg, name) not in allowed:
@@ -47,11 +45,41 @@ def check(cfg: TrainingConfig) -> None:
                           f"got precision {cfg.precision!r}")
     if cfg.fp8 is not None and cfg.precision == "fp32":
         raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
-    if cfg.mock_data and cfg.data_path:
-        raise ConfigError(f"mock_data true and data_path {cfg.data_path} exclude each other")
+    _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
         raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
     _check_model(cfg)
+
+
+def _check_warmup(cfg: TrainingConfig) -> None:
+    decay = cfg.lr_decay_iters or cfg.train_iters
+    if cfg.lr_warmup_fraction is not None:
+        if cfg.lr_warmup_iters:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} and lr_warmup_iters "
+                              f"{cfg.lr_warmup_iters} exclude each other (as in Megatron-LM)")
+        if not 0 <= cfg.lr_warmup_fraction < 1:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} must be in [0, 1)")
+    elif cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= decay:
+        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
+                          f"lr_decay_iters (or train_iters) {decay}; or give lr_warmup_fraction")
+
+
+def _check_data(cfg: TrainingConfig) -> None:
+    from spiral_megatron.training.dataset_check import parse_split
+
+    if cfg.split is not None:
+        parse_split(cfg.split)
+    if cfg.mock_data and (cfg.data_path or cfg.train_data_path):
+        raise ConfigError(f"mock_data true and data_path {cfg.data_path or cfg.train_data_path} "
+                          "exclude each other")
+    if cfg.data_path and (cfg.train_data_path or cfg.valid_data_path):
+        raise ConfigError(f"data_path {cfg.data_path} and train_data_path/valid_data_path exclude "
+                          "each other (as in Megatron-LM): data_path is divided by split")
+    if cfg.valid_data_path and not cfg.train_data_path:
+        raise ConfigError(f"valid_data_path {cfg.valid_data_path} needs train_data_path")
+    if cfg.train_data_path and not cfg.valid_data_path and cfg.eval_interval:
+        raise ConfigError(f"train_data_path {cfg.train_data_path} needs valid_data_path to evaluate "
+                          f"(eval_interval {cfg.eval_interval}); or set eval_interval none")
 
 
 def _check_model(cfg: TrainingConfig) -> None:

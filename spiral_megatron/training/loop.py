@@ -183,14 +183,14 @@ def run(cfg: TrainingConfig) -> str:
         if layout.rank0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
         source, tokenizer = prepare_data(cfg, layout)
+        seq, gbs = config.seq_length(cfg), cfg.global_batch_size
+        datasets = data.build_datasets(cfg, source, tokenizer, seq,
+                                       (cfg.train_iters * gbs, max(cfg.eval_iters * gbs, 1)))
         parts = build(cfg, tokenizer.vocab_size, layout.on_cpu)
         if layout.rank0:
             print(f"pipeline partition ({cfg.pipeline_parallel} stage"
                   f"{'s' if cfg.pipeline_parallel > 1 else ''}):\n"
                   + pipeline_plan.describe(parts.module.plan), flush=True)
-        seq, gbs = config.seq_length(cfg), cfg.global_batch_size
-        datasets = data.build_datasets(cfg, source, tokenizer, seq,
-                                       (cfg.train_iters * gbs, max(cfg.eval_iters * gbs, 1)))
         logger = Logger(parts.module.config, seq, parts.model_args.vocab_size, gbs, layout.world_size,
                         device_peak_tflops(cfg.peak_tflops), cfg.log_json, cfg.tensorboard_dir,
                         layout.rank0)
