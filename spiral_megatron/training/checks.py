@@ -5,6 +5,7 @@ size is known. Both raise ConfigError.
 """
 
 import dataclasses
+import difflib
 import math
 
 from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
@@ -97,7 +98,10 @@ def _check_model(cfg: TrainingConfig) -> None:
     fields = {f.name for f in dataclasses.fields(SpiralConfig)}
     for key, value in model.items():
         if key not in fields:
-            raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig field")
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean --model.{close[0].replace('_', '-')}?" if close else ""
+            raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
+                              f"field{hint}")
     try:
         spiral = flavor.config(**model)
     except (ValueError, TypeError, AssertionError) as e:
@@ -160,6 +164,10 @@ def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
 def check_world(cfg: TrainingConfig, world_size: int) -> int:
     """Refuse a layout the world size cannot hold; returns the data-parallel size."""
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    if world_size < model_parallel:
+        raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} "
+                          f"needs at least {model_parallel} processes; {world_size} were started "
+                          "(torchrun --nproc_per_node x nodes)")
     if world_size % model_parallel:
         raise ConfigError(f"world size {world_size} is not a multiple of tensor_parallel "
                           f"{cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel}")

@@ -169,6 +169,10 @@ class TrainingConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None = from the GPU's name (unknown on CPU)."""
 
+    check_memory: bool = True
+    """Refuse, before the first step, a run whose estimated memory per process (a lower bound,
+    training/memory.py) exceeds what the device or host has."""
+
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
 
@@ -227,18 +231,22 @@ def _coerce(key: str, value: Any, tp) -> Any:
 
 def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
     """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
+    from spiral_megatron.training import cli
+
     values = cfg.to_dict()
-    for raw_key, value in overrides.items():
-        key = raw_key.replace("-", "_")
-        if key.startswith("model."):
-            values["model"] = {**values["model"], key[len("model."):]: value}
-        elif key == "model" and isinstance(value, str):
-            values["model"] = {"flavor": value}
-        elif key in _FIELDS:
-            values[key] = _coerce(key, value, _TYPES[key])
-        else:
-            raise ConfigError(f"unknown config key {raw_key!r} (value {value!r}); known keys: "
-                              f"{', '.join(sorted(_FIELDS))}")
+    for raw_key, raw_value in overrides.items():
+        pairs = cli.canonical(raw_key, raw_value, _FIELDS)
+        if not pairs:
+            raise ConfigError(cli.unknown_key_message(raw_key, raw_value, _FIELDS))
+        for key, value in pairs:
+            if key.startswith("model."):
+                values["model"] = {**values["model"], key[len("model."):]: value}
+            elif key == "model" and isinstance(value, str):
+                values["model"] = {"flavor": value}
+            elif key == "model" and not isinstance(value, dict):
+                raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
+            else:
+                values[key] = _coerce(key, value, _TYPES[key])
     return TrainingConfig(**values)
 
 
@@ -270,19 +278,30 @@ def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingCo
     """The config from `--config PATH` (else `default_path`) plus the other `--key value` pairs."""
     overrides = parse_cli(argv)
     path = overrides.pop("config", None) or default_path
-    cfg = TrainingConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
-        cfg = apply(cfg, data)
-    cfg = apply(cfg, _drop_excluded(data if path is not None else {}, overrides))
+    data = read_yaml(Path(path)) if path is not None else {}
+    cfg = apply(TrainingConfig(), data)
+    cfg = apply(cfg, _drop_excluded(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
     check(cfg)
     return cfg
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    """The mapping in YAML file `path`; ConfigError naming the file (and line) otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {str(path)!r} is not a text file (byte {e.start} is not UTF-8)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {str(path)!r}{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
 
 
 # Keys of which one excludes the other: a command-line value of one drops the YAML's other.

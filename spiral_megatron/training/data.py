@@ -88,28 +88,37 @@ def load_tokenizer(source: DataSource, vocab_size: int):
     return Tokenizer.load(source.tokenizer_path) if source.tokenizer_path else _MockTokenizer(vocab_size)
 
 
-def build_datasets(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int,
-                   num_samples: Tuple[int, int]):
-    """(train, valid) datasets of `num_samples` samples each, built on every rank; valid is None
-    when the run never evaluates. Each is built alone (the test split never is), the valid one
-    with `valid_seed`. Data that cannot fill them is refused first (dataset_check.py)."""
+def check(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int) -> str:
+    """Refuse data that cannot fill the run's splits (dataset_check.py), cheaply, before the
+    model is built; returns the split to use (the default adapts to small data, printed)."""
     from spiral_megatron.training import dataset_check
 
-    needed = ["train"] + (["valid"] if cfg.eval_interval else [])
     split = source.split or dataset_check.DEFAULT_SPLIT
     if source.whole:
         for name, blend in (("train", source.train), ("valid", source.valid)):
-            if name in needed:
+            if name in _needed(cfg):
                 corpora = [dataset_check.open_corpus(p, tokenizer.vocab_size) for p in blend[0]]
                 dataset_check.check_splits(corpora, None, [name], seq_length + 1)
     elif source.train is not None:
         corpora = [dataset_check.open_corpus(p, tokenizer.vocab_size) for p in source.train[0]]
-        split, note = dataset_check.choose_split(corpora, source.split, needed, seq_length + 1)
+        split, note = dataset_check.choose_split(corpora, source.split, _needed(cfg), seq_length + 1)
         if note and (not dist.is_initialized() or dist.get_rank() == 0):
             print(note, flush=True)
+    return split
+
+
+def _needed(cfg: TrainingConfig) -> List[str]:
+    return ["train"] + (["valid"] if cfg.eval_interval else [])
+
+
+def build_datasets(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int, split: str,
+                   num_samples: Tuple[int, int]):
+    """(train, valid) datasets of `num_samples` samples each, built on every rank; valid is None
+    when the run never evaluates. Each is built alone (the test split never is), the valid one
+    with `valid_seed`. `split`: from `check`."""
     train = _build(cfg, source, tokenizer, seq_length, split, 0, num_samples[0], cfg.seed)
     valid = _build(cfg, source, tokenizer, seq_length, split, 1, num_samples[1], cfg.valid_seed) \
-        if "valid" in needed else None
+        if "valid" in _needed(cfg) else None
     return train, valid
 
 
