@@ -1,4 +1,4 @@
-"""SpiralForCausalLM: SpiralFormer for Hugging Face `transformers` (SPEC.md), plain PyTorch.
+"""SpiralForCausalLM: SpiralFormer for Hugging Face `transformers` (docs/MODEL.md), plain PyTorch.
 
     tokens -> embed_tokens -> prelude -> loop (core x T, multi-resolution) -> coda -> norm -> lm_head
 
@@ -6,7 +6,7 @@ Shipped inside converted model folders (`trust_remote_code=True`); imports only 
 transformers and its sibling files. Matches the Megatron model of `spiral_megatron` (same
 math, batch-first [b, s, d] instead of [s, b, d]).
 
-Decoding (SPEC.md section 6): `SpiralCache` holds the prelude's and coda's keys/values for
+Decoding (docs/MODEL.md section 6): `SpiralCache` holds the prelude's and coda's keys/values for
 every token and, per loop level, a latent key/value cache; a new token runs prelude and coda,
 and the core of level t only when it closes one of level t's chunks.
 
@@ -14,6 +14,7 @@ Positions are always 0..n-1 (plus the cached length): chunk boundaries are absol
 positions, so `position_ids` are ignored and padded batches are refused (see `_check_mask`).
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -109,20 +110,25 @@ class SpiralModel(SpiralPreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor, cache: Optional[SpiralCache] = None, use_cache: bool = False):
         """input_ids [b, n]. Without a cache: the whole sequence (and, with `use_cache`, a new
-        SpiralCache). With one: the n new tokens, one at a time (SPEC.md 6)."""
+        SpiralCache). With one: the n new tokens, one at a time (docs/MODEL.md 6)."""
         if cache is None:
             return self._full(input_ids, use_cache)
         outs = [self._step(input_ids[:, k : k + 1], cache) for k in range(input_ids.shape[1])]
         return torch.cat(outs, dim=1), cache
 
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings [b, n, d], times sqrt(d) with `scale_embeddings` (MeSH appendix B)."""
+        e = self.embed_tokens(input_ids)
+        return e * math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else e
+
     def _full(self, input_ids, use_cache: bool):
         L = input_ids.shape[1]
         angles = rotary_angles(self.config, torch.arange(L, device=input_ids.device))
-        h = self.embed_tokens(input_ids)  # [b, L, d]
-        h, pre_kv = self.prelude(h, angles)
+        e = self.embed(input_ids)  # [b, L, d]
+        h, pre_kv = self.prelude(e, angles)
         levels = [] if use_cache else None
         if self.loop is not None:
-            h = self.loop(h, levels)
+            h = self.loop(h, e, levels)
         h, coda_kv = self.coda(h, angles)
         cache = SpiralCache(pre_kv, coda_kv, levels, L) if use_cache else None
         return self.norm(h), cache
@@ -130,10 +136,10 @@ class SpiralModel(SpiralPreTrainedModel):
     def _step(self, input_ids, cache: SpiralCache) -> torch.Tensor:
         i = cache.seen_tokens
         angles = rotary_angles(self.config, torch.tensor([i], device=input_ids.device))
-        h = self.embed_tokens(input_ids)  # [b, 1, d]
-        h, cache.prelude = self.prelude(h, angles, cache.prelude)
+        e = self.embed(input_ids)  # [b, 1, d]
+        h, cache.prelude = self.prelude(e, angles, cache.prelude)
         if self.loop is not None:
-            h = self.loop.step(h, i, cache.levels)
+            h = self.loop.step(h, e, i, cache.levels)
         h, cache.coda = self.coda(h, angles, cache.coda)
         cache.seen_tokens = i + 1
         return self.norm(h)
