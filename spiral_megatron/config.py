@@ -64,6 +64,11 @@ class SpiralConfig(TransformerConfig):
     pipeline_split: Optional[Tuple[int, ...]] = None
     """Pipeline: units of work per stage (see pipeline_plan.py); None = cost-balanced."""
 
+    recompute_loop_iterations: bool = False
+    """Recompute each loop iteration (resampling + core) in backward, keeping only its input:
+    the loop's activation memory stops growing with N_loop (Megatron's recompute_* still apply
+    inside)."""
+
     def __post_init__(self):
         self._check_spiral_fields()
         self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)

@@ -12,6 +12,7 @@ math of each step is `hf/functional_spiral.py`, shared with the Hugging Face mod
 """
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -65,7 +66,13 @@ class SpiralLoop(MegatronModule):
         use_mask: pass explicit causal masks to the core (else Megatron's causal default).
         """
         for t in self.iterations:
-            u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)
+            h = self.topology.read(state)
+            if self.config.recompute_loop_iterations and self.training:
+                # Megatron's activation checkpoint (restores the RNG states for dropout).
+                u = tensor_parallel.checkpoint(
+                    lambda h, rope, t=t: self.iteration(t, h, rope, use_mask), False, h, rotary_pos_emb)
+            else:
+                u = self.iteration(t, h, rotary_pos_emb, use_mask)
             state = self.topology.write(state, u, t)
         return state
 

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import math
 
+from spiral_megatron.training import model_fields
 from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
                                              TrainingConfig, model_overrides, seq_length)
 
@@ -44,6 +45,8 @@ def check(cfg: TrainingConfig) -> None:
     if cfg.loss_scale is not None and cfg.precision != "fp16":
         raise ConfigError(f"loss_scale {cfg.loss_scale} is only used with precision fp16, "
                           f"got precision {cfg.precision!r}")
+    if cfg.fp8 is not None and cfg.fp8 not in FP8_FORMATS:
+        raise ConfigError(f"fp8 {cfg.fp8!r} must be one of {FP8_FORMATS} (or none)")
     if cfg.fp8 is not None and cfg.precision == "fp32":
         raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
     _check_data(cfg)
@@ -102,8 +105,9 @@ def _check_model(cfg: TrainingConfig) -> None:
             hint = f"; did you mean --model.{close[0].replace('_', '-')}?" if close else ""
             raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
                               f"field{hint}")
+    model_fields.check(model)
     try:
-        spiral = flavor.config(**model)
+        spiral = flavor.config(**model_fields.as_config_kwargs(model))
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"model {cfg.model!r}: {e}") from None
     if spiral.num_attention_heads % cfg.tensor_parallel:
@@ -115,29 +119,61 @@ def _check_model(cfg: TrainingConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
     _check_pipeline(cfg, spiral)
-    _check_fp8_shapes(cfg, spiral)
+    _check_fp8(cfg, spiral)
+    _check_runtime_config(cfg)
 
 
+def _check_runtime_config(cfg: TrainingConfig) -> None:
+    """Build the exact SpiralConfig the job will build (architecture + runtime fields), so
+    Megatron's own validation of the combination fails here, before any compute."""
+    import torch
+
+    from spiral_megatron.training.build import model_config
+
+    try:
+        model_config(cfg, on_cpu=not torch.cuda.is_available())
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model {cfg.model!r} with tensor_parallel {cfg.tensor_parallel}, pipeline_parallel "
+                          f"{cfg.pipeline_parallel}, precision {cfg.precision!r}: {e}") from None
+
+
+FP8_FORMATS = ("e4m3", "hybrid")
 # Transformer Engine's FP8 GEMMs need their token count to be a multiple of this (by recipe).
 FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
 
 
-def _check_fp8_shapes(cfg: TrainingConfig, spiral) -> None:
-    """Every GEMM of every resolution must have a token count FP8 can take (MEGATRON-NOTES.md):
-    (seq_length / g [/ tp under SP]) x micro_batch_size, for the full length and each chunk size."""
+def _check_fp8(cfg: TrainingConfig, spiral) -> None:
+    """The recipe must suit the loop, and every GEMM of every resolution must have a token
+    count FP8 can take (MEGATRON-NOTES.md): prelude and coda see seq_length tokens per sample,
+    the core at chunk size g sees padded_length / g (the loop pads to a multiple of every chunk
+    size), each / tp under SP, x micro_batch_size."""
+    from spiral_megatron import schedule
+
     if cfg.fp8 is None:
         return
     multiple = FP8_TOKEN_MULTIPLE.get(cfg.fp8_recipe)
     if multiple is None:
         raise ConfigError(f"fp8_recipe {cfg.fp8_recipe!r} must be one of {tuple(FP8_TOKEN_MULTIPLE)}")
-    split = cfg.tensor_parallel if cfg.sequence_parallel else 1
-    for g in sorted({1, *spiral.chunk_sizes}):
-        tokens = seq_length(cfg) // g // split * cfg.micro_batch_size
+    if cfg.fp8_recipe == "delayed" and spiral.num_loops > 1:
+        # One amax history per TE module, and Megatron opens one autocast region around the
+        # block: T calls at different resolutions per step would share (and corrupt) it.
+        raise ConfigError(
+            f"fp8_recipe 'delayed' with a loop of {spiral.num_loops} iterations (chunk_sizes "
+            f"{spiral.chunk_sizes}): delayed scaling keeps one amax history per module and the core "
+            f"runs each module {spiral.num_loops} times per step; use tensorwise, blockwise or mxfp8")
+    seq, split, mbs = seq_length(cfg), cfg.tensor_parallel if cfg.sequence_parallel else 1, cfg.micro_batch_size
+    padded = schedule.padded_length(seq, spiral.levels)
+    gemms = [(f"the core at chunk size {g}", padded, g) for g in sorted(set(spiral.chunk_sizes), reverse=True)]
+    if spiral.num_layers > spiral.num_core_layers:
+        gemms.append(("prelude/coda (full resolution)", seq, 1))
+    tp = f" / tp {split}" if split > 1 else ""
+    for where, length, g in gemms:
+        tokens = length // g // split * mbs
         if tokens % multiple:
+            pad = f" padded to {length}" if length != seq else ""
             raise ConfigError(
-                f"fp8 {cfg.fp8!r} with fp8_recipe {cfg.fp8_recipe!r}: a GEMM at chunk size {g} sees "
-                f"seq_length {seq_length(cfg)} / {g}{f' / tp {split}' if split > 1 else ''} x micro_batch_size "
-                f"{cfg.micro_batch_size} = {tokens} tokens, not a multiple of {multiple}")
+                f"fp8 {cfg.fp8!r} with fp8_recipe {cfg.fp8_recipe!r}: {where} sees seq_length {seq}{pad} / {g}{tp} "
+                f"x micro_batch_size {mbs} = {tokens} tokens per GEMM, not a multiple of {multiple}")
 
 
 def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
