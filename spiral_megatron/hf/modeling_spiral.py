@@ -20,6 +20,7 @@ gives batch size 1's tokens, at batch size 1's speed (see `_row_pads`).
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -113,6 +114,21 @@ class SpiralPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Weights from safetensors only: a pickled `.bin` can run code when loaded, so a folder
+        holding only pickles is refused here rather than left to torch's defaults."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("SpiralFormer loads weights from safetensors only; use_safetensors=False is refused")
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir() and not any(folder.glob("model*.safetensors")):
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            raise OSError(f"{str(folder)!r} holds no .safetensors weights"
+                          + (f" (only the pickle files {', '.join(pickles)})" if pickles else "")
+                          + "; SpiralFormer loads safetensors only: convert with tools/convert_to_hf.py")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

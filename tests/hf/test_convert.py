@@ -151,3 +151,24 @@ def test_errors(ckpt, hf_dir, tmp_path, capsys):
     (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
     assert convert_from_hf.main(["--load", str(cut), "--save", str(tmp_path / "b2")]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_pickle_weights_are_refused(hf_dir, tmp_path):
+    """A folder whose weights are a pickled .bin is refused by the model class itself."""
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(hf_dir, pickled)
+    state = {}
+    for f in pickled.glob("*.safetensors"):
+        from safetensors.torch import load_file
+
+        state.update(load_file(str(f)))
+        f.unlink()
+    for f in pickled.glob("*.safetensors.index.json"):
+        f.unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"holds no .safetensors weights \(only the pickle files pytorch_model.bin\)"):
+        AutoModelForCausalLM.from_pretrained(str(pickled), trust_remote_code=True)
+    with pytest.raises(ValueError, match="safetensors only"):
+        AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, use_safetensors=False)
