@@ -4,12 +4,14 @@
 
 Writes the training script's layout (SAVE/iter_NNNNNNN/ with model_args.json and tokenizer/,
 plus latest_checkpointed_iteration.txt); the dist checkpoint loads at any TP/PP layout.
+A non-empty --save folder (a training run's, say) is refused unless --force.
 Megatron -> HF -> Megatron is bit-exact for fp32 conversions.
 """
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -17,7 +19,7 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="Hugging Face folder (safetensors)")
     p.add_argument("--save", required=True, help="checkpoint folder to write")
     p.add_argument("--iteration", type=int, default=0, help="iteration number to record")
-    p.add_argument("--force", action="store_true", help="overwrite an existing iteration folder")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --save folder")
     return p.parse_args(argv)
 
 
@@ -26,6 +28,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from spiral_megatron.conversion import convert
 
+    save = Path(args.save)
+    if save.exists() and (not save.is_dir() or any(save.iterdir())) and not args.force:
+        tracker = save / "latest_checkpointed_iteration.txt"
+        held = f" (its marker is at iteration {tracker.read_text().strip()})" if tracker.is_file() else ""
+        print(f"error: save {str(save)!r} exists and is not empty{held}; pass --force to write "
+              f"iteration {args.iteration} into it and move its marker", file=sys.stderr)
+        return 2
     try:
         folder = convert.hf_folder_to_megatron(args.load, args.save, args.iteration, args.force)
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:

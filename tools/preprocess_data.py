@@ -1,7 +1,7 @@
 """Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing is downloaded.
 
     python tools/preprocess_data.py --input a.jsonl b.txt --output-prefix data/my_text \
-        [--tokenizer path/to/tokenizer_folder | --vocab-size 32000] [--json-key text]
+        [--tokenizer path/to/tokenizer_folder | --vocab-size 32000] [--json-key text] [--force]
 
 JSONL files give one document per line (text under --json-key); other files are one document
 each. Without --tokenizer a byte-level BPE is trained on the input and saved next to the data
@@ -20,6 +20,7 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, default=512, help="vocabulary of a trained BPE")
     p.add_argument("--json-key", default="text", help="the text field of JSONL records")
     p.add_argument("--save-tokenizer", help="where a trained BPE goes (default PREFIX_tokenizer)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     return p.parse_args(argv)
 
 
@@ -29,8 +30,8 @@ def main(argv) -> int:
     args = parse_args(argv)
     try:
         preprocess(args.input, args.output_prefix, args.tokenizer, args.vocab_size, args.json_key,
-                   args.save_tokenizer)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+                   args.save_tokenizer, args.force)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
     return 0

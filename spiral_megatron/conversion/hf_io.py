@@ -9,6 +9,7 @@ the HF model does not use and the reverse conversion puts back (bit-exact round 
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,8 +39,9 @@ def prepare_output(out: Path, force: bool) -> None:
 def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tokenizer: Optional[Path] = None,
                     padding: Optional[StateDict] = None, force: bool = False,
                     max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Everything is written into a temporary sibling folder, renamed to `out` at the end."""
+    """Everything is written into a temporary sibling folder, swapped in at the end (`_swap_in`)."""
     out = Path(out)
+    remove_stale_temporaries(out)
     prepare_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -56,13 +58,40 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
         _write_weights(tmp, state, max_shard_bytes)
         if padding:
             save_file({k: v.contiguous() for k, v in padding.items()}, str(tmp / PADDING), metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename the old `out` aside, `new` in, then delete the old one: a kill at any point leaves
+    either folder complete under `out` (or the old one under its hidden `.old` name)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the hidden folders an interrupted earlier conversion to `out` left: its temporary
+    (`.NAME.xxxxxxxx`, tempfile's 8 characters) and a replaced old folder (`.NAME.old-PID`).
+    A replaced folder is renamed back instead when `out` itself is missing (a kill between the
+    two renames of `_swap_in`): it is then the only complete copy."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(old-\d+|[a-z0-9_]{{8}})")
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.iterdir(), key=lambda p: not p.name.startswith(f".{out.name}.old-")):
+        if p.is_dir() and pattern.fullmatch(p.name):
+            if p.name.startswith(f".{out.name}.old-") and not out.exists():
+                os.replace(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_generation_config(folder: Path, config: SpiralFormerConfig) -> None:

@@ -133,6 +133,8 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
         lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * samples,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters * samples, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
     # The schedules find these hooks on the model config, as in Megatron-LM's training.py.
     # Ours wraps Megatron's and also sums the gradients of the core's replicas over stages.

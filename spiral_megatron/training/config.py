@@ -160,6 +160,21 @@ class TrainingConfig:
     load: Optional[str] = None
     """Resume from this checkpoint folder (its latest_checkpointed_iteration.txt)."""
 
+    async_save: bool = False
+    """Write checkpoints in a background process (Megatron's async save) while training goes on."""
+
+    override_opt_param_scheduler: bool = False
+    """On resume, this run's LR schedule replaces the checkpoint's (Megatron-LM's flag)."""
+
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, the checkpoint's LR schedule is kept, not this run's (Megatron-LM's flag)."""
+
+    check_for_spiky_loss: bool = False
+    """Stop, before saving, at a loss 10x the largest of the first 100 steps (Megatron-LM's flag)."""
+
+    check_for_large_grads: bool = False
+    """Stop, before saving, at a gradient norm 10x the largest of the first 100 steps."""
+
     log_json: Optional[str] = None
     """Append one JSON object per logged step to this file."""
 

@@ -1,8 +1,11 @@
 """The training run: start the process, check everything, build, (resume,) train, evaluate, save.
 
-Failure handling, as Megatron-LM's: a non-finite loss or gradient norm stops the run naming
-the iteration (nothing is saved, so the last good checkpoint stays the latest); SIGTERM or
-SIGINT saves a checkpoint at the end of the current step and exits cleanly.
+Failure handling, as Megatron-LM's: a non-finite loss or gradient norm (and, when asked, a
+spiky loss or gradient norm: divergence.py) stops the run naming the iteration, before that
+step is saved; the message says what the latest checkpoint holds (its step's loss, gradient
+norm, largest weight) and whether its weights are the ones that just failed. Weights that are
+not finite are never saved. SIGTERM or SIGINT saves a checkpoint at the end of the current
+step and exits cleanly. One job at a time saves into a folder (folder_lock.py).
 """
 
 import math
@@ -10,19 +13,22 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from spiral_megatron import parallel, pipeline_plan
-from spiral_megatron.training import checkpointing, config, data, memory, step
+from spiral_megatron.training import checkpointing, config, data, divergence, memory, step
 from spiral_megatron.training.build import Components, build
 from spiral_megatron.training.config import ConfigError, TrainingConfig
+from spiral_megatron.training.folder_lock import FolderLock
 from spiral_megatron.training.metrics import Logger, device_peak_tflops, tensorboard_writer
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm became NaN or inf."""
+    """The loss, the gradient norm or the weights became NaN or inf (or spiked, when checked)."""
 
 
 class ExitSignal:
@@ -70,17 +76,54 @@ def start(cfg: TrainingConfig) -> Layout:
                   parallel_state.get_data_parallel_rank(), on_cpu)
 
 
-def preflight(cfg: TrainingConfig, layout: Layout) -> None:
-    """Refuse, before any compute, what would fail later: fp8 without TE, bad folders."""
+def on_rank0(layout: Layout, fn):
+    """`fn()` on rank 0 only; its result, or the exception it raised, on every rank."""
+    outcome = [None]
+    if layout.rank0:
+        try:
+            outcome[0] = ("ok", fn())
+        except (ConfigError, FileNotFoundError, PermissionError) as e:
+            outcome[0] = ("error", e)
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+@dataclass
+class Preflight:
+    """What preflight found: the lock held on the save folder (rank 0), the iteration to resume."""
+
+    lock: Optional[FolderLock]
+    resume_from: Optional[int]
+
+
+def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
+    """Refuse, before any compute, what would fail later: fp8 without TE, bad folders, a save
+    folder in use; fills `held` (the caller releases its lock whatever happens)."""
     if cfg.fp8 is not None:
         from spiral_megatron.layer_specs import have_transformer_engine
 
         if layout.on_cpu or not have_transformer_engine():
             raise ConfigError(f"fp8 {cfg.fp8!r} needs CUDA GPUs and Transformer Engine")
+    if cfg.override_opt_param_scheduler and cfg.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("override_opt_param_scheduler and use_checkpoint_opt_param_scheduler are both set; "
+                          "choose one (as Megatron-LM)")
     if cfg.save:
         checkpointing.check_writable(cfg.save)
-    if cfg.load and checkpointing.latest_iteration(cfg.load) is None:
-        raise ConfigError(f"load {cfg.load!r}: no {checkpointing.TRACKER} there (no complete checkpoint)")
+        if layout.rank0:
+            held.lock = FolderLock(cfg.save)
+        warning = on_rank0(layout, lambda: held.lock.acquire())
+        recovered = on_rank0(layout, lambda: checkpointing.recover(cfg.save))
+        for line in (warning, recovered):
+            if line and layout.rank0:
+                print(line, flush=True)
+    if cfg.load:
+        held.resume_from = on_rank0(layout, lambda: checkpointing.find_resumable(cfg.load, cfg.save))
+        if held.resume_from is None and layout.rank0:
+            print(f"warning: load {cfg.load!r} holds no complete checkpoint (no "
+                  f"{checkpointing.TRACKER}): starting from scratch, as Megatron-LM does", flush=True)
     if layout.rank0 and cfg.tensorboard_dir:
         tensorboard_writer(cfg.tensorboard_dir).close()
 
@@ -105,13 +148,17 @@ class Trainer:
         self.seq_length = config.seq_length(cfg)
         self.num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * layout.dp_size)
         self.iteration, self.consumed_samples, self.last_saved = 0, 0, None
+        self.last_stats, self.saved_stats = {}, {}  # iteration -> what its checkpoint was saved after
+        self.background = checkpointing.BackgroundSaves(layout.rank0) if cfg.async_save and cfg.save else None
+        self.spiky_loss = divergence.LargeValueCheck() if cfg.check_for_spiky_loss else None
+        self.large_grads = divergence.LargeValueCheck() if cfg.check_for_large_grads else None
 
     def batches(self, dataset, start: int):
         return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
                                   self.layout.dp_size)
 
     def resume(self) -> None:
-        restored = checkpointing.load(self.cfg.load, self.parts)
+        restored = checkpointing.load(self.cfg.load, self.parts, self.cfg, self.tokenizer)
         self.iteration = restored.iteration
         if restored.weights_only:
             # No data position saved: assume Megatron's sampler order up to this iteration.
@@ -122,6 +169,9 @@ class Trainer:
                       f"LR schedule start fresh, data from sample {self.consumed_samples}", flush=True)
             return
         self.consumed_samples = restored.consumed_samples
+        self.saved_stats[self.iteration] = restored.extra or {}
+        if self.cfg.save and Path(self.cfg.save).resolve() == Path(self.cfg.load).resolve():
+            self.last_saved = self.iteration  # it is there already: never rewrite it
         if self.layout.rank0:
             print(f"resumed from {self.cfg.load} at iteration {self.iteration} "
                   f"({self.consumed_samples} samples consumed)", flush=True)
@@ -129,11 +179,49 @@ class Trainer:
     def save(self) -> None:
         if not self.cfg.save or self.last_saved == self.iteration:
             return
-        folder = checkpointing.save(self.cfg.save, self.iteration, self.consumed_samples,
-                                    self.parts, self.cfg, self.tokenizer)
-        self.last_saved = self.iteration
-        if self.layout.rank0:
+        stats = dict(self.last_stats, max_abs_weight=self.max_abs_weight())
+        if not math.isfinite(stats["max_abs_weight"]):
+            raise NonFiniteLoss(self.stopped(f"weights not finite ({stats['max_abs_weight']})"))
+        folder = checkpointing.save(self.cfg.save, self.iteration, self.consumed_samples, self.parts,
+                                    self.cfg, self.tokenizer, self.background, stats)
+        self.last_saved, self.saved_stats[self.iteration] = self.iteration, stats
+        if self.layout.rank0 and self.background is None:
             print(f"saved checkpoint {folder}", flush=True)
+
+    def finish_saves(self) -> None:
+        """Wait for background saves and publish them (a collective)."""
+        if self.background is not None:
+            self.background.finalize(blocking=True)
+
+    def max_abs_weight(self) -> float:
+        """The largest |weight| over all ranks (what a diverged checkpoint shows first)."""
+        local = max((p.detach().abs().max().float() for p in self.parts.module.parameters()),
+                    default=torch.zeros(()))
+        local = local.reshape(1).to("cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        return local.item()
+
+    def stopped(self, what: str) -> str:
+        """`what` happened at this iteration: say so, and what the latest checkpoint holds."""
+        self.finish_saves()
+        head = f"{what} at iteration {self.iteration}: stopping, this step is not saved"
+        if not self.cfg.save:
+            return head + " (no --save folder)"
+        latest = checkpointing.latest_iteration(self.cfg.save)
+        if latest is None:
+            return f"{head}; no checkpoint in {self.cfg.save}"
+        stats = self.saved_stats.get(latest)
+        held = "" if not stats else (
+            f" (saved after a step of loss {stats.get('loss', float('nan')):.4g}, grad norm "
+            f"{stats.get('grad_norm') or float('nan'):.3g}, largest |weight| {stats['max_abs_weight']:.3g})")
+        line = f"{head}; latest checkpoint: iteration {latest} in {self.cfg.save}{held}"
+        if latest == self.iteration - 1:  # this step's loss was computed on exactly those weights
+            earlier = sorted(int(p.name[5:]) for p in Path(self.cfg.save).glob("iter_*")
+                             if p.name[5:].isdigit() and int(p.name[5:]) < latest)
+            line += ("; its weights are the ones that gave this step's values, so it is not a good "
+                     "checkpoint; the one before it: "
+                     + (f"iteration {earlier[-1]}" if earlier else "none"))
+        return line
 
     def evaluate(self) -> float:
         return step.evaluate(self.parts, self.batches(self.valid_ds, 0), self.cfg.eval_iters,
@@ -146,11 +234,11 @@ class Trainer:
         self.consumed_samples += self.cfg.global_batch_size
         bad = [k for k in ("loss", "grad_norm") if stats[k] is not None and not math.isfinite(stats[k])]
         if bad:
-            latest = checkpointing.latest_iteration(self.cfg.save) if self.cfg.save else None
-            raise NonFiniteLoss(
-                f"{' and '.join(f'{k} {stats[k]}' for k in bad)} at iteration {self.iteration}: "
-                f"stopping; last good checkpoint: "
-                + (f"iteration {latest} in {self.cfg.save}" if latest is not None else "none"))
+            raise NonFiniteLoss(self.stopped(' and '.join(f'{k} {stats[k]}' for k in bad)))
+        for name, check in (("loss", self.spiky_loss), ("grad_norm", self.large_grads)):
+            if check is not None and stats[name] is not None and check.check(stats[name]):
+                raise NonFiniteLoss(self.stopped(f"spiky {name} {stats[name]:.4g} (>= {check.describe()})"))
+        self.last_stats = {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}
         return stats
 
     def run(self, signals: ExitSignal) -> str:
@@ -158,6 +246,8 @@ class Trainer:
         cfg, stop = self.cfg, self.cfg.exit_interval or self.cfg.train_iters
         batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None
         while self.iteration < stop:
+            if self.background is not None:
+                self.background.finalize(blocking=False)
             started = time.time()
             stats = self.train_one(batches)
             self.logger.step_done(self.iteration, stop, time.time() - started)
@@ -172,16 +262,19 @@ class Trainer:
                 self.save()
             if signals.any_rank():
                 self.save()
+                self.finish_saves()
                 return f"exit signal received: stopped after iteration {self.iteration}"
         self.save()
+        self.finish_saves()
         return f"finished iteration {self.iteration}"
 
 
 def run(cfg: TrainingConfig) -> str:
     """The whole job; raises ConfigError & co. before compute, NonFiniteLoss during it."""
     layout = start(cfg)
+    held = Preflight(None, None)
     try:
-        preflight(cfg, layout)
+        preflight(cfg, layout, held)
         if layout.rank0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
         source, tokenizer = prepare_data(cfg, layout)
@@ -201,12 +294,16 @@ def run(cfg: TrainingConfig) -> str:
                         device_peak_tflops(cfg.peak_tflops), cfg.log_json, cfg.tensorboard_dir,
                         layout.rank0)
         trainer = Trainer(cfg, layout, parts, tokenizer, datasets, logger)
-        if cfg.load:
+        if held.resume_from is not None:
             trainer.resume()
+        if cfg.save:
+            checkpointing.start_save_helper()  # before ExitSignal: SIGTERM ignored in the helper
         signals = ExitSignal()
         try:
             return trainer.run(signals)
         finally:
             logger.close()
     finally:
+        if held.lock is not None:
+            held.lock.release()
         parallel.destroy()

@@ -3,10 +3,14 @@
 Inputs are JSONL files (one document per line, text under `text_key`) or plain text files
 (one document per file). Each document is tokenized and ends with the end-of-document token,
 as Megatron's `tools/preprocess_data.py --append-eod` does.
+
+Existing outputs are kept unless `force`; everything is written under temporary names and
+renamed into place at the end, and the temporary files are removed on any error.
 """
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,10 @@ def read_documents(paths: Sequence[Path], text_key: str = "text") -> Iterator[st
             with path.open(encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        record = json.loads(line)
+                        try:
+                            record = json.loads(line)
+                        except ValueError as e:
+                            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
                         if text_key not in record:
                             raise KeyError(f"{path}:{n} has no key {text_key!r}")
                         yield record[text_key]
@@ -69,38 +76,63 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(tokenizer.vocab_size))
-    progress = _Progress()
-    for text in documents:
-        ids = tokenizer.encode(text) + ([tokenizer.eod] if append_eod else [])
-        if ids:
-            builder.add_document(ids, [len(ids)])
-            progress.update(len(ids))
-    builder.finalize(f"{tmp}.idx")
-    os.replace(f"{tmp}.bin", f"{prefix}.bin")
-    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    try:
+        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(tokenizer.vocab_size))
+        progress = _Progress()
+        for text in documents:
+            ids = tokenizer.encode(text) + ([tokenizer.eod] if append_eod else [])
+            if ids:
+                builder.add_document(ids, [len(ids)])
+                progress.update(len(ids))
+        builder.finalize(f"{tmp}.idx")
+        os.replace(f"{tmp}.bin", f"{prefix}.bin")
+        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    except BaseException:
+        for name in (f"{tmp}.bin", f"{tmp}.idx"):
+            Path(name).unlink(missing_ok=True)
+        raise
     if not quiet:
         progress.close()
     return progress.tokens
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[str] = None,
-               vocab_size: int = 512, text_key: str = "text", save_tokenizer: Optional[str] = None
-               ) -> Tokenizer:
+               vocab_size: int = 512, text_key: str = "text", save_tokenizer: Optional[str] = None,
+               force: bool = False) -> Tokenizer:
     """The tool's work: load (or train a BPE on the inputs) a tokenizer, then write the dataset.
 
-    A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`).
+    A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`),
+    renamed into place after the dataset is complete. Existing outputs are refused unless `force`.
     """
+    folder = None if tokenizer is not None else Path(save_tokenizer or f"{output_prefix}_tokenizer")
+    outputs = [Path(f"{output_prefix}.bin"), Path(f"{output_prefix}.idx")] + ([folder] if folder else [])
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} already exist; pass --force to overwrite")
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
+        count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix)
     else:
         tok = Tokenizer.train_bpe(read_documents(inputs, text_key), vocab_size)
-        folder = save_tokenizer or f"{output_prefix}_tokenizer"
-        tok.save(folder)
+        staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        try:
+            tok.save(staging)
+            count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix)
+            _replace_folder(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         print(f"trained a byte-level BPE of {tok.vocab_size} tokens, saved to {folder}")
-    count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix)
     print(f"wrote {output_prefix}.bin/.idx: {count} tokens")
     return tok
+
+
+def _replace_folder(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`; an existing `dest` is renamed aside first and deleted last."""
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_indexed_dataset(prefix: str) -> List[numpy.ndarray]:

@@ -112,11 +112,15 @@ def test_nan_loss_stops_naming_the_iteration(cache_dir, tmp_path):
     save = tmp_path / "ckpt"
     proc = launch(cache_dir, *TINY, "--lr", 1e30, "--min-lr", 1e30, "--lr-warmup-iters", 0,
                   "--save-interval", 1, "--save", save, expect_rc=1)
-    match = re.search(r"at iteration (\d+): stopping; last good checkpoint: iteration (\d+)", proc.stderr)
+    match = re.search(r"at iteration (\d+): stopping, this step is not saved; latest checkpoint: "
+                      r"iteration (\d+)", proc.stderr)
     assert match, proc.stderr[-2000:]
-    bad, good = map(int, match.groups())
-    assert good == bad - 1 and (save / TRACKER).read_text() == str(good)
+    bad, latest = map(int, match.groups())
+    assert latest == bad - 1 and (save / TRACKER).read_text() == str(latest)
     assert not (save / f"iter_{bad:07d}").exists()
+    # Honest about what was kept: the step before the NaN was finite, its weights were not.
+    assert "largest |weight| 1" in proc.stderr and "e+30" in proc.stderr
+    assert "so it is not a good checkpoint; the one before it: none" in proc.stderr
 
 
 def test_sigterm_saves_then_exits_cleanly(cache_dir, tmp_path):

@@ -1,0 +1,35 @@
+"""Resuming with another model, data shape or LR schedule (issue 11, item 7): refused naming
+the fields before anything is loaded; the LR schedule follows Megatron-LM's two flags."""
+
+import shutil
+
+from tests.integration.conftest import TINY, launch, logged
+
+
+def test_resume_refuses_another_model_sequence_length_or_tokenizer(reference, cache_dir, tmp_path):
+    from spiral_megatron.data import corpus
+    from spiral_megatron.training.tokenizer import Tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference[0] / "ckpt", ckpt)
+    other = Tokenizer.train_bpe(corpus.documents()[::-7][:60], 512)  # same size, other merges
+    assert other.vocab_size == 512
+    shutil.rmtree(ckpt / "iter_0000004" / "tokenizer")
+    other.save(ckpt / "iter_0000004" / "tokenizer")
+    proc = launch(cache_dir, *TINY, "--load", ckpt, "--save", tmp_path / "new", "--seq-length", 64,
+                  "--model.hidden_size", 128, expect_rc=2)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "the checkpoint differs from this run in model.hidden_size 64 -> 128" in line
+    assert "seq_length 128 -> 64" in line and "tokenizer: the checkpoint's (512 tokens" in line
+
+
+def test_resume_with_another_lr_schedule_follows_megatron(reference, cache_dir, tmp_path):
+    ckpt = reference[0] / "ckpt"
+    longer = (*TINY, "--train-iters", 6, "--load", ckpt, "--save", tmp_path / "new")
+    refused = launch(cache_dir, *longer, expect_rc=2)
+    assert "the LR schedule differs from the checkpoint's" in refused.stderr
+    assert "lr_decay_steps 16 -> 24 (lr_decay_iters/train_iters)" in refused.stderr
+    assert "--override-opt-param-scheduler" in refused.stderr
+    proc = launch(cache_dir, *longer, "--override-opt-param-scheduler", "--log-json", tmp_path / "log.jsonl")
+    assert "this run's values replace the checkpoint's" in proc.stdout
+    assert sorted(logged(tmp_path / "log.jsonl")) == [5, 6]
