@@ -75,6 +75,10 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     module = build_model(args, backend=backend, pre_process=parallel_state.is_pipeline_first_stage(),
                          post_process=parallel_state.is_pipeline_last_stage(),
                          **runtime_overrides(cfg, on_cpu))
+    if cfg.load:  # a checkpoint from tools/quantize.py keeps its quantizers (QAT)
+        from spiral_megatron.quantization.checkpoint import restore_for_training
+
+        restore_for_training(module, cfg.load)
     if not on_cpu:
         module.cuda(torch.cuda.current_device())
     config = module.config

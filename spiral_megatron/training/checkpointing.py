@@ -102,6 +102,9 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
         "config": cfg.to_dict(),
     }
     dist_checkpointing.save(state, str(folder))
+    from spiral_megatron.quantization.checkpoint import save_for_training
+
+    save_for_training(parts.module, folder)  # a quantized model's modelopt state (QAT)
     if rank0:
         parts.model_args.save(folder / "model_args.json")
         (folder / "config.yaml").write_text(cfg.to_yaml())
