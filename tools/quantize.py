@@ -5,12 +5,15 @@
         [--calib-samples 64] [--eval-samples 64] [--json results.json]
     python tools/quantize.py --load checkpoints/debug --formats fp8 --scales per-level \
         --save checkpoints/debug-fp8                                       # one variant, saved
+    python tools/quantize.py --load checkpoints/debug-fp8 --export-hf hf/debug-fp8   # to Hugging Face
 
 Reads any TP/PP layout (full tensors, one process). Calibrates on the first N samples of the
 job's validation data (the checkpoint's config.yaml), evaluates on the next E. `--save` writes
 a model-only checkpoint in the job's layout with the modelopt state (Megatron-LM's
 post-training layout): `torchrun examples/pretrain_spiral.py --load DIR` continues it with
 quantization-aware training. Fake quantization: runs on CPU (nvfp4 needs CUDA in modelopt).
+`--export-hf` writes a quantized checkpoint's Hugging Face folder (fake-quantized weights plus
+activation scales; load it with spiral_megatron.quantization.export.load_quantized_hf).
 """
 
 import argparse
@@ -31,7 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--save", default=None, help="save the quantized checkpoint here (exactly one variant)")
-    p.add_argument("--force", action="store_true", help="replace an existing --save iteration folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --save / --export-hf folder")
+    p.add_argument("--export-hf", default=None, metavar="OUT",
+                   help="export the quantized checkpoint --load to a Hugging Face folder (no measuring)")
     return p.parse_args(argv)
 
 
@@ -49,6 +54,8 @@ def main(argv=None) -> int:
     from spiral_megatron.quantization.formats import check_format
     from spiral_megatron.quantization.ptq import QuantRecipe
 
+    if args.export_hf:
+        return export(args)
     try:
         formats = [check_format(f) for f in args.formats.split(",")]
         scales = args.scales.split(",")
@@ -74,6 +81,19 @@ def main(argv=None) -> int:
         fmt, scale = chosen[0]
         folder = run.save(model, source, QuantRecipe(fmt, scale == "per-level"), args.save, args.force)
         print(f"saved {fmt} ({scale} scales) to {folder}")
+    return 0
+
+
+def export(args) -> int:
+    from spiral_megatron.conversion.megatron_io import CheckpointError
+    from spiral_megatron.quantization.export import export_hf
+
+    try:
+        result = export_hf(args.load, args.export_hf, args.iteration, args.force)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result['out']} from iteration {result['iteration']} (fake-quantized weights + activation scales)")
     return 0
 
 
