@@ -19,7 +19,7 @@ setup(
         "hf": ["transformers>=4.45", "safetensors"],
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
-        "modelopt": ["nvidia-modelopt", "requests", "huggingface_hub"],
+        "modelopt": ["nvidia-modelopt>=0.47,<0.48", "requests", "huggingface_hub"],  # 0.47 tested; it imports the other two
         "dev": ["pytest", "pytest-timeout"],
     },
 )

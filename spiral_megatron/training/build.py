@@ -116,6 +116,10 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     if not on_cpu:
         module.cuda(torch.cuda.current_device())
     init.initialize(module, cfg.seed)
+    if cfg.load:  # a checkpoint from tools/quantize.py keeps its quantizers (QAT)
+        from spiral_megatron.quantization.checkpoint import restore_for_training
+
+        restore_for_training(module, cfg.load)
     config = module.config
     model = DistributedDataParallel(config, ddp_config(cfg), module)
     opt_config = OptimizerConfig(

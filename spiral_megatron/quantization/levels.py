@@ -1,0 +1,160 @@
+"""Per-iteration activation scales for the shared core: one quantizer set per loop level.
+
+The core runs T times per forward, iteration t on the sequence compressed g_t-fold (SPEC.md
+2-3). Its weights are shared, so its weight quantizers are too; its INPUT statistics are not:
+a latent that averages 8 tokens has a different range from a single token. Modelopt's max
+calibration over the whole forward gives each input quantizer the maximum over all T levels
+("shared" scales). `LevelQuantizer` instead holds one copy of the quantizer per level, and
+`LevelTracker` tells every copy which level the core is running, by counting the core's
+calls within the loop's forward (the loop calls the core once per iteration, in order).
+
+Our choice [ours]: only activation (input) quantizers are split. Weight quantizers, and
+SmoothQuant's/AWQ's per-channel input scaling (`pre_quant_scale`, folded into the shared
+weight), stay shared. A weight-only format (INT4 AWQ) therefore has nothing to split.
+"""
+
+import copy
+from typing import List
+
+import torch
+
+
+class LevelQuantizer(torch.nn.Module):
+    """One modelopt TensorQuantizer per loop level; `level` selects the one that runs.
+
+    State dict keys are `levels.<t>.<quantizer's keys>`, so modelopt's Megatron plugin saves
+    their amax like any other quantizer's (it stores every `*_quantizer*_amax`). SmoothQuant's
+    per-channel input scaling is shared (it is folded into the shared weight): it is kept here
+    as `_pre_quant_scale`, the one name the plugin saves (`input_quantizer._pre_quant_scale`),
+    and taken out of the level copies.
+    """
+
+    def __init__(self, shared: torch.nn.Module, num_levels: int, smooth_features: int = 0):
+        super().__init__()
+        self.levels = torch.nn.ModuleList(copy.deepcopy(shared) for _ in range(num_levels))
+        self.level = 0
+        scale = shared.pre_quant_scale
+        if scale is not None:
+            self.register_buffer("_pre_quant_scale", scale.detach().clone())
+            for q in self.levels:
+                del q._pre_quant_scale
+        elif smooth_features:  # restoring: the loaded state fills it
+            self.register_buffer("_pre_quant_scale", torch.ones(smooth_features))
+
+    @property
+    def pre_quant_scale(self):
+        return getattr(self, "_pre_quant_scale", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in]
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        return self.levels[self.level](x)
+
+    # modelopt treats a non-TensorQuantizer input quantizer as a sequence of quantizers
+    # (its SequentialQuantizer) and inspects the first one: the level copies share settings.
+    def __getitem__(self, i: int) -> torch.nn.Module:
+        return self.levels[i]
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.levels[0].is_enabled
+
+    @property
+    def _if_calib(self) -> bool:
+        return self.levels[0]._if_calib
+
+
+class LevelTracker:
+    """Forward hooks that set the running level on every LevelQuantizer of the loop's core."""
+
+    def __init__(self, loop: torch.nn.Module):
+        self.loop, self.calls = loop, 0
+        self.quantizers = [m for m in loop.core.modules() if isinstance(m, LevelQuantizer)]
+        self.handles = [
+            loop.register_forward_pre_hook(self._start),
+            loop.core.register_forward_pre_hook(self._enter_core),
+        ]
+
+    def _start(self, module, args) -> None:
+        self.calls = 0
+
+    def _enter_core(self, module, args) -> None:
+        # Activation recomputation inside the core would replay layers after this loop has
+        # moved on; the training job does not recompute, so this holds [ours: documented].
+        level = self.loop.iterations[self.calls]  # a pipeline stage runs a slice of the levels
+        for q in self.quantizers:
+            q.level = level
+        self.calls += 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def core_linears(loop: torch.nn.Module) -> List[torch.nn.Module]:
+    """The core's quantized Megatron linear layers (attention QKV/proj, MLP fc1/fc2)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return [m for m in loop.core.modules()
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and hasattr(m, "input_quantizer")]
+
+
+def split_levels(model: torch.nn.Module, smoothed: bool = False) -> int:
+    """Give every enabled input quantizer of the core one copy per level (each starting from
+    the shared scales); returns how many were split. The tracker is installed on the model.
+    `smoothed`: when restoring a SmoothQuant model, make room for its loaded input scaling."""
+    loop = getattr(model, "loop", None)
+    if loop is None:
+        return 0
+    num_levels = len(model.levels)
+    linears = core_linears(loop)
+    for module in linears:
+        features = module.weight.shape[1] if smoothed else 0  # this rank's input features
+        module.input_quantizer = LevelQuantizer(module.input_quantizer, num_levels, features)
+    install_tracker(model)
+    return len(linears)
+
+
+def install_tracker(model: torch.nn.Module) -> None:
+    """Idempotent: one LevelTracker per model, refreshed (after a restore replaced modules)."""
+    old = getattr(model, "_spiral_level_tracker", None)
+    if old is not None:
+        old.remove()
+    loop = getattr(model, "loop", None)
+    if loop is not None and any(isinstance(m, LevelQuantizer) for m in loop.core.modules()):
+        model._spiral_level_tracker = LevelTracker(loop)
+
+
+def has_levels(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, LevelQuantizer) for m in model.modules())
+
+
+def level_quantizers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """Every per-level TensorQuantizer, as one container (to calibrate them alone)."""
+    return torch.nn.ModuleList(q for m in model.modules() if isinstance(m, LevelQuantizer) for q in m.levels)
+
+
+@torch.no_grad()
+def calibrate_levels(model: torch.nn.Module, forward_loop) -> None:
+    """Max-calibrate only the per-level quantizers: each sees only its own level's inputs.
+    As in modelopt's own calibration, every other quantizer passes its input unquantized
+    meanwhile (SmoothQuant's input scaling stays: it is part of the smoothed model)."""
+    from modelopt.torch.quantization.model_calib import enable_stats_collection, finish_stats_collection
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizers = level_quantizers(model)
+    mine = {id(q) for q in quantizers}
+    others = [m for m in model.modules()
+              if isinstance(m, TensorQuantizer) and id(m) not in mine and m.is_enabled and m._if_quant]
+    for q in quantizers:
+        if q._calibrator is not None:
+            q._calibrator.reset()
+    for q in others:
+        q.disable_quant()
+    try:
+        enable_stats_collection(quantizers)
+        forward_loop(model)
+        finish_stats_collection(quantizers)
+    finally:
+        for q in others:
+            q.enable_quant()

@@ -1,0 +1,172 @@
+"""What tools/quantize.py does: load a checkpoint, measure PTQ formats, save a quantized one.
+
+One process, CPU or one GPU: the checkpoint is read as full tensors whatever TP/PP layout
+saved it (conversion/megatron_io.py) into a TP1 model. Calibration takes validation samples
+[0, N) of the job's data (config.yaml of the checkpoint), evaluation the next E samples
+[N, N + E): calibration and evaluation never share a sample.
+"""
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from spiral_megatron.quantization import checkpoint, ptq
+from spiral_megatron.quantization.formats import quantizes_activations
+
+
+@dataclass
+class Source:
+    """A checkpoint read for quantization: the architecture, its full weights, where it is."""
+
+    folder: Path
+    iteration: int
+    args: object
+    tensors: Dict[str, torch.Tensor]
+
+
+def read_source(load: str, iteration: Optional[int] = None) -> Source:
+    from spiral_megatron.conversion import mapping, megatron_io
+
+    folder, iteration = megatron_io.find_checkpoint(load, iteration)
+    if checkpoint.read_recipe(folder) is not None:
+        raise ValueError(f"{str(folder)!r} is already quantized ({checkpoint.RECIPE_FILE}); "
+                         "quantize the unquantized checkpoint")
+    tensors = mapping.normalize_megatron(megatron_io.read_tensors(folder))  # per-layer local names
+    return Source(folder, iteration, megatron_io.read_model_args(folder), tensors)
+
+
+def build(source: Source, device: str = "cpu") -> torch.nn.Module:
+    """A fresh TP1 model with the checkpoint's weights, in eval mode."""
+    from spiral_megatron.conversion.megatron_io import build_megatron
+
+    model = build_megatron(source.args)
+    missing, unexpected = model.load_state_dict(source.tensors, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit its model_args.json: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval()
+
+
+def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List[Dict[str, torch.Tensor]]:
+    """The first `num_samples` validation samples of the job's data, as [b, s] batches."""
+    from spiral_megatron.training import config, data
+
+    cfg = config.load(["--config", str(folder / "config.yaml")])
+    source = data.resolve(cfg, build_default=True)
+    tokenizer = data.load_tokenizer(source, cfg.tokenizer_vocab_size)
+    _, valid = data.build_datasets(cfg, source, tokenizer, config.seq_length(cfg), (1, num_samples))
+    samples = [valid[i % len(valid)] for i in range(num_samples)]
+    return [data._collate(samples[i:i + micro_batch]) for i in range(0, num_samples, micro_batch)]
+
+
+def _inputs(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, batches) -> float:
+    """Mean loss over the unmasked tokens of `batches`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for batch in batches:
+        b = _inputs(batch, device)
+        losses = model(b["tokens"], b["position_ids"], None, labels=b["labels"])  # [b, s]
+        mask = b["loss_mask"].float()
+        total += (losses.float() * mask).sum().item()
+        count += mask.sum().item()
+    return total / max(count, 1.0)
+
+
+def forward_loop(batches, log: Callable[[str], None] = print) -> Callable:
+    """modelopt's calibration callback over `batches`, reporting progress."""
+    def run(model):
+        device = next(model.parameters()).device
+        started = time.time()
+        with torch.no_grad():
+            for i, batch in enumerate(batches, 1):
+                b = _inputs(batch, device)
+                model(b["tokens"], b["position_ids"], None)
+                log(f"  calibration batch {i}/{len(batches)} ({time.time() - started:.1f}s)")
+    return run
+
+
+@dataclass
+class Result:
+    format: str
+    scales: str
+    val_loss_before: float
+    val_loss_after: float
+    seconds: float
+    rel_change: float = field(init=False)
+
+    def __post_init__(self):
+        self.rel_change = (self.val_loss_after - self.val_loss_before) / self.val_loss_before
+
+
+def variants(formats: List[str], scales: List[str]) -> List[tuple]:
+    """(format, scales) pairs; per-level only where the format quantizes activations."""
+    return [(f, s) for f in formats for s in scales if s == "shared" or quantizes_activations(f)]
+
+
+def measure(source: Source, formats: List[str], scales: List[str], calib, evals, device="cpu",
+            log: Callable[[str], None] = print, keep: bool = False):
+    """Results of every variant; with `keep`, also the last quantized model."""
+    before = val_loss(build(source, device), evals)
+    log(f"val loss before quantization: {before:.4f} ({sum(len(b['tokens']) for b in evals)} samples)")
+    results, model = [], None
+    for fmt, scale in variants(formats, scales):
+        log(f"{fmt} ({scale} scales): calibrating on {sum(len(b['tokens']) for b in calib)} samples")
+        started = time.time()
+        model = ptq.quantize(build(source, device), fmt, forward_loop(calib, log), per_level=scale == "per-level")
+        seconds = time.time() - started
+        results.append(Result(fmt, scale, before, val_loss(model, evals), seconds))
+        log(f"{fmt} ({scale} scales): val loss {results[-1].val_loss_after:.4f}")
+    return results, (model if keep else None)
+
+
+def table(results: List[Result]) -> str:
+    lines = ["| format | scales | val loss before | val loss after | relative change | time (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.format} | {r.scales} | {r.val_loss_before:.4f} | {r.val_loss_after:.4f} | "
+                     f"{100 * r.rel_change:+.3f}% | {r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def save(model: torch.nn.Module, source: Source, recipe: ptq.QuantRecipe, save_dir: str, force: bool) -> Path:
+    """A model-only checkpoint in the training job's layout (what `--load` reads for QAT):
+    the quantized model's dist checkpoint, modelopt state, recipe and the source's side files."""
+    from megatron.core import dist_checkpointing
+
+    from spiral_megatron.conversion.megatron_io import iteration_dir
+
+    folder = iteration_dir(Path(save_dir), source.iteration)
+    if folder.exists() and any(folder.iterdir()):
+        if not force:
+            raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(folder))
+    checkpoint.save_state(model, folder, recipe)
+    for name in ("model_args.json", "config.yaml", "tokenizer"):
+        src = source.folder / name
+        if src.is_dir():
+            shutil.copytree(src, folder / name)
+        elif src.is_file():
+            shutil.copy(src, folder / name)
+    (Path(save_dir) / "latest_checkpointed_iteration.txt").write_text(str(source.iteration))
+    return folder
+
+
+def write_json(results: List[Result], path: str) -> None:
+    Path(path).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
