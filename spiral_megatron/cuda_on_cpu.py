@@ -1,7 +1,7 @@
 """Run Megatron-Core on a machine without CUDA (gloo backend, CPU tensors).
 
 Megatron hard-codes CUDA in places no config flag reaches (measured in
-shared/MEGATRON-NOTES.md): the forward-backward schedules create `device="cuda"` tensors,
+docs/MEGATRON-ON-CPU.md): the forward-backward schedules create `device="cuda"` tensors,
 pipeline p2p calls `torch.cuda.current_device()` and `torch.cuda.synchronize()`, the rotary
 embedding and the local attention allocate on `torch.cuda.current_device()`, the default
 causal mask is built with `device="cuda"`, tied embeddings call `.cuda()`, distributed

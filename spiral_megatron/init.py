@@ -1,4 +1,4 @@
-"""The same seed gives the same initial model at every layout (SPEC.md section 1).
+"""The same seed gives the same initial model at every layout (docs/MODEL.md section 1).
 
 Megatron draws weights in module-construction order from generators whose state depends on
 the layout: a pipeline stage builds other modules before (or instead of) a given layer, the

@@ -31,7 +31,7 @@ TOPOLOGY = {"residual": topology.Residual, "anchor": topology.Anchor, "mesh": to
 
 @dataclass
 class SpiralLoopSubmodules:
-    """The loop of SPEC.md section 3: a core built from `layer`, plus the resampling ops."""
+    """The loop of docs/MODEL.md section 3: a core built from `layer`, plus the resampling ops."""
 
     layer: ModuleSpec
     """The TransformerLayer spec of the shared core."""

@@ -2,7 +2,7 @@
 
 Megatron's `WrappedTorchNorm` (its local norm when apex is absent) refuses sequence
 parallelism only because it cannot mark its parameters; marking them `sequence_parallel`
-is all Megatron needs to sum their gradients over the TP group (shared/MEGATRON-NOTES.md).
+is all Megatron needs to sum their gradients over the TP group (docs/MEGATRON-ON-CPU.md).
 """
 
 import torch

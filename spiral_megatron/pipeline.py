@@ -1,4 +1,4 @@
-"""The shared core replicated on several pipeline stages (SPEC.md section 1 under PP).
+"""The shared core replicated on several pipeline stages (docs/MODEL.md section 1 under PP).
 
 Every stage that runs loop iterations holds a full replica of the core. The replicas start
 identical because the first one is broadcast to the others when the model is built (and

@@ -1,7 +1,7 @@
 """Pipeline partition of the unrolled program (pure Python: no torch.distributed).
 
 The program is  prelude layer 0..N_pre-1, loop iteration 0..T-1, coda layer 0..N_post-1,
-each a unit of work whose forward cost follows SPEC.md section 5 (a loop iteration at chunk
+each a unit of work whose forward cost follows docs/MODEL.md section 5 (a loop iteration at chunk
 size g costs N_loop layers at length L/g, so coarse iterations are cheap); the output layer
 is charged to the last stage. Stages take contiguous runs of units. By default the runs
 minimise the most expensive stage ("loop across stages"); `loop_placement="one-stage"` keeps

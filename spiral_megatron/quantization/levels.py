@@ -1,6 +1,6 @@
 """Per-iteration activation scales for the shared core: one quantizer set per loop level.
 
-The core runs T times per forward, iteration t on the sequence compressed g_t-fold (SPEC.md
+The core runs T times per forward, iteration t on the sequence compressed g_t-fold (docs/MODEL.md
 2-3). Its weights are shared, so its weight quantizers are too; its INPUT statistics are not:
 a latent that averages 8 tokens has a different range from a single token. Modelopt's max
 calibration over the whole forward gives each input quantizer the maximum over all T levels

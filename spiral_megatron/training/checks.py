@@ -144,7 +144,7 @@ FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise":
 
 def _check_fp8(cfg: TrainingConfig, spiral) -> None:
     """The recipe must suit the loop, and every GEMM of every resolution must have a token
-    count FP8 can take (MEGATRON-NOTES.md): prelude and coda see seq_length tokens per sample,
+    count FP8 can take (docs/MEGATRON-ON-CPU.md): prelude and coda see seq_length tokens per sample,
     the core at chunk size g sees padded_length / g (the loop pads to a multiple of every chunk
     size), each / tp under SP, x micro_batch_size."""
     from spiral_megatron import schedule

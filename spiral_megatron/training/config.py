@@ -98,7 +98,7 @@ class TrainingConfig:
     """Transformer Engine FP8 format ("e4m3" or "hybrid"); None = off. Needs GPUs and TE."""
 
     fp8_recipe: str = "tensorwise"
-    """TE FP8 recipe; the looped core needs a per-call recipe (MEGATRON-NOTES.md)."""
+    """TE FP8 recipe; the looped core needs a per-call recipe (docs/MEGATRON-ON-CPU.md)."""
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""

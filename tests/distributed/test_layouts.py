@@ -1,4 +1,4 @@
-"""Every parallel layout trains like one process (SPEC.md section 4, parallel invariance).
+"""Every parallel layout trains like one process (docs/MODEL.md section 4, parallel invariance).
 
 Each layout runs `layout_worker.py` under torchrun from the same initial weights (saved by
 the single-process reference with dist_checkpointing and loaded resharded) and the same

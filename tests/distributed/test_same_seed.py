@@ -1,4 +1,4 @@
-"""The same seed gives the same model at every layout (SPEC.md section 4, "from the same seed").
+"""The same seed gives the same model at every layout (docs/MODEL.md section 4, "from the same seed").
 
 A user's first check on a new cluster: the same job from scratch at two layouts, same seed,
 must give the same loss curve. The training job (examples/pretrain_spiral.py, its own DDP and
