@@ -45,6 +45,7 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
     prepare_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the folder follows the umask
     try:
         config.save_pretrained(str(tmp))
         _write_generation_config(tmp, config)
@@ -63,6 +64,12 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _swap_in(new: Path, out: Path) -> None:

@@ -172,3 +172,10 @@ def test_pickle_weights_are_refused(hf_dir, tmp_path):
         AutoModelForCausalLM.from_pretrained(str(pickled), trust_remote_code=True)
     with pytest.raises(ValueError, match="safetensors only"):
         AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, use_safetensors=False)
+
+
+def test_converted_folder_follows_the_umask(hf_dir):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert hf_dir.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (hf_dir / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
