@@ -20,6 +20,7 @@ setup(
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
         "modelopt": ["nvidia-modelopt", "requests", "huggingface_hub"],
-        "dev": ["pytest", "pytest-timeout"],
+        "research": ["matplotlib", "lm-eval[hf]"],  # tools/probe.py, ablate.py plots; lm-eval on HF folders
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "lm-eval[hf]"],  # the research-tool tests need both
     },
 )
