@@ -1,11 +1,16 @@
 """Forward+backward step time of SpiralFormer vs a full-resolution looped transformer vs GPT.
 
-Same unique transformer layers for all three (`1+2R4+1`: GPT has the 4 layers once), a shape
-where matmuls dominate, measured side by side in one process (interleaved rounds, median).
-Prints each measured time ratio next to the analytic FLOPs ratio from `spiral_megatron.flops`.
-Target (issue 2): spiral/looped measured ratio within 1.1x of the analytic ratio.
+Same unique transformer layers for all three, measured side by side in one process
+(interleaved rounds, median). Prints each measured time ratio next to the analytic FLOPs ratio
+from `spiral_megatron.flops`, the memory of each step and, on a GPU, the MFU (analytic training
+FLOPs per second / the device's peak from spiral_megatron.training.metrics, or --peak-tflops).
+Target (issue 9): spiral/looped measured ratio within 1.1x of the analytic ratio.
 
-    python benchmarks/step_time.py [--hidden 512] [--seq 1024] [--rounds 5]
+    python benchmarks/step_time.py [--hidden 512] [--seq 1024] [--rounds 5]          # CPU shape, 1+2R4+1
+    python benchmarks/step_time.py --size 410m --seq 4096 --batch 4 [--backend transformer_engine]   # GPU, bf16
+
+Memory: on a GPU the peak allocated memory of the step; on a CPU the activations kept for
+backward (saved tensors, parameters excluded), which is what the loop changes.
 """
 
 import argparse
@@ -14,12 +19,19 @@ import time
 
 import torch
 
-from spiral_megatron import SpiralConfig, SpiralGPTModel, flops, parallel
+from spiral_megatron import SpiralConfig, SpiralGPTModel, flavors, flops, parallel
+from spiral_megatron.activation_memory import saved_for_backward
+from spiral_megatron.layer_specs import get_spiral_model_spec
+from spiral_megatron.training.metrics import device_peak_tflops
 
 
-def configs(hidden: int, heads: int):
-    shape = dict(hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=4 * hidden,
-                 hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True)
+def configs(args, on_gpu: bool):
+    runtime = dict(hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not on_gpu,
+                   bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32)
+    if args.size:
+        return {f"{kind}-{args.size}": flavors.get(f"{kind}-{args.size}").config(**runtime)
+                for kind in ("spiral", "looped", "gpt")}
+    shape = dict(hidden_size=args.hidden, num_attention_heads=args.heads, ffn_hidden_size=4 * args.hidden, **runtime)
     loop = dict(num_prelude_layers=1, num_core_layers=2, num_coda_layers=1)
     return {
         "spiral 8,4,2,1": SpiralConfig(**shape, **loop, chunk_sizes=(8, 4, 2, 1)),
@@ -29,49 +41,74 @@ def configs(hidden: int, heads: int):
 
 
 def step(model, tokens):
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    loss = model(tokens, positions, None, labels=tokens).mean()
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    loss = model(tokens, positions, None, labels=tokens).float().mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
+def timed(model, tokens, on_gpu: bool) -> float:
+    if on_gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(model, tokens)
+    if on_gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", help="a paper size (160m, 410m, 1.4b): spiral-/looped-/gpt-<size> flavors")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backend", default="local", help="layer specs: local or transformer_engine")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     args = ap.parse_args()
 
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
     parallel.initialize(seed=0)
     torch.manual_seed(0)
-    models = {name: SpiralGPTModel(c, args.vocab, args.seq) for name, c in configs(args.hidden, args.heads).items()}
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
+    models = {}
+    for name, c in configs(args, on_gpu).items():
+        models[name] = SpiralGPTModel(c, args.vocab, args.seq, spec=get_spiral_model_spec(c, args.backend)).to(device)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    memory = {}
+    for name, model in models.items():  # warm-up, and the memory of one step
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        with saved_for_backward(model) as kept:
+            step(model, tokens)
+        memory[name] = torch.cuda.max_memory_allocated() if on_gpu else sum(kept.values())
     times = {name: [] for name in models}
-    for name, model in models.items():  # warm-up
-        step(model, tokens)
     for r in range(args.rounds):
         for name, model in models.items():
-            t0 = time.perf_counter()
-            step(model, tokens)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(model, tokens, on_gpu))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
 
-    base = "looped 1,1,1,1"
+    base = next(n for n in models if n.startswith("looped"))
     median = {n: statistics.median(t) for n, t in times.items()}
     analytic = {n: flops.training_flops(m.config, args.seq, args.vocab) for n, m in models.items()}
-    print(f"\nd={args.hidden} heads={args.heads} seq={args.seq} batch={args.batch} vocab={args.vocab} "
-          f"threads={torch.get_num_threads()}")
-    print(f"{'model':16s} {'params':>10s} {'step s':>8s} {'GFLOP/s':>8s} {'measured/looped':>16s} "
-          f"{'analytic/looped':>16s} {'measured/analytic':>18s}")
+    peak = device_peak_tflops(args.peak_tflops)
+    where = torch.cuda.get_device_name() + f", bf16, {args.backend} spec" if on_gpu else \
+        f"CPU fp32, threads={torch.get_num_threads()}"
+    print(f"\nseq={args.seq} batch={args.batch} vocab={args.vocab} ({where})")
+    mem_label = "peak GiB" if on_gpu else "act. MiB"
+    print(f"{'model':16s} {'params':>11s} {'step s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {mem_label:>9s} "
+          f"{'measured/looped':>16s} {'analytic/looped':>16s} {'measured/analytic':>18s}")
     for n in models:
         measured, expected = median[n] / median[base], analytic[n] / analytic[base]
         params = sum(p.numel() for p in models[n].parameters())
-        gflops = analytic[n] * args.batch / median[n] / 1e9
-        print(f"{n:16s} {params:10d} {median[n]:8.3f} {gflops:8.1f} {measured:16.3f} {expected:16.3f} "
-              f"{measured / expected:18.3f}")
+        tflops = analytic[n] * args.batch / median[n] / 1e12
+        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "n/a"
+        mem = memory[n] / (2**30 if on_gpu else 2**20)
+        print(f"{n:16s} {params:11d} {median[n]:8.3f} {tflops:8.3f} {mfu:>6s} {mem:9.2f} {measured:16.3f} "
+              f"{expected:16.3f} {measured / expected:18.3f}")
     parallel.destroy()
 
 

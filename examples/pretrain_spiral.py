@@ -26,16 +26,27 @@ def train(cfg) -> str:
 
 
 def main(argv) -> int:
-    from spiral_megatron.training.config import ConfigError
+    from spiral_megatron.training.config import ConfigError, TrainingConfig
     from spiral_megatron.training.loop import NonFiniteLoss
+
+    if "--help" in argv or "-h" in argv:
+        from spiral_megatron.training.cli import help_text
+
+        print(help_text(TrainingConfig))
+        return 0
+    from spiral_megatron.training.errors import report
 
     try:
         outcome = train(parse(argv))
     except (ConfigError, FileNotFoundError, PermissionError, ImportError) as e:
-        print(f"pretrain_spiral: error: {e}", file=sys.stderr, flush=True)
+        report(f"pretrain_spiral: error: {e}")
         return 2
     except NonFiniteLoss as e:
-        print(f"pretrain_spiral: {e}", file=sys.stderr, flush=True)
+        report(f"pretrain_spiral: {e}")
+        return 1
+    except OSError as e:  # a full disk or a broken mount while saving
+        report(f"pretrain_spiral: error: {e.strerror or e} ({e.filename or 'no file named'}); "
+               "the last complete checkpoint is still the latest")
         return 1
     if os.environ.get("RANK", "0") == "0":
         print(f"pretrain_spiral: {outcome}", flush=True)

@@ -1,4 +1,4 @@
-"""spiral_megatron: SpiralFormer (arXiv 2602.11698) on Megatron-Core. See SPEC.md and README.
+"""spiral_megatron: SpiralFormer (arXiv 2602.11698) on Megatron-Core. See docs/MODEL.md and README.
 
 `SpiralConfig` and `SpiralGPTModel` are imported on first use, so that pure-Python parts
 (`schedule`, `flops`, the Hugging Face files in `hf/`) load without importing Megatron.

@@ -1,10 +1,11 @@
-"""SpiralConfig: Megatron's TransformerConfig plus SpiralFormer's own fields (SPEC.md 1-3)."""
+"""SpiralConfig: Megatron's TransformerConfig plus SpiralFormer's own fields (docs/MODEL.md 1-3)."""
 
 import copy
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import scaled_init_method_normal
 
 from spiral_megatron import schedule
 
@@ -42,8 +43,8 @@ class SpiralConfig(TransformerConfig):
     shift: str = "overlap"
     """Causal right shift: "overlap" s = g - 1 (paper) or "no-overlap" s = g."""
 
-    topology: str = "residual"
-    """How an update merges into the state: "residual" [ours, default], "anchor" or "mesh"."""
+    topology: str = "mesh"
+    """How an update merges into the state: "mesh" (the paper's), "anchor" or "residual" [ours]."""
 
     mesh_slots: Optional[int] = None
     """B, MeSH buffer slots; None = num_core_layers + 3. Only with topology "mesh"."""
@@ -51,11 +52,22 @@ class SpiralConfig(TransformerConfig):
     latent_positions: str = "chunk-end"
     """Rotary position of latent j: "chunk-end" (its last token, [ours]) or "index" (j)."""
 
+    scale_embeddings: bool = True
+    """Multiply the input embeddings by sqrt(hidden_size) (MeSH appendix B, Pythia)."""
+
+    unrolled_output_init: bool = True
+    """Output-projection init std / sqrt(2 N_compute), N_compute the UNROLLED depth (MeSH app. B)."""
+
     loop_placement: str = "across"
     """Pipeline: "across" (iterations spread over stages by cost) or "one-stage" (whole loop)."""
 
     pipeline_split: Optional[Tuple[int, ...]] = None
     """Pipeline: units of work per stage (see pipeline_plan.py); None = cost-balanced."""
+
+    recompute_loop_iterations: bool = False
+    """Recompute each loop iteration (resampling + core) in backward, keeping only its input:
+    the loop's activation memory stops growing with N_loop (Megatron's recompute_* still apply
+    inside)."""
 
     def __post_init__(self):
         self._check_spiral_fields()
@@ -74,6 +86,10 @@ class SpiralConfig(TransformerConfig):
         self.num_layers = unique
         if self.pipeline_split is not None:
             self.pipeline_split = schedule.parse_ints(self.pipeline_split, "pipeline_split")
+        if self.unrolled_output_init and self.output_layer_init_method is None:
+            # Megatron scales by the unique layers (num_layers); the residual stream of a looped
+            # model sums one output projection per UNROLLED layer (MeSH appendix B).
+            self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_compute_layers)
         super().__post_init__()
         self._check_parallel_layout()
         if self.pipeline_model_parallel_size > 1 and self.chunk_sizes:
@@ -128,6 +144,11 @@ class SpiralConfig(TransformerConfig):
     def levels(self) -> Tuple[schedule.Level, ...]:
         """The loop's resolution schedule, one Level per iteration."""
         return schedule.make_levels(self.chunk_sizes, self.chunk_offsets, self.shift)
+
+    @property
+    def num_compute_layers(self) -> int:
+        """N_compute = N_pre + N_loop * T + N_post: the layers of the unrolled graph."""
+        return self.num_prelude_layers + self.num_core_layers * len(self.chunk_sizes) + self.num_coda_layers
 
     @property
     def num_loops(self) -> int:

@@ -9,7 +9,7 @@ checkpoint saving synchronizes, and DDP waits on `torch.cuda.current_stream()`.
 
 `enable()` redirects exactly those `torch.cuda` entry points to the CPU, process-wide:
   * `torch.cuda.current_device / synchronize / current_stream / Stream / Event / ...`
-    become CPU stand-ins;
+    become CPU stand-ins, `torch.cuda.get_rng_state` an empty state (for recomputation);
   * a `TorchFunctionMode` maps a `device="cuda"` (or integer device) argument and
     `Tensor.cuda()` to the CPU, and reports a CPU tensor's `Tensor.type()` as the CUDA
     type (`torch.cuda.FloatTensor`), which Megatron's distributed optimizer and gradient
@@ -25,6 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _MODE = None
+_NO_CUDA_RNG_STATE = torch.zeros(0, dtype=torch.uint8)
 
 
 class _CpuStream:
@@ -78,11 +79,42 @@ def _to_cpu_device(device):
     return device
 
 
+_BACKWARD = (torch.Tensor.backward, torch.autograd.backward)
+
+
+def _backward_with_mode(func, args, kwargs):
+    """Run the autograd engine with the redirect on. A mode is suspended while it handles a
+    call, so backward would run without it; but activation recomputation re-runs Megatron's
+    forward code (e.g. its `device="cuda"` default causal mask) inside backward. This is the
+    tail of `torch.autograd.backward`, which (unlike the call itself) dispatches to no mode."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    if func is torch.Tensor.backward:
+        names = ("gradient", "retain_graph", "create_graph", "inputs")
+        given = dict(zip(names, args[1:]), **kwargs)
+        tensors, grads = (args[0],), given.get("gradient")
+        retain, create, inputs = given.get("retain_graph"), given.get("create_graph", False), given.get("inputs")
+    else:
+        names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+        given = dict(zip(names, args), **kwargs)
+        tensors, grads = given["tensors"], given.get("grad_tensors")
+        retain, create, inputs = given.get("retain_graph"), given.get("create_graph", False), given.get("inputs")
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
+    with _CudaToCpuMode():
+        _engine_run_backward(tensors, grads, create if retain is None else retain, create, inputs,
+                             allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of any torch call to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _BACKWARD:
+            return _backward_with_mode(func, args, kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -124,6 +156,11 @@ def enable() -> bool:
     cuda.max_memory_allocated = lambda device=None: 0
     cuda.memory_reserved = lambda device=None: 0
     cuda.reset_peak_memory_stats = lambda device=None: None
+    # Activation recomputation saves and restores the CUDA RNG state around each checkpointed
+    # region (tensor_parallel.random.CheckpointFunction); on the CPU there is none to keep
+    # (the CPU generator it also saves is what dropout uses here). Setting it is already a
+    # queued no-op without CUDA (torch.cuda._lazy_call).
+    cuda.get_rng_state = cuda.random.get_rng_state = lambda device="cuda": _NO_CUDA_RNG_STATE
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     return True

@@ -1,7 +1,10 @@
 """Named model configurations ("flavors"), from a CPU debug size to the paper's sizes.
 
-Each paper size comes with two baselines of the same unique parameters (SPEC.md section 1):
-`looped-*` (every chunk size 1: a classic looped transformer) and `gpt-*` (no loop: the
+Every flavor takes SpiralConfig's defaults for what the papers fix (docs/MODEL.md): the MeSH
+topology, embeddings scaled by sqrt(d) and the output-projection init scaled by the unrolled
+depth. Each paper size comes with two baselines of the same unique parameters (docs/MODEL.md
+section 1): `looped-*` (every chunk size 1, otherwise the same, MeSH included: a looped
+transformer with MeSH; `topology="residual"` gives the classic one) and `gpt-*` (no loop: the
 prelude, ONE pass of the core's layers and the coda as plain unshared layers, i.e. the loop
 unrolled once; the same unique transformer layers, without the resampling weights).
 """

@@ -1,8 +1,8 @@
-"""Unique parameters and FLOPs of a SpiralConfig (SPEC.md section 5), in pure Python.
+"""Unique parameters and FLOPs of a SpiralConfig (docs/MODEL.md section 5), in pure Python.
 
 Per layer at sequence n, forward: 2*n*(weights of the projections and MLP) + 4*n^2*d for
 attention scores and values (counted in full, as Megatron's MFU convention does; a causal
-kernel does half). With 4x MLP and full heads the weights term is the SPEC's 24*n*d^2.
+kernel does half). With 4x MLP and full heads the weights term is docs/MODEL.md's 24*n*d^2.
 Forward = (N_pre + N_post) layer(L) + N_loop sum_t layer(L_t) + 2 L d V + resampling terms.
 Training = 3 x forward (backward is about twice the forward).
 """
@@ -37,14 +37,14 @@ def layer_parameters(c) -> int:
 
 
 def resampling_parameters(c) -> int:
-    """Scorers, allocators (iterations with g > 1) and MeSH routers."""
+    """Scorers, allocators (iterations with g > 1) and MeSH routers (T + 1 pairs, no bias)."""
     d, n = c.hidden_size, 0
     for lv in c.levels:
         if lv.chunk_size > 1:
             n += d if c.downscale == "self-aggregation" else 0
             n += (d + 1) * lv.chunk_size if c.upscale == "allocate" else 0
-    if c.topology == "mesh":
-        n += 2 * c.num_loops * (d + 1) * c.mesh_slots
+    if c.topology == "mesh" and c.levels:
+        n += 2 * (c.num_loops + 1) * d * c.mesh_slots
     return n
 
 
@@ -70,8 +70,8 @@ def forward_flops(c, seq_length: int, vocab_size: int) -> int:
         if lv.chunk_size > 1:
             flops += 2 * L * d * (c.downscale == "self-aggregation")  # scorer
             flops += 2 * L * d * (c.upscale == "allocate")  # allocator: n latents x g slots
-        if c.topology == "mesh":
-            flops += 2 * 2 * L * d * c.mesh_slots  # write and read routers
+    if c.topology == "mesh" and c.levels:
+        flops += (c.num_loops + 1) * 2 * 2 * L * d * c.mesh_slots  # T + 1 write and read routers
     return flops
 
 

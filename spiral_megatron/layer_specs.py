@@ -4,8 +4,8 @@ The transformer layer is Megatron's own GPT layer spec (prelude, core and coda a
 what SpiralFormer adds (down-scale, up-scale, topology) is chosen here from the config's
 option names, so the model code never branches on them.
 
-For Megatron-LM's `--spec` option: `spiral_megatron.layer_specs get_spiral_layer_local_spec`
-or `spiral_megatron.layer_specs get_spiral_layer_te_spec`.
+These are not Megatron-LM `--spec` targets: Megatron-LM's `pretrain_gpt.py` builds a GPTModel,
+which would run a layer spec as plain layers, without the loop.
 """
 
 import dataclasses
@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from spiral_megatron import resampling, topology
 from spiral_megatron.norm import TorchNorm
@@ -59,10 +60,25 @@ class SpiralModelSubmodules:
     """The looped core."""
 
 
+def megatron_chose_apex_norm() -> bool:
+    """True when Megatron's local spec uses apex's FusedLayerNorm (apex importable, as in NGC)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return bool(getattr(gpt_layer_specs, "HAVE_APEX", False))
+
+
+def _sp_aware(norm):
+    """Megatron's norm, except its plain-torch fallback (which refuses sequence parallelism):
+    apex's FusedLayerNorm (NGC containers) is kept, as Megatron-LM would use it."""
+    return TorchNorm if norm is WrappedTorchNorm else norm
+
+
 def get_spiral_layer_local_spec(normalization: str = "LayerNorm", qk_layernorm: bool = False) -> ModuleSpec:
-    """Megatron's local GPT layer with norms that also work under sequence parallelism."""
+    """Megatron's local GPT layer; its torch-norm fallback replaced by one that also works under
+    sequence parallelism."""
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
-    sub = dataclasses.replace(spec.submodules, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm)
+    sub = dataclasses.replace(spec.submodules, input_layernorm=_sp_aware(spec.submodules.input_layernorm),
+                              pre_mlp_layernorm=_sp_aware(spec.submodules.pre_mlp_layernorm))
     return dataclasses.replace(spec, submodules=sub)
 
 
@@ -90,12 +106,12 @@ def get_spiral_layer_te_spec(qk_layernorm: bool = False) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
-def _final_norm(backend: str):
+def _final_norm(backend: str, layer: ModuleSpec):
     if backend == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return TorchNorm
+    return layer.submodules.input_layernorm  # the local layers' own choice (apex or SP-aware torch)
 
 
 def get_spiral_model_spec(config, backend: str = "local") -> SpiralModelSubmodules:
@@ -112,4 +128,4 @@ def get_spiral_model_spec(config, backend: str = "local") -> SpiralModelSubmodul
         upscale=UPSCALE[config.upscale],
         topology=TOPOLOGY[config.topology],
     )
-    return SpiralModelSubmodules(layer=layer, final_norm=_final_norm(backend), loop=loop)
+    return SpiralModelSubmodules(layer=layer, final_norm=_final_norm(backend, layer), loop=loop)

@@ -1,4 +1,4 @@
-"""SpiralLoop: the shared core run T times, coarse to fine (SPEC.md sections 2-3).
+"""SpiralLoop: the shared core run T times, coarse to fine (docs/MODEL.md sections 2-3).
 
 One iteration t, chunk size g, offset w, shift s, on the token states h [s, b, h]:
     x = shift_right(h, w)                  chunk j of x = tokens [j*g - w, j*g + g - 1 - w]
@@ -7,15 +7,18 @@ One iteration t, chunk size g, offset w, shift s, on the token states h [s, b, h
     u = upscale_t(y, y - z)                [s, b, h]    the core's update, back on tokens
     u = shift_right(u, s - w)              a token sees only chunks that closed at or before it
     state = topology.write(state, u, t)
-Chunk sizes of 1 skip the resampling (an identity) and build no parameters for it.
+Chunk sizes of 1 skip the resampling (an identity) and build no parameters for it. The
+math of each step is `hf/functional_spiral.py`, shared with the Hugging Face model.
 """
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
 from spiral_megatron.config import SpiralConfig, block_config
+from spiral_megatron.hf import functional_spiral
 from spiral_megatron.layer_specs import SpiralLoopSubmodules
 from spiral_megatron.resampling import shift_right
 
@@ -63,7 +66,13 @@ class SpiralLoop(MegatronModule):
         use_mask: pass explicit causal masks to the core (else Megatron's causal default).
         """
         for t in self.iterations:
-            u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)
+            h = self.topology.read(state)
+            if self.config.recompute_loop_iterations and self.training:
+                # Megatron's activation checkpoint (restores the RNG states for dropout).
+                u = tensor_parallel.checkpoint(
+                    lambda h, rope, t=t: self.iteration(t, h, rope, use_mask), False, h, rotary_pos_emb)
+            else:
+                u = self.iteration(t, h, rotary_pos_emb, use_mask)
             state = self.topology.write(state, u, t)
         return state
 
@@ -91,6 +100,5 @@ class SpiralLoop(MegatronModule):
         if rotary_pos_emb is None:
             return None
         j = torch.arange(n, device=rotary_pos_emb.device)
-        if self.latent_positions == "chunk-end":
-            j = j * level.chunk_size + (level.chunk_size - 1 - level.offset)
-        return rotary_pos_emb[j]  # [n, 1, 1, d]
+        pos = functional_spiral.latent_positions(j, level.chunk_size, level.offset, self.latent_positions)
+        return rotary_pos_emb[pos]  # [n, 1, 1, d]

@@ -1,4 +1,4 @@
-"""SpiralGPTModel: embedding -> prelude -> loop -> coda -> final norm -> output layer (SPEC.md 1).
+"""SpiralGPTModel: embedding -> prelude -> loop -> coda -> final norm -> output layer (docs/MODEL.md 1).
 
 Built from Megatron's own modules: `LanguageModelEmbedding`, `RotaryEmbedding`,
 `TransformerBlock`s of the spec's `TransformerLayer`, and a `ColumnParallelLinear` head.
@@ -8,10 +8,13 @@ with them. Tensors inside are sequence-first, [s, b, h] (s = this rank's slice u
 Under pipeline parallelism each rank builds only its stage of the plan (pipeline_plan.py).
 What crosses a stage boundary is one tensor: the token states h [s, b, h] outside the loop,
 or, inside it, the topology's packed state [k * S, b, h] (S = the padded length; residual
-k = 1, anchor k = 2, MeSH k = 1 + B). Shapes differ, so SpiralConfig turns on Megatron's
-`variable_seq_lengths` (shapes are exchanged before each message).
+k = 1, anchor k = 2, MeSH k = 1 + B). MeSH starts its buffer from the raw token embeddings,
+so before the loop a stage sends them along: (h, e) packed as [2 * s, b, h]. Shapes differ,
+so SpiralConfig turns on Megatron's `variable_seq_lengths` (shapes are exchanged before each
+message).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -78,6 +81,11 @@ class SpiralGPTModel(LanguageModule):
         self.stage = self.plan[pp_group.rank()]
         self.iterations = self.stage.span("loop")
         self.loop_spans_stages = sum(1 for st in self.plan if st.span("loop")) > 1
+        # MeSH's slot 0 is the raw embeddings: stages before the loop's first one hand them on.
+        loop_stages = [s for s, st in enumerate(self.plan) if st.span("loop")]
+        carry = bool(loop_stages) and config.topology == "mesh"
+        self.sends_embeddings = carry and pp_group.rank() < loop_stages[0]
+        self.receives_embeddings = carry and not pre_process and pp_group.rank() <= loop_stages[0]
 
         if pre_process:
             self.embedding = LanguageModelEmbedding(
@@ -150,15 +158,23 @@ class SpiralGPTModel(LanguageModule):
             x = decoder_input
         elif self.pre_process:
             x = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+            if self.config.scale_embeddings:
+                x = x * math.sqrt(self.config.hidden_size)  # MeSH appendix B (Pythia)
         else:
             x = self.input_tensor
+        if self.receives_embeddings:
+            x, embeddings = x.chunk(2, dim=0)  # (h, e) from the previous stage
+        else:
+            embeddings = x  # the raw embeddings, where this stage starts the model or the loop
         seq, padded = self._lengths(x)
         rope = self.rotary_pos_emb(padded) if self.position_embedding_type == "rope" else None
         token_rope = rope[:seq] if rope is not None else None  # [s, 1, 1, d]
 
         h = self.prelude(x, attention_mask, rotary_pos_emb=token_rope)  # [s, b, h]
+        if self.sends_embeddings:
+            return torch.cat([h, embeddings], dim=0)  # [2 * s, b, h]
         if self.loop is not None:
-            h = self._run_loop(h, padded - seq, rope, use_mask=attention_mask is not None)
+            h = self._run_loop(h, embeddings, padded - seq, rope, use_mask=attention_mask is not None)
             if self.iterations.stop < len(self.levels):
                 return h  # the packed loop state, for the next stage
         h = self.coda(h, attention_mask, rotary_pos_emb=token_rope)  # [s, b, h], final norm if last
@@ -188,15 +204,17 @@ class SpiralGPTModel(LanguageModule):
             )
         return seq, padded
 
-    def _run_loop(self, h: torch.Tensor, pad: int, rope, use_mask: bool) -> torch.Tensor:
-        """This stage's iterations. The first stage of the loop pads h at the end to a multiple
-        of every chunk size (padding after every real token cannot reach them, by causality;
-        under SP the layout rule makes pad 0) and starts the state; the last reads it out."""
+    def _run_loop(self, h: torch.Tensor, embeddings: torch.Tensor, pad: int, rope, use_mask: bool) -> torch.Tensor:
+        """This stage's iterations. The first stage of the loop pads h (and the embeddings) at
+        the end to a multiple of every chunk size (padding after every real token cannot reach
+        them, by causality; under SP the layout rule makes pad 0) and starts the state; the
+        last reads it out."""
         topology = self.loop.topology
         if self.iterations.start == 0:
             if pad:
                 h = torch.cat([h, h.new_zeros((pad,) + h.shape[1:])], dim=0)  # [S, b, h]
-            state = topology.init(h)
+                embeddings = torch.cat([embeddings, embeddings.new_zeros((pad,) + embeddings.shape[1:])], dim=0)
+            state = topology.init(h, embeddings)
         else:
             state = topology.unpack(h)
         state = self.loop(state, rope, use_mask=use_mask)

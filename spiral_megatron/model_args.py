@@ -18,7 +18,7 @@ ARCHITECTURE_FIELDS = (
     "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear", "add_qkv_bias",
     "qk_layernorm", "activation_func_name", "init_method_std", "hidden_dropout", "attention_dropout",
     "num_prelude_layers", "num_core_layers", "num_coda_layers", "chunk_sizes", "chunk_offsets",
-    "downscale", "upscale", "shift", "topology", "mesh_slots", "latent_positions",
+    "downscale", "upscale", "shift", "topology", "mesh_slots", "latent_positions", "scale_embeddings",
 )
 
 

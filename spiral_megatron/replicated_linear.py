@@ -28,7 +28,3 @@ class ReplicatedLinear(MegatronModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
-
-def softmax_fp32(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax computed in float32 and returned in the input's dtype (bf16/fp16 safe)."""
-    return torch.softmax(scores.float(), dim=dim).to(scores.dtype)

@@ -1,4 +1,4 @@
-"""Down-scale, up-scale and the causal shift of one loop iteration (SPEC.md section 3).
+"""Down-scale, up-scale and the causal shift of one loop iteration (docs/MODEL.md section 3).
 
 Tensors are sequence-first, [s, b, h]; under sequence parallelism `s` is this rank's slice,
 and every function here stays local to it except `shift_right`, which needs the last few
@@ -6,15 +6,17 @@ tokens of the previous rank (see there).
 
 Down-scale: [s, b, h] -> [s/g, b, h], one latent per chunk of g consecutive tokens.
 Up-scale:   latent update [s/g, b, h] -> token update [s, b, h].
+The math is `spiral_megatron/hf/functional_spiral.py`, shared with the Hugging Face model;
+what stays here is the Megatron side: modules holding the weights, and the shift across
+sequence-parallel ranks.
 """
-
-import math
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from spiral_megatron.replicated_linear import ReplicatedLinear, softmax_fp32
+from spiral_megatron.hf import functional_spiral as F
+from spiral_megatron.replicated_linear import ReplicatedLinear
 
 
 def shift_right(x: torch.Tensor, k: int, sp_group=None) -> torch.Tensor:
@@ -26,26 +28,20 @@ def shift_right(x: torch.Tensor, k: int, sp_group=None) -> torch.Tensor:
     rather than a send/recv pair: k < g tokens per rank is tiny, and the gather keeps autograd
     and rank 0's zero fill trivial. Requires k <= s (checked by the schedule's layout rule).
     """
+    if sp_group is None or sp_group.size() == 1:
+        return F.shift_right(x, k, dim=0)
     if k == 0:
         return x
-    if sp_group is None or sp_group.size() == 1:
-        head = x.new_zeros((k,) + x.shape[1:])  # [k, b, h]
-    else:
-        tails = tensor_parallel.gather_from_sequence_parallel_region(
-            x[-k:].contiguous(), tensor_parallel_output_grad=True, group=sp_group
-        )  # [tp*k, b, h]
-        # Rank r takes rank r-1's tail; rank 0 takes the zeros in front. Every rank slices the
-        # same concatenation, so the gather sits in every rank's graph and its backward
-        # reduce-scatter runs everywhere (else ranks deadlock on unmatched collectives).
-        tails = torch.cat([torch.zeros_like(tails[:k]), tails], dim=0)  # [(tp+1)*k, b, h]
-        rank = sp_group.rank()
-        head = tails[rank * k : (rank + 1) * k]
+    tails = tensor_parallel.gather_from_sequence_parallel_region(
+        x[-k:].contiguous(), tensor_parallel_output_grad=True, group=sp_group
+    )  # [tp*k, b, h]
+    # Rank r takes rank r-1's tail; rank 0 takes the zeros in front. Every rank slices the
+    # same concatenation, so the gather sits in every rank's graph and its backward
+    # reduce-scatter runs everywhere (else ranks deadlock on unmatched collectives).
+    tails = torch.cat([torch.zeros_like(tails[:k]), tails], dim=0)  # [(tp+1)*k, b, h]
+    rank = sp_group.rank()
+    head = tails[rank * k : (rank + 1) * k]
     return torch.cat([head, x[:-k]], dim=0)  # [s, b, h]
-
-
-def _front_mask(g: int, num_pad: int, device) -> torch.Tensor:
-    """[g] bool, True for the `num_pad` front-padding slots of the first chunk."""
-    return torch.arange(g, device=device) < num_pad
 
 
 class SelfAggregation(MegatronModule):
@@ -60,15 +56,8 @@ class SelfAggregation(MegatronModule):
         self.scorer = ReplicatedLinear(config, config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
-        s, b, h = x.shape
-        g = self.chunk_size
-        chunks = x.view(s // g, g, b, h)  # [n, g, b, h]
-        scores = self.scorer(chunks)  # [n, g, b, 1]
-        if num_pad:  # front padding (chunk offset) takes no weight
-            first = scores[:1].masked_fill(_front_mask(g, num_pad, x.device)[None, :, None, None], float("-inf"))
-            scores = torch.cat([first, scores[1:]], dim=0)
-        weights = softmax_fp32(scores, dim=1)  # [n, g, b, 1]
-        return (weights * chunks).sum(dim=1)  # [n, b, h]
+        chunks = F.chunk(x, self.chunk_size, dim=0)  # [n, g, b, h]
+        return F.aggregate(chunks, self.scorer(chunks), num_pad, dim=0)  # [n, b, h]
 
 
 class MeanPool(MegatronModule):
@@ -79,21 +68,14 @@ class MeanPool(MegatronModule):
         self.chunk_size = chunk_size
 
     def forward(self, x: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
-        s, b, h = x.shape
-        g = self.chunk_size
-        chunks = x.view(s // g, g, b, h)  # [n, g, b, h]
-        z = chunks.mean(dim=1)  # [n, b, h]
-        if num_pad:  # the first chunk averages only its g - num_pad real tokens
-            z = torch.cat([z[:1] * (g / (g - num_pad)), z[1:]], dim=0)  # padded slots are zero
-        return z
+        return F.aggregate(F.chunk(x, self.chunk_size, dim=0), None, num_pad, dim=0)  # [n, b, h]
 
 
 class Allocate(MegatronModule):
     """Token slot k of chunk j receives sqrt(g) * beta_jk * delta_j, beta_j = softmax(B_t(y_j)).
 
     B_t: Linear(h, g) per iteration on the core's output latent y [ours: form, input and
-    sqrt(g) scale, so that at uniform beta the chunk's total update energy sum_k |u_k|^2
-    equals |delta|^2].
+    sqrt(g) scale, see `functional_spiral.allocate`].
     """
 
     def __init__(self, config, chunk_size: int):
@@ -102,11 +84,7 @@ class Allocate(MegatronModule):
         self.allocator = ReplicatedLinear(config, config.hidden_size, chunk_size, bias=True)
 
     def forward(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        n, b, h = delta.shape
-        g = self.chunk_size
-        beta = softmax_fp32(self.allocator(y), dim=-1)  # [n, b, g]
-        slots = beta.permute(0, 2, 1).unsqueeze(-1) * delta.unsqueeze(1)  # [n, g, b, h]
-        return (math.sqrt(g) * slots).reshape(n * g, b, h)  # [s, b, h]
+        return F.allocate(self.allocator(y), delta, dim=0)  # [s, b, h]
 
 
 class Repeat(MegatronModule):
@@ -117,5 +95,4 @@ class Repeat(MegatronModule):
         self.chunk_size = chunk_size
 
     def forward(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        n, b, h = delta.shape
-        return delta.unsqueeze(1).expand(n, self.chunk_size, b, h).reshape(n * self.chunk_size, b, h)
+        return F.repeat(delta, self.chunk_size, dim=0)  # [s, b, h]

@@ -1,15 +1,17 @@
-"""The resolution schedule (SPEC.md section 2), in pure Python: no torch, no distributed.
+"""The resolution schedule (docs/MODEL.md section 2): no model, no distributed.
 
 One `Level` per loop iteration t: its chunk size g_t, chunk offset w_t and causal right
 shift s_t. Everything derived from the schedule (latent lengths, layout checks, the relative
-cost of the core) lives here, so it can be planned and tested without building a model.
+cost of the core) lives here, so it can be planned and tested without building a model. The
+rules themselves (validation, shift, padding) are `hf/functional_spiral.py`'s, which the
+Hugging Face configuration uses too.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
-SHIFTS = ("overlap", "no-overlap")
+from spiral_megatron.hf import functional_spiral
+from spiral_megatron.hf.functional_spiral import SHIFTS  # noqa: F401  (re-exported for the config)
 
 
 @dataclass(frozen=True)
@@ -55,30 +57,19 @@ def make_levels(
     """The schedule's levels, validated; errors name the bad value and the rule."""
     chunk_sizes = parse_chunk_sizes(chunk_sizes)
     offsets = tuple(offsets) if offsets is not None else (0,) * len(chunk_sizes)
-    if shift not in SHIFTS:
-        raise ValueError(f"shift {shift!r} must be one of {SHIFTS}")
-    if len(offsets) != len(chunk_sizes):
-        raise ValueError(
-            f"chunk offsets {offsets} must have one entry per chunk size {chunk_sizes}"
-        )
-    levels = []
-    for g, w in zip(chunk_sizes, offsets):
-        if g < 1:
-            raise ValueError(f"chunk size {g} in {chunk_sizes} must be >= 1")
-        if not 0 <= w < g:
-            raise ValueError(f"chunk offset {w} for chunk size {g} must be in [0, {g})")
-        levels.append(Level(chunk_size=g, offset=w, shift=g - 1 if shift == "overlap" else g))
-    return tuple(levels)
+    functional_spiral.check_schedule(chunk_sizes, offsets, shift)
+    return tuple(Level(chunk_size=g, offset=w, shift=functional_spiral.shift_of(g, shift))
+                 for g, w in zip(chunk_sizes, offsets))
 
 
 def padding_multiple(levels: Sequence[Level]) -> int:
     """The loop pads the sequence (at its end) to a multiple of every chunk size."""
-    return math.lcm(*[lv.chunk_size for lv in levels]) if levels else 1
+    return functional_spiral.padding_multiple([lv.chunk_size for lv in levels])
 
 
 def padded_length(seq_length: int, levels: Sequence[Level]) -> int:
     """L rounded up to `padding_multiple`; the padding is after every real token, so
-    causality keeps it from touching them (SPEC.md section 2: pad, documented)."""
+    causality keeps it from touching them (docs/MODEL.md section 2)."""
     m = padding_multiple(levels)
     return -(-seq_length // m) * m
 

@@ -1,4 +1,11 @@
-"""Shared fixtures: one single-process Megatron (gloo, CPU path) per test session."""
+"""Shared fixtures: one single-process Megatron (gloo, CPU path) per test session.
+
+The suite outside tests/gpu is pinned to the CPU on every host: CUDA devices are hidden from
+this process and every process it launches (`CUDA_VISIBLE_DEVICES=""`, set before torch
+initialises CUDA), so on a GPU machine it runs the same gloo + CPU path as in CI instead of
+building models on the CPU while Megatron allocates on the current GPU. tests/gpu launches
+its jobs with the devices the user had (`GPU_ENV`).
+"""
 
 import os
 import subprocess
@@ -9,6 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+_USER_DEVICES = os.environ.get("SPIRAL_USER_CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+os.environ["SPIRAL_USER_CUDA_VISIBLE_DEVICES"] = "" if _USER_DEVICES is None else _USER_DEVICES
+# The environment tests/gpu launches GPU jobs with: the user's devices, not the CPU pin below.
+GPU_ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+if _USER_DEVICES:
+    GPU_ENV["CUDA_VISIBLE_DEVICES"] = _USER_DEVICES
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,7 @@ CONFIG_NAMES = (
     ("topology", "topology"),
     ("mesh_slots", "mesh_slots"),
     ("latent_positions", "latent_positions"),
+    ("scale_embeddings", "scale_embeddings"),
     ("normalization", "normalization"),
     ("layernorm_epsilon", "layer_norm_eps"),
     ("gated_linear_unit", "gated_linear_unit"),

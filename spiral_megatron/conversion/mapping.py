@@ -42,6 +42,8 @@ TOP = [
     ("loop.upscale.{t}.allocator.{p}", "model.loop.allocate.{t}.{p}", "copy"),
     ("loop.topology.write_router.{t}.{p}", "model.loop.mesh_write.{t}.{p}", "copy"),
     ("loop.topology.read_router.{t}.{p}", "model.loop.mesh_read.{t}.{p}", "copy"),
+    ("loop.topology.init_write_router.{p}", "model.loop.mesh_init_write.{p}", "copy"),
+    ("loop.topology.init_read_router.{p}", "model.loop.mesh_init_read.{p}", "copy"),
 ]
 TE_NAMES = {  # Transformer Engine fuses the pre-norms into the next linear
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",

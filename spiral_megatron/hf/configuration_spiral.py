@@ -1,4 +1,4 @@
-"""SpiralFormerConfig: the Hugging Face configuration of a SpiralFormer (SPEC.md sections 1-3).
+"""SpiralFormerConfig: the Hugging Face configuration of a SpiralFormer (docs/MODEL.md 1-3).
 
 Shipped inside every converted model folder and loaded with `trust_remote_code=True`, so it
 imports nothing but `transformers`. Field names follow Hugging Face where it has one
@@ -6,13 +6,13 @@ imports nothing but `transformers`. Field names follow Hugging Face where it has
 concept is SpiralFormer's own (`num_prelude_layers`, `chunk_sizes`, `topology`, ...).
 """
 
-import math
-
 from transformers import PretrainedConfig
+
+from . import functional_spiral as F
+from .functional_spiral import SHIFTS
 
 DOWNSCALES = ("self-aggregation", "mean")
 UPSCALES = ("allocate", "repeat")
-SHIFTS = ("overlap", "no-overlap")
 TOPOLOGIES = ("residual", "anchor", "mesh")
 LATENT_POSITIONS = ("chunk-end", "index")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
@@ -41,9 +41,10 @@ class SpiralFormerConfig(PretrainedConfig):
         downscale: str = "self-aggregation",
         upscale: str = "allocate",
         shift: str = "overlap",
-        topology: str = "residual",
+        topology: str = "mesh",
         mesh_slots: int = None,
         latent_positions: str = "chunk-end",
+        scale_embeddings: bool = True,
         normalization: str = "LayerNorm",
         layer_norm_eps: float = 1e-5,
         hidden_act: str = "gelu",
@@ -83,6 +84,7 @@ class SpiralFormerConfig(PretrainedConfig):
         self.topology = topology
         self.mesh_slots = mesh_slots if mesh_slots is not None or topology != "mesh" else num_core_layers + 3
         self.latent_positions = latent_positions
+        self.scale_embeddings = scale_embeddings  # input embeddings x sqrt(hidden_size)
         self.normalization = normalization
         self.layer_norm_eps = layer_norm_eps
         self.hidden_act = hidden_act
@@ -119,14 +121,7 @@ class SpiralFormerConfig(PretrainedConfig):
             raise ValueError(f"chunk_sizes {self.chunk_sizes} is empty but num_core_layers is {self.num_core_layers}")
         if self.num_core_layers == 0 and self.chunk_sizes:
             raise ValueError(f"chunk_sizes {self.chunk_sizes} needs num_core_layers >= 1, got 0")
-        offsets = self.offsets
-        if len(offsets) != len(self.chunk_sizes):
-            raise ValueError(f"chunk_offsets {offsets} must have one entry per chunk size {self.chunk_sizes}")
-        for g, w in zip(self.chunk_sizes, offsets):
-            if g < 1:
-                raise ValueError(f"chunk size {g} in {self.chunk_sizes} must be >= 1")
-            if not 0 <= w < g:
-                raise ValueError(f"chunk offset {w} for chunk size {g} must be in [0, {g})")
+        F.check_schedule(self.chunk_sizes, self.chunk_offsets, self.shift)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -143,9 +138,9 @@ class SpiralFormerConfig(PretrainedConfig):
     @property
     def shifts(self):
         """s_t per iteration: g - 1 ("overlap", paper) or g ("no-overlap")."""
-        return [g - 1 if self.shift == "overlap" else g for g in self.chunk_sizes]
+        return [F.shift_of(g, self.shift) for g in self.chunk_sizes]
 
     @property
     def padding_multiple(self) -> int:
         """The full forward pads the loop's input at its end to a multiple of every chunk size."""
-        return math.lcm(*self.chunk_sizes) if self.chunk_sizes else 1
+        return F.padding_multiple(self.chunk_sizes)

@@ -1,4 +1,4 @@
-"""The SpiralFormer loop in plain PyTorch (SPEC.md sections 2, 3 and 6), batch-first [b, s, d].
+"""The SpiralFormer loop in plain PyTorch (docs/MODEL.md sections 2, 3 and 6), batch-first [b, s, d].
 
 One iteration t, chunk size g, offset w, shift s, on token states h:
     x = shift_right(h, w)          chunk j of x = tokens [j*g - w, j*g + g - 1 - w] (front zeros)
@@ -9,29 +9,17 @@ One iteration t, chunk size g, offset w, shift s, on token states h:
     state = topology.write(state, u, t)
 Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
 record a `LevelCache` per iteration); `step` runs one new token against those caches, running
-the core of level t only when the token closes one of its chunks (SPEC.md section 6).
+the core of level t only when the token closes one of its chunks (docs/MODEL.md section 6).
+The math of each step is `functional_spiral.py`, which the Megatron model imports too.
 """
 
-import math
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import functional_spiral as F
 from .layers_spiral import KV, Block, rotary_angles
-
-
-def shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
-    """out[:, i] = x[:, i - k], zeros for i < k.   x: [b, s, d]"""
-    if k == 0:
-        return x
-    return torch.cat([x.new_zeros(x.shape[0], k, x.shape[2]), x], dim=1)[:, : x.shape[1]]
-
-
-def softmax_fp32(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """Softmax in float32, returned in the input's dtype (as the Megatron model)."""
-    return torch.softmax(scores.float(), dim=dim).to(scores.dtype)
 
 
 class LevelCache:
@@ -63,74 +51,63 @@ class SpiralLoop(nn.Module):
             self.aggregate = nn.ModuleDict({str(t): nn.Linear(d, 1, bias=False) for t in resampled})
         if config.upscale == "allocate":  # B_t: Linear(d, g) per iteration [ours]
             self.allocate = nn.ModuleDict({str(t): nn.Linear(d, self.chunk_sizes[t]) for t in resampled})
-        if config.topology == "mesh":  # MeSH routers, one pair per iteration
+        if config.topology == "mesh":  # MeSH routers: a transitional pair, then one per iteration
             B = config.mesh_slots
-            self.mesh_write = nn.ModuleList([nn.Linear(d, B) for _ in self.chunk_sizes])
-            self.mesh_read = nn.ModuleList([nn.Linear(d, B) for _ in self.chunk_sizes])
+            self.mesh_init_write, self.mesh_init_read = nn.Linear(d, B, bias=False), nn.Linear(d, B, bias=False)
+            self.mesh_write = nn.ModuleList([nn.Linear(d, B, bias=False) for _ in self.chunk_sizes])
+            self.mesh_read = nn.ModuleList([nn.Linear(d, B, bias=False) for _ in self.chunk_sizes])
 
-    # ---- resampling (SPEC.md 3.1 and 3.3) ----
+    # ---- resampling (docs/MODEL.md 3.1 and 3.3) ----
     def downscale(self, t: int, chunks: torch.Tensor, first_pad: int) -> torch.Tensor:
         """chunks [b, n, g, d] -> latents [b, n, d]; the first `first_pad` slots of chunk 0
         are front padding and get no weight."""
-        g = chunks.shape[2]
-        if self.config.downscale == "mean":
-            z = chunks.mean(dim=2)  # [b, n, d]
-            if first_pad:  # padded slots are zeros: rescale chunk 0 to the mean of its real tokens
-                z = torch.cat([z[:, :1] * (g / (g - first_pad)), z[:, 1:]], dim=1)
-            return z
-        scores = self.aggregate[str(t)](chunks)  # [b, n, g, 1]
-        if first_pad:
-            pad = torch.arange(g, device=chunks.device) < first_pad  # [g]
-            scores = torch.cat([scores[:, :1].masked_fill(pad[None, None, :, None], float("-inf")), scores[:, 1:]], 1)
-        return (softmax_fp32(scores, dim=2) * chunks).sum(dim=2)  # [b, n, d]
+        scores = self.aggregate[str(t)](chunks) if self.config.downscale == "self-aggregation" else None
+        return F.aggregate(chunks, scores, first_pad, dim=1)  # [b, n, d]
 
     def upscale(self, t: int, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """latent update delta [b, n, d] -> token update [b, n*g, d]."""
-        b, n, d = delta.shape
-        g = self.chunk_sizes[t]
         if self.config.upscale == "repeat":
-            return delta[:, :, None].expand(b, n, g, d).reshape(b, n * g, d)
-        beta = softmax_fp32(self.allocate[str(t)](y), dim=-1)  # [b, n, g]
-        slots = beta[..., None] * delta[:, :, None]  # [b, n, g, d]
-        return (math.sqrt(g) * slots).reshape(b, n * g, d)  # slot k gets sqrt(g) beta_k delta [ours]
+            return F.repeat(delta, self.chunk_sizes[t], dim=1)
+        return F.allocate(self.allocate[str(t)](y), delta, dim=1)
 
     def latent_angles(self, t: int, j: torch.Tensor):
         """RoPE angles of latents j: their chunk's last token j*g + g - 1 - w [ours], or j."""
-        g, w = self.chunk_sizes[t], self.offsets[t]
-        pos = j * g + (g - 1 - w) if self.config.latent_positions == "chunk-end" else j
+        pos = F.latent_positions(j, self.chunk_sizes[t], self.offsets[t], self.config.latent_positions)
         return rotary_angles(self.config, pos)
 
-    # ---- topology (SPEC.md 3.5) ----
-    def init(self, h0: torch.Tensor):
+    # ---- topology (docs/MODEL.md 3.5) ----
+    def init(self, h0: torch.Tensor, embeddings: torch.Tensor):
+        """h0: the prelude output [b, s, d]; embeddings: the raw token embeddings [b, s, d]."""
         if self.config.topology == "anchor":
             return (h0, h0)
-        if self.config.topology == "mesh":  # slot 0 = loop input, the rest zeros
-            rest = h0.new_zeros((self.config.mesh_slots - 1,) + h0.shape)
-            return (h0, torch.cat([h0[None], rest], dim=0))  # (h, slots [B, b, s, d])
+        if self.config.topology == "mesh":  # slot 0 = embeddings; transitional write-read of h0
+            slots = F.mesh_write(F.mesh_slots(embeddings, self.config.mesh_slots), h0, self.mesh_init_write(h0))
+            return (F.mesh_read(slots, self.mesh_init_read(h0)), slots)  # (h, slots [B, b, s, d])
         return (h0,)
 
     def write(self, state, u: torch.Tensor, t: int):
         if self.config.topology == "anchor":
-            return (state[1] + u, state[1])
+            return (F.anchor_write(state[1], u), state[1])
         if self.config.topology == "mesh":
-            h, slots = state
-            w = softmax_fp32(self.mesh_write[t](u), dim=-1)  # [b, s, B]
-            slots = slots + w.permute(2, 0, 1)[..., None] * u[None]  # [B, b, s, d]
-            r = softmax_fp32(self.mesh_read[t](h), dim=-1)  # [b, s, B]
-            return (torch.einsum("bsk,kbsd->bsd", r, slots), slots)
-        return (state[0] + u,)
+            h, slots = state  # both routers read h(t), the state that entered iteration t
+            slots = F.mesh_write(slots, u, self.mesh_write[t](h))  # [B, b, s, d]
+            return (F.mesh_read(slots, self.mesh_read[t](h)), slots)
+        return (F.residual_write(state[0], u),)
 
     # ---- whole sequences ----
-    def forward(self, h: torch.Tensor, caches: Optional[List[LevelCache]] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, embeddings: torch.Tensor,
+                caches: Optional[List[LevelCache]] = None) -> torch.Tensor:
         """h: [b, L, d] loop input, padded here at its END to a multiple of every chunk size
-        (causality keeps the padding out of real tokens). If `caches` is a list, one
-        LevelCache per iteration is appended for decoding after these L tokens."""
+        (causality keeps the padding out of real tokens); embeddings: [b, L, d] the raw token
+        embeddings (MeSH's slot 0). If `caches` is a list, one LevelCache per iteration is
+        appended for decoding after these L tokens."""
         b, L, d = h.shape
         m = self.config.padding_multiple
         S = -(-L // m) * m
         if S > L:
             h = torch.cat([h, h.new_zeros(b, S - L, d)], dim=1)  # [b, S, d]
-        state = self.init(h)
+            embeddings = torch.cat([embeddings, embeddings.new_zeros(b, S - L, d)], dim=1)
+        state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
             state = self.write(state, self.iteration(t, state[0], L, caches), t)
         return state[0][:, :L]
@@ -138,14 +115,14 @@ class SpiralLoop(nn.Module):
     def iteration(self, t: int, h: torch.Tensor, L: int, caches) -> torch.Tensor:
         b, S, d = h.shape
         g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
-        x = shift_right(h, w)  # [b, S, d]
+        x = F.shift_right(h, w, dim=1)  # [b, S, d]
         n = S // g
         z = self.downscale(t, x.view(b, n, g, d), first_pad=w) if g > 1 else x  # [b, n, d]
         y, kv = self.core(z, self.latent_angles(t, torch.arange(n, device=h.device)))  # [b, n, d]
         u = self.upscale(t, y, y - z) if g > 1 else y - z  # [b, S, d]
         if caches is not None:
             caches.append(self._level_cache(h, u, kv, g, w, L))
-        return shift_right(u, s - w)
+        return F.shift_right(u, s - w, dim=1)
 
     @staticmethod
     def _level_cache(h, u, kv, g: int, w: int, L: int) -> LevelCache:
@@ -159,10 +136,11 @@ class SpiralLoop(nn.Module):
         closed = {j: u[:, j * g : (j + 1) * g] for j in (n_c - 2, n_c - 1) if j >= 0}
         return LevelCache([(k[:, :, :n_c], v[:, :, :n_c]) for k, v in kv], pending, closed)
 
-    # ---- one new token (SPEC.md 6) ----
-    def step(self, h: torch.Tensor, i: int, caches: List[LevelCache]) -> torch.Tensor:
-        """h: [b, 1, d] loop input of the token at position i; updates `caches` in place."""
-        state = self.init(h)
+    # ---- one new token (docs/MODEL.md 6) ----
+    def step(self, h: torch.Tensor, embeddings: torch.Tensor, i: int, caches: List[LevelCache]) -> torch.Tensor:
+        """h: [b, 1, d] loop input of the token at position i, embeddings [b, 1, d] its raw
+        embedding; updates `caches` in place. The topology is per token: no cache needed."""
+        state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
             state = self.write(state, self.step_iteration(t, state[0], i, caches[t]), t)
         return state[0]

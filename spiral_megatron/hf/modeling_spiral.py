@@ -1,4 +1,4 @@
-"""SpiralForCausalLM: SpiralFormer for Hugging Face `transformers` (SPEC.md), plain PyTorch.
+"""SpiralForCausalLM: SpiralFormer for Hugging Face `transformers` (docs/MODEL.md), plain PyTorch.
 
     tokens -> embed_tokens -> prelude -> loop (core x T, multi-resolution) -> coda -> norm -> lm_head
 
@@ -6,14 +6,19 @@ Shipped inside converted model folders (`trust_remote_code=True`); imports only 
 transformers and its sibling files. Matches the Megatron model of `spiral_megatron` (same
 math, batch-first [b, s, d] instead of [s, b, d]).
 
-Decoding (SPEC.md section 6): `SpiralCache` holds the prelude's and coda's keys/values for
+Decoding (docs/MODEL.md section 6): `SpiralCache` holds the prelude's and coda's keys/values for
 every token and, per loop level, a latent key/value cache; a new token runs prelude and coda,
 and the core of level t only when it closes one of level t's chunks.
 
-Positions are always 0..n-1 (plus the cached length): chunk boundaries are absolute token
-positions, so `position_ids` are ignored and padded batches are refused (see `_check_mask`).
+Positions count from each row's first real token: chunk boundaries are token positions, so
+`position_ids` are ignored. A left-padded batch (attention_mask 0...0 1...1 per row) runs row
+by row, each row without its padding and with its own cache (`SpiralRowsCache`): every row's
+chunks then start at its first real token, at every level, exactly as the row alone; the batch
+gives batch size 1's tokens, at batch size 1's speed (see `_row_pads`).
 """
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -47,6 +52,25 @@ class SpiralCache:
         self.coda = [(fn(k), fn(v)) for k, v in self.coda]
         for level in self.levels:
             level.map(fn)
+
+
+class SpiralRowsCache:
+    """The cache of a left-padded batch: one SpiralCache per row (each row runs alone, without
+    its padding) and the number of columns of the batch seen so far."""
+
+    def __init__(self, rows: List[SpiralCache], seen_tokens: int):
+        self.rows, self.seen_tokens = rows, seen_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select rows (beam search); a row picked twice gets its own copy (caches grow in place)."""
+        picked, rows = set(), []
+        for i in beam_idx.tolist():
+            rows.append(copy.deepcopy(self.rows[i]) if i in picked else self.rows[i])
+            picked.add(i)
+        self.rows = rows
 
 
 # transformers 5 renamed the output's `past_key_values` to `cache` (and renames it on init).
@@ -109,20 +133,25 @@ class SpiralModel(SpiralPreTrainedModel):
 
     def forward(self, input_ids: torch.LongTensor, cache: Optional[SpiralCache] = None, use_cache: bool = False):
         """input_ids [b, n]. Without a cache: the whole sequence (and, with `use_cache`, a new
-        SpiralCache). With one: the n new tokens, one at a time (SPEC.md 6)."""
+        SpiralCache). With one: the n new tokens, one at a time (docs/MODEL.md 6)."""
         if cache is None:
             return self._full(input_ids, use_cache)
         outs = [self._step(input_ids[:, k : k + 1], cache) for k in range(input_ids.shape[1])]
         return torch.cat(outs, dim=1), cache
 
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings [b, n, d], times sqrt(d) with `scale_embeddings` (MeSH appendix B)."""
+        e = self.embed_tokens(input_ids)
+        return e * math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else e
+
     def _full(self, input_ids, use_cache: bool):
         L = input_ids.shape[1]
         angles = rotary_angles(self.config, torch.arange(L, device=input_ids.device))
-        h = self.embed_tokens(input_ids)  # [b, L, d]
-        h, pre_kv = self.prelude(h, angles)
+        e = self.embed(input_ids)  # [b, L, d]
+        h, pre_kv = self.prelude(e, angles)
         levels = [] if use_cache else None
         if self.loop is not None:
-            h = self.loop(h, levels)
+            h = self.loop(h, e, levels)
         h, coda_kv = self.coda(h, angles)
         cache = SpiralCache(pre_kv, coda_kv, levels, L) if use_cache else None
         return self.norm(h), cache
@@ -130,10 +159,10 @@ class SpiralModel(SpiralPreTrainedModel):
     def _step(self, input_ids, cache: SpiralCache) -> torch.Tensor:
         i = cache.seen_tokens
         angles = rotary_angles(self.config, torch.tensor([i], device=input_ids.device))
-        h = self.embed_tokens(input_ids)  # [b, 1, d]
-        h, cache.prelude = self.prelude(h, angles, cache.prelude)
+        e = self.embed(input_ids)  # [b, 1, d]
+        h, cache.prelude = self.prelude(e, angles, cache.prelude)
         if self.loop is not None:
-            h = self.loop.step(h, i, cache.levels)
+            h = self.loop.step(h, e, i, cache.levels)
         h, cache.coda = self.coda(h, angles, cache.coda)
         cache.seen_tokens = i + 1
         return self.norm(h)
@@ -183,9 +212,12 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
             raise ValueError("SpiralForCausalLM takes input_ids, not inputs_embeds")
         past = past_key_values if past_key_values is not None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        _check_mask(attention_mask, past, use_cache)
-        h, new_cache = self.model(input_ids, past, use_cache or past is not None)
-        logits = self.lm_head(h)  # [b, n, V]
+        pads = _row_pads(attention_mask, input_ids.shape[1], past, use_cache)
+        if pads is not None or isinstance(past, SpiralRowsCache):
+            logits, new_cache = self._forward_rows(input_ids, pads, past, use_cache or past is not None)
+        else:
+            h, new_cache = self.model(input_ids, past, use_cache or past is not None)
+            logits = self.lm_head(h)  # [b, n, V]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -193,6 +225,20 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
             )
         out = SpiralCausalLMOutput(loss=loss, logits=logits, **{CACHE_FIELD: new_cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+    def _forward_rows(self, input_ids, pads: Optional[List[int]], past: Optional[SpiralRowsCache], use_cache: bool):
+        """A left-padded batch, row by row: logits [b, n, V] (zeros at padding) and a
+        SpiralRowsCache. Without `past`, row r's first pads[r] tokens are padding."""
+        b, n = input_ids.shape
+        logits = torch.zeros(b, n, self.config.vocab_size, dtype=self.lm_head.weight.dtype, device=input_ids.device)
+        rows = []
+        for r in range(b):
+            start = pads[r] if past is None else 0
+            h, cache = self.model(input_ids[r : r + 1, start:], past.rows[r] if past is not None else None, use_cache)
+            logits[r : r + 1, start:] = self.lm_head(h)  # [1, n - start, V]
+            rows.append(cache)
+        seen = n if past is None else past.seen_tokens + n
+        return logits, (SpiralRowsCache(rows, seen) if use_cache else None)
 
     # ---- generate() glue, independent of the transformers version's own cache plumbing ----
     def prepare_inputs_for_generation(self, input_ids, spiral_cache=None, attention_mask=None, use_cache=None, **kw):
@@ -214,20 +260,29 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
         return past
 
 
-def _check_mask(attention_mask, past, use_cache: bool) -> None:
-    """Accept no mask, an all-ones mask, or right padding of a full forward without a cache.
+def _row_pads(attention_mask, num_new: int, past, use_cache: bool) -> Optional[List[int]]:
+    """The padding of each row when the batch is left-padded (run row by row), else None.
 
-    Left (or any) padding with a cache is refused: chunk boundaries are absolute token
-    positions, so a padded row would be chunked differently than the same prompt alone.
+    Accepted: no mask or an all-ones mask; left padding (0...0 1...1 per row) when the batch
+    starts (no cache yet); right padding (1...1 0...0) in a plain forward without a cache. After a
+    left-padded start (a SpiralRowsCache), the new tokens must all be real.
     """
     if attention_mask is None or bool(attention_mask.all()):
-        return
-    right_padded = bool((attention_mask.long().diff(dim=-1) <= 0).all())  # 1...1 0...0 per row
-    if past is None and not use_cache and right_padded:
-        return
+        return None
+    if isinstance(past, SpiralRowsCache):
+        if bool(attention_mask[:, -num_new:].all()):
+            return None
+        raise ValueError("SpiralForCausalLM: tokens after a left-padded start must all be real (attention_mask 1)")
+    mask = attention_mask.long()
+    steps = mask.diff(dim=-1)
+    if past is None and bool((steps >= 0).all()):  # 0...0 1...1 per row
+        if not bool(mask[:, -1].all()):
+            raise ValueError("SpiralForCausalLM: a row of the batch has no real token (attention_mask all 0)")
+        return (mask.shape[1] - mask.sum(dim=1)).tolist()
+    if past is None and not use_cache and bool((steps <= 0).all()):  # 1...1 0...0: right padding
+        return None
     raise ValueError(
-        "SpiralForCausalLM cannot run padded batches with a cache (attention_mask has zeros): "
-        "SpiralFormer chunks tokens by absolute position, so a left-padded prompt would be chunked "
-        "differently than alone. Generate prompts one at a time (or batch prompts of equal length); "
-        "right padding works only in a plain forward with use_cache=False."
+        "SpiralForCausalLM: attention_mask must be left padding (0...0 1...1 per row) at the start of a "
+        "batch, or right padding in a plain forward with use_cache=False; padding in the middle of a row or "
+        "added to a running cache is not supported (chunk boundaries count from a row's first real token)."
     )

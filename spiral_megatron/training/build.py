@@ -1,20 +1,17 @@
 """Model, Megatron DDP, optimizer and LR scheduler for a TrainingConfig, all from megatron.core."""
 
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
-from spiral_megatron import flavors
+from spiral_megatron import flavors, fusions
 from spiral_megatron.layer_specs import have_transformer_engine
-from spiral_megatron.model_args import ModelArgs, build_model
-from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length
+from spiral_megatron.model_args import ARCHITECTURE_FIELDS, ModelArgs, build_model
+from spiral_megatron.training import model_fields
+from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length, warmup_iters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# SpiralConfig fields that place the model on the pipeline: not architecture (model_args.json
-# leaves them out, so a checkpoint loads at any layout), passed at build time.
-PIPELINE_FIELDS = ("loop_placement", "pipeline_split")
-
 
 @dataclass
 class Components:
@@ -35,15 +32,36 @@ def padded_vocab_size(vocab_size: int, cfg: TrainingConfig) -> int:
 
 def make_model_args(cfg: TrainingConfig, vocab_size: int) -> ModelArgs:
     """The architecture (flavor + overrides) as saved in model_args.json."""
-    spiral = flavors.get(cfg.model["flavor"]).config(**model_overrides(cfg))
+    spiral = flavors.get(cfg.model["flavor"]).config(**model_fields.as_config_kwargs(model_overrides(cfg)))
     return ModelArgs.from_config(spiral, vocab_size=padded_vocab_size(vocab_size, cfg),
                                  max_sequence_length=seq_length(cfg))
 
 
+def backend(cfg: TrainingConfig, on_cpu: bool) -> str:
+    """The layer-spec backend: `model.transformer_impl` when set (Megatron-LM's
+    --transformer-impl), else Transformer Engine on GPUs where importable, else local."""
+    chosen = cfg.model.get("transformer_impl")
+    if chosen is not None:
+        return chosen
+    return "transformer_engine" if not on_cpu and have_transformer_engine() else "local"
+
+
+def fusion_defaults(cfg: TrainingConfig, on_cpu: bool):
+    """(Megatron-LM's default fusions for this run, one line per fusion left off), see fusions.py."""
+    flavor = flavors.get(cfg.model["flavor"]).model
+    arch = {**flavor, **model_fields.as_config_kwargs(model_overrides(cfg))}
+    return fusions.defaults(not on_cpu, backend(cfg, on_cpu), arch)
+
+
 def runtime_overrides(cfg: TrainingConfig, on_cpu: bool) -> dict:
-    """SpiralConfig fields that depend on the run, not the architecture."""
+    """SpiralConfig fields that are not architecture: Megatron-LM's fusion defaults, then every
+    non-architecture `model.<field>` the user set (model_fields.py refuses the rest), then what
+    the job's own keys decide."""
     dtype = DTYPES[cfg.precision]
-    runtime = dict(
+    runtime, _ = fusion_defaults(cfg, on_cpu)
+    user = model_fields.as_config_kwargs(model_overrides(cfg))
+    runtime.update({k: v for k, v in user.items() if k not in ARCHITECTURE_FIELDS})
+    runtime.update(
         tensor_model_parallel_size=cfg.tensor_parallel,
         pipeline_model_parallel_size=cfg.pipeline_parallel,
         sequence_parallel=cfg.sequence_parallel,
@@ -52,36 +70,54 @@ def runtime_overrides(cfg: TrainingConfig, on_cpu: bool) -> dict:
         pipeline_dtype=dtype,
         bf16=cfg.precision == "bf16",
         fp16=cfg.precision == "fp16",
+        transformer_impl=backend(cfg, on_cpu),
     )
-    model = model_overrides(cfg)
-    runtime.update({k: model[k] for k in PIPELINE_FIELDS if k in model})
     if cfg.fp8 is not None:
         runtime.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
     return runtime
 
 
+def model_config(cfg: TrainingConfig, on_cpu: bool):
+    """The SpiralConfig every rank builds its stage with (what `build` passes to the model)."""
+    return make_model_args(cfg, cfg.tokenizer_vocab_size).spiral_config(**runtime_overrides(cfg, on_cpu))
+
+
+def ddp_config(cfg: TrainingConfig):
+    """Megatron DDP as Megatron-LM runs it on GPUs: gradient reduction overlapped with the
+    backward pass and, with the distributed optimizer, the parameter all-gather overlapped with
+    the next forward (`--overlap-grad-reduce --overlap-param-gather`); gradients reduced in fp32."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+        overlap_param_gather=cfg.use_distributed_optimizer,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+
+
 def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     """This pipeline stage of the SpiralGPTModel in Megatron DDP, Megatron's Adam and
-    OptimizerParamScheduler."""
+    OptimizerParamScheduler. Weights are drawn layout-independently from `cfg.seed`."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from spiral_megatron import init
     from spiral_megatron.pipeline import finalize_model_grads
 
     args = make_model_args(cfg, vocab_size)
-    backend = "transformer_engine" if not on_cpu and have_transformer_engine() else "local"
-    module = build_model(args, backend=backend, pre_process=parallel_state.is_pipeline_first_stage(),
+    _, notes = fusion_defaults(cfg, on_cpu)
+    if notes and torch.distributed.get_rank() == 0:
+        print("\n".join(notes), flush=True)
+    module = build_model(args, backend=backend(cfg, on_cpu), pre_process=parallel_state.is_pipeline_first_stage(),
                          post_process=parallel_state.is_pipeline_last_stage(),
                          **runtime_overrides(cfg, on_cpu))
     if not on_cpu:
         module.cuda(torch.cuda.current_device())
+    init.initialize(module, cfg.seed)
     config = module.config
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer
-    )
-    model = DistributedDataParallel(config, ddp_config, module)
+    model = DistributedDataParallel(config, ddp_config(cfg), module)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
@@ -93,7 +129,7 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     samples = cfg.global_batch_size  # Megatron's scheduler counts samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters * samples,
+        lr_warmup_steps=warmup_iters(cfg) * samples,
         lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * samples,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=cfg.train_iters * samples, wd_incr_style="constant",
@@ -104,3 +140,14 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     config.no_sync_func = model.no_sync
     config.grad_scale_func = optimizer.scale_loss
     return Components(model, module, optimizer, scheduler, args)
+
+
+def sync_params(model) -> None:
+    """Finish the deferred parameter all-gather now (before a checkpoint is saved).
+
+    With `overlap_param_gather` the optimizer step updates only this rank's shard and the
+    all-gather of the updated weights runs in the next forward's pre-hooks, so between a step
+    and the next forward the full weights are stale (Megatron-LM's `force_param_sync`)."""
+    if model.ddp_config.overlap_param_gather:
+        model.start_param_sync(force_sync=True)
+

@@ -23,7 +23,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.training.build import Components
+from spiral_megatron.training.build import Components, sync_params
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's format, as Megatron-LM's default: megatron-core 0.16's own
@@ -90,6 +90,7 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
         folder.mkdir(parents=True)
     _barrier()
     layout = _layout()
+    sync_params(parts.model)  # the weights must be current: overlap_param_gather defers their all-gather
     model_sd = parts.module.sharded_state_dict()
     state = {
         "model": model_sd,

@@ -5,8 +5,10 @@ size is known. Both raise ConfigError.
 """
 
 import dataclasses
+import difflib
 import math
 
+from spiral_megatron.training import model_fields
 from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
                                              TrainingConfig, model_overrides, seq_length)
 
@@ -30,9 +32,7 @@ def check(cfg: TrainingConfig) -> None:
             raise ConfigError(f"{name} {value!r} must be finite and >= 0")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr {cfg.min_lr} must be <= lr {cfg.lr}")
-    if cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= (cfg.lr_decay_iters or cfg.train_iters):
-        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
-                          f"lr_decay_iters (or train_iters) {cfg.lr_decay_iters or cfg.train_iters}")
+    _check_warmup(cfg)
     for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
                           ("backend", BACKENDS)):
         if getattr(cfg, name) not in allowed:
@@ -45,13 +45,45 @@ def check(cfg: TrainingConfig) -> None:
     if cfg.loss_scale is not None and cfg.precision != "fp16":
         raise ConfigError(f"loss_scale {cfg.loss_scale} is only used with precision fp16, "
                           f"got precision {cfg.precision!r}")
+    if cfg.fp8 is not None and cfg.fp8 not in FP8_FORMATS:
+        raise ConfigError(f"fp8 {cfg.fp8!r} must be one of {FP8_FORMATS} (or none)")
     if cfg.fp8 is not None and cfg.precision == "fp32":
         raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
-    if cfg.mock_data and cfg.data_path:
-        raise ConfigError(f"mock_data true and data_path {cfg.data_path} exclude each other")
+    _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
         raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
     _check_model(cfg)
+
+
+def _check_warmup(cfg: TrainingConfig) -> None:
+    decay = cfg.lr_decay_iters or cfg.train_iters
+    if cfg.lr_warmup_fraction is not None:
+        if cfg.lr_warmup_iters:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} and lr_warmup_iters "
+                              f"{cfg.lr_warmup_iters} exclude each other (as in Megatron-LM)")
+        if not 0 <= cfg.lr_warmup_fraction < 1:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} must be in [0, 1)")
+    elif cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= decay:
+        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
+                          f"lr_decay_iters (or train_iters) {decay}; or give lr_warmup_fraction")
+
+
+def _check_data(cfg: TrainingConfig) -> None:
+    from spiral_megatron.training.dataset_check import parse_split
+
+    if cfg.split is not None:
+        parse_split(cfg.split)
+    if cfg.mock_data and (cfg.data_path or cfg.train_data_path):
+        raise ConfigError(f"mock_data true and data_path {cfg.data_path or cfg.train_data_path} "
+                          "exclude each other")
+    if cfg.data_path and (cfg.train_data_path or cfg.valid_data_path):
+        raise ConfigError(f"data_path {cfg.data_path} and train_data_path/valid_data_path exclude "
+                          "each other (as in Megatron-LM): data_path is divided by split")
+    if cfg.valid_data_path and not cfg.train_data_path:
+        raise ConfigError(f"valid_data_path {cfg.valid_data_path} needs train_data_path")
+    if cfg.train_data_path and not cfg.valid_data_path and cfg.eval_interval:
+        raise ConfigError(f"train_data_path {cfg.train_data_path} needs valid_data_path to evaluate "
+                          f"(eval_interval {cfg.eval_interval}); or set eval_interval none")
 
 
 def _check_model(cfg: TrainingConfig) -> None:
@@ -69,9 +101,13 @@ def _check_model(cfg: TrainingConfig) -> None:
     fields = {f.name for f in dataclasses.fields(SpiralConfig)}
     for key, value in model.items():
         if key not in fields:
-            raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig field")
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean --model.{close[0].replace('_', '-')}?" if close else ""
+            raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
+                              f"field{hint}")
+    model_fields.check(model)
     try:
-        spiral = flavor.config(**model)
+        spiral = flavor.config(**model_fields.as_config_kwargs(model))
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"model {cfg.model!r}: {e}") from None
     if spiral.num_attention_heads % cfg.tensor_parallel:
@@ -83,29 +119,61 @@ def _check_model(cfg: TrainingConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
     _check_pipeline(cfg, spiral)
-    _check_fp8_shapes(cfg, spiral)
+    _check_fp8(cfg, spiral)
+    _check_runtime_config(cfg)
 
 
+def _check_runtime_config(cfg: TrainingConfig) -> None:
+    """Build the exact SpiralConfig the job will build (architecture + runtime fields), so
+    Megatron's own validation of the combination fails here, before any compute."""
+    import torch
+
+    from spiral_megatron.training.build import model_config
+
+    try:
+        model_config(cfg, on_cpu=not torch.cuda.is_available())
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model {cfg.model!r} with tensor_parallel {cfg.tensor_parallel}, pipeline_parallel "
+                          f"{cfg.pipeline_parallel}, precision {cfg.precision!r}: {e}") from None
+
+
+FP8_FORMATS = ("e4m3", "hybrid")
 # Transformer Engine's FP8 GEMMs need their token count to be a multiple of this (by recipe).
 FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
 
 
-def _check_fp8_shapes(cfg: TrainingConfig, spiral) -> None:
-    """Every GEMM of every resolution must have a token count FP8 can take (MEGATRON-NOTES.md):
-    (seq_length / g [/ tp under SP]) x micro_batch_size, for the full length and each chunk size."""
+def _check_fp8(cfg: TrainingConfig, spiral) -> None:
+    """The recipe must suit the loop, and every GEMM of every resolution must have a token
+    count FP8 can take (MEGATRON-NOTES.md): prelude and coda see seq_length tokens per sample,
+    the core at chunk size g sees padded_length / g (the loop pads to a multiple of every chunk
+    size), each / tp under SP, x micro_batch_size."""
+    from spiral_megatron import schedule
+
     if cfg.fp8 is None:
         return
     multiple = FP8_TOKEN_MULTIPLE.get(cfg.fp8_recipe)
     if multiple is None:
         raise ConfigError(f"fp8_recipe {cfg.fp8_recipe!r} must be one of {tuple(FP8_TOKEN_MULTIPLE)}")
-    split = cfg.tensor_parallel if cfg.sequence_parallel else 1
-    for g in sorted({1, *spiral.chunk_sizes}):
-        tokens = seq_length(cfg) // g // split * cfg.micro_batch_size
+    if cfg.fp8_recipe == "delayed" and spiral.num_loops > 1:
+        # One amax history per TE module, and Megatron opens one autocast region around the
+        # block: T calls at different resolutions per step would share (and corrupt) it.
+        raise ConfigError(
+            f"fp8_recipe 'delayed' with a loop of {spiral.num_loops} iterations (chunk_sizes "
+            f"{spiral.chunk_sizes}): delayed scaling keeps one amax history per module and the core "
+            f"runs each module {spiral.num_loops} times per step; use tensorwise, blockwise or mxfp8")
+    seq, split, mbs = seq_length(cfg), cfg.tensor_parallel if cfg.sequence_parallel else 1, cfg.micro_batch_size
+    padded = schedule.padded_length(seq, spiral.levels)
+    gemms = [(f"the core at chunk size {g}", padded, g) for g in sorted(set(spiral.chunk_sizes), reverse=True)]
+    if spiral.num_layers > spiral.num_core_layers:
+        gemms.append(("prelude/coda (full resolution)", seq, 1))
+    tp = f" / tp {split}" if split > 1 else ""
+    for where, length, g in gemms:
+        tokens = length // g // split * mbs
         if tokens % multiple:
+            pad = f" padded to {length}" if length != seq else ""
             raise ConfigError(
-                f"fp8 {cfg.fp8!r} with fp8_recipe {cfg.fp8_recipe!r}: a GEMM at chunk size {g} sees "
-                f"seq_length {seq_length(cfg)} / {g}{f' / tp {split}' if split > 1 else ''} x micro_batch_size "
-                f"{cfg.micro_batch_size} = {tokens} tokens, not a multiple of {multiple}")
+                f"fp8 {cfg.fp8!r} with fp8_recipe {cfg.fp8_recipe!r}: {where} sees seq_length {seq}{pad} / {g}{tp} "
+                f"x micro_batch_size {mbs} = {tokens} tokens per GEMM, not a multiple of {multiple}")
 
 
 def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
@@ -132,6 +200,10 @@ def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
 def check_world(cfg: TrainingConfig, world_size: int) -> int:
     """Refuse a layout the world size cannot hold; returns the data-parallel size."""
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    if world_size < model_parallel:
+        raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} "
+                          f"needs at least {model_parallel} processes; {world_size} were started "
+                          "(torchrun --nproc_per_node x nodes)")
     if world_size % model_parallel:
         raise ConfigError(f"world size {world_size} is not a multiple of tensor_parallel "
                           f"{cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel}")

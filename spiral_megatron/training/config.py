@@ -60,8 +60,12 @@ class TrainingConfig:
     min_lr: float = 3e-4
     """Learning rate at the end of the decay."""
 
-    lr_warmup_iters: int = 20
-    """Linear warmup steps from 0 to lr."""
+    lr_warmup_iters: int = 0
+    """Linear warmup steps from 0 to lr (excludes lr_warmup_fraction)."""
+
+    lr_warmup_fraction: Optional[float] = None
+    """Warmup as a fraction of lr_decay_iters (or train_iters), as Megatron-LM's; None = use
+    lr_warmup_iters."""
 
     lr_decay_iters: Optional[int] = None
     """Steps over which lr decays to min_lr; None = train_iters."""
@@ -100,22 +104,36 @@ class TrainingConfig:
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
 
     seed: int = 1234
-    """Seed for model init and data order."""
+    """Seed for model init and the training data order."""
+
+    valid_seed: int = 1234
+    """Seed of the validation samples' order, apart from `seed` so that runs of any seed score
+    the same validation sequences."""
 
     data_path: Optional[List[str]] = None
-    """Indexed dataset prefixes, optionally weighted ("0.7 a 0.3 b"); None = embedded corpus."""
+    """Indexed dataset prefixes, optionally weighted ("0.7 a 0.3 b"), divided by `split`;
+    None = the embedded corpus (or train_data_path and valid_data_path)."""
+
+    train_data_path: Optional[List[str]] = None
+    """Training data used whole, as Megatron-LM's --train-data-path (excludes data_path)."""
+
+    valid_data_path: Optional[List[str]] = None
+    """Validation data used whole, as Megatron-LM's --valid-data-path (with train_data_path)."""
 
     mock_data: bool = False
     """Train on Megatron's MockGPTDataset (random tokens) instead of text."""
 
-    split: str = "969,30,1"
-    """Train/valid/test split of the documents, as Megatron's --split."""
+    split: Optional[str] = None
+    """Train/valid/test split of data_path's documents, as Megatron's --split (the test part is
+    never read); None = 969,30,1, or for data too small for it the fewest last documents that
+    fill a validation sample (printed)."""
 
     tokenizer: Optional[str] = None
     """Folder or tokenizer.json of a Hugging Face tokenizer; None = the embedded corpus's."""
 
     tokenizer_vocab_size: int = 512
-    """Vocabulary of the BPE trained on the embedded corpus."""
+    """Vocabulary of the BPE trained on the embedded corpus (or of mock data); with `tokenizer`,
+    read from it."""
 
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding rows to a multiple of this x tensor_parallel."""
@@ -150,6 +168,10 @@ class TrainingConfig:
 
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None = from the GPU's name (unknown on CPU)."""
+
+    check_memory: bool = True
+    """Refuse, before the first step, a run whose estimated memory per process (a lower bound,
+    training/memory.py) exceeds what the device or host has."""
 
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
@@ -209,18 +231,22 @@ def _coerce(key: str, value: Any, tp) -> Any:
 
 def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
     """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
+    from spiral_megatron.training import cli
+
     values = cfg.to_dict()
-    for raw_key, value in overrides.items():
-        key = raw_key.replace("-", "_")
-        if key.startswith("model."):
-            values["model"] = {**values["model"], key[len("model."):]: value}
-        elif key == "model" and isinstance(value, str):
-            values["model"] = {"flavor": value}
-        elif key in _FIELDS:
-            values[key] = _coerce(key, value, _TYPES[key])
-        else:
-            raise ConfigError(f"unknown config key {raw_key!r} (value {value!r}); known keys: "
-                              f"{', '.join(sorted(_FIELDS))}")
+    for raw_key, raw_value in overrides.items():
+        pairs = cli.canonical(raw_key, raw_value, _FIELDS)
+        if not pairs:
+            raise ConfigError(cli.unknown_key_message(raw_key, raw_value, _FIELDS))
+        for key, value in pairs:
+            if key.startswith("model."):
+                values["model"] = {**values["model"], key[len("model."):]: value}
+            elif key == "model" and isinstance(value, str):
+                values["model"] = {"flavor": value}
+            elif key == "model" and not isinstance(value, dict):
+                raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
+            else:
+                values[key] = _coerce(key, value, _TYPES[key])
     return TrainingConfig(**values)
 
 
@@ -252,18 +278,75 @@ def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingCo
     """The config from `--config PATH` (else `default_path`) plus the other `--key value` pairs."""
     overrides = parse_cli(argv)
     path = overrides.pop("config", None) or default_path
-    cfg = TrainingConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
-        cfg = apply(cfg, data)
-    cfg = apply(cfg, overrides)
+    data = read_yaml(Path(path)) if path is not None else {}
+    cfg = apply(TrainingConfig(), data)
+    cfg = apply(cfg, _drop_excluded(data, overrides))
+    cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
     check(cfg)
     return cfg
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    """The mapping in YAML file `path`; ConfigError naming the file (and line) otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {str(path)!r} is not a text file (byte {e.start} is not UTF-8)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {str(path)!r}{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+# Keys of which one excludes the other: a command-line value of one drops the YAML's other.
+EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_data_path"))
+
+
+def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """`overrides`, plus a reset to the default of each YAML key the command line excludes."""
+    given = {k.replace("-", "_") for k in overrides}
+    resets = {b: _FIELDS[b].default for a, b in EXCLUSIVE if a in given and b in data and b not in given}
+    resets.update({a: _FIELDS[a].default for a, b in EXCLUSIVE if b in given and a in data and a not in given})
+    return {**resets, **overrides}
+
+
+def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConfig:
+    """Fill `tokenizer` for data made by tools/preprocess_data.py (its tokenizer lies beside the
+    data as <prefix>_tokenizer) and `tokenizer_vocab_size` from the tokenizer, so the resolved
+    config shows what the model uses; a contradicting tokenizer_vocab_size is refused."""
+    data = cfg.data_path or cfg.train_data_path
+    if cfg.tokenizer is None and data and not cfg.mock_data:
+        beside = Path(data[-1] + "_tokenizer")
+        if len(data) == 1 and (beside / "tokenizer.json").is_file():
+            cfg = dataclasses.replace(cfg, tokenizer=str(beside))
+            print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
+    if cfg.tokenizer is None:
+        return cfg
+    from spiral_megatron.training.tokenizer import Tokenizer
+
+    try:
+        vocab = Tokenizer.load(cfg.tokenizer).vocab_size
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except Exception as e:  # tokenizers raises on a file that is not a tokenizer
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r}: not a Hugging Face tokenizer.json ({e})") from None
+    if explicit_vocab and cfg.tokenizer_vocab_size != vocab:
+        raise ConfigError(f"tokenizer_vocab_size {cfg.tokenizer_vocab_size} contradicts tokenizer "
+                          f"{cfg.tokenizer!r}, which has {vocab} tokens (leave it out)")
+    return dataclasses.replace(cfg, tokenizer_vocab_size=vocab)
+
+
+def warmup_iters(cfg: TrainingConfig) -> int:
+    """Warmup steps: lr_warmup_fraction of the decay steps (Megatron-LM), else lr_warmup_iters."""
+    if cfg.lr_warmup_fraction is not None:
+        return int(round(cfg.lr_warmup_fraction * (cfg.lr_decay_iters or cfg.train_iters)))
+    return cfg.lr_warmup_iters
 
 
 def check(cfg: TrainingConfig) -> None:

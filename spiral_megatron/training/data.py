@@ -11,47 +11,67 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from spiral_megatron.training.config import ConfigError, TrainingConfig
 
 
+Blend = Tuple[List[str], Optional[List[float]]]
+
+
 @dataclass
 class DataSource:
-    """Where the tokens come from: a Megatron blend (None = mock data) and the tokenizer."""
+    """Where the tokens come from. `train`/`valid`: Megatron blends (None = mock data), either
+    one blend divided by `split` (None = the default, see dataset_check.choose_split) or, when
+    `whole`, two blends each used whole."""
 
-    blend: Optional[Tuple[List[str], Optional[List[float]]]]
+    train: Optional[Blend]
+    valid: Optional[Blend]
+    split: Optional[str]
+    whole: bool
     tokenizer_path: Optional[Path]
 
 
-def resolve(cfg: TrainingConfig, build_default: bool) -> DataSource:
-    """The blend and tokenizer of `cfg`; the embedded corpus (built if `build_default`) when
-    no data_path is given. Missing files raise ConfigError naming them."""
+def _blend(key: str, paths: List[str]) -> Blend:
     from megatron.core.datasets.utils import get_blend_from_list
 
+    try:
+        return get_blend_from_list(paths)
+    except Exception as e:  # Megatron raises on a bad weight
+        raise ConfigError(f"{key} {paths}: {e}") from None
+
+
+def resolve(cfg: TrainingConfig, build_default: bool) -> DataSource:
+    """The blends and tokenizer of `cfg`; the embedded corpus (built if `build_default`) when
+    no data path is given. Missing files raise ConfigError naming them."""
     from spiral_megatron.training import default_data
 
-    if cfg.data_path:
-        try:
-            blend = get_blend_from_list(cfg.data_path)
-        except Exception as e:  # Megatron raises on a bad weight
-            raise ConfigError(f"data_path {cfg.data_path}: {e}") from None
-        for prefix in blend[0]:
-            for ext in (".bin", ".idx"):
-                if not Path(prefix + ext).is_file():
-                    raise ConfigError(f"data_path: {prefix + ext!r} does not exist "
-                                      "(make it with tools/preprocess_data.py)")
-        tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else None
-        if tokenizer is None and not cfg.mock_data:
-            raise ConfigError(f"data_path {cfg.data_path} needs a tokenizer (the one the data was made with)")
+    tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if cfg.data_path or cfg.train_data_path:
+        if cfg.data_path:
+            train = valid = _blend("data_path", cfg.data_path)
+        else:
+            train = _blend("train_data_path", cfg.train_data_path)
+            valid = _blend("valid_data_path", cfg.valid_data_path) if cfg.valid_data_path else None
+        for blend in (train, valid):
+            for prefix in blend[0] if blend else ():
+                for ext in (".bin", ".idx"):
+                    if not Path(prefix + ext).is_file():
+                        raise ConfigError(f"data_path: {prefix + ext!r} does not exist "
+                                          "(make it with tools/preprocess_data.py)")
+        if tokenizer is None:
+            raise ConfigError(f"data_path {cfg.data_path or cfg.train_data_path} needs a tokenizer "
+                              "(the one the data was made with): --tokenizer FOLDER")
     elif cfg.mock_data:
-        blend, tokenizer = None, Path(cfg.tokenizer) if cfg.tokenizer else None
+        train = valid = None
     else:
         ensure = default_data.ensure if build_default else default_data.paths
         prefix, default_tok = ensure(cfg.cache_dir, cfg.tokenizer_vocab_size)
-        blend, tokenizer = ([prefix], None), Path(cfg.tokenizer) if cfg.tokenizer else default_tok
+        train = valid = ([prefix], None)
+        tokenizer = tokenizer or default_tok
     if tokenizer is not None and not (tokenizer.is_file() or (tokenizer / "tokenizer.json").is_file()):
         raise ConfigError(f"tokenizer {str(tokenizer)!r}: no tokenizer.json there")
-    return DataSource(blend, tokenizer)
+    return DataSource(train, valid, cfg.split, bool(cfg.train_data_path), tokenizer)
 
 
 class _MockTokenizer:
@@ -68,19 +88,56 @@ def load_tokenizer(source: DataSource, vocab_size: int):
     return Tokenizer.load(source.tokenizer_path) if source.tokenizer_path else _MockTokenizer(vocab_size)
 
 
-def build_datasets(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int,
+def check(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int) -> str:
+    """Refuse data that cannot fill the run's splits (dataset_check.py), cheaply, before the
+    model is built; returns the split to use (the default adapts to small data, printed)."""
+    from spiral_megatron.training import dataset_check
+
+    split = source.split or dataset_check.DEFAULT_SPLIT
+    if source.whole:
+        for name, blend in (("train", source.train), ("valid", source.valid)):
+            if name in _needed(cfg):
+                corpora = [dataset_check.open_corpus(p, tokenizer.vocab_size) for p in blend[0]]
+                dataset_check.check_splits(corpora, None, [name], seq_length + 1)
+    elif source.train is not None:
+        corpora = [dataset_check.open_corpus(p, tokenizer.vocab_size) for p in source.train[0]]
+        split, note = dataset_check.choose_split(corpora, source.split, _needed(cfg), seq_length + 1)
+        if note and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(note, flush=True)
+    return split
+
+
+def _needed(cfg: TrainingConfig) -> List[str]:
+    return ["train"] + (["valid"] if cfg.eval_interval else [])
+
+
+def build_datasets(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int, split: str,
                    num_samples: Tuple[int, int]):
-    """(train, valid) datasets of `num_samples` samples each, built on every rank."""
+    """(train, valid) datasets of `num_samples` samples each, built on every rank; valid is None
+    when the run never evaluates. Each is built alone (the test split never is), the valid one
+    with `valid_seed`. `split`: from `check`."""
+    train = _build(cfg, source, tokenizer, seq_length, split, 0, num_samples[0], cfg.seed)
+    valid = _build(cfg, source, tokenizer, seq_length, split, 1, num_samples[1], cfg.valid_seed) \
+        if "valid" in _needed(cfg) else None
+    return train, valid
+
+
+def _build(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int, split: str,
+           index: int, num_samples: int, seed: int):
+    """The dataset of split `index` (0 train, 1 valid) alone, with `seed`."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     from spiral_megatron.training import default_data
 
+    blend = source.train if index == 0 else source.valid
+    whole = source.whole
     config = GPTDatasetConfig(
-        random_seed=cfg.seed,
+        random_seed=seed,
         sequence_length=seq_length,
-        blend=source.blend,
-        split=cfg.split,
+        blend=None if whole else blend,
+        blend_per_split=[blend if i == index else None for i in range(3)] if whole else None,
+        split=None if whole else split,
         path_to_cache=str(default_data.cache_root(cfg.cache_dir) / "indices"),
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -88,13 +145,14 @@ def build_datasets(cfg: TrainingConfig, source: DataSource, tokenizer, seq_lengt
         eod_mask_loss=False,
         create_attention_mask=False,  # the model's attention is causal without a mask
     )
-    cls = MockGPTDataset if source.blend is None else GPTDataset
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        cls, [num_samples[0], num_samples[1], 0], lambda: True, config
-    ).build()
-    if train is None or valid is None or len(valid) == 0:
-        raise ConfigError(f"split {cfg.split!r} leaves no train or validation documents")
-    return train, valid
+    if not whole:  # build this split only: Megatron would also build (and loop on) the others
+        config.split_matrix = [m if i == index else None for i, m in enumerate(config.split_matrix)]
+    sizes = [num_samples if i == index else 0 for i in range(3)]
+    cls = MockGPTDataset if blend is None else GPTDataset
+    dataset = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()[index]
+    if dataset is None or len(dataset) == 0:
+        raise ConfigError(f"split {split!r} leaves the {('train', 'valid')[index]} split empty")
+    return dataset
 
 
 def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ SIGINT saves a checkpoint at the end of the current step and exits cleanly.
 """
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron import parallel, pipeline_plan
-from spiral_megatron.training import checkpointing, config, data, step
+from spiral_megatron.training import checkpointing, config, data, memory, step
 from spiral_megatron.training.build import Components, build
 from spiral_megatron.training.config import ConfigError, TrainingConfig
 from spiral_megatron.training.metrics import Logger, device_peak_tflops, tensorboard_writer
@@ -62,6 +63,7 @@ def start(cfg: TrainingConfig) -> Layout:
         raise ConfigError("backend 'nccl' needs CUDA GPUs; this machine has none (use gloo or auto)")
     if on_cpu and cfg.precision != "fp32":
         raise ConfigError(f"precision {cfg.precision!r} is not supported on CPU; use fp32")
+    config.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
     parallel.initialize(cfg.tensor_parallel, cfg.pipeline_parallel, seed=cfg.seed, backend=backend)
     dp = config.check_world(cfg, dist.get_world_size())
     return Layout(dist.get_rank() == 0, dist.get_world_size(), dp,
@@ -183,13 +185,17 @@ def run(cfg: TrainingConfig) -> str:
         if layout.rank0:
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
         source, tokenizer = prepare_data(cfg, layout)
+        seq, gbs = config.seq_length(cfg), cfg.global_batch_size
+        split = data.check(cfg, source, tokenizer, seq)
         parts = build(cfg, tokenizer.vocab_size, layout.on_cpu)
+        if cfg.check_memory:
+            memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
+                         cfg.precision, layout.on_cpu)
         if layout.rank0:
             print(f"pipeline partition ({cfg.pipeline_parallel} stage"
                   f"{'s' if cfg.pipeline_parallel > 1 else ''}):\n"
                   + pipeline_plan.describe(parts.module.plan), flush=True)
-        seq, gbs = config.seq_length(cfg), cfg.global_batch_size
-        datasets = data.build_datasets(cfg, source, tokenizer, seq,
+        datasets = data.build_datasets(cfg, source, tokenizer, seq, split,
                                        (cfg.train_iters * gbs, max(cfg.eval_iters * gbs, 1)))
         logger = Logger(parts.module.config, seq, parts.model_args.vocab_size, gbs, layout.world_size,
                         device_peak_tflops(cfg.peak_tflops), cfg.log_json, cfg.tensorboard_dir,

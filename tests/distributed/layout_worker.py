@@ -4,7 +4,7 @@
         --tp 2 --pp 2 --split 3,3 --cases residual-8421,mesh-1111 --out results.pt
 
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
-layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (overlapped grad reduce), the Adam of
+layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: build.ddp_config), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
 `get_forward_backward_func`, and `spiral_megatron.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
@@ -24,6 +24,8 @@ from megatron.core import parallel_state as ps
 
 from spiral_megatron import parallel, pipeline
 from spiral_megatron import SpiralGPTModel
+from spiral_megatron.training.build import ddp_config, sync_params
+from spiral_megatron.training.config import TrainingConfig
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3
@@ -53,7 +55,7 @@ def forward_step(data_iterator, model):
 
 
 def build(case, args):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -69,8 +71,9 @@ def build(case, args):
     else:
         init.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(module.sharded_state_dict(), str(init))
-    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                                        use_distributed_optimizer=args.distributed_optimizer)
+    # The job's own DDP settings (overlapped gradient reduce; parameter all-gather with the
+    # distributed optimizer), not a copy of them.
+    ddp = ddp_config(TrainingConfig(use_distributed_optimizer=args.distributed_optimizer))
     model = DistributedDataParallel(config, ddp, module)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=0.0,
@@ -154,6 +157,7 @@ def train(case, args):
             raise RuntimeError(f"{case}: optimizer found inf/nan gradients at step {step}")
         result["grad_norm"].append(float(optimizer.get_grad_norm()))
         optimizer.step_with_ready_grads()
+    sync_params(model)  # overlap_param_gather defers the all-gather of the updated weights
     result["params"] = full_tensors(module, list(module.parameters()))
     result["token_losses"] = token_losses(model)
     if args.save_final:  # for the resharding check: loaded elsewhere at another layout

@@ -18,7 +18,7 @@ from tests.tiny import VOCAB, tiny_model
 
 SEQ, BATCH = 32, 2
 CASES = {
-    "residual-8421": {},
+    "residual-8421": dict(topology="residual"),
     "anchor-mean-repeat-offsets": dict(topology="anchor", downscale="mean", upscale="repeat", chunk_offsets=(3, 1, 1, 0)),
     "mesh-no-overlap-offsets": dict(topology="mesh", shift="no-overlap", chunk_offsets=(7, 2, 0, 0)),
     "mesh-16-8-4-2-1": dict(topology="mesh", chunk_sizes=(16, 8, 4, 2, 1), chunk_offsets=(5, 3, 1, 1, 0)),

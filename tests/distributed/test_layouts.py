@@ -29,6 +29,8 @@ LAYOUTS = {
     "tp2-sp": (2, ["--tp", "2", "--sp"]),
     "pp2-loop-on-one-stage": (2, ["--pp", "2", "--placement", "one-stage"]),
     "pp2-loop-across": (2, ["--pp", "2", "--split", "3,3"]),
+    # the prelude alone on stage 0: MeSH's raw embeddings travel with its output to the loop
+    "pp2-prelude-apart": (2, ["--pp", "2", "--split", "1,5"]),
     "pp4-loop-across": (4, ["--pp", "4", "--split", "2,1,2,1"]),
     "dp2": (2, []),
     "dp2-distributed-optimizer": (2, ["--distributed-optimizer"]),
@@ -41,6 +43,7 @@ REPRESENTATIVE = {  # layout: cases run in CI
     "pp2-loop-across": ALL_CASES,
     "dp2-distributed-optimizer": ["residual-8421", "mesh-1111"],
     "tp2-pp2-loop-across": ["mesh-8421"],
+    "pp2-prelude-apart": ["mesh-8421"],
     "pp2-dp2-distributed-optimizer": ["residual-8421", "mesh-8421"],
 }
 

@@ -1,5 +1,7 @@
-"""torchrun --nproc_per_node=2: save a PP2 checkpoint (the loop split across the two stages,
-MeSH state crossing the boundary) and the pipelined model's logits, computed stage by stage."""
+"""torchrun --nproc_per_node=2: save a PP2 checkpoint and the pipelined model's logits, computed
+stage by stage. Split "2,3" (default): prelude and iteration 0 | iterations 1-2 and coda, the
+MeSH state crossing the boundary. Split "1,4": the prelude alone on stage 0, which hands the
+raw embeddings on with its output (MeSH's slot 0 starts from them on stage 1)."""
 
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import torch.distributed as dist
 PP2_CONFIG = dict(topology="mesh", chunk_offsets=[1, 0, 0], init_method_std=0.2)
 
 
-def main(save: str) -> None:
+def main(save: str, split: str = "2,3") -> None:
     from megatron.core import parallel_state as ps
 
     from spiral_megatron import parallel
@@ -22,11 +24,11 @@ def main(save: str) -> None:
     first = ps.is_pipeline_first_stage()
     model = build_model(args, pre_process=first, post_process=not first, use_cpu_initialization=True,
                         pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
-                        pipeline_split=(2, 3)).eval()  # prelude, iteration 0 | iterations 1-2, coda
+                        pipeline_split=split).eval()
     ids = torch.randint(0, H.VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
     Path(save).mkdir(parents=True, exist_ok=True)
     if first:
-        sent = H.logits(model, ids)  # the packed MeSH state [(1 + B) * S, b, h]
+        sent = H.logits(model, ids)  # the packed MeSH state [(1 + B) * S, b, h], or (h, e) [2 * s, b, h]
         dist.send(torch.tensor(sent.shape), 1)
         dist.send(sent.contiguous(), 1)
     else:
@@ -41,4 +43,4 @@ def main(save: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -45,7 +45,7 @@ def _load(path):
 def test_folder_contents(hf_dir):
     names = {p.name for p in hf_dir.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "modeling_spiral.py",
-            "configuration_spiral.py", "layers_spiral.py", "loop_spiral.py", "tokenizer.json",
+            "configuration_spiral.py", "functional_spiral.py", "layers_spiral.py", "loop_spiral.py", "tokenizer.json",
             "tokenizer_config.json", "megatron_vocab_padding.safetensors"} <= names
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spiral.SpiralForCausalLM"
@@ -74,11 +74,11 @@ def test_generate_cached_equals_uncached(hf_dir):
     assert torch.equal(sample_c, sample_u)
 
 
-def test_left_padding_is_refused(hf_dir):
+def test_padding_inside_a_row_is_refused(hf_dir):
     model = _load(hf_dir)
-    ids = torch.tensor([[0, 5, 6], [4, 5, 6]])
-    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    with pytest.raises(ValueError, match="padded batches"):
+    ids = torch.tensor([[4, 0, 6], [4, 5, 6]])
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1]])
+    with pytest.raises(ValueError, match="must be left padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
 
 

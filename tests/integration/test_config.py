@@ -51,7 +51,7 @@ def test_every_shipped_config_resolves():
     (["--loss-scale", "128"], "loss_scale 128.0 is only used with precision fp16"),
     (["--fp8", "e4m3"], "fp8 'e4m3' needs precision bf16 or fp16"),
     (["--fp8", "e4m3", "--precision", "bf16", "--seq-length", "64", "--micro-batch-size", "1"],
-     "a GEMM at chunk size 8 sees seq_length 64 / 8 x micro_batch_size 1 = 8 tokens, not a multiple of 16"),
+     "the core at chunk size 8 sees seq_length 64 / 8 x micro_batch_size 1 = 8 tokens per GEMM, not a multiple of 16"),
     (["--fp8", "e4m3", "--precision", "bf16", "--fp8-recipe", "sometimes"], "fp8_recipe 'sometimes' must be one of"),
     (["--mock-data", "--data-path", "x"], "mock_data true and data_path ['x'] exclude each other"),
     (["--exit-interval", "400"], "exit_interval 400 is after train_iters 300"),

@@ -1,4 +1,4 @@
-"""SPEC.md section 4, causality: nothing at position i depends on a position j > i.
+"""docs/MODEL.md section 4, causality: nothing at position i depends on a position j > i.
 
 For every option and their combinations: (1) d logits[i] / d h0[j] is exactly zero for
 j > i, where h0 is the embedding output; (2) logits at i are bit-identical when tokens

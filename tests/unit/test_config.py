@@ -22,7 +22,7 @@ BASE = dict(hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_cor
     (dict(topology="ring"), "topology 'ring' must be one of ('residual', 'anchor', 'mesh')"),
     (dict(shift="left"), "shift 'left' must be one of ('overlap', 'no-overlap')"),
     (dict(latent_positions="middle"), "latent_positions 'middle' must be one of"),
-    (dict(mesh_slots=4), "mesh_slots 4 is only used with topology 'mesh'"),
+    (dict(mesh_slots=4, topology="residual"), "mesh_slots 4 is only used with topology 'mesh'"),
     (dict(topology="mesh", mesh_slots=1), "mesh_slots 1 must be >= 2"),
     (dict(num_prelude_layers=-1), "num_prelude_layers -1 must be >= 0"),
     (dict(num_prelude_layers=0, num_core_layers=0, num_coda_layers=0, chunk_sizes=()), "at least one layer"),
@@ -38,6 +38,24 @@ def test_derived_fields():
     c = SpiralConfig(**{**BASE, "topology": "mesh", "chunk_sizes": "4,2,1"})
     assert c.num_layers == 3 and c.num_loops == 3 and c.mesh_slots == 4  # N_loop + 3
     assert c.chunk_sizes == (4, 2, 1) and [lv.shift for lv in c.levels] == [3, 1, 0]
+
+
+def test_defaults_follow_the_papers():
+    """MeSH topology, sqrt(d) embeddings, output-projection init by the unrolled depth."""
+    c = SpiralConfig(**{**BASE, "init_method_std": 0.02})  # 1 + 1R3 + 1: N_compute = 5, unique 3
+    assert c.topology == "mesh" and c.scale_embeddings and c.num_compute_layers == 5
+    assert c.output_layer_init_method.keywords["std"] == pytest.approx(0.02 / (2 * 5) ** 0.5, rel=1e-12)
+    off = SpiralConfig(**{**BASE, "init_method_std": 0.02, "unrolled_output_init": False})
+    assert off.output_layer_init_method.keywords["std"] == pytest.approx(0.02 / (2 * 3) ** 0.5, rel=1e-12)
+
+
+def test_output_projections_are_drawn_with_the_unrolled_std(megatron):
+    """The model's attention and MLP output projections really use it (std within 5%)."""
+    model = tiny_model(randomize_resampling=False, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
+                       num_core_layers=2, init_method_std=0.02)  # N_compute = 1 + 2 x 4 + 1 = 10
+    w = torch.cat([p.flatten() for n, p in model.named_parameters()
+                   if n.endswith(("linear_proj.weight", "linear_fc2.weight"))])
+    assert abs(w.std().item() / (0.02 / 20 ** 0.5) - 1) < 0.05  # unique layers would give 0.02 / 8**0.5
 
 
 def test_empty_sequence_is_refused(megatron):

@@ -1,0 +1,113 @@
+"""The command line as a Megatron-LM user types it: --help, Megatron-LM's names, typo hints,
+one-line errors for broken YAML and values."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from spiral_megatron.training import cli
+from spiral_megatron.training.config import ConfigError, TrainingConfig, load
+from tests.integration.conftest import ROOT, SCRIPT
+
+DEFAULT = ROOT / "examples" / "configs" / "debug-cpu.yaml"
+
+
+def test_help_lists_every_key_once_with_type_default_and_help():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    grouped = [k for _, keys in cli.GROUPS for k in keys]
+    names = [f.name for f in dataclasses.fields(TrainingConfig)]
+    assert sorted(grouped) == sorted(names)  # every key in exactly one section
+    docs = cli.field_docs(TrainingConfig)
+    for name in names:
+        flag = f"--{name.replace('_', '-')} "
+        assert flag in proc.stdout, name
+        assert docs[name] and docs[name] in proc.stdout, name
+    for title, _ in cli.GROUPS:
+        assert f"\n{title}:\n" in proc.stdout
+    assert "--tensor-parallel int [default: 1] (also --tensor-model-parallel-size)" in proc.stdout
+    assert "model.chunk_sizes:" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--tensor-model-parallel-size", "2"], "tensor_parallel", 2),
+    (["--pipeline-model-parallel-size", "2"], "pipeline_parallel", 2),
+    (["--micro-batch-size", "4", "--global-batch-size", "8"], "micro_batch_size", 4),
+    (["--seq-length", "64"], "seq_length", 64),
+    (["--lr", "1e-3", "--min-lr", "1e-4"], "min_lr", 1e-4),
+    (["--lr-decay-style", "linear"], "lr_decay_style", "linear"),
+    (["--lr-warmup-iters", "5"], "lr_warmup_iters", 5),
+    (["--bf16"], "precision", "bf16"),
+    (["--fp16"], "precision", "fp16"),
+    (["--use-distributed-optimizer"], "use_distributed_optimizer", True),
+    (["--tensorboard-dir", "tb"], "tensorboard_dir", "tb"),
+    (["--save", "x", "--load", "x"], "load", "x"),
+    (["--distributed-backend", "gloo"], "backend", "gloo"),
+    (["--data-cache-path", "/tmp/c"], "cache_dir", "/tmp/c"),
+])
+def test_megatron_lm_names(argv, field, value):
+    assert getattr(load(argv, DEFAULT), field) == value
+
+
+def test_model_fields_at_the_top_level():
+    cfg = load(["--hidden-size", "128", "--num-attention-heads", "8", "--no-masked-softmax-fusion",
+                "--no-bias-gelu-fusion"], DEFAULT)
+    assert cfg.model["hidden_size"] == 128 and cfg.model["num_attention_heads"] == 8
+    assert cfg.model["masked_softmax_fusion"] is False and cfg.model["bias_activation_fusion"] is False
+
+
+def test_a_lr_warmup_iters_on_the_command_line_replaces_the_yamls_fraction():
+    cfg = load(["--lr-warmup-iters", "3"], DEFAULT)
+    assert (cfg.lr_warmup_iters, cfg.lr_warmup_fraction) == (3, None)
+    assert load(["--train-iters", "20"], DEFAULT).lr_warmup_fraction == pytest.approx(0.0667)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--micro-bach-size", "4"], "unknown config key 'micro-bach-size' (value 4); did you mean --micro-batch-size?"),
+    (["--model.chunk_size", "4"], "did you mean --model.chunk-sizes?"),
+    (["--bf16", "false"], "--bf16 is a flag (it means bf16); got value False"),
+    (["--split", "abc"], "split 'abc' must be up to 3 non-negative numbers"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "lr_warmup_fraction 0.1 and lr_warmup_iters 3 exclude each other"),
+    (["--data-path", "a", "--valid-data-path", "b"], "data_path ['a'] and train_data_path/valid_data_path exclude each other"),
+])
+def test_one_line_errors(argv, message):
+    with pytest.raises(ConfigError) as e:
+        load(argv, DEFAULT)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_broken_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  flavor: debug\n lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' line \d+ column \d+: not valid YAML"):
+        load(["--config", str(bad)])
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"bin.yaml' is not a text file"):
+        load(["--config", str(binary)])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of keys, got list"):
+        load(["--config", str(listy)])
+
+
+def test_torchrun_shows_the_one_line_as_root_cause(cache_dir, tmp_path):
+    from tests.integration.conftest import launch
+
+    proc = launch(cache_dir, "--pipeline-model-parallel-size", 4, "--save", tmp_path / "c", nproc=2,
+                  expect_rc=1, timeout=180)
+    line = ("pretrain_spiral: error: tensor_parallel 1 x pipeline_parallel 4 needs at least 4 processes; "
+            "2 were started")
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert line in root_cause and "traceback : pretrain_spiral: error:" in root_cause
+
+
+def test_a_micro_batch_far_beyond_memory_is_refused_before_the_first_step(cache_dir, tmp_path):
+    from tests.integration.conftest import launch
+
+    proc = launch(cache_dir, "--micro-batch-size", 100000, "--global-batch-size", 100000, "--seq-length", 512,
+                  "--save", tmp_path / "c", expect_rc=2, timeout=180)
+    assert "pretrain_spiral: error: micro_batch_size 100000 x seq_length 512 needs at least" in proc.stderr
+    assert "GiB per process" in proc.stderr and "| loss" not in proc.stdout

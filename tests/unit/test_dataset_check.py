@@ -1,0 +1,67 @@
+"""dataset_check: damaged, empty and too-small indexed datasets are refused in one line."""
+
+import numpy as np
+import pytest
+
+from spiral_megatron.training.config import ConfigError
+from spiral_megatron.training.dataset_check import (check_splits, choose_split, open_corpus, parse_split,
+                                                    split_ranges)
+from spiral_megatron.training.preprocess import write_indexed_dataset
+
+
+class Ids:
+    """A stand-in tokenizer: text is a space-separated list of ids."""
+
+    eod, vocab_size = 0, 100
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+
+def dataset(tmp_path, docs, name="d"):
+    prefix = str(tmp_path / name)
+    write_indexed_dataset([" ".join(map(str, d)) for d in docs], Ids(), prefix, quiet=True)
+    return prefix
+
+
+def test_split_ranges_are_megatrons():
+    # Megatron: [round(b0 * N), round(b1 * N)) for the normalised bookends
+    assert split_ranges(151, parse_split("969,30,1")) == [(0, 146), (146, 151), (151, 151)]
+    assert split_ranges(509, parse_split("969,30,1")) == [(0, 493), (493, 508), (508, 509)]
+    assert parse_split("99,1") == [0.99, 0.01, 0.0]
+
+
+@pytest.mark.parametrize("split", ["abc", "1,-1", "", "0,0,0", "1,2,3,4", "nan,1"])
+def test_bad_split_strings(split):
+    with pytest.raises(ConfigError, match=f"split {split!r} must be up to 3 non-negative numbers"):
+        parse_split(split)
+
+
+def test_split_choice_for_small_data(tmp_path):
+    c = [open_corpus(dataset(tmp_path, [[5] * 100, [6] * 100, [7] * 40]), 10)]
+    with pytest.raises(ConfigError, match=r"leaves the valid split of .* 0 of its 3 documents \(0 tokens\), "
+                                          r"fewer than one sample of 33 tokens; --split 2,1,0 would work"):
+        check_splits(c, "969,30,1", ["train", "valid"], 33)
+    assert choose_split(c, None, ["train", "valid"], 33)[0] == "2,1,0"
+    assert choose_split(c, None, ["train"], 33) == ("969,30,1", None)  # no evaluation: no valid split
+    with pytest.raises(ConfigError, match="no split of this data fills both"):
+        choose_split(c, None, ["train", "valid"], 150)
+
+
+def test_damaged_datasets(tmp_path):
+    prefix = dataset(tmp_path, [[1, 2, 3], [4, 5]])
+    assert open_corpus(prefix, 10).lengths.tolist() == [4, 3]  # eod appended
+    with pytest.raises(ConfigError, match=r"token id 5 \(first bad one at token 5\) is beyond the tokenizer's vocabulary of 5"):
+        open_corpus(prefix, 5)
+    data = open(prefix + ".bin", "rb").read()
+    open(prefix + ".bin", "wb").write(data[:-2])
+    with pytest.raises(ConfigError, match=r"d.bin' has 12 bytes but its index describes 14 .*truncated"):
+        open_corpus(prefix, 10)
+    open(prefix + ".idx", "wb").write(b"not an index at all" * 3)
+    with pytest.raises(ConfigError, match=r"d.idx' is not a Megatron indexed dataset index"):
+        open_corpus(prefix, 10)
+    with pytest.raises(ConfigError, match=r"missing.bin' does not exist"):
+        open_corpus(str(tmp_path / "missing"), 10)
+    empty = dataset(tmp_path, [], "empty")
+    with pytest.raises(ConfigError, match="holds no tokens"):
+        open_corpus(empty, 10)

@@ -1,0 +1,102 @@
+"""The shared loop math (spiral_megatron/hf/functional_spiral.py) against hand-computed values,
+in both layouts: Megatron's [s, b, h] (dim 0) and Hugging Face's [b, s, d] (dim 1)."""
+
+import math
+
+import pytest
+import torch
+
+from spiral_megatron.hf import functional_spiral as F
+
+S, B, D = 12, 2, 3
+
+
+def both_layouts(fn, x_sbh, *args):
+    """fn over [s, b, h] with dim 0 and over [b, s, h] with dim 1, results in [s, b, h]-first form."""
+    a = fn(x_sbh, *args, 0)
+    b = fn(x_sbh.transpose(0, 1), *args, 1)
+    return a, b.transpose(0, 1)
+
+
+def test_shift_right_moves_tokens_and_zero_fills():
+    x = torch.randn(S, B, D)
+    a, b = both_layouts(F.shift_right, x, 3)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:3], torch.zeros(3, B, D)) and torch.equal(a[3:], x[:-3])
+    assert torch.equal(F.shift_right(x, 0, 0), x)
+    assert torch.equal(F.shift_right(x, S + 2, 0), torch.zeros_like(x))  # longer than the sequence
+
+
+@pytest.mark.parametrize("self_aggregation", [True, False], ids=["self-aggregation", "mean"])
+def test_aggregate_ignores_front_padding(self_aggregation):
+    g, pad = 4, 3
+    x = torch.randn(S, B, D)
+    w = torch.randn(D, 1)
+    x_padded = x.clone()
+    x_padded[:pad] = 1e4 if self_aggregation else 0.0  # softmax: any value; mean: the shift's zeros
+
+    def agg(t, dim):
+        chunks = F.chunk(t, g, dim)
+        return F.aggregate(chunks, chunks @ w if self_aggregation else None, pad, dim)
+
+    a, b = both_layouts(agg, x_padded)
+    torch.testing.assert_close(a, b)
+    real = x[pad:g]  # chunk 0's real tokens
+    if self_aggregation:
+        weights = torch.softmax(real @ w, dim=0)  # [g - pad, b, 1]
+        want0 = (weights * real).sum(0)
+        chunks = x.view(S // g, g, B, D)
+        want_rest = (torch.softmax(chunks @ w, dim=1) * chunks).sum(1)[1:]
+    else:
+        want0 = real.mean(0)
+        want_rest = x.view(S // g, g, B, D).mean(1)[1:]
+    torch.testing.assert_close(a[0], want0)
+    torch.testing.assert_close(a[1:], want_rest)
+
+
+def test_allocate_uniform_beta_keeps_the_chunk_energy():
+    g, n = 4, 3
+    delta = torch.randn(n, B, D)
+    logits = torch.zeros(n, B, g)  # uniform beta
+    a, b = both_layouts(lambda d, dim: F.allocate(logits if dim == 0 else logits.transpose(0, 1), d, dim), delta)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, delta.repeat_interleave(g, dim=0) / math.sqrt(g))  # sqrt(g) * delta / g
+    energy = a.view(n, g, B, D).pow(2).sum(dim=(1, 3))
+    torch.testing.assert_close(energy, delta.pow(2).sum(-1))
+
+
+def test_allocate_one_hot_sends_sqrt_g_delta_to_one_slot():
+    g, n = 8, 2
+    delta = torch.randn(n, B, D)
+    logits = torch.full((n, B, g), -1e4)
+    logits[..., 5] = 0.0
+    u = F.allocate(logits, delta, 0).view(n, g, B, D)
+    torch.testing.assert_close(u[:, 5], math.sqrt(g) * delta)
+    assert u[:, [0, 1, 2, 3, 4, 6, 7]].abs().max() == 0
+
+
+def test_repeat():
+    delta = torch.randn(3, B, D)
+    a, b = both_layouts(F.repeat, delta, 4)
+    assert torch.equal(a, b) and torch.equal(a[4:8], delta[1:2].expand(4, B, D))
+
+
+def test_mesh_buffer_write_and_read():
+    e, u = torch.randn(S, B, D), torch.randn(S, B, D)
+    slots = F.mesh_slots(e, 3)  # [3, s, b, h]
+    assert torch.equal(slots[0], e) and torch.equal(slots[1:], torch.zeros(2, S, B, D))
+    one_hot = torch.tensor([-1e4, 0.0, -1e4]).expand(S, B, 3)
+    slots = F.mesh_write(slots, u, one_hot)
+    torch.testing.assert_close(slots[1], u)
+    torch.testing.assert_close(slots[0], e)
+    torch.testing.assert_close(F.mesh_read(slots, torch.zeros(S, B, 3)), (e + u) / 3)  # uniform read
+    torch.testing.assert_close(F.mesh_read(slots, one_hot), u)
+
+
+def test_schedule_rules():
+    assert [F.shift_of(g, "overlap") for g in (8, 1)] == [7, 0] and F.shift_of(4, "no-overlap") == 4
+    assert F.padding_multiple((3, 5, 1)) == 15 and F.padding_multiple(()) == 1
+    assert F.latent_positions(torch.arange(3), 4, 1, "chunk-end").tolist() == [2, 6, 10]
+    assert F.latent_positions(torch.arange(3), 4, 1, "index").tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"chunk offset 4 for chunk size 4 must be in \[0, 4\)"):
+        F.check_schedule((4,), (4,), "overlap")
