@@ -90,7 +90,7 @@ def train_command(args, flavor: str, variant, lr: float, seed: int, data: tuple,
         f"--seq-length={args.seq_length}", f"--micro-batch-size={args.micro_batch_size}",
         f"--global-batch-size={args.global_batch_size}", f"--train-iters={args.train_iters}",
         f"--lr={lr}", f"--min-lr={lr / 10}", f"--lr-warmup-iters={warmup}", f"--seed={seed}",
-        f"--data-path={data[0]}", f"--tokenizer={data[2]}", "--split=98,2,0",  # job's own valid split unused
+        f"--train-data-path={data[0]}", f"--tokenizer={data[2]}",  # used whole; validation is done here
         "--eval-interval=none", f"--save={run_dir / 'ckpt'}", f"--log-json={run_dir / 'log.jsonl'}",
         "--log-interval=10", f"--cache-dir={Path(args.out) / 'cache'}",
     ]

@@ -1,6 +1,8 @@
 """lm-evaluation-harness on a converted HF folder, offline, with local tasks over JSONL files:
 a loglikelihood (multiple-choice) task and a generate_until task, each checked against the HF
-model computed by hand. The YAML is the one docs/RESEARCH.md documents."""
+model computed by hand, one prompt at a time. Batches of 2 exercise lm-eval's padding: right
+padding for loglikelihood, left padding (with an attention mask) for generation. The YAML is
+the one docs/RESEARCH.md documents."""
 
 import json
 
@@ -80,7 +82,7 @@ def test_local_tasks_loglikelihood_and_generation(hf_folder, tasks):
     from spiral_megatron.conversion.convert import load_hf
 
     folder, mc, gen = tasks
-    lm = HFLM(pretrained=str(hf_folder), trust_remote_code=True, device="cpu", dtype="float32", batch_size=1)
+    lm = HFLM(pretrained=str(hf_folder), trust_remote_code=True, device="cpu", dtype="float32", batch_size=2)
     out = simple_evaluate(model=lm, tasks=["spiral_local_mc", "spiral_local_gen"],
                           task_manager=TaskManager(include_path=str(folder)), log_samples=True,
                           bootstrap_iters=0)
