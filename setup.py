@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+MODELOPT = ["nvidia-modelopt>=0.47,<0.48", "requests", "huggingface_hub"]  # 0.47 tested; it imports the other two
+RESEARCH = ["matplotlib", "lm-eval[hf]"]  # tools/probe.py and ablate.py plots; lm-eval on HF folders
+
 setup(
     name="spiral_megatron",
     version="0.1.0",
@@ -19,7 +22,8 @@ setup(
         "hf": ["transformers>=4.45", "safetensors"],
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
-        "modelopt": ["nvidia-modelopt>=0.47,<0.48", "requests", "huggingface_hub"],  # 0.47 tested; it imports the other two
-        "dev": ["pytest", "pytest-timeout"],
+        "modelopt": MODELOPT,
+        "research": RESEARCH,
+        "dev": ["pytest", "pytest-timeout", *RESEARCH, *MODELOPT],  # every test's needs
     },
 )

@@ -1,0 +1,46 @@
+"""Perplexity of a causal LM over fixed token sequences (see analysis.data).
+
+The loss is the mean next-token cross-entropy over every label of every sequence (token
+weighted), in float32; perplexity = exp(loss).
+"""
+
+import math
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def text_progress(stream=sys.stderr) -> Callable[[int, int, float], None]:
+    """A progress callback printing `done/total sequences, loss so far, tokens/s`."""
+    started = time.time()
+
+    def report(done: int, total: int, loss: float, tokens: int) -> None:
+        rate = tokens / max(time.time() - started, 1e-9)
+        end = "\n" if done == total else "\r"
+        stream.write(f"  {done}/{total} sequences | loss {loss:.4f} | {rate:,.0f} tokens/s{end}")
+        stream.flush()
+
+    return report
+
+
+@torch.no_grad()
+def perplexity(model, rows: torch.Tensor, batch_size: int = 8,
+               progress: Optional[Callable[[int, int, float, int], None]] = None) -> dict:
+    """rows [n, seq_length + 1] -> {"loss", "perplexity", "tokens", "sequences", "seq_length"}.
+
+    `model(input_ids)` must return an object with `.logits` [b, s, V] (an HF causal LM)."""
+    total, count = 0.0, 0
+    for start in range(0, rows.shape[0], batch_size):
+        batch = rows[start : start + batch_size]
+        inputs, labels = batch[:, :-1], batch[:, 1:]  # [b, s]
+        logits = model(inputs, use_cache=False).logits.float()  # [b, s, V]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+        count += labels.numel()
+        if progress is not None:
+            progress(start + batch.shape[0], rows.shape[0], total / count, count)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "sequences": rows.shape[0],
+            "seq_length": rows.shape[1] - 1}

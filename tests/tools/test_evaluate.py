@@ -1,0 +1,60 @@
+"""tools/evaluate.py: perplexity from a checkpoint and from its HF folder, on JSONL and on an
+indexed dataset, against the HF model's own loss."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import evaluate as evaluate_tool  # noqa: E402
+
+from spiral_megatron.analysis import data  # noqa: E402
+
+
+def test_sequences_are_consecutive_windows():
+    docs = [torch.arange(5).numpy(), torch.arange(10, 17).numpy()]
+    rows = data.sequences(iter(docs), 3)
+    assert rows.tolist() == [[0, 1, 2, 3], [4, 10, 11, 12], [13, 14, 15, 16]]
+    assert data.sequences(iter(docs), 3, max_sequences=2).shape == (2, 4)
+    with pytest.raises(ValueError, match="fewer than seq_length"):
+        data.sequences(iter(docs), 20)
+
+
+def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus, tmp_path, capsys):
+    from spiral_megatron.conversion.convert import load_hf
+    from spiral_megatron.training.tokenizer import Tokenizer
+
+    common = ["--data", str(corpus), "--seq-length", "20", "--batch-size", "3"]
+    assert evaluate_tool.main(["--model", str(checkpoint), "--out", str(tmp_path / "m.json"), *common]) == 0
+    assert "sequences" in capsys.readouterr().err  # progress
+    assert evaluate_tool.main(["--model", str(hf_folder), "--out", str(tmp_path / "h.json"), *common]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("m.json", "h.json"))
+    assert a["loss"] == b["loss"] and a["sequences"] == b["sequences"] == 12 * 41 // 21
+    assert a["tokens"] == a["sequences"] * 20 and math.isclose(a["perplexity"], math.exp(a["loss"]))
+
+    # reference: the HF model's own (mean) loss, sequence by sequence
+    tok = Tokenizer.load(hf_folder)
+    rows = data.sequences(data.token_documents([str(corpus)], tok), 20)
+    model = load_hf(hf_folder)
+    with torch.no_grad():
+        ref = sum(model(r[None], labels=r[None], use_cache=False).loss.item() for r in rows) / len(rows)
+    assert math.isclose(a["loss"], ref, rel_tol=1e-5)
+
+    # the same documents as an indexed dataset (documents end with the eod id already)
+    from spiral_megatron.training.preprocess import read_documents, write_indexed_dataset
+
+    prefix = str(tmp_path / "valid_text_document")
+    write_indexed_dataset(read_documents([corpus]), tok, prefix)
+    assert evaluate_tool.main(["--model", str(hf_folder), "--data", prefix, "--seq-length", "20",
+                               "--out", str(tmp_path / "i.json")]) == 0
+    assert json.loads((tmp_path / "i.json").read_text())["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_evaluate_errors(hf_folder, tmp_path, capsys):
+    assert evaluate_tool.main(["--model", str(hf_folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""Perplexity of a SpiralFormer on fixed data, from a training checkpoint or a converted HF folder.
+
+    python tools/evaluate.py --model checkpoints/debug --data data/valid_text_document [--seq-length 128]
+    python tools/evaluate.py --model hf/debug --data valid.jsonl notes.txt --out result.json
+
+--model: a checkpoint folder (any TP/PP layout; --iteration picks one) or an HF folder.
+--data: Megatron indexed dataset prefixes (.bin/.idx) and/or JSONL (`text` key) / text files,
+tokenized with the model's tokenizer (or --tokenizer). Documents are joined with the
+end-of-document id and cut into consecutive windows (no seed: the same data every time).
+Prints progress and the result; --out writes it as JSON. Nothing is downloaded.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+    from spiral_megatron.analysis import models
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    models.add_source_arguments(p)
+    p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    import torch
+
+    from spiral_megatron.analysis import evaluate, models
+
+    torch.set_grad_enabled(False)
+    try:
+        loaded, rows, seq = models.load_with_sequences(args.model, args.data, args.iteration, args.tokenizer,
+                                                       args.seq_length, args.max_sequences, args.text_key)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"evaluating {loaded.source} ({loaded.kind}) on {rows.shape[0]} sequences of {seq} tokens", file=sys.stderr)
+    result = evaluate.perplexity(loaded.model, rows, args.batch_size, evaluate.text_progress())
+    result.update(model=loaded.source, data=list(args.data))
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
