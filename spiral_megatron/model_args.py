@@ -22,6 +22,12 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+# Architecture fields added after model_args.json files were written, with the value that
+# rebuilds those older models (their embeddings were not scaled). A file without the field
+# must not silently become another model under the new default.
+BEFORE_FIELD = {"scale_embeddings": False}
+
+
 @dataclass
 class ModelArgs:
     """A model's architecture: SpiralConfig fields plus the GPTModel-style arguments."""
@@ -78,7 +84,10 @@ class ModelArgs:
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
-        return cls(**json.loads(Path(path).read_text()))
+        """From `path`; architecture fields the file predates take the value its model had."""
+        args = cls(**json.loads(Path(path).read_text()))
+        args.config = {**BEFORE_FIELD, **args.config}
+        return args
 
 
 def build_model(args: ModelArgs, backend: str = "local", pre_process: bool = True,

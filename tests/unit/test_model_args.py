@@ -1,0 +1,17 @@
+"""model_args.json: a file written before an architecture field existed rebuilds the same model."""
+
+import json
+
+from spiral_megatron import flavors
+from spiral_megatron.model_args import ModelArgs
+
+
+def test_a_file_without_scale_embeddings_keeps_unscaled_embeddings(tmp_path):
+    args = ModelArgs.from_config(flavors.get("debug").config(), vocab_size=512)
+    assert args.config["scale_embeddings"] is True  # today's default is saved explicitly
+    old = json.loads(args.to_json())
+    del old["config"]["scale_embeddings"]  # as files written before the field existed
+    (tmp_path / "model_args.json").write_text(json.dumps(old))
+    assert ModelArgs.load(tmp_path / "model_args.json").spiral_config().scale_embeddings is False
+    args.save(tmp_path / "new.json")
+    assert ModelArgs.load(tmp_path / "new.json").spiral_config().scale_embeddings is True
