@@ -66,8 +66,8 @@ class SpiralConfig(TransformerConfig):
 
     recompute_loop_iterations: bool = False
     """Recompute each loop iteration (resampling + core) in backward, keeping only its input:
-    the loop's activation memory stops growing with N_loop (Megatron's recompute_* still apply
-    inside)."""
+    the loop keeps one state per iteration instead of every core layer's activations
+    (Megatron's recompute_* options still apply inside)."""
 
     def __post_init__(self):
         self._check_spiral_fields()
