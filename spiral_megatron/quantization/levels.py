@@ -100,7 +100,7 @@ def core_linears(loop: torch.nn.Module) -> List[torch.nn.Module]:
 
 
 def split_levels(model: torch.nn.Module, smoothed: bool = False) -> int:
-    """Give every enabled input quantizer of the core one copy per level (each starting from
+    """Give the input quantizer of every core linear one copy per level (each starting from
     the shared scales); returns how many were split. The tracker is installed on the model.
     `smoothed`: when restoring a SmoothQuant model, make room for its loaded input scaling."""
     loop = getattr(model, "loop", None)
