@@ -50,6 +50,10 @@ def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, 
         raise ValueError(f"dtype {dtype!r} must be one of {tuple(hf_io.DTYPES)}")
     hf_io.prepare_output(Path(out), force)
     folder, iteration = megatron_io.find_checkpoint(load, iteration)
+    if (folder / "quantization.json").is_file():  # see spiral_megatron/quantization/checkpoint.py
+        raise megatron_io.CheckpointError(
+            f"{str(folder)!r} is a quantized checkpoint: export it with "
+            f"tools/quantize.py --load {load} --export-hf {out} (fake-quantized weights and scales)")
     args = megatron_io.read_model_args(folder)
     hf_config.check_expressible(args)
     tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None

@@ -72,3 +72,10 @@ def test_quantize_tool_then_qat(reference, cache_dir, tmp_path, megatron):  # no
         torch.testing.assert_close(scales_after[name], scales_before[name], rtol=0, atol=0)
     w = "loop.core.layers.0.mlp.linear_fc1.weight"
     assert not torch.equal(before.state_dict()[w], after.state_dict()[w])
+
+    # The plain converter would drop the quantizers: it refuses and names the export command.
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_to_hf
+
+    assert convert_to_hf.main(["--load", str(trained), "--out", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
