@@ -104,6 +104,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[st
     A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`),
     renamed into place after the dataset is complete. Existing outputs are refused unless `force`.
     """
+    for path in map(Path, inputs):  # a missing input first: it matters more than existing outputs
+        if not path.is_file():
+            raise FileNotFoundError(f"input {str(path)!r} does not exist")
     folder = None if tokenizer is not None else Path(save_tokenizer or f"{output_prefix}_tokenizer")
     outputs = [Path(f"{output_prefix}.bin"), Path(f"{output_prefix}.idx")] + ([folder] if folder else [])
     existing = [str(p) for p in outputs if p.exists()]

@@ -96,13 +96,19 @@ def check_schedule(folder: Path, saved: Dict, scheduler, cfg: TrainingConfig) ->
 
 
 def other_differences(saved: Optional[Dict], cfg: TrainingConfig) -> Optional[str]:
-    """A line naming the other keys that changed since the checkpoint (they take the new value)."""
+    """A line naming the other keys that changed since the checkpoint. Most take this run's
+    value; what the optimizer state holds (Adam's betas and eps, in its param groups) is
+    restored from the checkpoint, as in Megatron-LM."""
     if not saved:
         return None
     new = cfg.to_dict()
     diffs = [f"{k} {saved[k]!r} -> {new[k]!r}" for k in new
              if k in saved and k not in RUN_KEYS and k not in CHECKED_KEYS and saved[k] != new[k]]
-    return f"resume: changed since the checkpoint: {'; '.join(diffs)}" if diffs else None
+    if not diffs:
+        return None
+    adam = any(d.startswith("adam_") for d in diffs)
+    return (f"resume: keys that differ from the checkpoint's config: {'; '.join(diffs)}"
+            + (" (Adam's betas and eps are restored from the checkpoint's optimizer state)" if adam else ""))
 
 
 # Compared above (architecture, tokenizer, schedule), or may change freely (data seed).
