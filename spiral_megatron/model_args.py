@@ -77,7 +77,12 @@ class ModelArgs:
         return SpiralConfig(**{**arch, **runtime})
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        """The JSON of `model_args.json`; a BEFORE_FIELD field not set is written with today's
+        default, which is what `spiral_config` builds (a later `load` must not change it)."""
+        data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(SpiralConfig) if f.name in BEFORE_FIELD}
+        data["config"] = {**defaults, **data["config"]}
+        return json.dumps(data, indent=2, sort_keys=True)
 
     def save(self, path) -> None:
         Path(path).write_text(self.to_json())
