@@ -6,6 +6,7 @@ saved it (conversion/megatron_io.py) into a TP1 model. Calibration takes validat
 [N, N + E): calibration and evaluation never share a sample.
 """
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -60,7 +61,10 @@ def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List
     cfg = config.load(["--config", str(folder / "config.yaml")])
     source = data.resolve(cfg, build_default=True)
     tokenizer = data.load_tokenizer(source, cfg.tokenizer_vocab_size)
-    _, valid = data.build_datasets(cfg, source, tokenizer, config.seq_length(cfg), (1, num_samples))
+    cfg = dataclasses.replace(cfg, eval_interval=cfg.eval_interval or 1)  # the valid split is needed
+    seq = config.seq_length(cfg)
+    _, valid = data.build_datasets(cfg, source, tokenizer, seq, data.check(cfg, source, tokenizer, seq),
+                                   (1, num_samples))
     samples = [valid[i % len(valid)] for i in range(num_samples)]
     return [data._collate(samples[i:i + micro_batch]) for i in range(0, num_samples, micro_batch)]
 
