@@ -7,6 +7,7 @@ in YAML, `--model.hidden_size 128` on the command line.
 """
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +341,8 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
         beside = Path(data[-1] + "_tokenizer")
         if len(data) == 1 and (beside / "tokenizer.json").is_file():
             cfg = dataclasses.replace(cfg, tokenizer=str(beside))
-            print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
+            if os.environ.get("RANK", "0") == "0":  # config.load runs on every rank
+                print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
     if cfg.tokenizer is None:
         return cfg
     from spiral_megatron.training.tokenizer import Tokenizer
