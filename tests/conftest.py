@@ -25,17 +25,6 @@ if _USER_DEVICES:
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
-@pytest.fixture(autouse=True)
-def _grad_mode_is_restored():
-    """The tools' `main` (called in-process by their tests) turns autograd off, as a
-    command-line run should; a later test must not inherit that."""
-    import torch
-
-    enabled = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(enabled)
-
-
 @pytest.fixture(scope="session")
 def megatron():
     """Megatron's parallel_state at TP=PP=1 in this process (world size 1, gloo)."""

@@ -170,6 +170,14 @@ def write_outputs(out: Path, results: list, title: str) -> None:
 
 
 def main(argv=None) -> int:
+    """The command line; autograd is off inside, not for the caller (tests call this in-process)."""
+    import torch
+
+    with torch.no_grad():
+        return _run(argv)
+
+
+def _run(argv) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     import torch
@@ -177,7 +185,6 @@ def main(argv=None) -> int:
     from spiral_megatron.analysis import ablation, data as adata
     from spiral_megatron.training.tokenizer import Tokenizer
 
-    torch.set_grad_enabled(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = 512  # the bundled tokenizer's, padded to 128 (for the FLOPs matching only)

@@ -28,13 +28,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """The command line; autograd is off inside, not for the caller (tests call this in-process)."""
+    import torch
+
+    with torch.no_grad():
+        return _run(argv)
+
+
+def _run(argv) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     import torch
 
     from spiral_megatron.analysis import evaluate, models
 
-    torch.set_grad_enabled(False)
     try:
         loaded, rows, seq = models.load_with_sequences(args.model, args.data, args.iteration, args.tokenizer,
                                                        args.seq_length, args.max_sequences, args.text_key)
