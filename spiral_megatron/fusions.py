@@ -5,6 +5,8 @@ gradient-accumulation fusion unless told `--no-...` (megatron/training/arguments
 TransformerConfig's own defaults are all off. `defaults()` gives Megatron-LM's choice for one
 run: on CUDA each fusion whose kernel is importable, off with one line saying why otherwise;
 on CPU every fusion is off (no CUDA kernels). A `model.<fusion>` the user sets wins.
+Where the local spec's core attention is torch's SDPA (layer_specs.core_attention_for), the
+masked-softmax fusion has nothing to fuse: it is off, and its line names the attention.
 """
 
 import importlib.util
@@ -49,6 +51,20 @@ PROBES: Dict[str, Tuple[Callable[[str], bool], str]] = {
 }
 
 
+def _attention_rule(name: str, backend: str, arch) -> str:
+    """Why `name` has nothing to fuse with this run's core attention on CUDA, or ''."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from spiral_megatron.layer_specs import core_attention_for
+    from spiral_megatron.sdpa_attention import SDPAttention
+
+    setting = arch.get("attention_backend", AttnBackend.auto)
+    if name == "masked_softmax_fusion" and core_attention_for(backend, setting, True) is SDPAttention:
+        return (f"not used: the core attention is torch's scaled_dot_product_attention (attention_backend "
+                f"{setting.name}; 'unfused' keeps Megatron's)")
+    return ""
+
+
 def _config_rule(name: str, arch) -> str:
     """Why TransformerConfig itself would refuse `name` for this architecture, or ''."""
     if name == "bias_activation_fusion":
@@ -68,7 +84,7 @@ def defaults(on_cuda: bool, backend: str, arch: dict) -> Tuple[Dict[str, bool], 
         return {name: False for name in PROBES}, []
     settings, notes = {}, []
     for name, (available, missing) in PROBES.items():
-        rule = _config_rule(name, arch)
+        rule = _config_rule(name, arch) or _attention_rule(name, backend, arch)
         settings[name] = available(backend) and not rule
         quiet = name == "persist_layer_norm" and backend != "local"  # TE norms do not read it
         if not settings[name] and not quiet:

@@ -2,7 +2,8 @@
 
 The transformer layer is Megatron's own GPT layer spec (prelude, core and coda all use it);
 what SpiralFormer adds (down-scale, up-scale, topology) is chosen here from the config's
-option names, so the model code never branches on them.
+option names, so the model code never branches on them. The core attention follows
+Megatron's `attention_backend` setting (`core_attention_for`).
 
 These are not Megatron-LM `--spec` targets: Megatron-LM's `pretrain_gpt.py` builds a GPTModel,
 which would run a layer spec as plain layers, without the loop.
@@ -12,15 +13,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Union
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from spiral_megatron import resampling, topology
 from spiral_megatron.norm import TorchNorm
+from spiral_megatron.sdpa_attention import SDPAttention
 
 BACKENDS = ("local", "transformer_engine")
 
@@ -106,6 +111,31 @@ def get_spiral_layer_te_spec(qk_layernorm: bool = False) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
 
+def core_attention_for(backend: str, attention_backend: AttnBackend, on_cuda: bool):
+    """The core attention for Megatron's `attention_backend`, or None to keep the layer spec's.
+
+    Local spec: `unfused` and `local` keep Megatron's DotProductAttention; `flash` and `fused`
+    take torch's scaled_dot_product_attention (SDPAttention; torch picks its flash, cuDNN or
+    memory-efficient kernel); `auto` takes SDPAttention on CUDA and keeps Megatron's on CPU
+    [ours: the CPU suite's references, and SDPA gains nothing on CPU with dropout].
+    Transformer Engine spec: TE's attention, whose kernel the same setting selects, except
+    `local`, which is Megatron's DotProductAttention (as Megatron-LM's GPT builder does).
+    """
+    if backend == "transformer_engine":
+        return DotProductAttention if attention_backend == AttnBackend.local else None
+    if attention_backend in (AttnBackend.flash, AttnBackend.fused):
+        return SDPAttention
+    return SDPAttention if attention_backend == AttnBackend.auto and on_cuda else None
+
+
+def with_core_attention(layer: ModuleSpec, core_attention) -> ModuleSpec:
+    """`layer` (a GPT TransformerLayer spec) with its self-attention's core attention replaced."""
+    attention = layer.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core_attention))
+    return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=attention))
+
+
 def _final_norm(backend: str, layer: ModuleSpec):
     if backend == "transformer_engine":
         from megatron.core.extensions.transformer_engine import TENorm
@@ -122,6 +152,9 @@ def get_spiral_model_spec(config, backend: str = "local") -> SpiralModelSubmodul
         layer = get_spiral_layer_te_spec(qk_layernorm=config.qk_layernorm)
     else:
         layer = get_spiral_layer_local_spec(config.normalization, qk_layernorm=config.qk_layernorm)
+    core_attention = core_attention_for(backend, config.attention_backend, torch.cuda.is_available())
+    if core_attention is not None:
+        layer = with_core_attention(layer, core_attention)
     loop = SpiralLoopSubmodules(
         layer=layer,
         downscale=DOWNSCALE[config.downscale],

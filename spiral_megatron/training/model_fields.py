@@ -105,6 +105,9 @@ def why_refused(name: str, value: Any):
     fields = {f.name: f for f in dataclasses.fields(SpiralConfig)}
     if name == "activation_func":
         return None if value in ACTIVATIONS else f"must be one of {tuple(ACTIVATIONS)}"
+    if name == "attention_backend":  # Megatron's AttnBackend, by name (layer_specs.core_attention_for)
+        names = tuple(_attention_backends())
+        return None if isinstance(value, str) and value in names else f"must be one of {names}"
     if name not in fields:
         return "not a SpiralConfig field"
     if name in JOB_FIELDS:
@@ -133,7 +136,15 @@ def as_config_kwargs(model: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(model)
     if isinstance(out.get("activation_func"), str):
         out["activation_func"] = ACTIVATIONS[out["activation_func"]]
+    if isinstance(out.get("attention_backend"), str):
+        out["attention_backend"] = _attention_backends()[out["attention_backend"]]
     return out
+
+
+def _attention_backends():
+    from megatron.core.transformer.enums import AttnBackend
+
+    return {b.name: b for b in AttnBackend}
 
 
 def _why_not_backend(value):

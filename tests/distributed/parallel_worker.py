@@ -1,4 +1,5 @@
-"""Run under torchrun with 2 ranks: TP=2 (optionally with sequence parallelism) vs one process.
+"""Run under torchrun with 2 ranks: TP=2 (optionally with sequence parallelism, optionally with
+another `attention_backend`, e.g. flash for SDPAttention) vs one process with Megatron's attention.
 
 For each tiny config: build it at TP=1 (every rank, the single-process reference) and at
 TP=2 from the same seed (CPU initialisation gives identical full weights), run forward and
@@ -7,11 +8,13 @@ sequence-parallel replicated parameters over TP (what Megatron's finalize_model_
 and compare loss and every gradient. Prints one line per case; rank 0 prints "OK <n>".
 """
 
+import os
 import sys
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnBackend
 
 from spiral_megatron import parallel
 from tests.tiny import VOCAB, tiny_model
@@ -24,13 +27,23 @@ CASES = {
     "mesh-16-8-4-2-1": dict(topology="mesh", chunk_sizes=(16, 8, 4, 2, 1), chunk_offsets=(5, 3, 1, 1, 0)),
     "fine-to-coarse-index": dict(chunk_sizes=(1, 2, 4, 8), latent_positions="index"),
     "all-ones": dict(chunk_sizes=(1, 1, 1, 1)),
+    "mesh-gqa": dict(num_query_groups=2),
 }
 
 
-def run(case, tp: int, sequence_parallel: bool):
+def fresh_attention_env():
+    """Megatron's LanguageModule pins NVTE_*_ATTN to the first model's attention_backend and
+    asserts that later models agree: each model here starts clean."""
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(name, None)
+
+
+def run(case, tp: int, sequence_parallel: bool, attention_backend=AttnBackend.unfused):
     """Loss and full gradients of one step at this layout."""
+    fresh_attention_env()
     parallel.initialize(tensor_parallel=tp, seed=7, backend="gloo")
-    model = tiny_model(seed=3, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel, **CASES[case])
+    model = tiny_model(seed=3, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
+                       attention_backend=attention_backend, **CASES[case])
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
@@ -57,6 +70,7 @@ def full_grads(model, tp, sequence_parallel):
 def check_layout_refused():
     """seq 24 at TP=2 leaves 12 tokens per rank: not whole chunks of 8. Must fail, naming them."""
     parallel.initialize(tensor_parallel=2, seed=7, backend="gloo")
+    fresh_attention_env()
     model = tiny_model(tensor_model_parallel_size=2, sequence_parallel=True)
     tokens = torch.zeros(1, 24, dtype=torch.long)
     try:
@@ -68,16 +82,16 @@ def check_layout_refused():
     return ["seq 24 at TP=2 with sequence parallelism and chunk size 8 was not refused"]
 
 
-def main(sequence_parallel: bool):
+def main(sequence_parallel: bool, attention_backend: AttnBackend):
     failures = []
     for case in CASES:
         ref_loss, ref_grads = run(case, tp=1, sequence_parallel=False)
-        loss, grads = run(case, tp=2, sequence_parallel=sequence_parallel)
+        loss, grads = run(case, tp=2, sequence_parallel=sequence_parallel, attention_backend=attention_backend)
         worst = max(((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
                     for n, g in grads.items())
         loss_diff = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
         if dist.get_rank() == 0:
-            print(f"{case} sp={sequence_parallel}: loss rel diff {loss_diff:.2e}, max grad rel diff {worst:.2e}")
+            print(f"{case} sp={sequence_parallel} {attention_backend.name}: loss rel diff {loss_diff:.2e}, max grad rel diff {worst:.2e}")
         try:
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
             for n, g in grads.items():
@@ -94,4 +108,6 @@ def main(sequence_parallel: bool):
 
 
 if __name__ == "__main__":
-    main(sequence_parallel=sys.argv[1:] == ["--sequence-parallel"])
+    args = sys.argv[1:]
+    backend = args[args.index("--attention-backend") + 1] if "--attention-backend" in args else "unfused"
+    main(sequence_parallel="--sequence-parallel" in args, attention_backend=AttnBackend[backend])

@@ -102,3 +102,14 @@ def test_fusions_off_on_cpu_and_user_wins():
     cfg = config.load(["--model.bias_dropout_fusion", "true"], DEBUG)
     runtime = runtime_overrides(cfg, on_cpu=True)
     assert runtime["bias_dropout_fusion"] is True and runtime["masked_softmax_fusion"] is False
+
+
+@pytest.mark.parametrize("argv", [["--model.attention_backend", "flash"], ["--attention-backend", "flash"]])
+def test_attention_backend_reaches_the_model_by_name(argv):
+    from megatron.core.transformer.enums import AttnBackend
+
+    assert model_config(config.load(argv, DEBUG), on_cpu=True).attention_backend == AttnBackend.flash
+    assert model_config(config.load([], DEBUG), on_cpu=True).attention_backend == AttnBackend.auto
+    with pytest.raises(ConfigError, match=r"model.attention_backend 'sdpa' is refused: must be one of "
+                                          r"\('flash', 'fused', 'unfused', 'local', 'auto'\)"):
+        config.load(["--attention-backend", "sdpa"], DEBUG)
