@@ -1,9 +1,10 @@
 """tests/gpu: the training job on the GPUs of this host (skipped, with the reason, without them).
 
-The rest of the suite is pinned to the CPU (tests/conftest.py); these tests launch
-`examples/pretrain_spiral.py` in subprocesses that see the user's GPUs (NCCL), and compare
-their logged losses. Probing the host also happens in a subprocess, so this process never
-initialises CUDA.
+The rest of the suite is pinned to the CPU (tests/conftest.py); these tests launch, in
+subprocesses that see the user's GPUs (NCCL), `tests/gpu/forward_worker.py` (one forward and
+backward of the job's model from a shared weights file: logits and gradient norms) and
+`examples/pretrain_spiral.py` (logged losses), and compare them with tests/gpu/compare.py.
+Probing the host also happens in a subprocess, so this process never initialises CUDA.
 """
 
 import json
@@ -17,9 +18,12 @@ import pytest
 from tests.conftest import GPU_ENV, ROOT
 
 SCRIPT = ROOT / "examples" / "pretrain_spiral.py"
-# A few steps of the debug model on mock data; shapes FP8 accepts (seq 128, micro-batch 2).
-STEPS = ("--train-iters", 3, "--micro-batch-size", 2, "--global-batch-size", 8, "--lr-warmup-iters", 1,
-         "--log-interval", 1, "--eval-interval", "none", "--mock-data", "true", "--seq-length", 128)
+WORKER = ROOT / "tests" / "gpu" / "forward_worker.py"
+# The debug model on the bundled corpus; shapes FP8 accepts (seq 128, micro-batch 2).
+STEPS = ("--train-iters", 20, "--micro-batch-size", 2, "--global-batch-size", 8, "--lr-warmup-iters", 1,
+         "--log-interval", 1, "--eval-interval", "none", "--seq-length", 128)
+# One forward and backward of the same model (the worker draws one batch of 2 x 128 tokens).
+FORWARD = ("--mock-data", "true", "--micro-batch-size", 2, "--global-batch-size", 2, "--seq-length", 128)
 
 
 @lru_cache(maxsize=None)
@@ -49,17 +53,32 @@ def need(gpus: int = 1, te: bool = False) -> None:
         pytest.skip("needs Transformer Engine (pip install 'spiral_megatron[te]' on a CUDA machine)")
 
 
-def train(tmp_path: Path, name: str, *args, nproc: int = 1) -> list:
-    """Run the job from scratch; its per-step losses."""
+def _run(cmd, cache: Path, **env) -> None:
+    env = dict(GPU_ENV, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", SPIRAL_CACHE=str(cache), **env)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def train(tmp_path: Path, name: str, *args, nproc: int = 1, **env) -> list:
+    """Run the job from scratch (the same seed draws the same weights in every format and
+    backend, spiral_megatron/init.py); its per-step losses."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), *map(str, STEPS), "--save", "none", *map(str, args), "--log-json", str(out / "log.jsonl")]
-    env = dict(GPU_ENV, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", SPIRAL_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT,
+          *STEPS, "--save", "none", *args, "--log-json", out / "log.jsonl"], tmp_path.parent / "cache", **env)
     return losses(out / "log.jsonl")
+
+
+def forward(folder: Path, name: str, *args, weights: Path) -> dict:
+    """One forward and backward (forward_worker.py) from `weights`, written there first by a run
+    without them (fp32, local spec, Megatron's attention: the reference)."""
+    mode = "--load-weights" if weights.is_file() else "--save-weights"
+    out = folder / f"{name}.pt"
+    _run([sys.executable, WORKER, "--out", out, mode, weights, "--", *FORWARD, *args], folder / "cache")
+    import torch
+
+    return torch.load(out)
 
 
 def losses(path: Path) -> list:
