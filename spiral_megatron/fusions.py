@@ -52,16 +52,22 @@ PROBES: Dict[str, Tuple[Callable[[str], bool], str]] = {
 
 
 def _attention_rule(name: str, backend: str, arch) -> str:
-    """Why `name` has nothing to fuse with this run's core attention on CUDA, or ''."""
+    """Why `name` cannot or need not be on with this run's core attention on CUDA, or ''."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnBackend
 
     from spiral_megatron.layer_specs import core_attention_for
     from spiral_megatron.sdpa_attention import SDPAttention
 
+    if name != "masked_softmax_fusion":
+        return ""
     setting = arch.get("attention_backend", AttnBackend.auto)
-    if name == "masked_softmax_fusion" and core_attention_for(backend, setting, True) is SDPAttention:
+    core = core_attention_for(backend, setting, True)
+    if core is SDPAttention:
         return (f"not used: the core attention is torch's scaled_dot_product_attention (attention_backend "
                 f"{setting.name}; 'unfused' keeps Megatron's)")
+    if core is DotProductAttention and not PROBES[name][0]("local"):  # TE layers with Megatron's attention
+        return f"attention_backend local runs Megatron's attention in the TE layers, and {PROBES[name][1]}"
     return ""
 
 

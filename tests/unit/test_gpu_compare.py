@@ -79,7 +79,12 @@ def worker(tmp_path, name: str, mode: str, *job) -> dict:
     cmd = [sys.executable, str(ROOT / "tests" / "gpu" / "forward_worker.py"), "--out", str(out), mode,
            str(tmp_path / "weights.pt"), "--", "--mock-data", "true", "--micro-batch-size", "2",
            "--global-batch-size", "2", *job]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", SPIRAL_CACHE=str(tmp_path / "cache"))
+    # A plain process of its own: not this one's rendezvous (the megatron fixture), nor the
+    # NVTE_*_ATTN that models built here pinned (Megatron's LanguageModule sets them).
+    inherited = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NVTE_FLASH_ATTN",
+                 "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    env.update(PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", SPIRAL_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return torch.load(out)

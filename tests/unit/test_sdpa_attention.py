@@ -252,3 +252,8 @@ def test_fusions_name_the_attention_where_sdpa_replaces_megatrons_softmax(monkey
     assert on["masked_softmax_fusion"] and notes == []
     on, notes = fusions.defaults(on_cuda=True, backend="transformer_engine", arch={})
     assert on["masked_softmax_fusion"]
+    monkeypatch.setattr(fusions, "_module_exists", lambda name: False)  # TE, but Megatron's attention
+    on, notes = fusions.defaults(on_cuda=True, backend="transformer_engine", arch={"attention_backend": AttnBackend.local})
+    assert not on["masked_softmax_fusion"] and any(
+        "attention_backend local runs Megatron's attention in the TE layers, and Megatron's fused softmax" in n
+        for n in notes)
