@@ -1,10 +1,10 @@
-"""Run under torchrun with 2 ranks: TP=2 (optionally with sequence parallelism) vs one process.
+"""Run under torchrun with 2 ranks: TP=2, without and with sequence parallelism, vs one process.
 
 For each tiny config: build it at TP=1 (every rank, the single-process reference) and at
 TP=2 from the same seed (CPU initialisation gives identical full weights), run forward and
 backward on the same batch, gather TP-split gradients to full tensors, sum the gradients of
 sequence-parallel replicated parameters over TP (what Megatron's finalize_model_grads does),
-and compare loss and every gradient. Prints one line per case; rank 0 prints "OK <n>".
+and compare loss and every gradient. Prints one line per case and layout; rank 0 prints "OK <n>" (n cases, each at both layouts).
 """
 
 import sys
@@ -68,24 +68,25 @@ def check_layout_refused():
     return ["seq 24 at TP=2 with sequence parallelism and chunk size 8 was not refused"]
 
 
-def main(sequence_parallel: bool):
+def main():
     failures = []
     for case in CASES:
         ref_loss, ref_grads = run(case, tp=1, sequence_parallel=False)
-        loss, grads = run(case, tp=2, sequence_parallel=sequence_parallel)
-        worst = max(((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
-                    for n, g in grads.items())
-        loss_diff = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
-        if dist.get_rank() == 0:
-            print(f"{case} sp={sequence_parallel}: loss rel diff {loss_diff:.2e}, max grad rel diff {worst:.2e}")
-        try:
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
-            for n, g in grads.items():
-                torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{case} {n}: {m}")
-        except AssertionError as e:
-            failures.append(f"{case}: {e}")
-    if sequence_parallel:
-        failures += check_layout_refused()
+        for sequence_parallel in (False, True):
+            loss, grads = run(case, tp=2, sequence_parallel=sequence_parallel)
+            worst = max(((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
+                        for n, g in grads.items())
+            loss_diff = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+            if dist.get_rank() == 0:
+                print(f"{case} sp={sequence_parallel}: loss rel diff {loss_diff:.2e}, max grad rel diff {worst:.2e}")
+            try:
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+                for n, g in grads.items():
+                    torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6,
+                                               msg=lambda m: f"{case} sp={sequence_parallel} {n}: {m}")
+            except AssertionError as e:
+                failures.append(f"{case} sp={sequence_parallel}: {e}")
+    failures += check_layout_refused()
     if failures:
         sys.exit("FAILED\n" + "\n".join(failures))
     if dist.get_rank() == 0:
@@ -94,4 +95,4 @@ def main(sequence_parallel: bool):
 
 
 if __name__ == "__main__":
-    main(sequence_parallel=sys.argv[1:] == ["--sequence-parallel"])
+    main()
