@@ -24,6 +24,6 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "modelopt": MODELOPT,
         "research": RESEARCH,
-        "dev": ["pytest", "pytest-timeout", *RESEARCH, *MODELOPT],  # every test's needs
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", *RESEARCH, *MODELOPT],  # every test's needs
     },
 )

@@ -1,11 +1,13 @@
-"""Run under torchrun with 2 ranks: TP=2 (optionally with sequence parallelism, optionally with
-another `attention_backend`, e.g. flash for SDPAttention) vs one process with Megatron's attention.
+"""Run under torchrun with 2 ranks, in one launch: TP=2, TP=2 with sequence parallelism, and TP=2
+with sequence parallelism and SDPAttention (attention_backend flash), each vs one process with
+Megatron's attention.
 
 For each tiny config: build it at TP=1 (every rank, the single-process reference) and at
 TP=2 from the same seed (CPU initialisation gives identical full weights), run forward and
 backward on the same batch, gather TP-split gradients to full tensors, sum the gradients of
 sequence-parallel replicated parameters over TP (what Megatron's finalize_model_grads does),
-and compare loss and every gradient. Prints one line per case; rank 0 prints "OK <n>".
+and compare loss and every gradient. Prints one line per case and layout; rank 0 prints
+"OK <n>" (n cases, each at every layout).
 """
 
 import os
@@ -18,6 +20,8 @@ from megatron.core.transformer.enums import AttnBackend
 
 from spiral_megatron import parallel
 from tests.tiny import VOCAB, tiny_model
+
+LAYOUTS = [(False, AttnBackend.unfused), (True, AttnBackend.unfused), (True, AttnBackend.flash)]  # (SP, attention)
 
 SEQ, BATCH = 32, 2
 CASES = {
@@ -82,24 +86,26 @@ def check_layout_refused():
     return ["seq 24 at TP=2 with sequence parallelism and chunk size 8 was not refused"]
 
 
-def main(sequence_parallel: bool, attention_backend: AttnBackend):
+def main():
     failures = []
     for case in CASES:
         ref_loss, ref_grads = run(case, tp=1, sequence_parallel=False)
-        loss, grads = run(case, tp=2, sequence_parallel=sequence_parallel, attention_backend=attention_backend)
-        worst = max(((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
-                    for n, g in grads.items())
-        loss_diff = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
-        if dist.get_rank() == 0:
-            print(f"{case} sp={sequence_parallel} {attention_backend.name}: loss rel diff {loss_diff:.2e}, max grad rel diff {worst:.2e}")
-        try:
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
-            for n, g in grads.items():
-                torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{case} {n}: {m}")
-        except AssertionError as e:
-            failures.append(f"{case}: {e}")
-    if sequence_parallel:
-        failures += check_layout_refused()
+        for sequence_parallel, attention_backend in LAYOUTS:
+            layout = f"sp={sequence_parallel} {attention_backend.name}"
+            loss, grads = run(case, tp=2, sequence_parallel=sequence_parallel, attention_backend=attention_backend)
+            worst = max(((g - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
+                        for n, g in grads.items())
+            loss_diff = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+            if dist.get_rank() == 0:
+                print(f"{case} {layout}: loss rel diff {loss_diff:.2e}, max grad rel diff {worst:.2e}")
+            try:
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+                for n, g in grads.items():
+                    torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6,
+                                               msg=lambda m: f"{case} {layout} {n}: {m}")
+            except AssertionError as e:
+                failures.append(f"{case} {layout}: {e}")
+    failures += check_layout_refused()
     if failures:
         sys.exit("FAILED\n" + "\n".join(failures))
     if dist.get_rank() == 0:
@@ -108,6 +114,4 @@ def main(sequence_parallel: bool, attention_backend: AttnBackend):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    backend = args[args.index("--attention-backend") + 1] if "--attention-backend" in args else "unfused"
-    main(sequence_parallel="--sequence-parallel" in args, attention_backend=AttnBackend[backend])
+    main()

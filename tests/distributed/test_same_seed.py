@@ -12,7 +12,7 @@ from tests.integration.conftest import launch, logged
 
 STEPS = ("--train-iters", 3, "--micro-batch-size", 1, "--global-batch-size", 4, "--lr-warmup-iters", 1,
          "--log-interval", 1, "--eval-interval", "none", "--save", "none", "--mock-data", "true")
-LAYOUTS = {  # name: (processes, flags)
+LAYOUTS = {  # name: (processes, flags); CI runs CI_LAYOUTS (tp2-pp2 splits weights both ways)
     "pp2": (2, ["--pipeline-parallel", 2, "--model.pipeline_split", "3,3"]),
     "tp2": (2, ["--tensor-parallel", 2]),
     "dp2": (2, []),
@@ -32,7 +32,11 @@ def one_process(tmp_path_factory):
     return run(tmp_path_factory, "one-process", 1, [])
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+CI_LAYOUTS = ("tp2-pp2", "dp2")
+
+
+@pytest.mark.parametrize("layout", [name if name in CI_LAYOUTS else pytest.param(name, marks=pytest.mark.full_matrix)
+                                    for name in LAYOUTS])
 def test_from_scratch_every_layout_trains_like_one_process(layout, one_process, tmp_path_factory):
     nproc, flags = LAYOUTS[layout]
     losses = run(tmp_path_factory, layout, nproc, flags)

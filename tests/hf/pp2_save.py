@@ -12,7 +12,7 @@ import torch.distributed as dist
 PP2_CONFIG = dict(topology="mesh", chunk_offsets=[1, 0, 0], init_method_std=0.2)
 
 
-def main(save: str, split: str = "2,3") -> None:
+def main(save: str, split: str = "2,3", finish: bool = True) -> None:
     from megatron.core import parallel_state as ps
 
     from spiral_megatron import parallel
@@ -39,7 +39,8 @@ def main(save: str, split: str = "2,3") -> None:
         model.set_input_tensor(received)
         torch.save({"ids": ids, "logits": H.logits(model, ids)}, f"{save}/pp2_logits.pt")
     H.save_checkpoint(model, args, save)
-    parallel.destroy()
+    if finish:
+        parallel.destroy()
 
 
 if __name__ == "__main__":

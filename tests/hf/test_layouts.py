@@ -1,4 +1,4 @@
-"""Conversion of checkpoints saved at other layouts: TP2 (launched with torchrun), PP2."""
+"""Conversion of checkpoints saved at other layouts: TP2 and PP2 (one torchrun launch saves all)."""
 
 import os
 import sys
@@ -13,20 +13,29 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_to_hf  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint
+LAYOUTS = {
+    "TP2": "tp2",  # GQA + gated MLP sharded over two ranks
+    "PP2": "pp2",  # two pipeline stages, the loop split between them, MeSH state crossing
+    "PP2-prelude-apart": "pp2",  # the raw embeddings travel to the loop's stage
+}
 
-@pytest.mark.parametrize("layout,script,extra", [
-    ("TP2", "tp2_save.py", []),  # GQA + gated MLP sharded over two ranks
-    ("PP2", "pp2_save.py", []),  # two pipeline stages, the loop split between them, MeSH state crossing
-    ("PP2-prelude-apart", "pp2_save.py", ["1,4"]),  # the raw embeddings travel to the loop's stage
-])
-def test_checkpoint_of_another_layout_converts_to_the_same_logits(megatron, tmp_path, layout, script, extra):
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    torchrun(ROOT / "tests/hf/layouts_save.py", 2, root)
+    return root
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_checkpoint_of_another_layout_converts_to_the_same_logits(megatron, saved, tmp_path, layout):
     from spiral_megatron.conversion.convert import load_hf
 
-    save = tmp_path / layout
-    torchrun(ROOT / "tests/hf" / script, 2, save, *extra)
+    save = saved / layout
     out = tmp_path / "hf"
     assert convert_to_hf.main(["--load", str(save), "--out", str(out), "--verify"]) == 0
-    ref = torch.load(save / f"{script.split('_')[0]}_logits.pt")
+    ref = torch.load(save / f"{LAYOUTS[layout]}_logits.pt")
     with torch.no_grad():
         got = load_hf(out)(ref["ids"], use_cache=False).logits
     diff = (got - ref["logits"][..., : H.VOCAB]).abs().max().item()

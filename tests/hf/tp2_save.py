@@ -5,7 +5,7 @@ import sys
 import torch
 
 
-def main(save: str) -> None:
+def main(save: str, finish: bool = True) -> None:
     from megatron.core import tensor_parallel
 
     from spiral_megatron import parallel
@@ -20,7 +20,8 @@ def main(save: str) -> None:
     H.save_checkpoint(model, args, save)
     if torch.distributed.get_rank() == 0:
         torch.save({"ids": ids, "logits": logits}, f"{save}/tp2_logits.pt")
-    parallel.destroy()
+    if finish:
+        parallel.destroy()
 
 
 if __name__ == "__main__":
