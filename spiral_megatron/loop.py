@@ -55,6 +55,10 @@ class SpiralLoop(MegatronModule):
         )
         self.topology = build_module(submodules.topology, config, self.iterations)
         self._masks = {}  # causal masks by (latent length, device)
+        # compile_loop_iteration: (step, iteration, write) compiled; dynamo specialises each
+        # graph on the level t, so every level gets its own.
+        self._compiled = (tuple(torch.compile(fn) for fn in (self.step, self.iteration, self.topology.write))
+                          if config.compile_loop_iteration else None)
         self.level_quantizers = []  # set by quantization/levels.py: the core's per-level scales
 
     def forward(self, state, rotary_pos_emb=None, use_mask: bool = False):
@@ -64,16 +68,21 @@ class SpiralLoop(MegatronModule):
         chunk size). rotary_pos_emb: [>= S_global, 1, 1, d] token-position freqs or None.
         use_mask: pass explicit causal masks to the core (else Megatron's causal default).
         """
+        step, iteration, write = self._compiled or (self.step, self.iteration, self.topology.write)
         for t in self.iterations:
-            h = self.topology.read(state)
             if self.config.recompute_loop_iterations and self.training:
                 # Megatron's activation checkpoint (restores the RNG states for dropout).
-                u = tensor_parallel.checkpoint(
-                    lambda h, rope, t=t: self.iteration(t, h, rope, use_mask), False, h, rotary_pos_emb)
+                u = tensor_parallel.checkpoint(lambda h, rope, t=t: iteration(t, h, rope, use_mask), False,
+                                               self.topology.read(state), rotary_pos_emb)
+                state = write(state, u, t)
             else:
-                u = self.iteration(t, h, rotary_pos_emb, use_mask)
-            state = self.topology.write(state, u, t)
+                state = step(t, state, rotary_pos_emb, use_mask)
         return state
+
+    def step(self, t: int, state, rotary_pos_emb, use_mask: bool):
+        """Iteration t and its topology write: the loop state after iteration t."""
+        u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)
+        return self.topology.write(state, u, t)
 
     def iteration(self, t: int, h: torch.Tensor, rotary_pos_emb, use_mask: bool) -> torch.Tensor:
         """The token-level update u [s, b, h] of iteration t, shifted (functional_spiral.iteration)."""

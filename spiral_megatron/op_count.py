@@ -34,14 +34,33 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def count_ops(fn: Callable[[], object]) -> Counter:
-    """The aten ops `fn()` dispatches, by name."""
-    with OpCounter() as counter:
+def count_ops(fn: Callable[[], object], compiled: bool = False) -> Counter:
+    """The aten ops `fn()` dispatches, by name.
+
+    compiled: count with the profiler instead, for code that runs `torch.compile`d graphs
+    (dynamo runs a compiled function eagerly while a TorchDispatchMode is active). It counts
+    the outermost aten ops only, those dispatched from Python or by autograd's engine, not the
+    ops a composite one (linear -> matmul -> mm) calls inside; a compiled graph's fused kernels
+    are no aten ops. The two counts differ in what they see: compare like with like.
+    """
+    if not compiled:
+        with OpCounter() as counter:
+            fn()
+        return counter.counts
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return counter.counts
+    counts: Counter = Counter()
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and parent is None:
+            counts[event.name[len("aten::"):]] += 1
+    return counts
 
 
-def step_ops(model: torch.nn.Module, batch: int = 2, seq: int = 64, vocab: int = 512, seed: int = 0) -> Counter:
+def step_ops(model: torch.nn.Module, batch: int = 2, seq: int = 64, vocab: int = 512, seed: int = 0,
+             compiled: bool = False) -> Counter:
     """The ops of one training step's forward + backward (loss summed over tokens) of a
     Megatron GPT-like model called as model(tokens, positions, mask, labels=labels).
     The step runs once unmeasured first, so lazy caches (rotary tables, compiled graphs) are
@@ -55,7 +74,7 @@ def step_ops(model: torch.nn.Module, batch: int = 2, seq: int = 64, vocab: int =
 
     step()
     model.zero_grad(set_to_none=True)
-    return count_ops(step)
+    return count_ops(step, compiled)
 
 
 def build(flavor: str, hidden: int = 64, heads: int = 4, vocab: int = 512, seq: int = 64, **overrides):
@@ -70,14 +89,17 @@ def build(flavor: str, hidden: int = 64, heads: int = 4, vocab: int = 512, seq: 
     return SpiralGPTModel(flavors.get(flavor).config(**fields), vocab_size=vocab, max_sequence_length=seq)
 
 
-def loop_overhead(flavor: str, batch: int = 2, seq: int = 64, hidden: int = 64, **overrides) -> Dict[str, int]:
+def loop_overhead(flavor: str, batch: int = 2, seq: int = 64, hidden: int = 64, compiled: bool = False,
+                  **overrides) -> Dict[str, int]:
     """Ops of one step of `flavor` and of a plain stack of its UNROLLED depth (N_compute layers,
-    no loop); their difference is what the loop adds around the core, per step and per iteration."""
+    no loop); their difference is what the loop adds around the core, per step and per iteration.
+    compiled: the profiler's count (see `count_ops`), needed with compile_loop_iteration."""
     spiral = build(flavor, hidden=hidden, seq=seq, **overrides)
     c = spiral.config
     unrolled = build(flavor, hidden=hidden, seq=seq, num_prelude_layers=c.num_compute_layers,
                      num_core_layers=0, num_coda_layers=0, chunk_sizes=())
-    spiral_ops, gpt_ops = step_ops(spiral, batch, seq).total(), step_ops(unrolled, batch, seq).total()
+    spiral_ops = step_ops(spiral, batch, seq, compiled=compiled).total()
+    gpt_ops = step_ops(unrolled, batch, seq, compiled=compiled).total()
     loops = max(c.num_loops, 1)
     return dict(step=spiral_ops, unrolled_gpt=gpt_ops, loop_added=spiral_ops - gpt_ops,
                 loop_added_per_iteration=(spiral_ops - gpt_ops) // loops, iterations=c.num_loops)
@@ -89,7 +111,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=64, help="width (op counts do not depend on it)")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--compile-loop-iteration", action="store_true")
+    parser.add_argument("--compile-loop-iteration", action="store_true",
+                        help="compile the loop's iterations (implies --profiler)")
+    parser.add_argument("--profiler", action="store_true", help="count outermost ops with the profiler")
     parser.add_argument("--topology", default=None)
     args = parser.parse_args(argv)
     from spiral_megatron import parallel
@@ -99,7 +123,8 @@ def main(argv=None) -> None:
         overrides["topology"] = args.topology
     parallel.initialize(tensor_parallel=1, pipeline_parallel=1, seed=1234, backend="gloo")
     try:
-        result = loop_overhead(args.flavor, args.batch, args.seq, args.hidden, **overrides)
+        compiled = args.profiler or args.compile_loop_iteration
+        result = loop_overhead(args.flavor, args.batch, args.seq, args.hidden, compiled, **overrides)
     finally:
         parallel.destroy()
     print(" ".join(f"{k}={v}" for k, v in result.items()))
