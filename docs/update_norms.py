@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from spiral_megatron import flavors, parallel
-from spiral_megatron.hf import functional_spiral as F
+from spiral_megatron import functional_spiral as F
 from spiral_megatron.layer_specs import get_spiral_model_spec
 from spiral_megatron.model import SpiralGPTModel
 from spiral_megatron.resampling import Allocate

@@ -69,6 +69,10 @@ class SpiralConfig(TransformerConfig):
     the loop keeps one state per iteration instead of every core layer's activations
     (Megatron's recompute_* options still apply inside)."""
 
+    compile_loop_iteration: bool = False
+    """Run each loop iteration (resampling, core, topology write) through `torch.compile`: one
+    compiled graph per level instead of hundreds of eager ops (issue 15; CPU and GPU)."""
+
     def __post_init__(self):
         self._check_spiral_fields()
         self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)

@@ -8,7 +8,9 @@ One iteration t, chunk size g, offset w, shift s, on the token states h [s, b, h
     u = shift_right(u, s - w)              a token sees only chunks that closed at or before it
     state = topology.write(state, u, t)
 Chunk sizes of 1 skip the resampling (an identity) and build no parameters for it. The
-math of each step is `hf/functional_spiral.py`, shared with the Hugging Face model.
+iteration and the math of each step are `functional_spiral.py`, shared with the Hugging Face
+model; what stays here is Megatron's: the core block, masks and rotary slices per level, the
+shift across sequence-parallel ranks, recompute and the opt-in `torch.compile`.
 """
 
 import torch
@@ -17,15 +19,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
+from spiral_megatron import functional_spiral as F
 from spiral_megatron.config import SpiralConfig, block_config
-from spiral_megatron.hf import functional_spiral
 from spiral_megatron.layer_specs import SpiralLoopSubmodules
 from spiral_megatron.resampling import shift_right
-
-
-def causal_mask(n: int, device) -> torch.Tensor:
-    """[1, 1, n, n] bool, True above the diagonal (Megatron's convention: True = masked)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
 class SpiralLoop(MegatronModule):
@@ -57,6 +54,12 @@ class SpiralLoop(MegatronModule):
             {str(t): build_module(submodules.upscale, config, self.levels[t].chunk_size) for t in resampled}
         )
         self.topology = build_module(submodules.topology, config, self.iterations)
+        self._masks = {}  # causal masks by (latent length, device)
+        # compile_loop_iteration: (step, iteration, write) compiled; dynamo specialises each
+        # graph on the level t, so every level gets its own.
+        self._compiled = (tuple(torch.compile(fn) for fn in (self.step, self.iteration, self.topology.write))
+                          if config.compile_loop_iteration else None)
+        self.level_quantizers = []  # set by quantization/levels.py: the core's per-level scales
 
     def forward(self, state, rotary_pos_emb=None, use_mask: bool = False):
         """Run this stage's iterations on the loop state (see topology.py).
@@ -65,40 +68,51 @@ class SpiralLoop(MegatronModule):
         chunk size). rotary_pos_emb: [>= S_global, 1, 1, d] token-position freqs or None.
         use_mask: pass explicit causal masks to the core (else Megatron's causal default).
         """
+        step, iteration, write = self._compiled or (self.step, self.iteration, self.topology.write)
         for t in self.iterations:
-            h = self.topology.read(state)
             if self.config.recompute_loop_iterations and self.training:
                 # Megatron's activation checkpoint (restores the RNG states for dropout).
-                u = tensor_parallel.checkpoint(
-                    lambda h, rope, t=t: self.iteration(t, h, rope, use_mask), False, h, rotary_pos_emb)
+                u = tensor_parallel.checkpoint(lambda h, rope, t=t: iteration(t, h, rope, use_mask), False,
+                                               self.topology.read(state), rotary_pos_emb)
+                state = write(state, u, t)
             else:
-                u = self.iteration(t, h, rotary_pos_emb, use_mask)
-            state = self.topology.write(state, u, t)
+                state = step(t, state, rotary_pos_emb, use_mask)
         return state
 
-    def iteration(self, t: int, h: torch.Tensor, rotary_pos_emb, use_mask: bool) -> torch.Tensor:
-        """The token-level update u [s, b, h] of iteration t."""
-        level, key = self.levels[t], str(t)
-        sp_group = self.tp_group if self.config.sequence_parallel else None
-        first_rank = sp_group is None or sp_group.rank() == 0
-        x = shift_right(h, level.offset, sp_group)  # [s, b, h]
-        if key in self.downscale:
-            z = self.downscale[key](x, num_pad=level.offset if first_rank else 0)  # [s/g, b, h]
-        else:
-            z = x
-        n = z.shape[0] * (sp_group.size() if sp_group is not None else 1)  # global latents
-        y = self.core(
-            z,
-            attention_mask=causal_mask(n, z.device) if use_mask else None,
-            rotary_pos_emb=self._latent_rope(rotary_pos_emb, level, n),
-        )  # [s/g, b, h]
-        u = self.upscale[key](y, y - z) if key in self.upscale else y - z  # [s, b, h]
-        return shift_right(u, level.shift - level.offset, sp_group)
+    def step(self, t: int, state, rotary_pos_emb, use_mask: bool):
+        """Iteration t and its topology write: the loop state after iteration t."""
+        u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)
+        return self.topology.write(state, u, t)
 
-    def _latent_rope(self, rotary_pos_emb, level, n: int):
-        """Freqs of the n latents: at their chunk's last token (j*g + g - 1 - w) [ours] or j."""
-        if rotary_pos_emb is None:
-            return None
-        j = torch.arange(n, device=rotary_pos_emb.device)
-        pos = functional_spiral.latent_positions(j, level.chunk_size, level.offset, self.latent_positions)
-        return rotary_pos_emb[pos]  # [n, 1, 1, d]
+    def iteration(self, t: int, h: torch.Tensor, rotary_pos_emb, use_mask: bool) -> torch.Tensor:
+        """The token-level update u [s, b, h] of iteration t, shifted (functional_spiral.iteration)."""
+        level, key = self.levels[t], str(t)
+        sp_group = self.tp_group if self.config.sequence_parallel and self.tp_group.size() > 1 else None
+        first_rank = sp_group is None or sp_group.rank() == 0
+        for q in self.level_quantizers:  # per-level activation scales (quantization/levels.py)
+            q.level = t
+        return F.iteration(
+            h, level.chunk_size, level.offset, level.shift, dim=0,
+            core=lambda z: self._core(z, level, rotary_pos_emb, use_mask, sp_group),
+            downscale=lambda chunks, pad: self.downscale[key](chunks, num_pad=pad),
+            upscale=lambda y, delta, k: self.upscale[key](y, delta, k),
+            first_pad=level.offset if first_rank else 0,
+            shift_right_fn=None if sp_group is None else lambda x, k: shift_right(x, k, sp_group),
+        )
+
+    def _core(self, z: torch.Tensor, level, rotary_pos_emb, use_mask: bool, sp_group) -> torch.Tensor:
+        """The shared core over the latents z [s/g, b, h] of one level."""
+        n = z.shape[0] * (sp_group.size() if sp_group is not None else 1)  # global latents
+        rope = None
+        if rotary_pos_emb is not None:  # the latents' token positions, a strided view [n, 1, 1, d]
+            rope = rotary_pos_emb[F.latent_slice(n, level.chunk_size, level.offset, self.latent_positions)]
+        return self.core(z, attention_mask=self._causal_mask(n, z.device) if use_mask else None,
+                         rotary_pos_emb=rope)  # [s/g, b, h]
+
+    def _causal_mask(self, n: int, device) -> torch.Tensor:
+        """[1, 1, n, n] bool, True above the diagonal (Megatron's convention: True = masked),
+        built once per latent length."""
+        key = (n, str(device))
+        if key not in self._masks:
+            self._masks[key] = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)[None, None]
+        return self._masks[key]

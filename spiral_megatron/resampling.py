@@ -4,9 +4,9 @@ Tensors are sequence-first, [s, b, h]; under sequence parallelism `s` is this ra
 and every function here stays local to it except `shift_right`, which needs the last few
 tokens of the previous rank (see there).
 
-Down-scale: [s, b, h] -> [s/g, b, h], one latent per chunk of g consecutive tokens.
+Down-scale: chunks [s/g, g, b, h] -> [s/g, b, h], one latent per chunk of g consecutive tokens.
 Up-scale:   latent update [s/g, b, h] -> token update [s, b, h].
-The math is `spiral_megatron/hf/functional_spiral.py`, shared with the Hugging Face model;
+The math is `spiral_megatron/functional_spiral.py`, shared with the Hugging Face model;
 what stays here is the Megatron side: modules holding the weights, and the shift across
 sequence-parallel ranks.
 """
@@ -15,7 +15,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from spiral_megatron.hf import functional_spiral as F
+from spiral_megatron import functional_spiral as F
 from spiral_megatron.replicated_linear import ReplicatedLinear
 
 
@@ -55,9 +55,9 @@ class SelfAggregation(MegatronModule):
         self.chunk_size = chunk_size
         self.scorer = ReplicatedLinear(config, config.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
-        chunks = F.chunk(x, self.chunk_size, dim=0)  # [n, g, b, h]
-        return F.aggregate(chunks, self.scorer(chunks), num_pad, dim=0)  # [n, b, h]
+    def forward(self, chunks: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
+        """chunks [n, g, b, h] (functional_spiral.chunk) -> latents [n, b, h]."""
+        return F.aggregate(chunks, self.scorer(chunks), num_pad, dim=0)
 
 
 class MeanPool(MegatronModule):
@@ -67,15 +67,16 @@ class MeanPool(MegatronModule):
         super().__init__(config=config)
         self.chunk_size = chunk_size
 
-    def forward(self, x: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
-        return F.aggregate(F.chunk(x, self.chunk_size, dim=0), None, num_pad, dim=0)  # [n, b, h]
+    def forward(self, chunks: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
+        """chunks [n, g, b, h] -> latents [n, b, h]."""
+        return F.aggregate(chunks, None, num_pad, dim=0)
 
 
 class Allocate(MegatronModule):
     """Token slot k of chunk j receives sqrt(g) * beta_jk * delta_j, beta_j = softmax(B_t(y_j)).
 
     B_t: Linear(h, g) per iteration on the core's output latent y [ours: form, input and
-    sqrt(g) scale, see `functional_spiral.allocate`].
+    sqrt(g) scale, see `functional_spiral.allocate`]. `shift`: the result shifted right, a view.
     """
 
     def __init__(self, config, chunk_size: int):
@@ -83,8 +84,8 @@ class Allocate(MegatronModule):
         self.chunk_size = chunk_size
         self.allocator = ReplicatedLinear(config, config.hidden_size, chunk_size, bias=True)
 
-    def forward(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return F.allocate(self.allocator(y), delta, dim=0)  # [s, b, h]
+    def forward(self, y: torch.Tensor, delta: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        return F.allocate(self.allocator(y), delta, dim=0, shift=shift)  # [s, b, h], shifted right
 
 
 class Repeat(MegatronModule):
@@ -94,5 +95,5 @@ class Repeat(MegatronModule):
         super().__init__(config=config)
         self.chunk_size = chunk_size
 
-    def forward(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return F.repeat(delta, self.chunk_size, dim=0)  # [s, b, h]
+    def forward(self, y: torch.Tensor, delta: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        return F.repeat(delta, self.chunk_size, dim=0, shift=shift)  # [s, b, h], shifted right

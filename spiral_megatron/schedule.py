@@ -3,15 +3,15 @@
 One `Level` per loop iteration t: its chunk size g_t, chunk offset w_t and causal right
 shift s_t. Everything derived from the schedule (latent lengths, layout checks, the relative
 cost of the core) lives here, so it can be planned and tested without building a model. The
-rules themselves (validation, shift, padding) are `hf/functional_spiral.py`'s, which the
+rules themselves (validation, shift, padding) are `functional_spiral.py`'s, which the
 Hugging Face configuration uses too.
 """
 
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
-from spiral_megatron.hf import functional_spiral
-from spiral_megatron.hf.functional_spiral import SHIFTS  # noqa: F401  (re-exported for the config)
+from spiral_megatron import functional_spiral
+from spiral_megatron.functional_spiral import SHIFTS  # noqa: F401  (re-exported for the config)
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,8 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
     try:
         config.save_pretrained(str(tmp))
         _write_generation_config(tmp, config)
-        pkg = Path(hf_package.__file__).parent
-        for name in hf_package.MODEL_FILES:
-            shutil.copy2(pkg / name, tmp / name)
+        for path in hf_package.model_files():
+            shutil.copy2(path, tmp / path.name)
         if tokenizer is not None:
             for f in Path(tokenizer).iterdir():
                 if f.is_file():

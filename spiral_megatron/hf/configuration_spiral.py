@@ -8,8 +8,12 @@ concept is SpiralFormer's own (`num_prelude_layers`, `chunk_sizes`, `topology`, 
 
 from transformers import PretrainedConfig
 
-from . import functional_spiral as F
-from .functional_spiral import SHIFTS
+try:  # a converted model folder: the copy beside this file
+    from . import functional_spiral as F
+    from .functional_spiral import SHIFTS
+except ImportError:  # the spiral_megatron package, where it lives one level up
+    from spiral_megatron import functional_spiral as F
+    from spiral_megatron.functional_spiral import SHIFTS
 
 DOWNSCALES = ("self-aggregation", "mean")
 UPSCALES = ("allocate", "repeat")

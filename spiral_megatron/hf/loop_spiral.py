@@ -10,7 +10,9 @@ One iteration t, chunk size g, offset w, shift s, on token states h:
 Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
 record a `LevelCache` per iteration); `step` runs one new token against those caches, running
 the core of level t only when the token closes one of its chunks (docs/MODEL.md section 6).
-The math of each step is `functional_spiral.py`, which the Megatron model imports too.
+The iteration, the topologies and the math of each step are `functional_spiral.py`, which the
+Megatron model imports too (`spiral_megatron/functional_spiral.py`, copied beside this file in a
+converted folder).
 """
 
 from typing import Dict, List, Optional
@@ -18,7 +20,12 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import functional_spiral as F
+try:  # a converted model folder: the copy beside this file (trust_remote_code copies the
+    # files named in `from .x import` lines)
+    from . import functional_spiral as F
+    from .functional_spiral import SHIFTS  # noqa: F401
+except ImportError:  # the spiral_megatron package, where it lives one level up
+    from spiral_megatron import functional_spiral as F
 from .layers_spiral import KV, Block, rotary_angles
 
 
@@ -64,11 +71,11 @@ class SpiralLoop(nn.Module):
         scores = self.aggregate[str(t)](chunks) if self.config.downscale == "self-aggregation" else None
         return F.aggregate(chunks, scores, first_pad, dim=1)  # [b, n, d]
 
-    def upscale(self, t: int, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """latent update delta [b, n, d] -> token update [b, n*g, d]."""
+    def upscale(self, t: int, y: torch.Tensor, delta: torch.Tensor, shift: int = 0) -> torch.Tensor:
+        """latent update delta [b, n, d] -> token update [b, n*g, d], shifted right by `shift`."""
         if self.config.upscale == "repeat":
-            return F.repeat(delta, self.chunk_sizes[t], dim=1)
-        return F.allocate(self.allocate[str(t)](y), delta, dim=1)
+            return F.repeat(delta, self.chunk_sizes[t], dim=1, shift=shift)
+        return F.allocate(self.allocate[str(t)](y), delta, dim=1, shift=shift)
 
     def latent_angles(self, t: int, j: torch.Tensor):
         """RoPE angles of latents j: their chunk's last token j*g + g - 1 - w [ours], or j."""
@@ -78,21 +85,12 @@ class SpiralLoop(nn.Module):
     # ---- topology (docs/MODEL.md 3.5) ----
     def init(self, h0: torch.Tensor, embeddings: torch.Tensor):
         """h0: the prelude output [b, s, d]; embeddings: the raw token embeddings [b, s, d]."""
-        if self.config.topology == "anchor":
-            return (h0, h0)
-        if self.config.topology == "mesh":  # slot 0 = embeddings; transitional write-read of h0
-            slots = F.mesh_write(F.mesh_slots(embeddings, self.config.mesh_slots), h0, self.mesh_init_write(h0))
-            return (F.mesh_read(slots, self.mesh_init_read(h0)), slots)  # (h, slots [B, b, s, d])
-        return (h0,)
+        mesh = (self.mesh_init_write.weight, self.mesh_init_read.weight) if self.config.topology == "mesh" else None
+        return F.init_state(self.config.topology, h0, embeddings, mesh, self.config.mesh_slots)
 
     def write(self, state, u: torch.Tensor, t: int):
-        if self.config.topology == "anchor":
-            return (F.anchor_write(state[1], u), state[1])
-        if self.config.topology == "mesh":
-            h, slots = state  # both routers read h(t), the state that entered iteration t
-            slots = F.mesh_write(slots, u, self.mesh_write[t](h))  # [B, b, s, d]
-            return (F.mesh_read(slots, self.mesh_read[t](h)), slots)
-        return (F.residual_write(state[0], u),)
+        mesh = (self.mesh_write[t].weight, self.mesh_read[t].weight) if self.config.topology == "mesh" else None
+        return F.update_state(self.config.topology, state, u, mesh)
 
     # ---- whole sequences ----
     def forward(self, h: torch.Tensor, embeddings: torch.Tensor,
@@ -113,16 +111,28 @@ class SpiralLoop(nn.Module):
         return state[0][:, :L]
 
     def iteration(self, t: int, h: torch.Tensor, L: int, caches) -> torch.Tensor:
-        b, S, d = h.shape
+        """Iteration t's shifted token update [b, S, d] (functional_spiral.iteration); with
+        `caches`, also this level's LevelCache (which needs the update before its shift)."""
         g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
-        x = F.shift_right(h, w, dim=1)  # [b, S, d]
-        n = S // g
-        z = self.downscale(t, x.view(b, n, g, d), first_pad=w) if g > 1 else x  # [b, n, d]
-        y, kv = self.core(z, self.latent_angles(t, torch.arange(n, device=h.device)))  # [b, n, d]
-        u = self.upscale(t, y, y - z) if g > 1 else y - z  # [b, S, d]
+        seen = {}  # the core's input/output and keys/values, the update before the shift
+
+        def core(z):  # [b, n, d]
+            n = z.shape[1]
+            seen["z"] = z
+            seen["y"], seen["kv"] = self.core(z, self.latent_angles(t, torch.arange(n, device=z.device)))
+            return seen["y"]
+
+        def upscale(y, delta, k):
+            seen["u"] = self.upscale(t, y, delta, k)
+            return seen["u"]
+
+        shift_fn = None if caches is None else (lambda x, k: F.shift_right(x, k, dim=1))
+        u = F.iteration(h, g, w, s, 1, core, lambda c, pad: self.downscale(t, c, pad), upscale,
+                        shift_right_fn=shift_fn)  # [b, S, d]
         if caches is not None:
-            caches.append(self._level_cache(h, u, kv, g, w, L))
-        return F.shift_right(u, s - w, dim=1)
+            unshifted = seen["u"] if g > 1 else seen["y"] - seen["z"]
+            caches.append(self._level_cache(h, unshifted, seen["kv"], g, w, L))
+        return u
 
     @staticmethod
     def _level_cache(h, u, kv, g: int, w: int, L: int) -> LevelCache:

@@ -4,9 +4,12 @@ The core runs T times per forward, iteration t on the sequence compressed g_t-fo
 2-3). Its weights are shared, so its weight quantizers are too; its INPUT statistics are not:
 a latent that averages 8 tokens has a different range from a single token. Modelopt's max
 calibration over the whole forward gives each input quantizer the maximum over all T levels
-("shared" scales). `LevelQuantizer` instead holds one copy of the quantizer per level, and
-`LevelTracker` tells every copy which level the core is running, by counting the core's
-calls within the loop's forward (the loop calls the core once per iteration, in order).
+("shared" scales). `LevelQuantizer` instead holds one copy of the quantizer per level, and the
+loop itself selects the copy: each iteration t sets `level = t` on the quantizers listed in
+`loop.level_quantizers` before it runs the core. A recomputed iteration
+(`recompute_loop_iterations`) sets it again, so its backward sees its own level. Megatron's
+`recompute_granularity="full"` replays core layers in the backward, after the loop has moved on,
+with the last level's quantizers: per-level scales refuse it (`install_levels`).
 
 Our choice [ours]: only activation (input) quantizers are split. Weight quantizers, and
 SmoothQuant's/AWQ's per-channel input scaling (`pre_quant_scale`, folded into the shared
@@ -64,33 +67,6 @@ class LevelQuantizer(torch.nn.Module):
         return self.levels[0]._if_calib
 
 
-class LevelTracker:
-    """Forward hooks that set the running level on every LevelQuantizer of the loop's core."""
-
-    def __init__(self, loop: torch.nn.Module):
-        self.loop, self.calls = loop, 0
-        self.quantizers = [m for m in loop.core.modules() if isinstance(m, LevelQuantizer)]
-        self.handles = [
-            loop.register_forward_pre_hook(self._start),
-            loop.core.register_forward_pre_hook(self._enter_core),
-        ]
-
-    def _start(self, module, args) -> None:
-        self.calls = 0
-
-    def _enter_core(self, module, args) -> None:
-        # Activation recomputation inside the core would replay layers after this loop has
-        # moved on; the training job does not recompute, so this holds [ours: documented].
-        level = self.loop.iterations[self.calls]  # a pipeline stage runs a slice of the levels
-        for q in self.quantizers:
-            q.level = level
-        self.calls += 1
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def core_linears(loop: torch.nn.Module) -> List[torch.nn.Module]:
     """The core's quantized Megatron linear layers (attention QKV/proj, MLP fc1/fc2)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -101,7 +77,8 @@ def core_linears(loop: torch.nn.Module) -> List[torch.nn.Module]:
 
 def split_levels(model: torch.nn.Module, smoothed: bool = False) -> int:
     """Give the input quantizer of every core linear one copy per level (each starting from
-    the shared scales); returns how many were split. The tracker is installed on the model.
+    the shared scales); returns how many were split. The loop is told about them
+    (`install_levels`).
     `smoothed`: when restoring a SmoothQuant model, make room for its loaded input scaling."""
     loop = getattr(model, "loop", None)
     if loop is None:
@@ -111,18 +88,30 @@ def split_levels(model: torch.nn.Module, smoothed: bool = False) -> int:
     for module in linears:
         features = module.weight.shape[1] if smoothed else 0  # this rank's input features
         module.input_quantizer = LevelQuantizer(module.input_quantizer, num_levels, features)
-    install_tracker(model)
+    install_levels(model)
     return len(linears)
 
 
-def install_tracker(model: torch.nn.Module) -> None:
-    """Idempotent: one LevelTracker per model, refreshed (after a restore replaced modules)."""
-    old = getattr(model, "_spiral_level_tracker", None)
-    if old is not None:
-        old.remove()
+def install_levels(model: torch.nn.Module) -> None:
+    """Hand the loop its core's LevelQuantizers (idempotent: refreshed after a restore replaced
+    modules). Refuses Megatron's full recompute of the core before any compute: its backward
+    would replay every level with the last level's scales (wrong gradients, silently)."""
     loop = getattr(model, "loop", None)
-    if loop is not None and any(isinstance(m, LevelQuantizer) for m in loop.core.modules()):
-        model._spiral_level_tracker = LevelTracker(loop)
+    if loop is None:
+        return
+    quantizers = [m for m in loop.core.modules() if isinstance(m, LevelQuantizer)]
+    if quantizers:
+        check_recompute(model)
+    loop.level_quantizers = quantizers
+
+
+def check_recompute(model: torch.nn.Module) -> None:
+    """Per-level scales and Megatron's full recompute of the core do not mix (see above)."""
+    if getattr(model, "loop", None) is not None and model.config.recompute_granularity == "full":
+        raise ValueError(
+            'recompute_granularity "full" cannot run per-level quantization scales (the recomputed core '
+            'would use the last level\'s); use recompute_loop_iterations or "selective", or shared scales'
+        )
 
 
 def has_levels(model: torch.nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""The shared loop math (spiral_megatron/hf/functional_spiral.py) against hand-computed values,
+"""The shared loop math (spiral_megatron/functional_spiral.py) against hand-computed values,
 in both layouts: Megatron's [s, b, h] (dim 0) and Hugging Face's [b, s, d] (dim 1)."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from spiral_megatron.hf import functional_spiral as F
+from spiral_megatron import functional_spiral as F
 
 S, B, D = 12, 2, 3
 
@@ -81,16 +81,38 @@ def test_repeat():
     assert torch.equal(a, b) and torch.equal(a[4:8], delta[1:2].expand(4, B, D))
 
 
+def test_allocate_and_repeat_shift_as_shift_right():
+    g, n, k = 4, 3, 3
+    delta, logits = torch.randn(n, B, D), torch.randn(n, B, g)
+    for fn in (lambda d, dim, sh: F.allocate(logits if dim == 0 else logits.transpose(0, 1), d, dim, sh),
+               lambda d, dim, sh: F.repeat(d, g, dim, sh)):
+        for shift in (1, k, g):
+            a, b = both_layouts(lambda d, dim: fn(d, dim, shift), delta)
+            torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, F.shift_right(fn(delta, 0, 0), shift, 0))
+
+
 def test_mesh_buffer_write_and_read():
-    e, u = torch.randn(S, B, D), torch.randn(S, B, D)
-    slots = F.mesh_slots(e, 3)  # [3, s, b, h]
-    assert torch.equal(slots[0], e) and torch.equal(slots[1:], torch.zeros(2, S, B, D))
-    one_hot = torch.tensor([-1e4, 0.0, -1e4]).expand(S, B, 3)
-    slots = F.mesh_write(slots, u, one_hot)
-    torch.testing.assert_close(slots[1], u)
-    torch.testing.assert_close(slots[0], e)
-    torch.testing.assert_close(F.mesh_read(slots, torch.zeros(S, B, 3)), (e + u) / 3)  # uniform read
-    torch.testing.assert_close(F.mesh_read(slots, one_hot), u)
+    e, u, h = torch.randn(S, B, D), torch.randn(S, B, D), torch.ones(S, B, D)
+    slots = F.mesh_slots(e, 3)  # [s, b, 3, h]
+    assert torch.equal(slots[:, :, 0], e) and torch.equal(slots[:, :, 1:], torch.zeros(S, B, 2, D))
+    to_slot_1 = torch.tensor([-1e4, 0.0, -1e4])[:, None].expand(3, D) / D  # logits (-1e4, 0, -1e4) on h = 1
+    uniform = torch.zeros(3, D)
+    read, written = F.mesh_step(slots, u, h, to_slot_1, uniform)
+    torch.testing.assert_close(written[:, :, 1], u)
+    torch.testing.assert_close(written[:, :, 0], e)
+    torch.testing.assert_close(read, (e + u) / 3)  # uniform read
+    read, _ = F.mesh_step(slots, u, h, to_slot_1, to_slot_1)
+    torch.testing.assert_close(read, u)
+    state = F.init_state("mesh", u, e, (to_slot_1, uniform), 3)
+    torch.testing.assert_close(state[0], (e + u) / 3)
+
+
+def test_topologies_merge_the_update():
+    h, h0, u = torch.randn(S, B, D), torch.randn(S, B, D), torch.randn(S, B, D)
+    assert torch.equal(F.update_state("residual", F.init_state("residual", h), u)[0], h + u)
+    anchor = F.update_state("anchor", (h, h0), u)
+    assert torch.equal(anchor[0], h0 + u) and anchor[1] is h0
 
 
 def test_schedule_rules():
@@ -98,5 +120,7 @@ def test_schedule_rules():
     assert F.padding_multiple((3, 5, 1)) == 15 and F.padding_multiple(()) == 1
     assert F.latent_positions(torch.arange(3), 4, 1, "chunk-end").tolist() == [2, 6, 10]
     assert F.latent_positions(torch.arange(3), 4, 1, "index").tolist() == [0, 1, 2]
+    assert list(range(12))[F.latent_slice(3, 4, 1, "chunk-end")] == [2, 6, 10]
+    assert list(range(12))[F.latent_slice(3, 4, 1, "index")] == [0, 1, 2]
     with pytest.raises(ValueError, match=r"chunk offset 4 for chunk size 4 must be in \[0, 4\)"):
         F.check_schedule((4,), (4,), "overlap")
