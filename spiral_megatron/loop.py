@@ -25,6 +25,11 @@ from spiral_megatron.layer_specs import SpiralLoopSubmodules
 from spiral_megatron.resampling import shift_right
 
 
+def causal_mask(n: int, device) -> torch.Tensor:
+    """[1, 1, n, n] bool, True above the diagonal (Megatron's convention: True = masked)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
 class SpiralLoop(MegatronModule):
     """The looped core with the resampling and topology of iterations `iterations`.
 
@@ -110,9 +115,8 @@ class SpiralLoop(MegatronModule):
                          rotary_pos_emb=rope)  # [s/g, b, h]
 
     def _causal_mask(self, n: int, device) -> torch.Tensor:
-        """[1, 1, n, n] bool, True above the diagonal (Megatron's convention: True = masked),
-        built once per latent length."""
+        """`causal_mask(n)`, built once per latent length."""
         key = (n, str(device))
         if key not in self._masks:
-            self._masks[key] = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)[None, None]
+            self._masks[key] = causal_mask(n, device)
         return self._masks[key]
