@@ -74,7 +74,7 @@ def check_tokenizer(prefix: str, tokenizer) -> None:
             f"data_path {prefix!r} was made with the tokenizer {made_by!r} ({meta.get('tokenizer_vocab_size')} "
             f"tokens, sha256 {meta['tokenizer_sha256']}), not this run's {getattr(tokenizer, 'path', None)!r} "
             f"({tokenizer.vocab_size} tokens, sha256 {new}): pass --tokenizer-model {made_by}, or remake the data "
-            f"with tools/preprocess_data.py --tokenizer {getattr(tokenizer, 'path', None) or 'FOLDER'}")
+            f"with tools/preprocess_data.py --tokenizer-model {getattr(tokenizer, 'path', None) or 'FOLDER'}")
 
 
 def open_corpus(prefix: str, tokenizer) -> Corpus:
