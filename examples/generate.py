@@ -40,6 +40,9 @@ def generate(tokenizer, model, prompt: str, max_new_tokens: int, sample: bool, u
 
 
 def main():
+    from spiral_megatron.extras import require
+
+    require("generate.py", "hf")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args()
     import torch

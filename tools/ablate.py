@@ -171,6 +171,9 @@ def write_outputs(out: Path, results: list, title: str) -> None:
 
 def main(argv=None) -> int:
     """The command line; autograd is off inside, not for the caller (tests call this in-process)."""
+    from spiral_megatron.extras import require
+
+    require("ablate.py", "hf", "research")
     import torch
 
     with torch.no_grad():

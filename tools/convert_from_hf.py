@@ -24,6 +24,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from spiral_megatron.extras import require
+
+    require("convert_from_hf.py", "hf")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.conversion import convert

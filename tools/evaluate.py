@@ -29,6 +29,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     """The command line; autograd is off inside, not for the caller (tests call this in-process)."""
+    from spiral_megatron.extras import require
+
+    require("evaluate.py", "hf")
     import torch
 
     with torch.no_grad():

@@ -1,11 +1,13 @@
 """Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing is downloaded.
 
     python tools/preprocess_data.py --input a.jsonl b.txt --output-prefix data/my_text \
-        [--tokenizer path/to/tokenizer_folder | --vocab-size 32000] [--json-key text] [--force]
+        [--tokenizer-model path/to/tokenizer_folder | --vocab-size 32000] [--json-key text] [--force]
 
 JSONL files give one document per line (text under --json-key); other files are one document
-each. Without --tokenizer a byte-level BPE is trained on the input and saved next to the data
-(<output-prefix>_tokenizer/). Train with: --data-path <output-prefix> --tokenizer <that folder>.
+each. Without --tokenizer-model a byte-level BPE is trained on the input and saved next to the
+data (<output-prefix>_tokenizer/), where the training job finds it. PREFIX.meta.json records
+which tokenizer made the data; the job refuses another. Train with: --data-path <output-prefix>
+(and --tokenizer-model DIR for data made with a given tokenizer).
 """
 
 import argparse
@@ -16,7 +18,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL or plain text files")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer", help="a tokenizer.json or a folder holding one")
+    p.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer",
+                   help="a tokenizer.json or a folder holding one (Megatron-LM's name; --tokenizer is an alias)")
     p.add_argument("--vocab-size", type=int, default=512, help="vocabulary of a trained BPE")
     p.add_argument("--json-key", default="text", help="the text field of JSONL records")
     p.add_argument("--save-tokenizer", help="where a trained BPE goes (default PREFIX_tokenizer)")

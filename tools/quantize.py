@@ -47,6 +47,9 @@ def _has_cuda() -> bool:
 
 
 def main(argv=None) -> int:
+    from spiral_megatron.extras import require
+
+    require("quantize.py", "modelopt", "hf")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.conversion.megatron_io import CheckpointError

@@ -1,7 +1,9 @@
 """Writing and reading a Hugging Face model folder (safetensors only).
 
 A folder holds config.json (with `auto_map`), generation_config.json, the model files of
-`spiral_megatron/hf/`, the tokenizer files of the training run, the weights as
+`spiral_megatron/hf/`, the tokenizer files of the training run (a standard
+`PreTrainedTokenizerFast`, no remote code, padding on the left with the end-of-document token, as
+causal-LM repositories ship it), the weights as
 model.safetensors (or shards plus model.safetensors.index.json above `max_shard_bytes`), and
 megatron_vocab_padding.safetensors: the Megatron rows beyond the tokenizer's vocabulary, which
 the HF model does not use and the reverse conversion puts back (bit-exact round trip).
@@ -52,12 +54,12 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
         for path in hf_package.model_files():
             shutil.copy2(path, tmp / path.name)
         if tokenizer is not None:
-            for f in Path(tokenizer).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+            _write_tokenizer(Path(tokenizer), tmp, config.max_position_embeddings)
         _write_weights(tmp, state, max_shard_bytes)
         if padding:
             save_file({k: v.contiguous() for k, v in padding.items()}, str(tmp / PADDING), metadata={"format": "pt"})
+        for f in tmp.iterdir():  # safetensors writes owner-only (0600) files; every file follows the umask
+            os.chmod(f, 0o666 & ~_umask())
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,6 +100,20 @@ def remove_stale_temporaries(out: Path) -> None:
                 os.replace(p, out)
             else:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_tokenizer(src: Path, folder: Path, max_length: int) -> None:
+    """The training run's tokenizer files, with what batched generation needs added to
+    tokenizer_config.json: a pad token (the end-of-document token, as the generation config's
+    pad id) and left padding, so `tokenizer(prompts, padding=True)` feeds `generate` directly."""
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, folder / f.name)
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    cfg.setdefault("pad_token", cfg.get("eos_token"))
+    cfg.update(padding_side="left", model_max_length=max_length)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _write_generation_config(folder: Path, config: SpiralFormerConfig) -> None:

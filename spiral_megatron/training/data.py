@@ -97,10 +97,10 @@ def check(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int) -
     if source.whole:
         for name, blend in (("train", source.train), ("valid", source.valid)):
             if name in _needed(cfg):
-                corpora = [dataset_check.open_corpus(p, tokenizer.vocab_size) for p in blend[0]]
+                corpora = [dataset_check.open_corpus(p, tokenizer) for p in blend[0]]
                 dataset_check.check_splits(corpora, None, [name], seq_length + 1)
     elif source.train is not None:
-        corpora = [dataset_check.open_corpus(p, tokenizer.vocab_size) for p in source.train[0]]
+        corpora = [dataset_check.open_corpus(p, tokenizer) for p in source.train[0]]
         split, note = dataset_check.choose_split(corpora, source.split, _needed(cfg), seq_length + 1)
         if note and (not dist.is_initialized() or dist.get_rank() == 0):
             print(note, flush=True)

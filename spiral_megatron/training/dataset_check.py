@@ -3,7 +3,8 @@
 Megatron's dataset builder loops forever on a split that holds no tokens (`_get_num_epochs`
 adds 0 tokens per epoch until it reaches the request), so a small corpus of one's own with the
 default `--split 969,30,1` used to hang. Here every prefix is opened once on one rank and
-refused in one line when it is damaged (a junk or truncated `.bin`/`.idx`), empty, holds token
+refused in one line when it is damaged (a junk or truncated `.bin`/`.idx`), empty, was made
+by another tokenizer (the digest `PREFIX.meta.json` records, see preprocess.py), holds token
 ids the tokenizer does not have, or when a split the run needs cannot fill one sample; the
 refusal names the split and a `--split` that would work.
 
@@ -11,6 +12,7 @@ The document ranges of a split are Megatron's (`BlendedMegatronDatasetBuilder`):
 range [round(b0 * N), round(b1 * N)) for the bookends (b0, b1) of the normalised split.
 """
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -56,8 +58,29 @@ def split_ranges(num: int, weights: Sequence[float]) -> List[Tuple[int, int]]:
     return [(int(round(bounds[i] * num)), int(round(bounds[i + 1] * num))) for i in range(3)]
 
 
-def open_corpus(prefix: str, vocab_size: Optional[int]) -> Corpus:
-    """Read `prefix`.idx/.bin; ConfigError naming the file when either is not a whole dataset."""
+def check_tokenizer(prefix: str, tokenizer) -> None:
+    """Refuse data whose PREFIX.meta.json names another tokenizer than the run's, by name and
+    digest (same-size vocabularies map the same ids to other text, so the id range check alone
+    lets such data train). Data without the record, or a tokenizer without a digest, passes."""
+    from spiral_megatron.training.preprocess import meta_path
+
+    new = getattr(tokenizer, "unique_identifiers", {}).get("sha256")
+    if new is None or not meta_path(prefix).is_file():
+        return
+    meta = json.loads(meta_path(prefix).read_text())
+    if meta.get("tokenizer_sha256", new) != new:
+        made_by = meta.get("tokenizer") or "another tokenizer"
+        raise ConfigError(
+            f"data_path {prefix!r} was made with the tokenizer {made_by!r} ({meta.get('tokenizer_vocab_size')} "
+            f"tokens, sha256 {meta['tokenizer_sha256']}), not this run's {getattr(tokenizer, 'path', None)!r} "
+            f"({tokenizer.vocab_size} tokens, sha256 {new}): pass --tokenizer-model {made_by}, or remake the data "
+            f"with tools/preprocess_data.py --tokenizer-model {getattr(tokenizer, 'path', None) or 'FOLDER'}")
+
+
+def open_corpus(prefix: str, tokenizer) -> Corpus:
+    """Read `prefix`.idx/.bin; ConfigError naming the file when either is not a whole dataset or
+    does not fit `tokenizer` (the run's: its `vocab_size`, digest and path where known; None
+    checks nothing)."""
     from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
@@ -84,6 +107,8 @@ def open_corpus(prefix: str, vocab_size: Optional[int]) -> Corpus:
                           "or from another dataset; rebuild it with tools/preprocess_data.py")
     if lengths.size == 0 or expected == 0:
         raise ConfigError(f"data_path {prefix!r} holds no tokens ({lengths.size} documents)")
+    check_tokenizer(prefix, tokenizer)
+    vocab_size = getattr(tokenizer, "vocab_size", None)
     tokens = np.memmap(bin_, dtype=dtype, mode="r")
     scanned = tokens[:SCAN_TOKENS]
     corpus = Corpus(prefix, lengths, int(scanned.max()), scanned.size == tokens.size)

@@ -43,7 +43,7 @@ def ensure(cache_dir: Optional[str], vocab_size: int) -> Tuple[str, Path]:
         docs = corpus.documents()
         print(f"building the default corpus ({len(docs)} documents of CPython's docstrings) in {base}")
         tok = Tokenizer.train_bpe(docs, vocab_size)
-        write_indexed_dataset(docs, tok, str(tmp / PREFIX_NAME))
+        write_indexed_dataset(docs, tok, str(tmp / PREFIX_NAME), tokenizer_name=str(base / "tokenizer"))
         tok.save(tmp / "tokenizer")  # saved last: its presence marks a complete folder
         try:
             os.rename(tmp, base)

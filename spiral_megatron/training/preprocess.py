@@ -2,7 +2,9 @@
 
 Inputs are JSONL files (one document per line, text under `text_key`) or plain text files
 (one document per file). Each document is tokenized and ends with the end-of-document token,
-as Megatron's `tools/preprocess_data.py --append-eod` does.
+as Megatron's `tools/preprocess_data.py --append-eod` does. Beside the two files,
+`PREFIX.meta.json` records which tokenizer made the data (its name and content digest, the one
+the resume checks compare), so a run with another tokenizer is refused (dataset_check.py).
 
 Existing outputs are kept unless `force`; everything is written under temporary names and
 renamed into place at the end, and the temporary files are removed on any error.
@@ -68,9 +70,16 @@ class _Progress:
         self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
 
 
+def meta_path(prefix: str) -> Path:
+    """Where `write_indexed_dataset` records the tokenizer that made `prefix`."""
+    return Path(f"{prefix}.meta.json")
+
+
 def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output_prefix: str,
-                          append_eod: bool = True, quiet: bool = False) -> int:
-    """Tokenize `documents` into `output_prefix`.bin/.idx atomically; returns the token count."""
+                          append_eod: bool = True, quiet: bool = False, tokenizer_name: Optional[str] = None) -> int:
+    """Tokenize `documents` into `output_prefix`.bin/.idx atomically; returns the token count.
+    A tokenizer with a content digest is recorded in PREFIX.meta.json, under `tokenizer_name`
+    (default: the folder it was loaded from)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(output_prefix)
@@ -85,15 +94,28 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output
                 builder.add_document(ids, [len(ids)])
                 progress.update(len(ids))
         builder.finalize(f"{tmp}.idx")
-        os.replace(f"{tmp}.bin", f"{prefix}.bin")
-        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+        _write_meta(meta_path(tmp), tokenizer, tokenizer_name)
+        meta_path(prefix).unlink(missing_ok=True)  # never left describing data it did not make
+        for ext in (".bin", ".idx", ".meta.json"):
+            if Path(tmp + ext).exists():
+                os.replace(tmp + ext, prefix + ext)
     except BaseException:
-        for name in (f"{tmp}.bin", f"{tmp}.idx"):
-            Path(name).unlink(missing_ok=True)
+        for ext in (".bin", ".idx", ".meta.json"):
+            Path(tmp + ext).unlink(missing_ok=True)
         raise
     if not quiet:
         progress.close()
     return progress.tokens
+
+
+def _write_meta(path: Path, tokenizer, name: Optional[str]) -> None:
+    """The tokenizer's name and content digest (`Tokenizer.unique_identifiers`); nothing for a
+    tokenizer without a digest (test stand-ins)."""
+    digest = getattr(tokenizer, "unique_identifiers", {}).get("sha256")
+    if digest:
+        record = {"tokenizer": name or getattr(tokenizer, "path", None), "tokenizer_sha256": digest,
+                  "tokenizer_vocab_size": tokenizer.vocab_size}
+        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[str] = None,
@@ -114,13 +136,14 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[st
         raise FileExistsError(f"{', '.join(existing)} already exist; pass --force to overwrite")
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
-        count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix)
+        count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix, tokenizer_name=tokenizer)
     else:
         tok = Tokenizer.train_bpe(read_documents(inputs, text_key), vocab_size)
         staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         try:
             tok.save(staging)
-            count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix)
+            count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix,
+                                          tokenizer_name=str(folder))
             _replace_folder(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

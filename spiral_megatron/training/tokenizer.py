@@ -17,8 +17,9 @@ EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
 class Tokenizer:
     """Text <-> token ids, with the end-of-document id Megatron's GPTDataset appends."""
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, path: Union[str, Path, None] = None):
         self.hf = hf_tokenizer
+        self.path = None if path is None else str(path)  # where it was loaded from, for messages
         self.eod = self._find_eod()
 
     def _find_eod(self) -> int:
@@ -63,7 +64,7 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer {str(path)!r}: no tokenizer.json there")
-        return cls(HFTokenizer.from_file(str(file)))
+        return cls(HFTokenizer.from_file(str(file)), path)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":

@@ -56,3 +56,18 @@ def test_separate_validation_data(own_data, cache_dir, tmp_path):
     proc = launch(cache_dir, "--train-data-path", own_data, "--valid-data-path", own_data, *TINY,
                   "--save", tmp_path / "ckpt", timeout=240)
     assert "val loss" in proc.stdout and "finished iteration 4" in proc.stdout
+
+
+def test_data_of_another_tokenizer_is_refused_by_name(own_data, cache_dir, tmp_path):
+    """Data made with another BPE of the same size would train silently on ids that mean other text."""
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"text": d[::-1]}) + "\n" for d in DOCS))
+    cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", tmp_path / "more.jsonl",
+           "--output-prefix", tmp_path / "more", "--vocab-size", 300]
+    assert subprocess.run(list(map(str, cmd)), capture_output=True, env=environment(cache_dir)).returncode == 0
+    proc = launch(cache_dir, "--data-path", tmp_path / "more", "--tokenizer-model", f"{own_data}_tokenizer", *TINY,
+                  "--save", tmp_path / "ckpt", expect_rc=2, timeout=120)
+    assert (f"data_path '{tmp_path / 'more'}' was made with the tokenizer '{tmp_path / 'more'}_tokenizer' (300 tokens"
+            in proc.stderr)
+    assert f"not this run's '{own_data}_tokenizer' (300 tokens" in proc.stderr
+    assert f"pass --tokenizer-model {tmp_path / 'more'}_tokenizer" in proc.stderr
+    assert "pipeline partition" not in proc.stdout  # refused before the model is built

@@ -44,7 +44,7 @@ def test_preprocess_refuses_overwrite_and_leaves_nothing_on_error(cache_dir, tmp
     base = ["preprocess_data.py", "--output-prefix", prefix, "--vocab-size", 300]
     tool(cache_dir, *base, "--input", tmp_path / "a.jsonl")
     files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
-    assert sorted(files) == ["text.bin", "text.idx"]
+    assert sorted(files) == ["text.bin", "text.idx", "text.meta.json"]  # meta: the tokenizer that made it
     again = tool(cache_dir, *base, "--input", tmp_path / "a.jsonl", expect_rc=2)
     assert "text.bin" in again.stderr and "already exist; pass --force" in again.stderr
     for extra in ([], ["--tokenizer", f"{prefix}_tokenizer"]):  # fails in BPE training / in writing
@@ -52,5 +52,5 @@ def test_preprocess_refuses_overwrite_and_leaves_nothing_on_error(cache_dir, tmp
                    *extra, expect_rc=2)
         assert "bad.jsonl:2: not valid JSON" in bad.stderr
         assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == files
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["text.bin", "text.idx", "text_tokenizer"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["text.bin", "text.idx", "text.meta.json", "text_tokenizer"]
     tool(cache_dir, *base, "--input", tmp_path / "a.jsonl", "--force")

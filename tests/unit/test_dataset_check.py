@@ -18,6 +18,13 @@ class Ids:
         return [int(t) for t in text.split()]
 
 
+class Vocab:
+    """The part of a run's tokenizer `open_corpus` checks ids against."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+
 def dataset(tmp_path, docs, name="d"):
     prefix = str(tmp_path / name)
     write_indexed_dataset([" ".join(map(str, d)) for d in docs], Ids(), prefix, quiet=True)
@@ -38,7 +45,7 @@ def test_bad_split_strings(split):
 
 
 def test_split_choice_for_small_data(tmp_path):
-    c = [open_corpus(dataset(tmp_path, [[5] * 100, [6] * 100, [7] * 40]), 10)]
+    c = [open_corpus(dataset(tmp_path, [[5] * 100, [6] * 100, [7] * 40]), Vocab(10))]
     with pytest.raises(ConfigError, match=r"leaves the valid split of .* 0 of its 3 documents \(0 tokens\), "
                                           r"fewer than one sample of 33 tokens; --split 2,1,0 would work"):
         check_splits(c, "969,30,1", ["train", "valid"], 33)
@@ -50,18 +57,37 @@ def test_split_choice_for_small_data(tmp_path):
 
 def test_damaged_datasets(tmp_path):
     prefix = dataset(tmp_path, [[1, 2, 3], [4, 5]])
-    assert open_corpus(prefix, 10).lengths.tolist() == [4, 3]  # eod appended
+    assert open_corpus(prefix, Vocab(10)).lengths.tolist() == [4, 3]  # eod appended
     with pytest.raises(ConfigError, match=r"token id 5 \(first bad one at token 5\) is beyond the tokenizer's vocabulary of 5"):
-        open_corpus(prefix, 5)
+        open_corpus(prefix, Vocab(5))
     data = open(prefix + ".bin", "rb").read()
     open(prefix + ".bin", "wb").write(data[:-2])
     with pytest.raises(ConfigError, match=r"d.bin' has 12 bytes but its index describes 14 .*truncated"):
-        open_corpus(prefix, 10)
+        open_corpus(prefix, Vocab(10))
     open(prefix + ".idx", "wb").write(b"not an index at all" * 3)
     with pytest.raises(ConfigError, match=r"d.idx' is not a Megatron indexed dataset index"):
-        open_corpus(prefix, 10)
+        open_corpus(prefix, Vocab(10))
     with pytest.raises(ConfigError, match=r"missing.bin' does not exist"):
-        open_corpus(str(tmp_path / "missing"), 10)
+        open_corpus(str(tmp_path / "missing"), Vocab(10))
     empty = dataset(tmp_path, [], "empty")
     with pytest.raises(ConfigError, match="holds no tokens"):
-        open_corpus(empty, 10)
+        open_corpus(empty, Vocab(10))
+
+
+def test_data_of_another_tokenizer_is_refused_by_name(tmp_path):
+    from spiral_megatron.training.preprocess import preprocess
+    from spiral_megatron.training.tokenizer import Tokenizer
+
+    texts = tmp_path / "a.txt", tmp_path / "b.txt"
+    texts[0].write_text("the quick brown fox jumps over the lazy dog " * 40)
+    texts[1].write_text("lorem ipsum dolor sit amet, consectetur adipiscing elit " * 40)
+    for name, text in zip("ab", texts):  # two BPEs of the same size, trained on other text
+        preprocess([str(text)], str(tmp_path / name), vocab_size=270)
+    mine, other = Tokenizer.load(tmp_path / "a_tokenizer"), Tokenizer.load(tmp_path / "b_tokenizer")
+    assert mine.vocab_size == other.vocab_size
+    assert open_corpus(str(tmp_path / "a"), mine).lengths.size == 1
+    with pytest.raises(ConfigError, match=rf"data_path '.*b' was made with the tokenizer '.*b_tokenizer' \(270 tokens, "
+                                          rf"sha256 \w+\), not this run's '.*a_tokenizer' .* pass --tokenizer-model .*b_tokenizer"):
+        open_corpus(str(tmp_path / "b"), mine)
+    preprocess([str(texts[1])], str(tmp_path / "b"), tokenizer=str(tmp_path / "a_tokenizer"), force=True)
+    assert open_corpus(str(tmp_path / "b"), mine).lengths.size == 1  # remade with the run's: accepted
