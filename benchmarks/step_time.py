@@ -11,13 +11,18 @@ Target (issue 9): spiral/looped measured ratio within 1.1x of the analytic ratio
 
 Memory: on a GPU the peak allocated memory of the step; on a CPU the activations kept for
 backward (saved tensors, parameters excluded), which is what the loop changes.
+aten ops: the ops one step dispatches (forward + backward), the CPU proxy of the kernels a GPU
+step launches (issue 15). --json writes the table's rows (benchmarks/gpu_check.py reads them).
 """
 
 import argparse
+import json
 import statistics
 import time
+from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from spiral_megatron import SpiralConfig, SpiralGPTModel, flavors, flops, parallel
 from spiral_megatron.activation_memory import saved_for_backward
@@ -47,6 +52,25 @@ def step(model, tokens):
     model.zero_grad(set_to_none=True)
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (views included: each is a dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> Counter:
+    """The aten ops `fn()` dispatches, by name."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.counts
+
+
 def timed(model, tokens, on_gpu: bool) -> float:
     if on_gpu:
         torch.cuda.synchronize()
@@ -57,7 +81,7 @@ def timed(model, tokens, on_gpu: bool) -> float:
     return time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", help="a paper size (160m, 410m, 1.4b): spiral-/looped-/gpt-<size> flavors")
     ap.add_argument("--hidden", type=int, default=512)
@@ -68,7 +92,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--backend", default="local", help="layer specs: local or transformer_engine")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
-    args = ap.parse_args()
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    args = ap.parse_args(argv)
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -85,6 +110,7 @@ def main():
         with saved_for_backward(model) as kept:
             step(model, tokens)
         memory[name] = torch.cuda.max_memory_allocated() if on_gpu else sum(kept.values())
+    ops = {name: sum(count_ops(lambda: step(model, tokens)).values()) for name, model in models.items()}
     times = {name: [] for name in models}
     for r in range(args.rounds):
         for name, model in models.items():
@@ -100,15 +126,23 @@ def main():
     print(f"\nseq={args.seq} batch={args.batch} vocab={args.vocab} ({where})")
     mem_label = "peak GiB" if on_gpu else "act. MiB"
     print(f"{'model':16s} {'params':>11s} {'step s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {mem_label:>9s} "
-          f"{'measured/looped':>16s} {'analytic/looped':>16s} {'measured/analytic':>18s}")
+          f"{'aten ops':>9s} {'measured/looped':>16s} {'analytic/looped':>16s} {'measured/analytic':>18s}")
+    rows = []
     for n in models:
         measured, expected = median[n] / median[base], analytic[n] / analytic[base]
         params = sum(p.numel() for p in models[n].parameters())
         tflops = analytic[n] * args.batch / median[n] / 1e12
         mfu = f"{100 * tflops / peak:5.1f}%" if peak else "n/a"
         mem = memory[n] / (2**30 if on_gpu else 2**20)
-        print(f"{n:16s} {params:11d} {median[n]:8.3f} {tflops:8.3f} {mfu:>6s} {mem:9.2f} {measured:16.3f} "
-              f"{expected:16.3f} {measured / expected:18.3f}")
+        print(f"{n:16s} {params:11d} {median[n]:8.3f} {tflops:8.3f} {mfu:>6s} {mem:9.2f} {ops[n]:9d} "
+              f"{measured:16.3f} {expected:16.3f} {measured / expected:18.3f}")
+        rows.append(dict(model=n, seq=args.seq, batch=args.batch, params=params, step_s=median[n],
+                         tflops=tflops, mfu=tflops / peak if peak else None, memory_gib=memory[n] / 2**30,
+                         memory_kind="peak" if on_gpu else "activations", aten_ops=ops[n],
+                         measured_vs_analytic=measured / expected))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     parallel.destroy()
 
 

@@ -19,13 +19,20 @@ def parse(argv):
     return config.load(argv, DEFAULT_CONFIG)
 
 
-def train(cfg) -> str:
+def train(cfg, quiet=None) -> str:
     from spiral_megatron.training import loop
 
-    return loop.run(cfg)
+    return loop.run(cfg, quiet)
 
 
 def main(argv) -> int:
+    from spiral_megatron.training.console import HeldWarnings
+
+    with HeldWarnings() as quiet:  # from before Megatron's imports warn (issue 17)
+        return _main(argv, quiet)
+
+
+def _main(argv, quiet) -> int:
     from spiral_megatron.training.config import ConfigError, TrainingConfig
     from spiral_megatron.training.loop import NonFiniteLoss
 
@@ -37,7 +44,7 @@ def main(argv) -> int:
     from spiral_megatron.training.errors import report
 
     try:
-        outcome = train(parse(argv))
+        outcome = train(parse(argv), quiet)
     except (ConfigError, FileNotFoundError, PermissionError, ImportError) as e:
         report(f"pretrain_spiral: error: {e}")
         return 2

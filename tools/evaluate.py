@@ -6,8 +6,10 @@
 --model: a checkpoint folder (any TP/PP layout; --iteration picks one) or an HF folder.
 --data: Megatron indexed dataset prefixes (.bin/.idx) and/or JSONL (`text` key) / text files,
 tokenized with the model's tokenizer (or --tokenizer). Documents are joined with the
-end-of-document id and cut into consecutive windows (no seed: the same data every time).
-Prints progress and the result; --out writes it as JSON. Nothing is downloaded.
+end-of-document id and cut into consecutive windows (no seed: the same data every time); the
+first --max-sequences of them are scored (default 256; 0 = all), --batch-size at a time.
+Says up front how many it will score, then shows progress (plain lines in a log) and the
+result; --out writes it as JSON. Nothing is downloaded.
 """
 
 import argparse
@@ -21,8 +23,9 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_source_arguments(p)
-    p.add_argument("--max-sequences", type=int, default=None, help="evaluate at most this many sequences")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-sequences", type=int, default=256,
+                   help="score the first this many sequences (default 256: bounded time; 0 = all of the data)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     return p.parse_args(argv)
 
@@ -47,12 +50,16 @@ def _run(argv) -> int:
 
     try:
         loaded, rows, seq = models.load_with_sequences(args.model, args.data, args.iteration, args.tokenizer,
-                                                       args.seq_length, args.max_sequences, args.text_key)
+                                                       args.seq_length, args.max_sequences or None, args.text_key)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    print(f"evaluating {loaded.source} ({loaded.kind}) on {rows.shape[0]} sequences of {seq} tokens", file=sys.stderr)
-    result = evaluate.perplexity(loaded.model, rows, args.batch_size, evaluate.text_progress())
+    n = rows.shape[0]
+    bound = (f" (the first {n}: --max-sequences; 0 scores all)" if args.max_sequences and n == args.max_sequences
+             else " (all of the data)")
+    print(f"evaluating {loaded.source} ({loaded.kind}) on {n} sequences of {seq} tokens = {n * seq:,} "
+          f"tokens{bound}, {args.batch_size} at a time", file=sys.stderr)
+    result = evaluate.perplexity(loaded.model, rows, args.batch_size, evaluate.text_progress(n))
     result.update(model=loaded.source, data=list(args.data))
     print(json.dumps(result, indent=2))
     if args.out:
@@ -62,4 +69,8 @@ def _run(argv) -> int:
 
 
 if __name__ == "__main__":
+    # [ours] OpenMP threads that sleep instead of spinning while they wait: on a host whose
+    # cores are shared (other jobs, a laptop) spinning threads made scoring 10-100x slower.
+    # Set before torch is imported (its thread pool reads it once), for the command only.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(main())

@@ -60,10 +60,13 @@ def _run(argv) -> int:
     if rows.shape[0] < args.samples:
         print(f"probe: the data holds {rows.shape[0]} windows of {seq + 1} tokens, fewer than --samples "
               f"{args.samples}: probing {rows.shape[0]}", file=sys.stderr)
-    for start in range(0, rows.shape[0], args.batch_size):
-        prober.add(rows[start : start + args.batch_size, :-1])
-        print(f"\r  {min(start + args.batch_size, rows.shape[0])}/{rows.shape[0]} samples", end="", file=sys.stderr)
-    print(file=sys.stderr)
+    from spiral_megatron.analysis.progress import bar
+
+    with bar(rows.shape[0], "samples", desc="probing") as shown:  # plain lines in a log (issue 17)
+        for start in range(0, rows.shape[0], args.batch_size):
+            batch = rows[start : start + args.batch_size, :-1]
+            prober.add(batch)
+            shown.update(batch.shape[0])
     result = dict(prober.result(), model=loaded.source, data=list(args.data), seq_length=seq)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,4 +79,6 @@ def _run(argv) -> int:
 
 
 if __name__ == "__main__":
+    # OpenMP threads that sleep while they wait, as tools/evaluate.py (before torch is imported).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.exit(main())

@@ -165,7 +165,15 @@ def plot(rows: Sequence[Dict], path: str, title: str = "") -> None:
         ax.errorbar(r["train_flops"], r["val_loss"], yerr=r["val_loss_spread"], fmt="o", capsize=3)
         ax.annotate(r["variant"], (r["train_flops"], r["val_loss"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
-    ax.set_xscale("log")
+    from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
+
+    flops = [r["train_flops"] for r in rows]
+    if flops and max(flops) >= 10 * min(flops):  # a log axis only over more than a decade
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap (2.2e11 .. 2.9e11)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.xaxis.set_major_formatter(EngFormatter(places=0, sep=" "))  # 250 G, not 2.5e11
     ax.set_xlabel("training FLOPs (spiral_megatron.flops, whole run)")
     ax.set_ylabel("validation loss (held-out documents)")
     ax.set_title(title or "ablation: val loss vs training compute")

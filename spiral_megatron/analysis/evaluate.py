@@ -5,7 +5,6 @@ weighted), in float32; perplexity = exp(loss).
 """
 
 import math
-import sys
 import time
 from typing import Callable, Optional
 
@@ -13,15 +12,19 @@ import torch
 import torch.nn.functional as F
 
 
-def text_progress(stream=sys.stderr) -> Callable[[int, int, float], None]:
-    """A progress callback printing `done/total sequences, loss so far, tokens/s`."""
-    started = time.time()
+def text_progress(total: int, stream=None) -> Callable[[int, int, float, int], None]:
+    """A progress callback: a bar of sequences (analysis.progress) with the loss so far and
+    tokens/s; plain lines when `stream` is not a terminal."""
+    from spiral_megatron.analysis.progress import bar
+
+    started, shown = time.time(), bar(total, "seq", stream, desc="scoring")
 
     def report(done: int, total: int, loss: float, tokens: int) -> None:
         rate = tokens / max(time.time() - started, 1e-9)
-        end = "\n" if done == total else "\r"
-        stream.write(f"  {done}/{total} sequences | loss {loss:.4f} | {rate:,.0f} tokens/s{end}")
-        stream.flush()
+        shown.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} tokens/s", refresh=False)
+        shown.update(done - shown.n)
+        if done == total:
+            shown.close()
 
     return report
 

@@ -300,11 +300,17 @@ def plot(result: Dict, attention_png: str, states_png: Optional[str] = None, tit
     axes[0].set_title("relative update 2|f(h)-h|/(|f(h)|+|h|)", fontsize=10)
     im = axes[1].imshow(st["cka"], vmin=0, vmax=1, cmap="viridis")
     axes[1].set_title("linear CKA between h(0..T)", fontsize=10)
+    axes[1].set_xlabel("state h(t)")
+    axes[1].set_ylabel("state h(t)")
     fig.colorbar(im, ax=axes[1])
     for t, spec in enumerate(st["spectrum"]):
         axes[2].semilogy(range(1, len(spec) + 1), [max(s, 1e-12) for s in spec], label=f"h({t})")
-    axes[2].set_title("normalised singular values", fontsize=10)
+    axes[2].set_title("singular values of each state", fontsize=10)
+    axes[2].set_xlabel("index i (largest first)")
+    axes[2].set_ylabel(r"$\sigma_i \,/\, \sum_j \sigma_j$")  # normalised as in `result` (module docstring)
     axes[2].legend(fontsize=7)
+    fig.suptitle(title.replace("probes of", "state diagnostics of", 1) if title
+                 else f"SpiralFormer state diagnostics over {result['samples']} samples", fontsize=11)
     fig.tight_layout()
     fig.savefig(states_png, dpi=120)
     plt.close(fig)

@@ -32,7 +32,7 @@ ALIASES: Dict[str, Tuple[str, Any]] = {
 GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("model", "seq_length", "make_vocab_size_divisible_by")),
     ("data", ("data_path", "split", "train_data_path", "valid_data_path", "mock_data", "tokenizer",
-              "tokenizer_vocab_size", "cache_dir", "valid_seed")),
+              "tokenizer_vocab_size", "cache_dir", "valid_seed", "num_workers")),
     ("training", ("micro_batch_size", "global_batch_size", "train_iters", "exit_interval", "lr",
                   "min_lr", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
                   "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
@@ -43,7 +43,7 @@ GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
     ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
                        "use_checkpoint_opt_param_scheduler")),
     ("logging", ("log_interval", "eval_interval", "eval_iters", "log_json", "tensorboard_dir",
-                 "peak_tflops")),
+                 "peak_tflops", "print_config")),
 ]
 
 

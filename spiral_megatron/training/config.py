@@ -192,6 +192,14 @@ class TrainingConfig:
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
 
+    num_workers: int = 2
+    """Data loader processes per rank that prepare batches off the training thread, into pinned
+    memory on GPUs (Megatron-LM's --num-workers); 0 = in the training thread."""
+
+    print_config: bool = False
+    """Print the whole resolved config on the console too; it is always written to the save
+    folder's config.yaml (Megatron-LM prints it; NeMo writes hparams.yaml)."""
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 

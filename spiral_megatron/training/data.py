@@ -160,11 +160,38 @@ def _collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}  # [b, s]
 
 
-def micro_batches(dataset, start: int, micro_batch_size: int, dp_rank: int, dp_size: int
-                  ) -> Iterator[Dict[str, torch.Tensor]]:
-    """This rank's micro-batches from sample `start` on, wrapping around the dataset."""
-    index, step = start, micro_batch_size * dp_size
-    while True:
-        first = index + dp_rank * micro_batch_size
-        yield _collate([dataset[(first + k) % len(dataset)] for k in range(micro_batch_size)])
-        index += step
+class BatchOrder(torch.utils.data.Sampler):
+    """This rank's sample indices of each micro-batch from sample `start` on, wrapping around
+    the dataset: Megatron's pretraining order (module docstring), endless."""
+
+    def __init__(self, size: int, start: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.size, self.start, self.micro_batch_size = size, start, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        index, step = self.start, self.micro_batch_size * self.dp_size
+        while True:
+            first = index + self.dp_rank * self.micro_batch_size
+            yield [(first + k) % self.size for k in range(self.micro_batch_size)]
+            index += step
+
+
+def _ignore_job_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM/SIGINT to the trainer, which saves before exiting (a
+    scheduler signals every process of the job); the worker ends with its parent."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def micro_batches(dataset, start: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  num_workers: int = 2) -> Iterator[Dict[str, torch.Tensor]]:
+    """This rank's micro-batches from sample `start` on (BatchOrder), read by `num_workers`
+    loader processes (0: in this thread) into pinned memory on a GPU machine, as Megatron-LM's
+    DataLoader, so that the step's host-to-device copies are asynchronous (issue 15)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=BatchOrder(len(dataset), start, micro_batch_size, dp_rank, dp_size),
+        collate_fn=_collate, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_job_signals if num_workers else None)
+    return iter(loader)

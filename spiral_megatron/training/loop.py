@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron import parallel, pipeline_plan
-from spiral_megatron.training import checkpointing, config, data, divergence, memory, step
+from spiral_megatron.training import checkpointing, config, console, data, divergence, memory, step
 from spiral_megatron.training.build import Components, build
 from spiral_megatron.training.config import ConfigError, TrainingConfig
 from spiral_megatron.training.folder_lock import FolderLock
@@ -32,7 +32,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class ExitSignal:
-    """Records SIGTERM/SIGINT; every rank learns of it at the same step (all-reduce)."""
+    """Records SIGTERM/SIGINT; every rank learns of it at the same step (in the step's
+    all-reduce, step.StepFlags)."""
 
     def __init__(self):
         self.received = False
@@ -41,11 +42,6 @@ class ExitSignal:
 
     def _handle(self, signum, frame):
         self.received = True
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([int(self.received)], device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 @dataclass
@@ -152,10 +148,12 @@ class Trainer:
         self.background = checkpointing.BackgroundSaves(layout.rank0) if cfg.async_save and cfg.save else None
         self.spiky_loss = divergence.LargeValueCheck() if cfg.check_for_spiky_loss else None
         self.large_grads = divergence.LargeValueCheck() if cfg.check_for_large_grads else None
+        self.flags = step.StepFlags(layout.dp_size)  # each step's loss and exit flag, read a step late
+        self.settled, self.exit_requested = None, False
 
     def batches(self, dataset, start: int):
         return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
-                                  self.layout.dp_size)
+                                  self.layout.dp_size, self.cfg.num_workers)
 
     def resume(self) -> None:
         restored = checkpointing.load(self.cfg.load, self.parts, self.cfg, self.tokenizer)
@@ -181,7 +179,7 @@ class Trainer:
             return
         stats = dict(self.last_stats, max_abs_weight=self.max_abs_weight())
         if not math.isfinite(stats["max_abs_weight"]):
-            raise NonFiniteLoss(self.stopped(f"weights not finite ({stats['max_abs_weight']})"))
+            raise NonFiniteLoss(self.stopped(f"weights not finite ({stats['max_abs_weight']})", self.iteration))
         folder = checkpointing.save(self.cfg.save, self.iteration, self.consumed_samples, self.parts,
                                     self.cfg, self.tokenizer, self.background, stats)
         self.last_saved, self.saved_stats[self.iteration] = self.iteration, stats
@@ -201,10 +199,11 @@ class Trainer:
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         return local.item()
 
-    def stopped(self, what: str) -> str:
-        """`what` happened at this iteration: say so, and what the latest checkpoint holds."""
+    def stopped(self, what: str, iteration: int) -> str:
+        """`what` happened at `iteration` (this one or the one before, see step.StepFlags): say
+        so, and what the latest checkpoint holds."""
         self.finish_saves()
-        head = f"{what} at iteration {self.iteration}: stopping, this step is not saved"
+        head = f"{what} at iteration {iteration}: stopping, this step is not saved"
         if not self.cfg.save:
             return head + " (no --save folder)"
         latest = checkpointing.latest_iteration(self.cfg.save)
@@ -215,7 +214,7 @@ class Trainer:
             f" (saved after a step of loss {stats.get('loss', float('nan')):.4g}, grad norm "
             f"{stats.get('grad_norm') or float('nan'):.3g}, largest |weight| {stats['max_abs_weight']:.3g})")
         line = f"{head}; latest checkpoint: iteration {latest} in {self.cfg.save}{held}"
-        if latest == self.iteration - 1:  # this step's loss was computed on exactly those weights
+        if latest == iteration - 1:  # this step's loss was computed on exactly those weights
             earlier = sorted(int(p.name[5:]) for p in Path(self.cfg.save).glob("iter_*")
                              if p.name[5:].isdigit() and int(p.name[5:]) < latest)
             line += ("; its weights are the ones that gave this step's values, so it is not a good "
@@ -227,19 +226,33 @@ class Trainer:
         return step.evaluate(self.parts, self.batches(self.valid_ds, 0), self.cfg.eval_iters,
                              self.num_microbatches, self.seq_length, self.cfg.micro_batch_size)
 
-    def train_one(self, batches) -> dict:
-        stats = step.train_step(self.parts, batches, self.num_microbatches, self.seq_length,
-                                self.cfg.micro_batch_size, self.cfg.global_batch_size)
+    def train_one(self, batches, signals: "ExitSignal") -> None:
+        """Queue one step; check the previous one, whose values reached the host meanwhile."""
+        loss, host_values = step.train_step(self.parts, batches, self.num_microbatches, self.seq_length,
+                                            self.cfg.micro_batch_size, self.cfg.global_batch_size)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
-        bad = [k for k in ("loss", "grad_norm") if stats[k] is not None and not math.isfinite(stats[k])]
+        self.check(self.flags.swap(self.iteration, loss, signals.received, host_values))
+
+    def settle(self) -> step.Settled:
+        """This step's values, checked (a host sync: for log lines, saves and the end)."""
+        self.check(self.flags.settle())
+        return self.settled
+
+    def check(self, settled: Optional[step.Settled]) -> None:
+        """Stop at a non-finite (or spiky, when checked) step; every rank reads the same values."""
+        if settled is None:
+            return
+        values = {"loss": settled.loss, "grad_norm": settled.grad_norm}
+        bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
         if bad:
-            raise NonFiniteLoss(self.stopped(' and '.join(f'{k} {stats[k]}' for k in bad)))
+            raise NonFiniteLoss(self.stopped(' and '.join(f'{k} {values[k]}' for k in bad), settled.iteration))
         for name, check in (("loss", self.spiky_loss), ("grad_norm", self.large_grads)):
-            if check is not None and stats[name] is not None and check.check(stats[name]):
-                raise NonFiniteLoss(self.stopped(f"spiky {name} {stats[name]:.4g} (>= {check.describe()})"))
-        self.last_stats = {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}
-        return stats
+            if check is not None and values[name] is not None and check.check(values[name]):
+                raise NonFiniteLoss(self.stopped(f"spiky {name} {values[name]:.4g} (>= {check.describe()})",
+                                                 settled.iteration))
+        self.settled, self.last_stats = settled, values
+        self.exit_requested = self.exit_requested or settled.exit_requested
 
     def run(self, signals: ExitSignal) -> str:
         """Train to exit_interval or train_iters; returns why it stopped."""
@@ -249,34 +262,43 @@ class Trainer:
             if self.background is not None:
                 self.background.finalize(blocking=False)
             started = time.time()
-            stats = self.train_one(batches)
-            self.logger.step_done(self.iteration, stop, time.time() - started)
+            self.train_one(batches, signals)
             last = self.iteration == stop
+            log = self.iteration % cfg.log_interval == 0 or last
+            save = bool(cfg.save_interval) and self.iteration % cfg.save_interval == 0
+            if log or save:  # never save (nor log) a step whose values are unchecked
+                self.settle()
+            self.logger.step_done(self.iteration, stop, time.time() - started)
             evaluate = cfg.eval_interval and (self.iteration % cfg.eval_interval == 0 or last)
             val_loss = self.evaluate() if evaluate else None
-            if self.iteration % cfg.log_interval == 0 or last:
-                self.logger.log(self.iteration, self.consumed_samples, stats, val_loss)
+            if log:
+                self.logger.log(self.iteration, self.consumed_samples, vars(self.settled), val_loss)
             elif val_loss is not None:
                 self.logger.log_eval(self.iteration, val_loss)
-            if cfg.save_interval and self.iteration % cfg.save_interval == 0:
+            if save:
                 self.save()
-            if signals.any_rank():
+            if self.exit_requested:  # seen one step late, by every rank at the same step
+                self.settle()
                 self.save()
                 self.finish_saves()
                 return f"exit signal received: stopped after iteration {self.iteration}"
+        self.settle()
         self.save()
         self.finish_saves()
         return f"finished iteration {self.iteration}"
 
 
-def run(cfg: TrainingConfig) -> str:
-    """The whole job; raises ConfigError & co. before compute, NonFiniteLoss during it."""
+def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> str:
+    """The whole job; raises ConfigError & co. before compute, NonFiniteLoss during it.
+    `quiet`: the caller's harmless-warnings holder, reported once the save folder exists."""
     layout = start(cfg)
     held = Preflight(None, None)
     try:
         preflight(cfg, layout, held)
         if layout.rank0:
-            print("resolved config:\n" + cfg.to_yaml(), flush=True)
+            console.write_config(cfg)
+            if cfg.print_config:
+                print("resolved config:\n" + cfg.to_yaml(), flush=True)
         source, tokenizer = prepare_data(cfg, layout)
         seq, gbs = config.seq_length(cfg), cfg.global_batch_size
         split = data.check(cfg, source, tokenizer, seq)
@@ -284,12 +306,15 @@ def run(cfg: TrainingConfig) -> str:
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)
-        if layout.rank0:
-            print(f"pipeline partition ({cfg.pipeline_parallel} stage"
-                  f"{'s' if cfg.pipeline_parallel > 1 else ''}):\n"
-                  + pipeline_plan.describe(parts.module.plan), flush=True)
         datasets = data.build_datasets(cfg, source, tokenizer, seq, split,
                                        (cfg.train_iters * gbs, max(cfg.eval_iters * gbs, 1)))
+        if layout.rank0:
+            lines = console.summary(cfg, layout, parts, source, seq)
+            if cfg.pipeline_parallel > 1:
+                lines.append(f"pipeline partition ({cfg.pipeline_parallel} stages):\n"
+                             + pipeline_plan.describe(parts.module.plan))
+            quiet_line = quiet.report(cfg.save) if quiet is not None else None
+            print("\n".join(lines + ([quiet_line] if quiet_line else [])), flush=True)
         logger = Logger(parts.module.config, seq, parts.model_args.vocab_size, gbs, layout.world_size,
                         device_peak_tflops(cfg.peak_tflops), cfg.log_json, cfg.tensorboard_dir,
                         layout.rank0)
@@ -303,6 +328,9 @@ def run(cfg: TrainingConfig) -> str:
             return trainer.run(signals)
         finally:
             logger.close()
+            late = quiet.report(cfg.save) if quiet is not None and layout.rank0 else None
+            if late:  # warnings after the first step's line (e.g. at the first save)
+                print(late, flush=True)
     finally:
         if held.lock is not None:
             held.lock.release()

@@ -57,11 +57,12 @@ class Logger:
         self.json = open(log_json, "a") if rank0 and log_json else None
         self.tb = tensorboard_writer(tensorboard_dir) if rank0 else None
         self.tty = rank0 and sys.stdout.isatty()
-        self.train_time, self.steps = 0.0, 0
+        self.train_time, self.steps, self.total = 0.0, 0, None
 
     def step_done(self, iteration: int, total: int, seconds: float) -> None:
         self.steps += 1
         self.train_time += seconds
+        self.total = total
         if self.tty:
             sys.stdout.write(f"\r  step {iteration}/{total}")
             sys.stdout.flush()
@@ -71,12 +72,14 @@ class Logger:
         elapsed = max(self.train_time, 1e-9) / max(self.steps, 1)
         tflops = self.flops_per_step / elapsed / self.world_size / 1e12
         record = {
-            "iteration": iteration,
+            "iteration": iteration, "end_iteration": self.total,
             "consumed_tokens": consumed_samples * self.seq_length,
             "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
             "tokens_per_sec": self.tokens_per_step / elapsed, "tflops": tflops,
             "mfu": tflops / self.peak if self.peak else None,
             "step_time_s": elapsed, "memory_gib": memory_gib(),
+            # the mean step since the last log line, times the steps left (evaluation and saving excluded)
+            "eta_s": elapsed * (self.total - iteration) if self.total else None,
         }
         if val_loss is not None:
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
@@ -108,14 +111,26 @@ class Logger:
             self.tb.close()
 
 
+def duration(seconds: float) -> str:
+    """1h02m, 1m40s or 12s, as a progress line's ETA."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def format_record(r: Dict) -> str:
+    """`iteration 120/300 | ... | ETA 1m40s`, as Megatron-LM's and NeMo's progress lines."""
     if "loss" not in r:
         return f" validation at iteration {r['iteration']} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
     norm = f"{r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "n/a"
-    line = (f" iteration {r['iteration']:>6} | tokens {r['consumed_tokens']:>10} | loss {r['loss']:.4f} | "
+    total = f"/{r['end_iteration']}" if r.get("end_iteration") else ""
+    line = (f" iteration {r['iteration']:>6}{total} | tokens {r['consumed_tokens']:>10} | loss {r['loss']:.4f} | "
             f"lr {r['lr']:.3e} | grad norm {norm} | tokens/s {r['tokens_per_sec']:,.0f} | "
             f"TFLOP/s {r['tflops']:.3f} | MFU {mfu} | mem {r['memory_gib']:.2f} GiB")
     if "val_loss" in r:
         line += f" | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
+    if r.get("eta_s") is not None:
+        line += f" | ETA {duration(r['eta_s'])}"
     return line

@@ -38,7 +38,8 @@ def own_data(tmp_path_factory, cache_dir):
 def test_a_few_documents_train_with_default_settings(own_data, cache_dir, tmp_path):
     proc = launch(cache_dir, "--data-path", own_data, *TINY, "--save", tmp_path / "ckpt", timeout=240)
     assert f"tokenizer: {own_data}_tokenizer (written beside" in proc.stdout
-    assert "tokenizer_vocab_size: 300" in proc.stdout  # the resolved config shows the real vocabulary
+    assert "tokenizer_vocab_size: 300" in (tmp_path / "ckpt" / "config.yaml").read_text()  # the real vocabulary
+    assert "vocabulary 300 (padded to 384)" in proc.stdout
     assert "split: the default 969,30,1 leaves a split without one sample of 129 tokens" in proc.stdout
     assert "using 4,1,0 (train,valid,test)" in proc.stdout
     assert "val loss" in proc.stdout and "finished iteration 4" in proc.stdout

@@ -123,6 +123,17 @@ def test_nan_loss_stops_naming_the_iteration(cache_dir, tmp_path):
     assert "so it is not a good checkpoint; the one before it: none" in proc.stderr
 
 
+def test_nan_read_a_step_late_still_names_its_own_iteration(cache_dir, tmp_path):
+    """Logged and saved only at the end, a step's loss reaches the host during the next step
+    (step.StepFlags): the stop names the same iteration as above (2), and nothing is saved."""
+    save = tmp_path / "ckpt"
+    proc = launch(cache_dir, *TINY, "--lr", 1e30, "--min-lr", 1e30, "--lr-warmup-iters", 0, "--log-interval", 4,
+                  "--eval-interval", "null", "--save-interval", "null", "--save", save, expect_rc=1)
+    assert re.search(r"at iteration 2: stopping, this step is not saved; no checkpoint in", proc.stderr), \
+        proc.stderr[-2000:]
+    assert not (save / TRACKER).exists()
+
+
 def test_sigterm_saves_then_exits_cleanly(cache_dir, tmp_path):
     save = tmp_path / "ckpt"
     args = [*TINY, "--train-iters", 100000, "--eval-interval", "null", "--save-interval", "null",
