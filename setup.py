@@ -1,7 +1,7 @@
 from setuptools import find_packages, setup
 
 MODELOPT = ["nvidia-modelopt>=0.47,<0.48", "requests", "huggingface_hub"]  # 0.47 tested; it imports the other two
-RESEARCH = ["matplotlib", "lm-eval[hf]"]  # tools/probe.py and ablate.py plots; lm-eval on HF folders
+RESEARCH = ["matplotlib", "lm-eval[hf]", "tqdm"]  # tools/probe.py and ablate.py plots; lm-eval on HF folders
 
 setup(
     name="spiral_megatron",
@@ -19,7 +19,7 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors"],
+        "hf": ["transformers>=4.45", "safetensors", "tqdm"],
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
         "modelopt": MODELOPT,
