@@ -203,19 +203,19 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 _TYPES = typing.get_type_hints(TrainingConfig)
 
 
-def _coerce(key: str, value: Any, tp) -> Any:
+def coerce(key: str, value: Any, tp) -> Any:
     """`value` as type `tp`, or a ConfigError naming key and value."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
+        return coerce(key, value, next(a for a in args if a is not type(None)))
     if origin in (list, List):
         if isinstance(value, str):
             value = value.replace(",", " ").split()
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: {value!r} is not a list")
-        return [_coerce(key, v, args[0]) for v in value]
+        return [coerce(key, v, args[0]) for v in value]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: {value!r} is not a mapping")
@@ -262,7 +262,7 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
             elif key == "model" and not isinstance(value, dict):
                 raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
             else:
-                values[key] = _coerce(key, value, _TYPES[key])
+                values[key] = coerce(key, value, _TYPES[key])
     return TrainingConfig(**values)
 
 

@@ -29,14 +29,20 @@ SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_wa
                    "wd_incr_style": "weight decay style"}
 
 
+# What to set for a recorded field whose name is not a key.
+NOTES = {"activation_func_name": " (Megatron's fused bias-GeLU is the tanh approximation 'gelu_tanh': "
+                                 "set model.bias_activation_fusion to match the checkpoint)"}
+
+
 class ResumeMismatch(ConfigError):
     """The checkpoint was trained with another model, data shape or LR schedule."""
 
 
 def architecture_differences(saved: ModelArgs, new: ModelArgs, weights_only: bool) -> List[str]:
-    """`field saved -> new` for every architecture difference (model.* fields, vocabulary,
-    sequence length; the sequence length may change when only weights are loaded)."""
-    diffs = [f"model.{k} {saved.config.get(k)!r} -> {new.config.get(k)!r}"
+    """`field saved -> new` for every difference in the model's function (each recorded FUNCTION
+    field, spiral_megatron/fields.py), vocabulary and sequence length (which may change when
+    only weights are loaded)."""
+    diffs = [f"model.{k} {saved.config.get(k)!r} -> {new.config.get(k)!r}{NOTES.get(k, '')}"
              for k in sorted(set(saved.config) | set(new.config)) if saved.config.get(k) != new.config.get(k)]
     if saved.vocab_size != new.vocab_size:
         diffs.append(f"padded vocab_size {saved.vocab_size} -> {new.vocab_size}")
