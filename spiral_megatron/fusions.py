@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch.nn.functional as F
 
+from spiral_megatron.layer_specs import megatron_chose_apex_norm
+
 
 def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
@@ -24,8 +26,6 @@ def _te_rope_available() -> bool:
 
 
 def _apex_norm() -> bool:
-    from spiral_megatron.layer_specs import megatron_chose_apex_norm
-
     return megatron_chose_apex_norm()
 
 

@@ -103,6 +103,8 @@ class ModelArgs:
     def complete(self) -> "ModelArgs":
         """These args with every recorded field filled in with the value the model is built with
         (a hand-made or older record may leave fields out)."""
+        if set(self.config) == set(RECORDED_FIELDS):
+            return self  # from_config's, or a file it wrote: nothing to fill in
         return dataclasses.replace(self, config=ModelArgs.from_config(self.spiral_config()).config)
 
     def to_json(self) -> str:

@@ -1,16 +1,16 @@
 """Model, Megatron DDP, optimizer and LR scheduler for a TrainingConfig, all from megatron.core."""
 
 from dataclasses import dataclass
-from typing import List
 
 import torch
 
-from spiral_megatron import flavors, fusions
+from spiral_megatron import flavors, fusions, init
 from spiral_megatron.layer_specs import have_transformer_engine
 from spiral_megatron.config import SpiralConfig
 from spiral_megatron.model_args import ModelArgs, make_model
-from spiral_megatron.training import model_fields
-from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length, warmup_iters
+from spiral_megatron.pipeline import finalize_model_grads
+from spiral_megatron.training import extra_state, model_fields
+from spiral_megatron.training.keys import TrainingConfig, model_overrides, seq_length, warmup_iters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,9 +103,6 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from spiral_megatron import init
-    from spiral_megatron.pipeline import finalize_model_grads
-
     config = model_config(cfg, on_cpu)
     args = make_model_args(config, cfg, vocab_size)
     _, notes = fusion_defaults(cfg, on_cpu)
@@ -116,10 +113,8 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     if not on_cpu:
         module.cuda(torch.cuda.current_device())
     init.initialize(module, cfg.seed)
-    if cfg.load:  # a checkpoint from tools/quantize.py keeps its quantizers (QAT)
-        from spiral_megatron.quantization.checkpoint import restore_for_training
-
-        restore_for_training(module, cfg.load)
+    if cfg.load:  # e.g. a checkpoint from tools/quantize.py keeps its quantizers (QAT)
+        extra_state.restore(module, cfg.load)
     config = module.config
     model = DistributedDataParallel(config, ddp_config(cfg), module)
     opt_config = OptimizerConfig(

@@ -14,7 +14,8 @@ from spiral_megatron import flavors, pipeline_plan, schedule
 from spiral_megatron.config import SpiralConfig
 from spiral_megatron.training import model_fields
 from spiral_megatron.training.build import model_config
-from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
+from spiral_megatron.training.dataset_check import parse_split
+from spiral_megatron.training.keys import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
                                              TrainingConfig, model_overrides, seq_length)
 
 
@@ -74,8 +75,6 @@ def _check_warmup(cfg: TrainingConfig) -> None:
 
 
 def _check_data(cfg: TrainingConfig) -> None:
-    from spiral_megatron.training.dataset_check import parse_split
-
     if cfg.split is not None:
         parse_split(cfg.split)
     if cfg.mock_data and (cfg.data_path or cfg.train_data_path):

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 
 from spiral_megatron.config import SpiralConfig
 from spiral_megatron.fields import FUNCTION, kind_of
+from spiral_megatron.training.keys import ConfigError
 
 # Megatron-LM flag (underscored) -> (our key, value or None to keep the given one)
 ALIASES: Dict[str, Tuple[str, Any]] = {
@@ -93,8 +94,6 @@ def canonical(raw_key: str, value: Any, known) -> List[Tuple[str, Any]]:
 def _flag(raw_key: str, value: Any, fixed: Any) -> Any:
     """`fixed` for a bare --flag; anything else given to a flag is an error."""
     if value not in (True, "true"):
-        from spiral_megatron.training.config import ConfigError
-
         raise ConfigError(f"--{raw_key} is a flag (it means {fixed}); got value {value!r}")
     return fixed
 

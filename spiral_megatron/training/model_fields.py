@@ -17,7 +17,9 @@ from typing import Any, Dict
 
 import torch.nn.functional as F
 
-from spiral_megatron.training.config import ConfigError, coerce
+from spiral_megatron.config import SpiralConfig
+from spiral_megatron.layer_specs import BACKENDS, have_transformer_engine
+from spiral_megatron.training.keys import ConfigError, coerce
 
 # field -> the job key that sets it
 JOB_FIELDS = {
@@ -102,8 +104,6 @@ def _default(field: dataclasses.Field):
 
 def why_refused(name: str, value: Any):
     """The reason `model.<name> = value` is refused, or None when the model carries it."""
-    from spiral_megatron.config import SpiralConfig
-
     fields = {f.name: f for f in dataclasses.fields(SpiralConfig)}
     if name == "activation_func":
         return None if value in ACTIVATIONS else f"must be one of {tuple(ACTIVATIONS)}"
@@ -133,8 +133,6 @@ def check(model: Dict[str, Any]) -> None:
 def as_config_kwargs(model: Dict[str, Any]) -> Dict[str, Any]:
     """`model` overrides as SpiralConfig keyword arguments: activation names -> functions, and
     numbers and flags the YAML reader left as text (`1e-6`) -> their field's type."""
-    from spiral_megatron.config import SpiralConfig
-
     hints = typing.get_type_hints(SpiralConfig)
     out = {name: _typed(name, value, hints.get(name)) for name, value in model.items()}
     if isinstance(out.get("activation_func"), str):
@@ -157,8 +155,6 @@ def _typed(name: str, value: Any, tp) -> Any:
 def _why_not_backend(value):
     """`model.transformer_impl` picks the layer specs: "local" or "transformer_engine" (where
     Transformer Engine imports, which needs CUDA)."""
-    from spiral_megatron.layer_specs import BACKENDS, have_transformer_engine
-
     if value not in BACKENDS:
         return f"must be one of {BACKENDS} (the layer-spec backends of SpiralGPTModel)"
     if value == "transformer_engine" and not have_transformer_engine():

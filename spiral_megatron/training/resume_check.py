@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from spiral_megatron.model_args import ModelArgs
-from spiral_megatron.training.config import ConfigError, TrainingConfig
+from spiral_megatron.training.keys import ConfigError, TrainingConfig
+from spiral_megatron.training.tokenizer import Tokenizer
 
 # Keys that may change between runs of one training without saying so: where it runs, how
 # it logs, when it saves and stops.
@@ -57,8 +58,6 @@ def architecture_differences(saved: ModelArgs, new: ModelArgs, weights_only: boo
 
 def tokenizer_difference(saved_folder: Path, tokenizer) -> Optional[str]:
     """A line when the checkpoint's tokenizer is not this run's (same vocabulary size or not)."""
-    from spiral_megatron.training.tokenizer import Tokenizer
-
     if not (saved_folder / "tokenizer.json").is_file() or not hasattr(tokenizer, "unique_identifiers"):
         return None
     saved = Tokenizer.load(saved_folder).unique_identifiers
