@@ -107,7 +107,7 @@ def _check_model(cfg: TrainingConfig) -> None:
             raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
                               f"field{hint}")
     model_fields.check(model)
-    model = model_fields.as_config_kwargs(model)  # refuses a number or flag that is not one
+    model = model_fields.as_config_kwargs(model)
     heads = {**flavor.model, **model}.get("num_attention_heads")
     if isinstance(heads, int) and heads % cfg.tensor_parallel:
         raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} does not divide model "

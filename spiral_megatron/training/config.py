@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from spiral_megatron.training import checks, cli
+from spiral_megatron.training import checks, cli, model_fields
 from spiral_megatron.training.keys import (  # noqa: F401 (the names callers read from here)
     FIELDS, TYPES, BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError, TrainingConfig, coerce,
     model_overrides, seq_length, warmup_iters)
@@ -70,6 +70,7 @@ def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingCo
     cfg = apply(TrainingConfig(), data)
     cfg = apply(cfg, _drop_excluded(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
+    cfg = dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
     check(cfg)
     return cfg
 

@@ -130,11 +130,16 @@ def check(model: Dict[str, Any]) -> None:
             raise ConfigError(f"model.{name} {value!r} is refused: {reason}")
 
 
-def as_config_kwargs(model: Dict[str, Any]) -> Dict[str, Any]:
-    """`model` overrides as SpiralConfig keyword arguments: activation names -> functions, and
-    numbers and flags the YAML reader left as text (`1e-6`) -> their field's type."""
+def typed(model: Dict[str, Any]) -> Dict[str, Any]:
+    """`model` with the numbers and flags the YAML reader left as text (`1e-6`) as their
+    SpiralConfig field's type; a ConfigError names a value that is not one."""
     hints = typing.get_type_hints(SpiralConfig)
-    out = {name: _typed(name, value, hints.get(name)) for name, value in model.items()}
+    return {name: _typed(name, value, hints.get(name)) for name, value in model.items()}
+
+
+def as_config_kwargs(model: Dict[str, Any]) -> Dict[str, Any]:
+    """`model` overrides as SpiralConfig keyword arguments (typed; activation names -> functions)."""
+    out = typed(model)
     if isinstance(out.get("activation_func"), str):
         out["activation_func"] = ACTIVATIONS[out["activation_func"]]
     return out

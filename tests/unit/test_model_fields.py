@@ -100,6 +100,15 @@ def test_refusals_name_the_field_and_why(argv, message):
     assert message in str(e.value)
 
 
+def test_model_fields_are_typed_once_at_load():
+    """YAML reads `1e-6` as text; the resolved config holds the field's type (issue 16)."""
+    cfg = config.load(["--model.layernorm_epsilon", "1e-6", "--model.qk_layernorm", "yes"], DEBUG)
+    assert cfg.model["layernorm_epsilon"] == 1e-6 and cfg.model["qk_layernorm"] is True
+    assert "layernorm_epsilon: 1.0e-06" in cfg.to_yaml()
+    with pytest.raises(ConfigError, match="model.layernorm_epsilon 'small' is refused: not a float"):
+        config.load(["--model.layernorm_epsilon", "small"], DEBUG)
+
+
 def test_fusions_off_on_cpu_and_user_wins():
     cfg = config.load(["--model.bias_dropout_fusion", "true"], DEBUG)
     runtime = model_settings(cfg, on_cpu=True)
