@@ -20,8 +20,10 @@ def parse(argv):
 
 
 def train(cfg, quiet=None) -> str:
-    from spiral_megatron.training import loop
+    from spiral_megatron.quantization.checkpoint import TRAINING_HOOK
+    from spiral_megatron.training import extra_state, loop
 
+    extra_state.register(TRAINING_HOOK)  # a quantized checkpoint keeps its quantizers (QAT)
     return loop.run(cfg, quiet)
 
 

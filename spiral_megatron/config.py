@@ -1,13 +1,14 @@
 """SpiralConfig: Megatron's TransformerConfig plus SpiralFormer's own fields (docs/MODEL.md 1-3)."""
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import scaled_init_method_normal
 
 from spiral_megatron import schedule
+from spiral_megatron.fields import FUNCTION, RUNTIME, kind
 
 DOWNSCALES = ("self-aggregation", "mean")
 UPSCALES = ("allocate", "repeat")
@@ -17,54 +18,57 @@ LATENT_POSITIONS = ("chunk-end", "index")
 
 @dataclass
 class SpiralConfig(TransformerConfig):
-    """A SpiralFormer `prelude + core x T + coda`. `num_layers` is derived (unique layers)."""
+    """A SpiralFormer `prelude + core x T + coda`. `num_layers` is derived (unique layers).
 
-    num_prelude_layers: int = 0
+    Each field below says its class (spiral_megatron/fields.py): FUNCTION fields change what
+    the model computes and are recorded, RUNTIME fields only how it runs."""
+
+    num_prelude_layers: int = field(default=0, metadata=kind(FUNCTION))
     """N_pre: unshared layers before the loop, at full resolution."""
 
-    num_core_layers: int = 0
+    num_core_layers: int = field(default=0, metadata=kind(FUNCTION))
     """N_loop: the shared layers ("core") the loop runs T times."""
 
-    num_coda_layers: int = 0
+    num_coda_layers: int = field(default=0, metadata=kind(FUNCTION))
     """N_post: unshared layers after the loop, at full resolution."""
 
-    chunk_sizes: Tuple[int, ...] = ()
+    chunk_sizes: Tuple[int, ...] = field(default=(), metadata=kind(FUNCTION))
     """g_t per loop iteration, e.g. (8, 4, 2, 1); T = len(chunk_sizes); () = no loop."""
 
-    chunk_offsets: Optional[Tuple[int, ...]] = None
+    chunk_offsets: Optional[Tuple[int, ...]] = field(default=None, metadata=kind(FUNCTION))
     """w_t per iteration, each in [0, g_t); None = all 0 [ours: default]."""
 
-    downscale: str = "self-aggregation"
+    downscale: str = field(default="self-aggregation", metadata=kind(FUNCTION))
     """Tokens -> latent per chunk: "self-aggregation" (paper) or "mean"."""
 
-    upscale: str = "allocate"
+    upscale: str = field(default="allocate", metadata=kind(FUNCTION))
     """Latent update -> tokens: "allocate" (learned, paper) or "repeat"."""
 
-    shift: str = "overlap"
+    shift: str = field(default="overlap", metadata=kind(FUNCTION))
     """Causal right shift: "overlap" s = g - 1 (paper) or "no-overlap" s = g."""
 
-    topology: str = "mesh"
+    topology: str = field(default="mesh", metadata=kind(FUNCTION))
     """How an update merges into the state: "mesh" (the paper's), "anchor" or "residual" [ours]."""
 
-    mesh_slots: Optional[int] = None
+    mesh_slots: Optional[int] = field(default=None, metadata=kind(FUNCTION))
     """B, MeSH buffer slots; None = num_core_layers + 3. Only with topology "mesh"."""
 
-    latent_positions: str = "chunk-end"
+    latent_positions: str = field(default="chunk-end", metadata=kind(FUNCTION))
     """Rotary position of latent j: "chunk-end" (its last token, [ours]) or "index" (j)."""
 
-    scale_embeddings: bool = True
+    scale_embeddings: bool = field(default=True, metadata=kind(FUNCTION))
     """Multiply the input embeddings by sqrt(hidden_size) (MeSH appendix B, Pythia)."""
 
-    unrolled_output_init: bool = True
+    unrolled_output_init: bool = field(default=True, metadata=kind(FUNCTION))
     """Output-projection init std / sqrt(2 N_compute), N_compute the UNROLLED depth (MeSH app. B)."""
 
-    loop_placement: str = "across"
+    loop_placement: str = field(default="across", metadata=kind(RUNTIME))
     """Pipeline: "across" (iterations spread over stages by cost) or "one-stage" (whole loop)."""
 
-    pipeline_split: Optional[Tuple[int, ...]] = None
+    pipeline_split: Optional[Tuple[int, ...]] = field(default=None, metadata=kind(RUNTIME))
     """Pipeline: units of work per stage (see pipeline_plan.py); None = cost-balanced."""
 
-    recompute_loop_iterations: bool = False
+    recompute_loop_iterations: bool = field(default=False, metadata=kind(RUNTIME))
     """Recompute each loop iteration (resampling + core) in backward, keeping only its input:
     the loop keeps one state per iteration instead of every core layer's activations
     (Megatron's recompute_* options still apply inside)."""

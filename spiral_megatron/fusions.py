@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch.nn.functional as F
 
+from spiral_megatron.layer_specs import megatron_chose_apex_norm
+
 
 def _module_exists(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
@@ -26,8 +28,6 @@ def _te_rope_available() -> bool:
 
 
 def _apex_norm() -> bool:
-    from spiral_megatron.layer_specs import megatron_chose_apex_norm
-
     return megatron_chose_apex_norm()
 
 
@@ -75,7 +75,8 @@ def _config_rule(name: str, arch) -> str:
     """Why TransformerConfig itself would refuse `name` for this architecture, or ''."""
     if name == "bias_activation_fusion":
         act = arch.get("activation_func", F.gelu)
-        if act not in (F.gelu, F.silu):
+        if act not in (F.gelu, F.silu) or (act is F.silu and not arch.get("gated_linear_unit", False)):
+            # Megatron's MLP fuses GeLU, GeGLU and SwiGLU only (a plain SiLU raises in forward)
             return f"activation {getattr(act, '__name__', act)} has no fused bias kernel"
         if act is F.gelu and not arch.get("gated_linear_unit", False) and not arch.get("add_bias_linear", True):
             return "add_bias_linear false (the fused bias-GeLU needs a bias)"

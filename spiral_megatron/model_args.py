@@ -1,8 +1,11 @@
-"""ModelArgs: everything needed to rebuild a SpiralGPTModel's architecture, as plain JSON.
+"""ModelArgs: the record of a SpiralGPTModel's function, as plain JSON.
 
-Saved as `model_args.json` beside every checkpoint; the converters and the training script
-build models from it. Runtime choices (parallel sizes, precision, CPU initialisation) are
-not part of it: they are passed to `build_model` as SpiralConfig overrides.
+Saved as `model_args.json` beside every checkpoint; resume compares it, the converters and
+tools rebuild the model from it. `config` holds every FUNCTION field of SpiralConfig
+(spiral_megatron/fields.py), with the activation as the function it computes:
+`activation_func_name` "gelu" (erf), "gelu_tanh" (Megatron's fused bias-GeLU, the tanh
+approximation), "silu" or "relu". RUNTIME fields (parallel sizes, precision, fusions of
+identical math) are not part of it: they are passed to `build_model` as SpiralConfig overrides.
 """
 
 import dataclasses
@@ -11,29 +14,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
+import torch.nn.functional as F
+
 from spiral_megatron.config import SpiralConfig
+from spiral_megatron.fields import FUNCTION, kind_of
+from spiral_megatron.layer_specs import get_spiral_model_spec
+from spiral_megatron.model import SpiralGPTModel
 
-ARCHITECTURE_FIELDS = (
-    "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
-    "normalization", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear", "add_qkv_bias",
-    "qk_layernorm", "activation_func_name", "init_method_std", "hidden_dropout", "attention_dropout",
-    "num_prelude_layers", "num_core_layers", "num_coda_layers", "chunk_sizes", "chunk_offsets",
-    "downscale", "upscale", "shift", "topology", "mesh_slots", "latent_positions", "scale_embeddings",
-)
+# Folded into `activation_func_name`: what the MLP computes depends on both.
+ACTIVATION_FIELDS = ("activation_func", "bias_activation_fusion")
+RECORDED_FIELDS = tuple(f.name for f in dataclasses.fields(SpiralConfig)
+                        if kind_of(f) == FUNCTION and f.name not in ACTIVATION_FIELDS) + ("activation_func_name",)
 
+# activation_func_name -> (activation_func, bias_activation_fusion it needs; None = either)
+ACTIVATIONS = {"gelu": (F.gelu, False), "gelu_tanh": (F.gelu, True), "silu": (F.silu, None),
+               "relu": (F.relu, None)}
 
-# Architecture fields added after model_args.json files were written, with the value that
+# Recorded fields added after model_args.json files were written, with the value that
 # rebuilds those older models (their embeddings were not scaled). A file without the field
-# must not silently become another model under the new default.
+# must not silently become another model under the new default. Fields recorded later still
+# (issue 16) take SpiralConfig's default, which is what the old files' models were built with
+# by the converters; an old "gelu" is erf, as it was rebuilt.
 BEFORE_FIELD = {"scale_embeddings": False}
+
+
+def activation_name(config: SpiralConfig) -> str:
+    """The function the MLP computes: Megatron's fused bias-GeLU (fusions/fused_bias_gelu.py,
+    fused_bias_geglu.py) is the tanh approximation, its unfused GeLU is F.gelu (erf)."""
+    names = {fn: name for name, (fn, fused) in ACTIVATIONS.items() if fused is not True}
+    if config.activation_func not in names:
+        raise ValueError(f"activation_func {config.activation_func!r} must be one of {tuple(names)}")
+    name = names[config.activation_func]
+    return "gelu_tanh" if name == "gelu" and config.bias_activation_fusion else name
 
 
 @dataclass
 class ModelArgs:
-    """A model's architecture: SpiralConfig fields plus the GPTModel-style arguments."""
+    """A model's function: SpiralConfig FUNCTION fields plus the GPTModel-style arguments."""
 
     config: Dict[str, Any] = field(default_factory=dict)
-    """SpiralConfig keyword arguments of the architecture (see ARCHITECTURE_FIELDS)."""
+    """SpiralConfig keyword arguments of the function (see RECORDED_FIELDS)."""
 
     vocab_size: int = 0
     """Embedding rows, padded for TP (the tokenizer's vocabulary may be smaller)."""
@@ -55,53 +75,62 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: SpiralConfig, **kwargs) -> "ModelArgs":
-        arch = {}
-        for name in ARCHITECTURE_FIELDS:
-            if name == "activation_func_name":
-                arch[name] = config.activation_func.__name__
-            else:
-                value = getattr(config, name)
-                arch[name] = list(value) if isinstance(value, tuple) else value
-        return cls(config=arch, **kwargs)
+        record = {}
+        for name in RECORDED_FIELDS[:-1]:
+            value = getattr(config, name)
+            record[name] = list(value) if isinstance(value, tuple) else value
+        record["activation_func_name"] = activation_name(config)
+        return cls(config=record, **kwargs)
 
     def spiral_config(self, **runtime) -> SpiralConfig:
-        """A SpiralConfig of this architecture plus runtime fields (TP size, dtype, ...)."""
-        import torch.nn.functional as F
-
+        """A SpiralConfig of this function plus runtime fields (TP size, dtype, ...). A runtime
+        `bias_activation_fusion` that would change the recorded GeLU is refused."""
         arch = dict(self.config)
-        act = arch.pop("activation_func_name", "gelu")
-        arch["activation_func"] = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[act]
-        for name in ("chunk_sizes", "chunk_offsets"):
-            if arch.get(name) is not None:
-                arch[name] = tuple(arch[name])
+        name = arch.pop("activation_func_name", "gelu")
+        if name not in ACTIVATIONS:
+            raise ValueError(f"activation_func_name {name!r} must be one of {tuple(ACTIVATIONS)}")
+        arch["activation_func"], fused = ACTIVATIONS[name]
+        if fused is not None:
+            if runtime.get("bias_activation_fusion", fused) != fused:
+                raise ValueError(f"bias_activation_fusion {runtime['bias_activation_fusion']} would change the "
+                                 f"recorded activation {name!r} (the fused bias-GeLU is the tanh approximation)")
+            arch["bias_activation_fusion"] = fused
+        for key in ("chunk_sizes", "chunk_offsets"):
+            if arch.get(key) is not None:
+                arch[key] = tuple(arch[key])
         return SpiralConfig(**{**arch, **runtime})
 
+    def complete(self) -> "ModelArgs":
+        """These args with every recorded field filled in with the value the model is built with
+        (a hand-made or older record may leave fields out)."""
+        if set(self.config) == set(RECORDED_FIELDS):
+            return self  # from_config's, or a file it wrote: nothing to fill in
+        return dataclasses.replace(self, config=ModelArgs.from_config(self.spiral_config()).config)
+
     def to_json(self) -> str:
-        """The JSON of `model_args.json`; a BEFORE_FIELD field not set is written with today's
-        default, which is what `spiral_config` builds (a later `load` must not change it)."""
-        data = dataclasses.asdict(self)
-        defaults = {f.name: f.default for f in dataclasses.fields(SpiralConfig) if f.name in BEFORE_FIELD}
-        data["config"] = {**defaults, **data["config"]}
-        return json.dumps(data, indent=2, sort_keys=True)
+        """The JSON of `model_args.json`: the complete record (a later `load` must not change it)."""
+        return json.dumps(dataclasses.asdict(self.complete()), indent=2, sort_keys=True)
 
     def save(self, path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path) -> "ModelArgs":
-        """From `path`; architecture fields the file predates take the value its model had."""
+        """From `path`; recorded fields the file predates take the value its model had."""
         args = cls(**json.loads(Path(path).read_text()))
         args.config = {**BEFORE_FIELD, **args.config}
-        return args
+        return args.complete()
 
 
 def build_model(args: ModelArgs, backend: str = "local", pre_process: bool = True,
                 post_process: bool = True, pg_collection=None, **runtime):
     """SpiralGPTModel for `args`; `runtime` overrides SpiralConfig fields."""
-    from spiral_megatron.layer_specs import get_spiral_model_spec
-    from spiral_megatron.model import SpiralGPTModel
+    return make_model(args.spiral_config(**runtime), args, backend, pre_process, post_process, pg_collection)
 
-    config = args.spiral_config(**runtime)
+
+def make_model(config: SpiralConfig, args: ModelArgs, backend: str = "local", pre_process: bool = True,
+               post_process: bool = True, pg_collection=None):
+    """SpiralGPTModel of `config` (the SpiralConfig) with the GPTModel arguments of `args`."""
     return SpiralGPTModel(
         config,
         vocab_size=args.vocab_size,

@@ -4,24 +4,29 @@ that refuse what the HF model cannot express."""
 from typing import Optional
 
 from spiral_megatron.conversion.mapping import Shapes
-from spiral_megatron.hf.configuration_spiral import ACTIVATIONS, NORMALIZATIONS, SpiralFormerConfig
+from spiral_megatron.hf.configuration_spiral import NORMALIZATIONS, SpiralFormerConfig
 from spiral_megatron.model_args import ModelArgs
 
 AUTO_MAP = {
     "AutoConfig": "configuration_spiral.SpiralFormerConfig",
     "AutoModelForCausalLM": "modeling_spiral.SpiralForCausalLM",
 }
-UNSUPPORTED = (  # (SpiralConfig field, the value the HF model implements)
-    ("rotary_interleaved", False),
-    ("layernorm_zero_centered_gamma", False),
-    ("softmax_scale", None),
-    ("num_moe_experts", None),
-    ("multi_latent_attention", False),
-    ("glu_linear_offset", 0.0),
-    ("activation_func_clamp_value", None),
-    ("bias_activation_fusion", False),  # Megatron's fused bias-GeLU is the tanh approximation
-    ("use_te_activation_func", False),
-)
+# Recorded FUNCTION fields (model_args.RECORDED_FIELDS) the HF model implements one way only:
+# another value is refused by name. Every other recorded field is carried (CONFIG_NAMES,
+# LIST_NAMES, HIDDEN_ACT); tests/unit/test_model_fields.py checks that none is left out.
+HF_FIXED = {
+    "rotary_interleaved": False,
+    "apply_residual_connection_post_layernorm": False,
+    "layernorm_zero_centered_gamma": False,
+    "qk_l2_norm": False,
+    "softmax_scale": None,
+    "glu_linear_offset": 0.0,
+    "activation_func_clamp_value": None,
+    "use_te_activation_func": False,
+}
+# activation_func_name -> hidden_act (transformers' names: "gelu_pytorch_tanh" is the tanh
+# approximation that Megatron's fused bias-GeLU computes).
+HIDDEN_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
 
 
 class UnsupportedConfigError(ValueError):
@@ -30,14 +35,14 @@ class UnsupportedConfigError(ValueError):
 
 def check_expressible(args: ModelArgs) -> None:
     """Raise UnsupportedConfigError naming every field the HF side cannot express."""
-    config = args.spiral_config()
-    bad = [f"{name}={getattr(config, name, value)!r} (HF supports {value!r})"
-           for name, value in UNSUPPORTED if getattr(config, name, value) != value]
-    act = config.activation_func.__name__
-    if act not in ACTIVATIONS:
-        bad.append(f"activation {act!r} (HF supports {ACTIVATIONS})")
-    if config.normalization not in NORMALIZATIONS:
-        bad.append(f"normalization {config.normalization!r} (HF supports {NORMALIZATIONS})")
+    record = args.complete().config
+    bad = [f"{name}={record[name]!r} (HF supports {value!r})"
+           for name, value in HF_FIXED.items() if record[name] != value]
+    act = record["activation_func_name"]
+    if act not in HIDDEN_ACT:
+        bad.append(f"activation {act!r} (HF supports {tuple(HIDDEN_ACT)})")
+    if record["normalization"] not in NORMALIZATIONS:
+        bad.append(f"normalization {record['normalization']!r} (HF supports {NORMALIZATIONS})")
     if args.position_embedding_type not in ("rope", "none"):
         bad.append(f"position_embedding_type {args.position_embedding_type!r} (HF supports 'rope', 'none')")
     if bad:
@@ -70,6 +75,8 @@ CONFIG_NAMES = (
     ("init_method_std", "initializer_range"),
     ("hidden_dropout", "hidden_dropout"),
     ("attention_dropout", "attention_dropout"),
+    ("embedding_init_method_std", "embedding_initializer_range"),
+    ("unrolled_output_init", "unrolled_output_init"),
 )
 LIST_NAMES = (("chunk_sizes", "chunk_sizes"), ("chunk_offsets", "chunk_offsets"))  # tuple <-> list
 
@@ -81,17 +88,17 @@ def _as_list(value):
 def to_hf_config(args: ModelArgs, vocab_size: Optional[int] = None, **extra) -> SpiralFormerConfig:
     """The HF config of a Megatron architecture; `vocab_size` = the tokenizer's (rows trimmed)."""
     check_expressible(args)
-    c = args.spiral_config()
+    c = args.complete().config
     vocab_size = vocab_size or args.vocab_size
     if vocab_size > args.vocab_size:
         raise ValueError(f"tokenizer vocabulary {vocab_size} is larger than the model's {args.vocab_size} rows")
-    fields = {hf: getattr(c, mc) for mc, hf in CONFIG_NAMES}
-    fields.update({hf: _as_list(getattr(c, mc)) for mc, hf in LIST_NAMES})
+    fields = {hf: c[mc] for mc, hf in CONFIG_NAMES}
+    fields.update({hf: _as_list(c[mc]) for mc, hf in LIST_NAMES})
     config = SpiralFormerConfig(
         **fields,
         vocab_size=vocab_size,
         megatron_vocab_size=args.vocab_size,
-        hidden_act=c.activation_func.__name__,
+        hidden_act=HIDDEN_ACT[c["activation_func_name"]],
         position_embedding_type=args.position_embedding_type,
         rope_theta=float(args.rotary_base),
         rotary_percent=args.rotary_percent,
@@ -108,7 +115,7 @@ def to_model_args(config: SpiralFormerConfig) -> ModelArgs:
     """The Megatron architecture of an HF config (the reverse of `to_hf_config`)."""
     arch = {mc: getattr(config, hf) for mc, hf in CONFIG_NAMES}
     arch.update({mc: _as_list(getattr(config, hf)) for mc, hf in LIST_NAMES})
-    arch["activation_func_name"] = config.hidden_act
+    arch["activation_func_name"] = {hf: mc for mc, hf in HIDDEN_ACT.items()}[config.hidden_act]
     return ModelArgs(
         config=arch,
         vocab_size=config.megatron_vocab_size or config.vocab_size,

@@ -20,7 +20,7 @@ UPSCALES = ("allocate", "repeat")
 TOPOLOGIES = ("residual", "anchor", "mesh")
 LATENT_POSITIONS = ("chunk-end", "index")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "silu", "relu")
+ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "silu", "relu")  # transformers' names
 POSITION_EMBEDDINGS = ("rope", "none")
 
 
@@ -61,6 +61,8 @@ class SpiralFormerConfig(PretrainedConfig):
         rotary_percent: float = 1.0,
         max_position_embeddings: int = 4096,
         initializer_range: float = 0.02,
+        embedding_initializer_range: float = None,
+        unrolled_output_init: bool = True,
         hidden_dropout: float = 0.0,
         attention_dropout: float = 0.0,
         megatron_vocab_size: int = None,
@@ -101,6 +103,10 @@ class SpiralFormerConfig(PretrainedConfig):
         self.rotary_percent = rotary_percent
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
+        # How the Megatron run drew its embeddings and output projections (docs/MODEL.md 1),
+        # carried so that the reverse conversion restores the record; the HF model loads weights.
+        self.embedding_initializer_range = embedding_initializer_range or initializer_range
+        self.unrolled_output_init = unrolled_output_init
         # Training-time dropout of the Megatron run, carried for round trips; the HF model
         # is an inference model and applies none.
         self.hidden_dropout = hidden_dropout

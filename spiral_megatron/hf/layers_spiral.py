@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 KV = Tuple[torch.Tensor, torch.Tensor]
-ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GeLU: transformers' "gelu_pytorch_tanh", and what Megatron's
+    fused bias-GeLU computes (megatron/core/fusions/fused_bias_gelu.py)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACT = {"gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh, "silu": F.silu, "relu": F.relu}
 
 
 def make_norm(config, size: int) -> nn.Module:

@@ -19,6 +19,8 @@ import torch
 
 from spiral_megatron.quantization import levels
 from spiral_megatron.quantization.ptq import QuantRecipe
+from spiral_megatron.training.checkpointing import iteration_dir, latest_iteration
+from spiral_megatron.training.extra_state import ExtraState
 
 RECIPE_FILE = "quantization.json"
 STATE_DIR = "modelopt_state"
@@ -79,14 +81,12 @@ def restore_state(model: torch.nn.Module, folder) -> Optional[QuantRecipe]:
     return recipe
 
 
-# ---- the training job's two hooks (quantization-aware training) ----
+# ---- the training job's two hooks (quantization-aware training), registered as TRAINING_HOOK ----
 def restore_for_training(model: torch.nn.Module, load) -> None:
     """Called by the job after building the model, before DDP and the optimizer: when the
     checkpoint it will `--load` is quantized, the model becomes the quantized model (modelopt
     is imported only then). Training on runs with fake quantization (QAT): modelopt's
     quantizers pass gradients straight through, with the calibrated scales fixed."""
-    from spiral_megatron.training.checkpointing import iteration_dir, latest_iteration
-
     iteration = latest_iteration(load)
     if iteration is None:  # nothing to resume yet (the job starts from scratch)
         return
@@ -100,3 +100,7 @@ def save_for_training(model: torch.nn.Module, folder) -> None:
     recipe = getattr(model, "spiral_quant_recipe", None)
     if recipe is not None:
         save_state(model, folder, recipe)
+
+
+# What the training job's entry point registers (training/extra_state.py).
+TRAINING_HOOK = ExtraState(restore=restore_for_training, save=save_for_training)

@@ -1,15 +1,16 @@
 """Model, Megatron DDP, optimizer and LR scheduler for a TrainingConfig, all from megatron.core."""
 
 from dataclasses import dataclass
-from typing import List
 
 import torch
 
-from spiral_megatron import flavors, fusions
+from spiral_megatron import flavors, fusions, init
 from spiral_megatron.layer_specs import have_transformer_engine
-from spiral_megatron.model_args import ARCHITECTURE_FIELDS, ModelArgs, build_model
-from spiral_megatron.training import model_fields
-from spiral_megatron.training.config import TrainingConfig, model_overrides, seq_length, warmup_iters
+from spiral_megatron.config import SpiralConfig
+from spiral_megatron.model_args import ModelArgs, make_model
+from spiral_megatron.pipeline import finalize_model_grads
+from spiral_megatron.training import extra_state, model_fields
+from spiral_megatron.training.keys import TrainingConfig, model_overrides, seq_length, warmup_iters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,10 +31,9 @@ def padded_vocab_size(vocab_size: int, cfg: TrainingConfig) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def make_model_args(cfg: TrainingConfig, vocab_size: int) -> ModelArgs:
-    """The architecture (flavor + overrides) as saved in model_args.json."""
-    spiral = flavors.get(cfg.model["flavor"]).config(**model_fields.as_config_kwargs(model_overrides(cfg)))
-    return ModelArgs.from_config(spiral, vocab_size=padded_vocab_size(vocab_size, cfg),
+def make_model_args(config, cfg: TrainingConfig, vocab_size: int) -> ModelArgs:
+    """The record of `config`'s function, as saved in model_args.json."""
+    return ModelArgs.from_config(config, vocab_size=padded_vocab_size(vocab_size, cfg),
                                  max_sequence_length=seq_length(cfg))
 
 
@@ -53,15 +53,14 @@ def fusion_defaults(cfg: TrainingConfig, on_cpu: bool):
     return fusions.defaults(not on_cpu, backend(cfg, on_cpu), arch)
 
 
-def runtime_overrides(cfg: TrainingConfig, on_cpu: bool) -> dict:
-    """SpiralConfig fields that are not architecture: Megatron-LM's fusion defaults, then every
-    non-architecture `model.<field>` the user set (model_fields.py refuses the rest), then what
-    the job's own keys decide."""
+def model_settings(cfg: TrainingConfig, on_cpu: bool) -> dict:
+    """Every SpiralConfig field the job sets over its flavor's: Megatron-LM's fusion defaults,
+    then every `model.<field>` the user set (model_fields.py refuses the rest), then what the
+    job's own keys decide."""
     dtype = DTYPES[cfg.precision]
-    runtime, _ = fusion_defaults(cfg, on_cpu)
-    user = model_fields.as_config_kwargs(model_overrides(cfg))
-    runtime.update({k: v for k, v in user.items() if k not in ARCHITECTURE_FIELDS})
-    runtime.update(
+    settings, _ = fusion_defaults(cfg, on_cpu)
+    settings.update(model_fields.as_config_kwargs(model_overrides(cfg)))
+    settings.update(
         tensor_model_parallel_size=cfg.tensor_parallel,
         pipeline_model_parallel_size=cfg.pipeline_parallel,
         sequence_parallel=cfg.sequence_parallel,
@@ -73,13 +72,14 @@ def runtime_overrides(cfg: TrainingConfig, on_cpu: bool) -> dict:
         transformer_impl=backend(cfg, on_cpu),
     )
     if cfg.fp8 is not None:
-        runtime.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
-    return runtime
+        settings.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
+    return settings
 
 
-def model_config(cfg: TrainingConfig, on_cpu: bool):
-    """The SpiralConfig every rank builds its stage with (what `build` passes to the model)."""
-    return make_model_args(cfg, cfg.tokenizer_vocab_size).spiral_config(**runtime_overrides(cfg, on_cpu))
+def model_config(cfg: TrainingConfig, on_cpu: bool) -> SpiralConfig:
+    """The one SpiralConfig of the job: flavor + settings. Every rank builds its stage with it,
+    and model_args.json records its function."""
+    return flavors.get(cfg.model["flavor"]).config(**model_settings(cfg, on_cpu))
 
 
 def ddp_config(cfg: TrainingConfig):
@@ -103,23 +103,18 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from spiral_megatron import init
-    from spiral_megatron.pipeline import finalize_model_grads
-
-    args = make_model_args(cfg, vocab_size)
+    config = model_config(cfg, on_cpu)
+    args = make_model_args(config, cfg, vocab_size)
     _, notes = fusion_defaults(cfg, on_cpu)
     if notes and torch.distributed.get_rank() == 0:
         print("\n".join(notes), flush=True)
-    module = build_model(args, backend=backend(cfg, on_cpu), pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage(),
-                         **runtime_overrides(cfg, on_cpu))
+    module = make_model(config, args, backend=backend(cfg, on_cpu), pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
     if not on_cpu:
         module.cuda(torch.cuda.current_device())
     init.initialize(module, cfg.seed)
-    if cfg.load:  # a checkpoint from tools/quantize.py keeps its quantizers (QAT)
-        from spiral_megatron.quantization.checkpoint import restore_for_training
-
-        restore_for_training(module, cfg.load)
+    if cfg.load:  # e.g. a checkpoint from tools/quantize.py keeps its quantizers (QAT)
+        extra_state.restore(module, cfg.load)
     config = module.config
     model = DistributedDataParallel(config, ddp_config(cfg), module)
     opt_config = OptimizerConfig(

@@ -31,6 +31,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
+from spiral_megatron.training import extra_state
 from spiral_megatron.training.build import Components, sync_params
 from spiral_megatron.training.config import ConfigError
 
@@ -205,9 +206,7 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
         "extra": extra or {},
     }
     request = dist_checkpointing.save(state, str(staging), **_async_arguments(background))
-    from spiral_megatron.quantization.checkpoint import save_for_training
-
-    save_for_training(parts.module, staging)  # a quantized model's modelopt state (QAT)
+    extra_state.save(parts.module, staging)  # e.g. a quantized model's modelopt state (QAT)
     if rank0:
         parts.model_args.save(staging / "model_args.json")
         (staging / "config.yaml").write_text(cfg.to_yaml())

@@ -8,8 +8,14 @@ import dataclasses
 import difflib
 import math
 
+import torch
+
+from spiral_megatron import flavors, pipeline_plan, schedule
+from spiral_megatron.config import SpiralConfig
 from spiral_megatron.training import model_fields
-from spiral_megatron.training.config import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
+from spiral_megatron.training.build import model_config
+from spiral_megatron.training.dataset_check import parse_split
+from spiral_megatron.training.keys import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
                                              TrainingConfig, model_overrides, seq_length)
 
 
@@ -69,8 +75,6 @@ def _check_warmup(cfg: TrainingConfig) -> None:
 
 
 def _check_data(cfg: TrainingConfig) -> None:
-    from spiral_megatron.training.dataset_check import parse_split
-
     if cfg.split is not None:
         parse_split(cfg.split)
     if cfg.mock_data and (cfg.data_path or cfg.train_data_path):
@@ -87,9 +91,6 @@ def _check_data(cfg: TrainingConfig) -> None:
 
 
 def _check_model(cfg: TrainingConfig) -> None:
-    from spiral_megatron import flavors, schedule
-    from spiral_megatron.config import SpiralConfig
-
     name = cfg.model.get("flavor")
     if name is None:
         raise ConfigError(f"model {cfg.model!r} needs a 'flavor' key; known: {', '.join(flavors.names())}")
@@ -106,13 +107,16 @@ def _check_model(cfg: TrainingConfig) -> None:
             raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
                               f"field{hint}")
     model_fields.check(model)
-    try:
-        spiral = flavor.config(**model_fields.as_config_kwargs(model))
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"model {cfg.model!r}: {e}") from None
-    if spiral.num_attention_heads % cfg.tensor_parallel:
+    model = model_fields.as_config_kwargs(model)
+    heads = {**flavor.model, **model}.get("num_attention_heads")
+    if isinstance(heads, int) and heads % cfg.tensor_parallel:
         raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} does not divide model "
-                          f"num_attention_heads {spiral.num_attention_heads}")
+                          f"num_attention_heads {heads}")
+    try:  # the job's own SpiralConfig, so Megatron's validation of the combination fails here
+        spiral = model_config(cfg, on_cpu=not torch.cuda.is_available())
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model {cfg.model!r} with tensor_parallel {cfg.tensor_parallel}, pipeline_parallel "
+                          f"{cfg.pipeline_parallel}, precision {cfg.precision!r}: {e}") from None
     try:
         schedule.check_sequence_layout(seq_length(cfg), spiral.levels, cfg.tensor_parallel,
                                        cfg.sequence_parallel)
@@ -120,21 +124,6 @@ def _check_model(cfg: TrainingConfig) -> None:
         raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
     _check_pipeline(cfg, spiral)
     _check_fp8(cfg, spiral)
-    _check_runtime_config(cfg)
-
-
-def _check_runtime_config(cfg: TrainingConfig) -> None:
-    """Build the exact SpiralConfig the job will build (architecture + runtime fields), so
-    Megatron's own validation of the combination fails here, before any compute."""
-    import torch
-
-    from spiral_megatron.training.build import model_config
-
-    try:
-        model_config(cfg, on_cpu=not torch.cuda.is_available())
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"model {cfg.model!r} with tensor_parallel {cfg.tensor_parallel}, pipeline_parallel "
-                          f"{cfg.pipeline_parallel}, precision {cfg.precision!r}: {e}") from None
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -147,8 +136,6 @@ def _check_fp8(cfg: TrainingConfig, spiral) -> None:
     count FP8 can take (docs/MEGATRON-ON-CPU.md): prelude and coda see seq_length tokens per sample,
     the core at chunk size g sees padded_length / g (the loop pads to a multiple of every chunk
     size), each / tp under SP, x micro_batch_size."""
-    from spiral_megatron import schedule
-
     if cfg.fp8 is None:
         return
     multiple = FP8_TOKEN_MULTIPLE.get(cfg.fp8_recipe)
@@ -178,8 +165,6 @@ def _check_fp8(cfg: TrainingConfig, spiral) -> None:
 
 def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
     """The model's own pipeline plan (pure Python), so a bad layout fails before any build."""
-    from spiral_megatron import pipeline_plan, schedule
-
     pp, seq = cfg.pipeline_parallel, seq_length(cfg)
     where = (f"pipeline_parallel {pp}, model.loop_placement {spiral.loop_placement!r}, "
              f"model.pipeline_split {spiral.pipeline_split}")

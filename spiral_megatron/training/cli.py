@@ -11,8 +11,13 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import textwrap
 import typing
 from typing import Any, Dict, List, Tuple
+
+from spiral_megatron.config import SpiralConfig
+from spiral_megatron.fields import FUNCTION, kind_of
+from spiral_megatron.training.keys import ConfigError
 
 # Megatron-LM flag (underscored) -> (our key, value or None to keep the given one)
 ALIASES: Dict[str, Tuple[str, Any]] = {
@@ -67,8 +72,6 @@ def field_docs(cls) -> Dict[str, str]:
 
 def model_fields() -> Dict[str, dataclasses.Field]:
     """SpiralConfig's init fields (TransformerConfig's included), by name."""
-    from spiral_megatron.config import SpiralConfig
-
     return {f.name: f for f in dataclasses.fields(SpiralConfig) if f.init}
 
 
@@ -91,8 +94,6 @@ def canonical(raw_key: str, value: Any, known) -> List[Tuple[str, Any]]:
 def _flag(raw_key: str, value: Any, fixed: Any) -> Any:
     """`fixed` for a bare --flag; anything else given to a flag is an error."""
     if value not in (True, "true"):
-        from spiral_megatron.training.config import ConfigError
-
         raise ConfigError(f"--{raw_key} is a flag (it means {fixed}); got value {value!r}")
     return fixed
 
@@ -141,10 +142,23 @@ def help_text(cls) -> str:
                          f"[default: {defaults[key]!r}]{also}")
             lines.append(f"      {docs.get(key, '')}")
         if title == "model":
-            lines.append("  --model.FIELD (or --FIELD) any SpiralConfig / TransformerConfig field; "
-                         "the loop's own:")
-            from spiral_megatron.config import SpiralConfig
-
-            own = field_docs(SpiralConfig)
-            lines += [f"      model.{name}: {own[name]}" for name in SpiralConfig.__annotations__ if name in own]
+            lines += model_help()
     return "\n".join(lines)
+
+
+def model_help() -> List[str]:
+    """The `--model.FIELD` part of --help: the field classes (docs/CONFIG.md), the FUNCTION
+    fields of TransformerConfig, and the loop's own fields with their class."""
+    own = field_docs(SpiralConfig)
+    kinds = {f.name: kind_of(f) for f in dataclasses.fields(SpiralConfig)}
+    megatron = sorted(n for n, k in kinds.items() if k == FUNCTION and n not in SpiralConfig.__annotations__)
+    lines = ["  --model.FIELD (or --FIELD) any SpiralConfig / TransformerConfig field, of one class:",
+             "      function: changes what the model computes; recorded in model_args.json, a change on resume",
+             "        is refused, carried to Hugging Face (or the conversion refuses it)",
+             "      runtime: precision, fusions of identical math, recompute, layout; may change between runs",
+             "      refused: a feature SpiralGPTModel does not build, or a field a job key sets (the error says which)",
+             *textwrap.wrap(f"function fields of TransformerConfig: {', '.join(megatron)}", 100,
+                            initial_indent="    ", subsequent_indent="      "),
+             "    the loop's own:"]
+    return lines + [f"      model.{name} [{kinds[name]}]: {own[name]}" for name in SpiralConfig.__annotations__
+                    if name in own]

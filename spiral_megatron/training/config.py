@@ -1,267 +1,31 @@
-"""TrainingConfig: one flat, typed set of keys, read from YAML and `--key value` overrides.
+"""The job's configuration from YAML and `--key value` overrides, checked before any compute.
 
-Every key has a type and a one-line docstring; unknown keys, values of the wrong type and
-impossible combinations raise `ConfigError` naming the key and the value, before any compute.
-The model is a flavor name plus SpiralConfig overrides: `model: {flavor: debug, hidden_size: 128}`
-in YAML, `--model.hidden_size 128` on the command line.
+`load` resolves YAML + flavor + command line into one typed TrainingConfig (training/keys.py)
+and refuses unknown keys, values of the wrong type and impossible combinations with a
+`ConfigError` naming the key and the value (checks.py). The names of keys.py are here too.
 """
 
 import dataclasses
 import os
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-BACKENDS = ("auto", "gloo", "nccl")
-
-
-class ConfigError(ValueError):
-    """A bad key, value or combination in the training config."""
-
-
-@dataclass
-class TrainingConfig:
-    """Everything `pretrain_spiral.py` needs; the resolved copy is saved beside each checkpoint."""
-
-    model: Dict[str, Any] = field(default_factory=lambda: {"flavor": "debug"})
-    """`flavor` (see spiral_megatron.flavors) plus any SpiralConfig field overrides."""
-
-    seq_length: Optional[int] = None
-    """Tokens per sample; None = the flavor's."""
-
-    tensor_parallel: int = 1
-    """Tensor model parallel size."""
-
-    pipeline_parallel: int = 1
-    """Pipeline model parallel size; where the loop goes: `model.loop_placement`, `model.pipeline_split`."""
-
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tensor_parallel > 1)."""
-
-    micro_batch_size: int = 8
-    """Samples per micro-batch per data-parallel rank."""
-
-    global_batch_size: int = 16
-    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
-
-    train_iters: int = 300
-    """Optimizer steps to train for."""
-
-    exit_interval: Optional[int] = None
-    """Save and stop after this iteration (the schedule still assumes train_iters)."""
-
-    lr: float = 3e-3
-    """Peak learning rate."""
-
-    min_lr: float = 3e-4
-    """Learning rate at the end of the decay."""
-
-    lr_warmup_iters: int = 0
-    """Linear warmup steps from 0 to lr (excludes lr_warmup_fraction)."""
-
-    lr_warmup_fraction: Optional[float] = None
-    """Warmup as a fraction of lr_decay_iters (or train_iters), as Megatron-LM's; None = use
-    lr_warmup_iters."""
-
-    lr_decay_iters: Optional[int] = None
-    """Steps over which lr decays to min_lr; None = train_iters."""
-
-    lr_decay_style: str = "cosine"
-    """One of LR_DECAY_STYLES."""
-
-    weight_decay: float = 0.1
-    """AdamW weight decay."""
-
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-
-    adam_beta2: float = 0.95
-    """Adam beta2."""
-
-    adam_eps: float = 1e-8
-    """Adam epsilon."""
-
-    clip_grad: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
-
-    precision: str = "fp32"
-    """"fp32", "bf16" or "fp16" (fp16 uses Megatron's dynamic loss scaling). CPU: fp32 only."""
-
-    loss_scale: Optional[float] = None
-    """fp16 only: a static loss scale; None = dynamic."""
-
-    fp8: Optional[str] = None
-    """Transformer Engine FP8 format ("e4m3" or "hybrid"); None = off. Needs GPUs and TE."""
-
-    fp8_recipe: str = "tensorwise"
-    """TE FP8 recipe; the looped core needs a per-call recipe (docs/MEGATRON-ON-CPU.md)."""
-
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
-
-    seed: int = 1234
-    """Seed for model init and the training data order."""
-
-    valid_seed: int = 1234
-    """Seed of the validation samples' order, apart from `seed` so that runs of any seed score
-    the same validation sequences."""
-
-    data_path: Optional[List[str]] = None
-    """Indexed dataset prefixes, optionally weighted ("0.7 a 0.3 b"), divided by `split`;
-    None = the embedded corpus (or train_data_path and valid_data_path)."""
-
-    train_data_path: Optional[List[str]] = None
-    """Training data used whole, as Megatron-LM's --train-data-path (excludes data_path)."""
-
-    valid_data_path: Optional[List[str]] = None
-    """Validation data used whole, as Megatron-LM's --valid-data-path (with train_data_path)."""
-
-    mock_data: bool = False
-    """Train on Megatron's MockGPTDataset (random tokens) instead of text."""
-
-    split: Optional[str] = None
-    """Train/valid/test split of data_path's documents, as Megatron's --split (the test part is
-    never read); None = 969,30,1, or for data too small for it the fewest last documents that
-    fill a validation sample (printed)."""
-
-    tokenizer: Optional[str] = None
-    """Folder or tokenizer.json of a Hugging Face tokenizer; None = the embedded corpus's."""
-
-    tokenizer_vocab_size: int = 512
-    """Vocabulary of the BPE trained on the embedded corpus (or of mock data); with `tokenizer`,
-    read from it."""
-
-    make_vocab_size_divisible_by: int = 128
-    """Pad the embedding rows to a multiple of this x tensor_parallel."""
-
-    cache_dir: Optional[str] = None
-    """Where the embedded corpus and dataset indices are cached; None = $SPIRAL_CACHE or
-    ~/.cache/spiral_megatron."""
-
-    log_interval: int = 10
-    """Log every this many steps."""
-
-    eval_interval: Optional[int] = 100
-    """Evaluate every this many steps and at the end; None = never."""
-
-    eval_iters: int = 10
-    """Validation batches per evaluation."""
-
-    save: Optional[str] = "checkpoints/debug"
-    """Checkpoint folder; None = do not save."""
-
-    save_interval: Optional[int] = None
-    """Save every this many steps (and always at the end); None = only at the end."""
-
-    load: Optional[str] = None
-    """Resume from this checkpoint folder (its latest_checkpointed_iteration.txt)."""
-
-    async_save: bool = False
-    """Write checkpoints in a background process (Megatron's async save) while training goes on."""
-
-    override_opt_param_scheduler: bool = False
-    """On resume, this run's LR schedule replaces the checkpoint's (Megatron-LM's flag)."""
-
-    use_checkpoint_opt_param_scheduler: bool = False
-    """On resume, the checkpoint's LR schedule is kept, not this run's (Megatron-LM's flag)."""
-
-    check_for_spiky_loss: bool = False
-    """Stop, before saving, at a loss 10x the largest of the first 100 steps (Megatron-LM's flag)."""
-
-    check_for_large_grads: bool = False
-    """Stop, before saving, at a gradient norm 10x the largest of the first 100 steps."""
-
-    log_json: Optional[str] = None
-    """Append one JSON object per logged step to this file."""
-
-    tensorboard_dir: Optional[str] = None
-    """TensorBoard event folder (needs the `tensorboard` package)."""
-
-    peak_tflops: Optional[float] = None
-    """Peak dense TFLOP/s per device for MFU; None = from the GPU's name (unknown on CPU)."""
-
-    check_memory: bool = True
-    """Refuse, before the first step, a run whose estimated memory per process (a lower bound,
-    training/memory.py) exceeds what the device or host has."""
-
-    backend: str = "auto"
-    """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
-
-    num_workers: int = 2
-    """Data loader processes per rank that prepare batches off the training thread, into pinned
-    memory on GPUs (Megatron-LM's --num-workers); 0 = in the training thread."""
-
-    print_config: bool = False
-    """Print the whole resolved config on the console too; it is always written to the save
-    folder's config.yaml (Megatron-LM prints it; NeMo writes hparams.yaml)."""
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
-_TYPES = typing.get_type_hints(TrainingConfig)
-
-
-def _coerce(key: str, value: Any, tp) -> Any:
-    """`value` as type `tp`, or a ConfigError naming key and value."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
-    if origin in (list, List):
-        if isinstance(value, str):
-            value = value.replace(",", " ").split()
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: {value!r} is not a list")
-        return [_coerce(key, v, args[0]) for v in value]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: {value!r} is not a mapping")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        try:
-            if not isinstance(value, bool):
-                return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{key}: {value!r} is not of type {getattr(tp, '__name__', tp)}")
+from spiral_megatron.training import checks, cli, model_fields
+from spiral_megatron.training.keys import (  # noqa: F401 (the names callers read from here)
+    FIELDS, TYPES, BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError, TrainingConfig, coerce,
+    model_overrides, seq_length, warmup_iters)
+from spiral_megatron.training.tokenizer import Tokenizer
 
 
 def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
     """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
-    from spiral_megatron.training import cli
-
     values = cfg.to_dict()
     for raw_key, raw_value in overrides.items():
-        pairs = cli.canonical(raw_key, raw_value, _FIELDS)
+        pairs = cli.canonical(raw_key, raw_value, FIELDS)
         if not pairs:
-            raise ConfigError(cli.unknown_key_message(raw_key, raw_value, _FIELDS))
+            raise ConfigError(cli.unknown_key_message(raw_key, raw_value, FIELDS))
         for key, value in pairs:
             if key.startswith("model."):
                 values["model"] = {**values["model"], key[len("model."):]: value}
@@ -270,7 +34,7 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
             elif key == "model" and not isinstance(value, dict):
                 raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
             else:
-                values[key] = _coerce(key, value, _TYPES[key])
+                values[key] = coerce(key, value, TYPES[key])
     return TrainingConfig(**values)
 
 
@@ -306,6 +70,7 @@ def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingCo
     cfg = apply(TrainingConfig(), data)
     cfg = apply(cfg, _drop_excluded(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
+    cfg = dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
     check(cfg)
     return cfg
 
@@ -335,8 +100,8 @@ EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_dat
 def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """`overrides`, plus a reset to the default of each YAML key the command line excludes."""
     given = {k.replace("-", "_") for k in overrides}
-    resets = {b: _FIELDS[b].default for a, b in EXCLUSIVE if a in given and b in data and b not in given}
-    resets.update({a: _FIELDS[a].default for a, b in EXCLUSIVE if b in given and a in data and a not in given})
+    resets = {b: FIELDS[b].default for a, b in EXCLUSIVE if a in given and b in data and b not in given}
+    resets.update({a: FIELDS[a].default for a, b in EXCLUSIVE if b in given and a in data and a not in given})
     return {**resets, **overrides}
 
 
@@ -353,8 +118,6 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
                 print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
     if cfg.tokenizer is None:
         return cfg
-    from spiral_megatron.training.tokenizer import Tokenizer
-
     try:
         vocab = Tokenizer.load(cfg.tokenizer).vocab_size
     except FileNotFoundError as e:
@@ -367,35 +130,11 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
     return dataclasses.replace(cfg, tokenizer_vocab_size=vocab)
 
 
-def warmup_iters(cfg: TrainingConfig) -> int:
-    """Warmup steps: lr_warmup_fraction of the decay steps (Megatron-LM), else lr_warmup_iters."""
-    if cfg.lr_warmup_fraction is not None:
-        return int(round(cfg.lr_warmup_fraction * (cfg.lr_decay_iters or cfg.train_iters)))
-    return cfg.lr_warmup_iters
-
-
 def check(cfg: TrainingConfig) -> None:
     """Refuse impossible values and combinations (see checks.py)."""
-    from spiral_megatron.training import checks
-
     checks.check(cfg)
-
-
-def seq_length(cfg: TrainingConfig) -> int:
-    """The training sequence length: the key, else the flavor's."""
-    from spiral_megatron import flavors
-
-    return cfg.seq_length or flavors.get(cfg.model["flavor"]).seq_length
-
-
-def model_overrides(cfg: TrainingConfig) -> Dict[str, Any]:
-    """The SpiralConfig overrides of `cfg.model` (all but `flavor`); SpiralConfig parses
-    list fields given as strings ("8,4,2,1", "3,3")."""
-    return {k: v for k, v in cfg.model.items() if k != "flavor"}
 
 
 def check_world(cfg: TrainingConfig, world_size: int) -> int:
     """Refuse a layout the world size cannot hold; returns the data-parallel size."""
-    from spiral_megatron.training import checks
-
     return checks.check_world(cfg, world_size)

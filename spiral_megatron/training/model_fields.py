@@ -17,7 +17,9 @@ from typing import Any, Dict
 
 import torch.nn.functional as F
 
-from spiral_megatron.training.config import ConfigError
+from spiral_megatron.config import SpiralConfig
+from spiral_megatron.layer_specs import BACKENDS, have_transformer_engine
+from spiral_megatron.training.keys import ConfigError, coerce
 
 # field -> the job key that sets it
 JOB_FIELDS = {
@@ -73,9 +75,11 @@ UNSUPPORTED = {
     "fp4": "FP4 is not supported with the loop",
     "first_last_layers_bf16": "SpiralGPTModel's layer numbering is per part (prelude, core, coda)",
     "use_inference_optimized_layers": "training job: inference-optimized layers are not trained",
+    "use_mup": "SpiralGPTModel does not apply muP's embedding and output multipliers",
 }
 # Fields of unsupported features whose name says so (all MoE, DSA, Mamba, linear-attention knobs).
-UNSUPPORTED_PREFIXES = {"moe_": _MOE, "dsa_": _ATTN, "mamba_": _HYBRID, "linear_": _ATTN}
+UNSUPPORTED_PREFIXES = {"moe_": _MOE, "dsa_": _ATTN, "mamba_": _HYBRID, "linear_": _ATTN,
+                        "mup_": UNSUPPORTED["use_mup"]}
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
@@ -100,8 +104,6 @@ def _default(field: dataclasses.Field):
 
 def why_refused(name: str, value: Any):
     """The reason `model.<name> = value` is refused, or None when the model carries it."""
-    from spiral_megatron.config import SpiralConfig
-
     fields = {f.name: f for f in dataclasses.fields(SpiralConfig)}
     if name == "activation_func":
         return None if value in ACTIVATIONS else f"must be one of {tuple(ACTIVATIONS)}"
@@ -131,9 +133,16 @@ def check(model: Dict[str, Any]) -> None:
             raise ConfigError(f"model.{name} {value!r} is refused: {reason}")
 
 
+def typed(model: Dict[str, Any]) -> Dict[str, Any]:
+    """`model` with the numbers and flags the YAML reader left as text (`1e-6`) as their
+    SpiralConfig field's type; a ConfigError names a value that is not one."""
+    hints = typing.get_type_hints(SpiralConfig)
+    return {name: _typed(name, value, hints.get(name)) for name, value in model.items()}
+
+
 def as_config_kwargs(model: Dict[str, Any]) -> Dict[str, Any]:
-    """`model` overrides as SpiralConfig keyword arguments (activation names -> functions)."""
-    out = dict(model)
+    """`model` overrides as SpiralConfig keyword arguments (typed; activation names -> functions)."""
+    out = typed(model)
     if isinstance(out.get("activation_func"), str):
         out["activation_func"] = ACTIVATIONS[out["activation_func"]]
     if isinstance(out.get("attention_backend"), str):
@@ -147,11 +156,21 @@ def _attention_backends():
     return {b.name: b for b in AttnBackend}
 
 
+def _typed(name: str, value: Any, tp) -> Any:
+    """`value` as `tp` when that is bool, int or float (or Optional of one); others unchanged
+    (SpiralConfig parses its tuples and checks its choices itself)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+    if value is None or len(args) != 1 or args[0] not in (bool, int, float):
+        return value
+    try:
+        return coerce(f"model.{name}", value, args[0])
+    except ConfigError:
+        raise ConfigError(f"model.{name} {value!r} is refused: not a {args[0].__name__}") from None
+
+
 def _why_not_backend(value):
     """`model.transformer_impl` picks the layer specs: "local" or "transformer_engine" (where
     Transformer Engine imports, which needs CUDA)."""
-    from spiral_megatron.layer_specs import BACKENDS, have_transformer_engine
-
     if value not in BACKENDS:
         return f"must be one of {BACKENDS} (the layer-spec backends of SpiralGPTModel)"
     if value == "transformer_engine" and not have_transformer_engine():

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from spiral_megatron.model_args import ModelArgs
-from spiral_megatron.training.config import ConfigError, TrainingConfig
+from spiral_megatron.training.keys import ConfigError, TrainingConfig
+from spiral_megatron.training.tokenizer import Tokenizer
 
 # Keys that may change between runs of one training without saying so: where it runs, how
 # it logs, when it saves and stops.
@@ -29,14 +30,20 @@ SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_wa
                    "wd_incr_style": "weight decay style"}
 
 
+# What to set for a recorded field whose name is not a key.
+NOTES = {"activation_func_name": " (Megatron's fused bias-GeLU is the tanh approximation 'gelu_tanh': "
+                                 "set model.bias_activation_fusion to match the checkpoint)"}
+
+
 class ResumeMismatch(ConfigError):
     """The checkpoint was trained with another model, data shape or LR schedule."""
 
 
 def architecture_differences(saved: ModelArgs, new: ModelArgs, weights_only: bool) -> List[str]:
-    """`field saved -> new` for every architecture difference (model.* fields, vocabulary,
-    sequence length; the sequence length may change when only weights are loaded)."""
-    diffs = [f"model.{k} {saved.config.get(k)!r} -> {new.config.get(k)!r}"
+    """`field saved -> new` for every difference in the model's function (each recorded FUNCTION
+    field, spiral_megatron/fields.py), vocabulary and sequence length (which may change when
+    only weights are loaded)."""
+    diffs = [f"model.{k} {saved.config.get(k)!r} -> {new.config.get(k)!r}{NOTES.get(k, '')}"
              for k in sorted(set(saved.config) | set(new.config)) if saved.config.get(k) != new.config.get(k)]
     if saved.vocab_size != new.vocab_size:
         diffs.append(f"padded vocab_size {saved.vocab_size} -> {new.vocab_size}")
@@ -51,8 +58,6 @@ def architecture_differences(saved: ModelArgs, new: ModelArgs, weights_only: boo
 
 def tokenizer_difference(saved_folder: Path, tokenizer) -> Optional[str]:
     """A line when the checkpoint's tokenizer is not this run's (same vocabulary size or not)."""
-    from spiral_megatron.training.tokenizer import Tokenizer
-
     if not (saved_folder / "tokenizer.json").is_file() or not hasattr(tokenizer, "unique_identifiers"):
         return None
     saved = Tokenizer.load(saved_folder).unique_identifiers

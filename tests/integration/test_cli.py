@@ -28,7 +28,8 @@ def test_help_lists_every_key_once_with_type_default_and_help():
     for title, _ in cli.GROUPS:
         assert f"\n{title}:\n" in proc.stdout
     assert "--tensor-parallel int [default: 1] (also --tensor-model-parallel-size)" in proc.stdout
-    assert "model.chunk_sizes:" in proc.stdout
+    assert "model.chunk_sizes [function]:" in proc.stdout and "model.loop_placement [runtime]:" in proc.stdout
+    assert "function fields of TransformerConfig: activation_func," in proc.stdout  # each field's class
 
 
 @pytest.mark.parametrize("argv, field, value", [

@@ -70,17 +70,17 @@ def test_errors_name_key_and_value(argv, message):
 
 
 def test_pipeline_overrides_reach_the_model():
-    from spiral_megatron.training.build import runtime_overrides
+    from spiral_megatron.training.build import model_settings
 
     cfg = config.load(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
-    runtime = runtime_overrides(cfg, on_cpu=True)
+    runtime = model_settings(cfg, on_cpu=True)
     assert runtime["pipeline_model_parallel_size"] == 2 and runtime["pipeline_split"] == "5,1"
     spiral = flavors.get("debug").config(**runtime)
     assert spiral.pipeline_split == (5, 1) and spiral.pipeline_model_parallel_size == 2
     # one-stage: prelude, the whole loop, coda = 3 units; the loop pads 100 itself.
     cfg = config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
                        "--model.pipeline_split", "2,1", "--seq-length", "100"], CONFIGS / "debug-cpu.yaml")
-    assert runtime_overrides(cfg, on_cpu=True)["loop_placement"] == "one-stage"
+    assert model_settings(cfg, on_cpu=True)["loop_placement"] == "one-stage"
     with pytest.raises(ConfigError, match=r"pipeline split \(5, 1\) must give each of the 2 stages .* 3 units"):
         config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
                      "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from spiral_megatron.config import SpiralConfig
 from spiral_megatron.training import config
-from spiral_megatron.training.build import model_config, runtime_overrides
+from spiral_megatron.training.build import model_config, model_settings
 from spiral_megatron.training.config import ConfigError
 
 DEBUG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "debug-cpu.yaml"
@@ -52,6 +52,8 @@ def candidate(name):
 
 def _same(built, wanted: str) -> bool:
     value = yaml.safe_load(wanted)
+    if isinstance(value, str) and isinstance(built, float):
+        value = float(value)  # YAML reads 5e-06 as text; the job types it by the field (issue 16)
     if isinstance(built, (list, tuple)):
         return list(built) == list(value)
     if isinstance(built, (int, float)) and not isinstance(built, bool) and not isinstance(value, bool):
@@ -98,9 +100,18 @@ def test_refusals_name_the_field_and_why(argv, message):
     assert message in str(e.value)
 
 
+def test_model_fields_are_typed_once_at_load():
+    """YAML reads `1e-6` as text; the resolved config holds the field's type (issue 16)."""
+    cfg = config.load(["--model.layernorm_epsilon", "1e-6", "--model.qk_layernorm", "yes"], DEBUG)
+    assert cfg.model["layernorm_epsilon"] == 1e-6 and cfg.model["qk_layernorm"] is True
+    assert "layernorm_epsilon: 1.0e-06" in cfg.to_yaml()
+    with pytest.raises(ConfigError, match="model.layernorm_epsilon 'small' is refused: not a float"):
+        config.load(["--model.layernorm_epsilon", "small"], DEBUG)
+
+
 def test_fusions_off_on_cpu_and_user_wins():
     cfg = config.load(["--model.bias_dropout_fusion", "true"], DEBUG)
-    runtime = runtime_overrides(cfg, on_cpu=True)
+    runtime = model_settings(cfg, on_cpu=True)
     assert runtime["bias_dropout_fusion"] is True and runtime["masked_softmax_fusion"] is False
 
 

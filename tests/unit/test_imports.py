@@ -1,0 +1,97 @@
+"""The package's imports point one way (issue 16): no module reaches itself again through
+others, counting imports inside functions too; training/ does not import quantization/."""
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "spiral_megatron"
+
+
+def modules() -> Dict[str, Path]:
+    """Dotted name -> file, for every module of the package."""
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imported(name: str, path: Path, known) -> Set[str]:
+    """The package modules `name` imports anywhere in its file (module level or in a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package
+                package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            # `from package import name`: the submodule `name`, else the package itself
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def graph() -> Dict[str, Set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
+
+
+def cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_walk_sees_the_package():
+    edges = graph()
+    assert len(edges) > 60 and "spiral_megatron.training.build" in edges["spiral_megatron.training.checks"]
+    assert "spiral_megatron.config" in edges["spiral_megatron"]  # imports inside functions count
+
+
+def test_no_import_cycle():
+    edges = graph()
+    assert cycles(edges) == [], "\n".join(
+        f"{m} -> {sorted(edges[m] & set(c))}" for c in cycles(edges) for m in c)
+
+
+def test_a_cycle_is_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_training_does_not_import_quantization():
+    edges = graph()
+    reach = {m: sorted(t for t in ts if t.startswith("spiral_megatron.quantization"))
+             for m, ts in edges.items() if m.startswith("spiral_megatron.training")}
+    assert not any(reach.values()), {m: t for m, t in reach.items() if t}
