@@ -28,13 +28,19 @@ def train(cfg, quiet=None) -> str:
 
 
 def main(argv) -> int:
+    """Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving), 2 a check refused the job
+    (one line naming the fix), 1 a non-finite loss or a failed save (one line). Any other
+    exception keeps its traceback, in the log and in torchrun's error file (`record`)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from spiral_megatron.training.console import HeldWarnings
 
     with HeldWarnings() as quiet:  # from before Megatron's imports warn (issue 17)
-        return _main(argv, quiet)
+        return record(_main)(argv, quiet)
 
 
 def _main(argv, quiet) -> int:
+    from spiral_megatron.training.checkpointing import SaveFailed
     from spiral_megatron.training.config import ConfigError, TrainingConfig
     from spiral_megatron.training.loop import NonFiniteLoss
 
@@ -45,19 +51,24 @@ def _main(argv, quiet) -> int:
         return 0
     from spiral_megatron.training.errors import report
 
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        outcome = train(parse(argv), quiet)
-    except (ConfigError, FileNotFoundError, PermissionError, ImportError) as e:
-        report(f"pretrain_spiral: error: {e}")
+        cfg = parse(argv)
+    except ConfigError as e:  # every rank parses the same command line: rank 0 says it
+        if rank0:
+            report(f"pretrain_spiral: error: {e}")
         return 2
-    except NonFiniteLoss as e:
-        report(f"pretrain_spiral: {e}")
+    try:
+        outcome = train(cfg, quiet)
+    except (SaveFailed, NonFiniteLoss) as e:
+        if not getattr(e, "reported_elsewhere", False):
+            report(f"pretrain_spiral: {'error: ' if isinstance(e, SaveFailed) else ''}{e}")
         return 1
-    except OSError as e:  # a full disk or a broken mount while saving
-        report(f"pretrain_spiral: error: {e.strerror or e} ({e.filename or 'no file named'}); "
-               "the last complete checkpoint is still the latest")
-        return 1
-    if os.environ.get("RANK", "0") == "0":
+    except ConfigError as e:  # the project's own checks: bad config, data, checkpoint or folder
+        if not getattr(e, "reported_elsewhere", False):
+            report(f"pretrain_spiral: error: {e}")
+        return 2
+    if rank0:
         print(f"pretrain_spiral: {outcome}", flush=True)
     return 0
 

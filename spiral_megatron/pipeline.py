@@ -21,7 +21,6 @@ from typing import List
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import dict_list_map_inplace
 
@@ -88,10 +87,10 @@ class CoreReplicas:
         if len(regions) == 1:
             dist.all_reduce(regions[0], group=self.group)
         elif regions:
-            flat = _flatten_dense_tensors(regions)
+            flat = torch.cat([region.reshape(-1) for region in regions])  # one message
             dist.all_reduce(flat, group=self.group)
-            for region, summed in zip(regions, _unflatten_dense_tensors(flat, regions)):
-                region.copy_(summed)
+            for region, summed in zip(regions, flat.split([region.numel() for region in regions])):
+                region.copy_(summed.view_as(region))
 
 
 def grad_regions(ddp, core: torch.nn.Module):

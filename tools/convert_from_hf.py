@@ -4,7 +4,9 @@
 
 Writes the training script's layout (SAVE/iter_NNNNNNN/ with model_args.json and tokenizer/,
 plus latest_checkpointed_iteration.txt); the dist checkpoint loads at any TP/PP layout.
-A non-empty --save folder (a training run's, say) is refused unless --force.
+A non-empty --save folder (a training run's, say) is refused unless --force. The folder is
+written and published as the training job's saves are (a hidden staging folder renamed in, the
+marker moved last), so a kill leaves the previous state, never half a checkpoint.
 Megatron -> HF -> Megatron is bit-exact for fp32 conversions.
 """
 

@@ -80,19 +80,7 @@ def hf_folder_to_megatron(hf_dir: str, save: str, iteration: int = 0, force: boo
     shapes = hf_config.shapes_of(config)
     local = mapping.pad_vocab(mapping.hf_to_megatron(state, shapes, config.tie_word_embeddings), padding, shapes)
     tok_files = [p for p in Path(hf_dir).iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
-    tok_dir = None
-    if tok_files:
-        tok_dir = Path(save) / ".tokenizer_staging"
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        for p in tok_files:
-            (tok_dir / p.name).write_bytes(p.read_bytes())
-    try:
-        return megatron_io.write_checkpoint(save, iteration, args, local, tok_dir, force)
-    finally:
-        if tok_dir is not None:
-            import shutil
-
-            shutil.rmtree(tok_dir, ignore_errors=True)
+    return megatron_io.write_checkpoint(save, iteration, args, local, tok_files or None, force)
 
 
 def sample_ids(config, tokenizer: Optional[Path], length: int = 48) -> torch.Tensor:

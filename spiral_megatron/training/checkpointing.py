@@ -1,22 +1,18 @@
 """Checkpoints: Megatron dist_checkpointing plus the files the converters read.
 
-Layout (the Hugging Face converter depends on it):
-    SAVE/latest_checkpointed_iteration.txt   the iteration, written (atomic rename) last
-    SAVE/iter_0000200/                        Megatron dist checkpoint of the state below
-    SAVE/iter_0000200/model_args.json         the architecture (spiral_megatron.model_args)
-    SAVE/iter_0000200/config.yaml             the resolved TrainingConfig
-    SAVE/iter_0000200/tokenizer/              tokenizer.json + tokenizer_config.json
+The folder layout, completeness, the record of who wrote a checkpoint and the publishing of a
+save are in checkpoint_files.py. Each iteration folder also holds (the Hugging Face converter
+depends on them):
+    model_args.json   the architecture (spiral_megatron.model_args)
+    config.yaml       the resolved TrainingConfig
+    tokenizer/        tokenizer.json + tokenizer_config.json
 State: `model` (the module's sharded_state_dict, so plain-tensor keys are parameter names),
 `optimizer`, `scheduler`, `rng` (per rank), `iteration`, `consumed_samples`, `layout`, `config`.
 A model-only checkpoint (what tools/convert_from_hf.py writes: `model` and model_args.json)
 also loads: weights only, the optimizer and the LR schedule start fresh.
 
-Nothing complete is deleted before its replacement is complete: a save writes into the hidden
-`SAVE/.iter_0000200.saving/`, then renames it in (an older folder of the same iteration is
-renamed aside to `.iter_0000200.replaced/` first and deleted last), then moves the marker. A
-kill between the two renames leaves the marker's folder under its `.replaced` name, which
-`recover` renames back. Saves may run in the background (`async_save`, Megatron's
-AsyncCallsQueue): the renames and the marker then happen when every rank's write has finished.
+Saves may run in the background (`async_save`, Megatron's AsyncCallsQueue): publishing then
+happens when every rank's write has finished.
 """
 
 import os
@@ -31,91 +27,44 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.training import extra_state
+from spiral_megatron.training import checkpoint_files, extra_state
 from spiral_megatron.training.build import Components, sync_params
+from spiral_megatron.training.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
+                                                       iteration_dir, latest_iteration, recover)
 from spiral_megatron.training.config import ConfigError
 
-TRACKER = "latest_checkpointed_iteration.txt"
-# The distributed optimizer's format, as Megatron-LM's default: megatron-core 0.16's own
-# default ("fully_sharded_model_space") needs flattened ShardedTensors, which its
-# dist_checkpointing refuses. This one reloads at the same TP/PP layout only.
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
-STAGING, REPLACED = ".saving", ".replaced"  # suffixes of hidden folders next to iter_*
+
+def optimizer_format(cfg) -> dict:
+    """The distributed optimizer's checkpoint format, chosen as Megatron-LM does: its default
+    `dp_reshardable` (each rank writes its own buckets, no gather; reloads at the saved TP/PP
+    only) or, with `dist_ckpt_optim_fully_reshardable`, `fully_reshardable` (gathered into
+    parameter shapes; reloads at any layout). megatron-core's own default,
+    "fully_sharded_model_space", needs flattened ShardedTensors, which 0.16 refuses."""
+    fully = cfg is not None and cfg.dist_ckpt_optim_fully_reshardable
+    return {"distrib_optim_sharding_type": "fully_reshardable" if fully else "dp_reshardable"}
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint folder whose marker or iteration folder is damaged; the message says which."""
+def check_format(parts: Components, cfg) -> None:
+    """Refuse `fully_reshardable` where megatron-core (0.16.1, 0.19.2) would save it wrong: its
+    gather drops the padding between a gradient buffer's buckets but slices parameters at
+    padded offsets, so every parameter after a padded bucket gets another's state. One bucket
+    (the default) is fine; the core replicated on several pipeline stages is three more
+    (pipeline.py), as are word embeddings tied across stages. Found with a PP2 save read back."""
+    if not (cfg.use_distributed_optimizer and cfg.dist_ckpt_optim_fully_reshardable):
+        return
+    padded = [bucket for buffer in getattr(parts.model, "buffers", []) for bucket in buffer.buckets[:-1]
+              if bucket.grad_data.numel() != bucket.numel_unpadded]
+    if padded:
+        raise ConfigError(
+            f"dist_ckpt_optim_fully_reshardable: this layout (TP{cfg.tensor_parallel} "
+            f"PP{cfg.pipeline_parallel}) splits the gradient buffer into padded buckets, where "
+            f"megatron-core saves fully_reshardable optimizer state misplaced (docs/CHECKPOINTS.md). "
+            f"Save in the default format (resumes at the same TP/PP; --no-load-optim true elsewhere), "
+            f"or at a layout that keeps the core on one pipeline stage")
 
 
-def iteration_dir(root, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def _hidden(root, iteration: int, suffix: str) -> Path:
-    return Path(root) / f".{iteration_dir(root, iteration).name}{suffix}"
-
-
-def latest_iteration(root) -> Optional[int]:
-    """The iteration in the tracker file, or None where there is no complete checkpoint."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"load {str(root)!r}: {TRACKER} holds {text[:40]!r}, not an iteration number")
-    return int(text)
-
-
-def recover(root) -> Optional[str]:
-    """Undo what a kill in the middle of publishing a save left (rank 0, lock held).
-
-    Stale `.saving` folders are deleted (their save never completed). A `.replaced` folder is
-    renamed back when its iteration's folder is missing (killed between the two renames: it
-    is the only complete copy), else deleted. Returns a line to print, or None.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    for stale in root.glob(f".iter_*{STAGING}"):
-        shutil.rmtree(stale, ignore_errors=True)
-    restored = []
-    for old in sorted(root.glob(f".iter_*{REPLACED}")):
-        folder = root / old.name[1:-len(REPLACED)]
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, folder)
-            restored.append(str(folder))
-    if restored:
-        return f"recovered {', '.join(restored)} (a save was killed while replacing it)"
-    return None
-
-
-def find_resumable(load, save) -> Optional[int]:
-    """The iteration to resume from, or None to start from scratch (Megatron-LM's rule).
-
-    No marker (a folder never saved into, or whose first save was killed) means no complete
-    checkpoint: start from scratch, as Megatron-LM does; except a `load` folder that does not
-    exist and is not the `save` folder (a mistyped path: an error). A marker that is not a
-    number, or points at a missing or incomplete folder, is an error naming what is wrong.
-    """
-    root = Path(load)
-    iteration = latest_iteration(root)
-    if iteration is None:
-        if not root.exists() and (save is None or Path(save).resolve() != root.resolve()):
-            raise FileNotFoundError(f"load {str(load)!r}: no {TRACKER} (no complete checkpoint); "
-                                    f"the folder does not exist")
-        return None
-    folder = iteration_dir(root, iteration)
-    if not folder.is_dir():
-        raise CheckpointError(f"load {str(load)!r}: {TRACKER} points at iteration {iteration} but "
-                              f"{folder.name} is missing (damaged checkpoint)")
-    files = ("metadata.json", ".metadata", "common.pt", "model_args.json")  # what every save writes
-    missing = [n for n in files if not (folder / n).is_file()]
-    if missing:
-        raise CheckpointError(f"load {str(load)!r}: {folder.name} lacks {', '.join(missing)} "
-                              f"(damaged or incomplete checkpoint)")
-    return iteration
+class SaveFailed(ConfigError):
+    """Writing a checkpoint failed (a full disk, a broken mount); the latest complete one is kept."""
 
 
 def start_save_helper() -> None:
@@ -138,7 +87,8 @@ def start_save_helper() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _layout() -> dict:
+def parallel_layout() -> dict:
+    """This run's parallel layout: {"tp", "pp", "dp"} sizes."""
     from megatron.core import parallel_state as ps
 
     return {"tp": ps.get_tensor_model_parallel_world_size(),
@@ -182,21 +132,36 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
     With `background` (a BackgroundSaves), Megatron writes the tensors in a forked process
     and the publishing waits for `background.finalize`; else it happens before returning.
     `extra` goes into the common state (e.g. the last step's loss, for the NaN message).
+    A file-system error (full disk, broken mount) becomes SaveFailed, naming what is kept.
     """
+    try:
+        return _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra)
+    except OSError as e:
+        if isinstance(e, ConnectionError):  # a peer rank died: not this save's fault
+            raise
+        latest = latest_iteration(root)
+        kept = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
+        raise SaveFailed(f"saving iteration {iteration} failed: {e.strerror or e} "
+                         f"({e.filename or 'no file named'}); the last complete checkpoint is still "
+                         f"the latest: {kept}") from e
+
+
+def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
     from megatron.core import dist_checkpointing
 
-    staging = _hidden(root, iteration, STAGING)
+    staging = checkpoint_files.staging_dir(root, iteration)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted earlier save of this iteration
         staging.mkdir(parents=True)
     _barrier()
-    layout = _layout()
+    layout = parallel_layout()
     sync_params(parts.model)  # the weights must be current: overlap_param_gather defers their all-gather
     model_sd = parts.module.sharded_state_dict()
+    metadata = optimizer_format(cfg)
     state = {
         "model": model_sd,
-        "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT),
+        "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=metadata),
         "scheduler": parts.scheduler.state_dict(),
         "rng": _rng_object(layout),
         "iteration": iteration,
@@ -212,12 +177,16 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
         (staging / "config.yaml").write_text(cfg.to_yaml())
         if hasattr(tokenizer, "save"):
             tokenizer.save(staging / "tokenizer")
+    distributed = bool(_torch_adam_distributed(parts.optimizer, any_backend=True))
+    marker = checkpoint_files.record(iteration, layout, {
+        "distributed": distributed,
+        "format": metadata["distrib_optim_sharding_type"] if distributed else None})
     folder = iteration_dir(root, iteration)
     if background is None:
         _barrier()  # every rank's shard and every side file is written
-        _publish(root, iteration)
+        _publish(root, iteration, marker)
         return folder
-    background.schedule(request, lambda: _publish(root, iteration), folder)
+    background.schedule(request, lambda: _publish(root, iteration, marker), folder)
     return folder
 
 
@@ -236,19 +205,10 @@ def _async_arguments(background) -> dict:
     return {"async_sharded_save": True}
 
 
-def _publish(root, iteration: int) -> None:
-    """Rank 0 renames the complete staging folder in, then moves the tracker to `iteration`."""
+def _publish(root, iteration: int, marker: dict) -> None:
+    """Rank 0 publishes the staging folder (checkpoint_files.publish) that every rank has written."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        folder = iteration_dir(root, iteration)
-        replaced = _hidden(root, iteration, REPLACED)
-        if folder.exists():  # e.g. a fresh run saving into an old run's folder
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(folder, replaced)
-        os.replace(_hidden(root, iteration, STAGING), folder)
-        tmp = Path(root) / f".{TRACKER}.tmp"
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(root) / TRACKER)
-        shutil.rmtree(replaced, ignore_errors=True)
+        checkpoint_files.publish(root, iteration, marker)
     _barrier()
 
 
@@ -299,10 +259,13 @@ class Restored:
 def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     """Restore the latest checkpoint under `root`, after checking it fits this run.
 
-    The model reshards to this run's TP/PP layout, as does the non-distributed optimizer
-    (its state tensors carry the model's keys); RNG states are restored only when the layout
-    is the saved one. A model-only checkpoint (no optimizer tensors, no scheduler) restores
-    the weights and leaves the freshly built optimizer and scheduler as they are. Another
+    The model reshards to this run's TP/PP layout, as does the optimizer state (the plain
+    optimizer's and `fully_reshardable` state carry the model's keys; `dp_reshardable` state
+    was refused before this if the TP/PP layout changed: checkpoint_files.check_fits). RNG
+    states are restored only when the layout is the saved one. A model-only checkpoint (no
+    optimizer tensors, no scheduler) restores the weights and leaves the freshly built
+    optimizer and scheduler as they are; so does `no_load_optim` for the optimizer (Megatron-
+    LM's flag; our choice: the LR schedule and the data position still continue). Another
     architecture, sequence length, tokenizer or LR schedule is refused first (resume_check).
     """
     from megatron.core import dist_checkpointing
@@ -312,8 +275,9 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
 
     iteration = latest_iteration(root)
     if iteration is None:
-        raise FileNotFoundError(f"load {str(root)!r}: no {TRACKER} (no complete checkpoint)")
+        raise CheckpointError(f"load {str(root)!r}: no {TRACKER} (no complete checkpoint)")
     folder = str(iteration_dir(root, iteration))
+    record = checkpoint_files.read_record(folder)
     common = dist_checkpointing.load_common_state_dict(folder)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     weights_only = "scheduler" not in common
@@ -324,36 +288,65 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
                      resume_check.other_differences(common.get("config"), cfg)):
             if line and rank0:
                 print(line, flush=True)
+    load_optim = not weights_only and not (cfg is not None and cfg.no_load_optim)
     model_sd = parts.module.sharded_state_dict()
     request = {"model": model_sd}
-    if not weights_only:
+    if load_optim:
         _prepare_state_for_loading(parts.optimizer)
-        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                                  metadata=OPTIMIZER_FORMAT)
-    same_layout = common.get("layout") == _layout()
-    if same_layout:
+        saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
+        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=saved)
+    load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
+    if load_rng:
         request["rng"] = _rng_object(common["layout"], state={})
     state = dist_checkpointing.load(request, folder)
     parts.module.load_state_dict(state["model"])
     if weights_only:
         return Restored(iteration, None, True)
-    with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
-        parts.optimizer.load_state_dict(state["optimizer"])
-    _restore_adam_steps(parts.optimizer)
+    if load_optim:
+        with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
+            _load_optimizer(parts.optimizer, state["optimizer"])
+        _restore_adam_steps(parts.optimizer)
+    else:
+        parts.optimizer.reload_model_params()  # its main (fp32) copies from the loaded weights
     parts.scheduler.load_state_dict(common["scheduler"])
-    if same_layout:
+    if load_rng:
         _set_rng(state["rng"])
     return Restored(iteration, common["consumed_samples"], False, common.get("extra", {}))
 
 
-def _torch_adam_distributed(optimizer):
-    """The DistributedOptimizers of `optimizer` that run torch's Adam (no apex/TE, e.g. CPU)."""
+def _torch_adam_distributed(optimizer, any_backend: bool = False):
+    """The DistributedOptimizers of `optimizer` that run torch's Adam (no apex/TE, e.g. CPU);
+    all of them with `any_backend`."""
     from megatron.core.optimizer import distrib_optimizer
 
-    if distrib_optimizer.HAVE_APEX_OR_TE:
+    if distrib_optimizer.HAVE_APEX_OR_TE and not any_backend:
         return []
     return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
             if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+
+
+def _load_optimizer(optimizer, state) -> None:
+    """`optimizer.load_state_dict(state)`, except for `fully_reshardable` state on torch's Adam
+    (no apex/TE, e.g. CPU): there Megatron (0.16.1, 0.19.2) copies the loaded tensors into every
+    tensor of each parameter's Adam state, torch's step count included, which the checkpoint
+    keeps in the param groups instead: KeyError 'step'. The same public steps are taken with
+    the step counts set aside while the parameter state loads (then `_restore_adam_steps`)."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    torch_adam = _torch_adam_distributed(optimizer)
+    states = [state] if len(chained) == 1 else (
+        [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state))
+    if (not torch_adam or len(torch_adam) != len(chained)
+            or any(s.get("param_state_sharding_type") != "fully_reshardable" for s in states)):
+        optimizer.load_state_dict(state)
+        return
+    for opt, opt_state in zip(chained, states):
+        param_state = opt_state.pop("param_state")
+        opt_state.pop("param_state_sharding_type")
+        opt.load_state_dict(opt_state)  # param groups, torch's per-parameter step counts
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for param, step in steps.items():
+            opt.optimizer.state[param]["step"] = step
 
 
 def _prepare_state_for_loading(optimizer) -> None:
@@ -387,4 +380,4 @@ def check_writable(root) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None
+        raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None

@@ -165,6 +165,16 @@ class TrainingConfig:
     async_save: bool = False
     """Write checkpoints in a background process (Megatron's async save) while training goes on."""
 
+    no_load_optim: bool = False
+    """On resume, start the optimizer fresh: load weights, LR schedule, data position (Megatron-LM's flag)."""
+
+    no_load_rng: bool = False
+    """On resume, keep this run's RNG states instead of the checkpoint's (Megatron-LM's flag)."""
+
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """Save distributed-optimizer state in a format that reloads at any TP/PP layout; the default
+    reloads at the saved TP/PP only but writes without gathering (Megatron-LM's flag)."""
+
     override_opt_param_scheduler: bool = False
     """On resume, this run's LR schedule replaces the checkpoint's (Megatron-LM's flag)."""
 

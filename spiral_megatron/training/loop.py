@@ -61,11 +61,14 @@ def start(cfg: TrainingConfig) -> Layout:
 
     on_cpu = not torch.cuda.is_available()
     backend = None if cfg.backend == "auto" else cfg.backend
-    if on_cpu and backend == "nccl":
-        raise ConfigError("backend 'nccl' needs CUDA GPUs; this machine has none (use gloo or auto)")
-    if on_cpu and cfg.precision != "fp32":
-        raise ConfigError(f"precision {cfg.precision!r} is not supported on CPU; use fp32")
-    config.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
+    try:  # every rank finds the same: rank 0 says it
+        if on_cpu and backend == "nccl":
+            raise ConfigError("backend 'nccl' needs CUDA GPUs; this machine has none (use gloo or auto)")
+        if on_cpu and cfg.precision != "fp32":
+            raise ConfigError(f"precision {cfg.precision!r} is not supported on CPU; use fp32")
+        config.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
+    except ConfigError as e:
+        raise _reported(e, by_me=os.environ.get("RANK", "0") == "0")
     parallel.initialize(cfg.tensor_parallel, cfg.pipeline_parallel, seed=cfg.seed, backend=backend)
     dp = config.check_world(cfg, dist.get_world_size())
     return Layout(dist.get_rank() == 0, dist.get_world_size(), dp,
@@ -73,18 +76,42 @@ def start(cfg: TrainingConfig) -> Layout:
 
 
 def on_rank0(layout: Layout, fn):
-    """`fn()` on rank 0 only; its result, or the exception it raised, on every rank."""
+    """`fn()` on rank 0 only; its result, or the ConfigError it raised, on every rank."""
     outcome = [None]
     if layout.rank0:
         try:
             outcome[0] = ("ok", fn())
-        except (ConfigError, FileNotFoundError, PermissionError) as e:
+        except ConfigError as e:
             outcome[0] = ("error", e)
     dist.broadcast_object_list(outcome, src=0)
     kind, value = outcome[0]
     if kind == "error":
-        raise value
+        raise _reported(value, by_me=layout.rank0)
     return value
+
+
+def agreed(fn):
+    """`fn()` on every rank; if any rank raises a ConfigError, every rank raises the first one
+    (by rank) and only its own rank reports it: an error is printed once per job, not followed
+    by the other ranks' broken-connection tracebacks. Whatever in `fn` can raise a ConfigError
+    on some ranks only must come before its collectives, if any."""
+    result, error = None, None
+    try:
+        result = fn()
+    except ConfigError as e:
+        error = e
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    owner = next((rank for rank, e in enumerate(errors) if e is not None), None)
+    if owner is not None:
+        raise _reported(errors[owner], by_me=owner == dist.get_rank())
+    return result
+
+
+def _reported(error: ConfigError, by_me: bool) -> ConfigError:
+    """`error`, marked as printed by another rank unless `by_me` (examples/pretrain_spiral.py)."""
+    error.reported_elsewhere = not by_me
+    return error
 
 
 @dataclass
@@ -98,6 +125,29 @@ class Preflight:
 def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
     """Refuse, before any compute, what would fail later: fp8 without TE, bad folders, a save
     folder in use; fills `held` (the caller releases its lock whatever happens)."""
+    agreed(lambda: every_rank_checks(cfg, layout))
+    if cfg.save:
+        if layout.rank0:
+            held.lock = FolderLock(cfg.save)
+        warning = on_rank0(layout, lambda: held.lock.acquire())
+        recovered = on_rank0(layout, lambda: checkpointing.recover(cfg.save))
+        for line in (warning, recovered):
+            if line and layout.rank0:
+                print(line, flush=True)
+    if cfg.load:
+        held.resume_from = on_rank0(layout, lambda: resumable(cfg, checkpointing.parallel_layout()))
+        if held.resume_from is None and layout.rank0:
+            print(f"load {cfg.load!r} is the --save folder and holds no checkpoint yet: starting from "
+                  f"scratch (the first launch of a job that requeues with the same command)", flush=True)
+    if layout.rank0 and cfg.tensorboard_dir:
+        try:
+            tensorboard_writer(cfg.tensorboard_dir).close()
+        except ImportError as e:  # the message says what to install
+            raise ConfigError(str(e)) from None
+
+
+def every_rank_checks(cfg: TrainingConfig, layout: Layout) -> None:
+    """What each rank checks for itself (no collectives): fp8 support, flags, a writable folder."""
     if cfg.fp8 is not None:
         from spiral_megatron.layer_specs import have_transformer_engine
 
@@ -108,27 +158,23 @@ def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
                           "choose one (as Megatron-LM)")
     if cfg.save:
         checkpointing.check_writable(cfg.save)
-        if layout.rank0:
-            held.lock = FolderLock(cfg.save)
-        warning = on_rank0(layout, lambda: held.lock.acquire())
-        recovered = on_rank0(layout, lambda: checkpointing.recover(cfg.save))
-        for line in (warning, recovered):
-            if line and layout.rank0:
-                print(line, flush=True)
-    if cfg.load:
-        held.resume_from = on_rank0(layout, lambda: checkpointing.find_resumable(cfg.load, cfg.save))
-        if held.resume_from is None and layout.rank0:
-            print(f"warning: load {cfg.load!r} holds no complete checkpoint (no "
-                  f"{checkpointing.TRACKER}): starting from scratch, as Megatron-LM does", flush=True)
-    if layout.rank0 and cfg.tensorboard_dir:
-        tensorboard_writer(cfg.tensorboard_dir).close()
+
+
+def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
+    """The iteration `cfg.load` resumes from (None: from scratch), refused in one line before
+    anything is built if this run cannot read it (checkpoint_files)."""
+    from spiral_megatron.training import checkpoint_files
+
+    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save)
+    if iteration is not None:
+        checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
+                                    load_optim=not cfg.no_load_optim)
+    return iteration
 
 
 def prepare_data(cfg: TrainingConfig, layout: Layout):
     """(source, tokenizer); rank 0 builds the embedded corpus first when it is the data."""
-    if layout.rank0:
-        source = data.resolve(cfg, build_default=True)
-    dist.barrier()
+    source = agreed(lambda: data.resolve(cfg, build_default=True) if layout.rank0 else None)
     if not layout.rank0:
         source = data.resolve(cfg, build_default=False)
     return source, data.load_tokenizer(source, cfg.tokenizer_vocab_size)
@@ -301,8 +347,9 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
                 print("resolved config:\n" + cfg.to_yaml(), flush=True)
         source, tokenizer = prepare_data(cfg, layout)
         seq, gbs = config.seq_length(cfg), cfg.global_batch_size
-        split = data.check(cfg, source, tokenizer, seq)
+        split = agreed(lambda: data.check(cfg, source, tokenizer, seq))
         parts = build(cfg, tokenizer.vocab_size, layout.on_cpu)
+        agreed(lambda: checkpointing.check_format(parts, cfg))
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)
@@ -320,7 +367,7 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
                         layout.rank0)
         trainer = Trainer(cfg, layout, parts, tokenizer, datasets, logger)
         if held.resume_from is not None:
-            trainer.resume()
+            agreed(trainer.resume)  # its checks come before its collectives
         if cfg.save:
             checkpointing.start_save_helper()  # before ExitSignal: SIGTERM ignored in the helper
         signals = ExitSignal()

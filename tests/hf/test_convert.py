@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import convert_from_hf  # noqa: E402
 import convert_to_hf  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 ARGS = dict(num_query_groups=2, gated_linear_unit=True, chunk_offsets=[1, 1, 0], topology="mesh")
 
 

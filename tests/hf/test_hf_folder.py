@@ -11,6 +11,8 @@ import torch
 
 from tests.hf.test_convert import _load, ckpt, hf_dir  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def test_tokenizer_is_standard_and_pads_left(hf_dir, monkeypatch):  # noqa: F811
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

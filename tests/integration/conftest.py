@@ -36,8 +36,8 @@ def reference(cache_dir, tmp_path_factory):
     return out, logged(out / "log.jsonl"), proc.stdout
 
 
-def command(nproc: int, args) -> list:
-    launch = [sys.executable]
+def command(nproc: int, args, python: str = sys.executable) -> list:
+    launch = [python]
     if nproc > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return launch + [str(SCRIPT), *map(str, args)]
@@ -53,9 +53,10 @@ def environment(cache_dir) -> dict:
                 PYTHONWARNINGS="ignore")
 
 
-def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 300):
-    """Run the job; fail with its output when the exit code is not `expect_rc`."""
-    proc = subprocess.run(command(nproc, args), capture_output=True, text=True, timeout=timeout,
+def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 300, python: str = sys.executable):
+    """Run the job (with `python`: another environment's); fail with its output when the exit
+    code is not `expect_rc`."""
+    proc = subprocess.run(command(nproc, args, python), capture_output=True, text=True, timeout=timeout,
                           env=environment(cache_dir), cwd=ROOT)
     if proc.returncode != expect_rc:
         pytest.fail(f"exit {proc.returncode} (expected {expect_rc}) for {args}\n"

@@ -3,8 +3,12 @@ resuming from it is exact (bitwise on CPU: the forked writer saves a snapshot of
 
 from pathlib import Path
 
+import pytest
+
 from spiral_megatron.training.checkpointing import TRACKER
 from tests.integration.conftest import TINY, launch, logged
+
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
 
 def hidden(folder) -> list:

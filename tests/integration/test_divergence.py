@@ -3,9 +3,13 @@ diverged step is saved, and the message says what the latest checkpoint holds.""
 
 import re
 
+import pytest
+
 from spiral_megatron.training.checkpointing import TRACKER
 from spiral_megatron.training.divergence import LargeValueCheck
 from tests.integration.conftest import TINY, launch
+
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
 
 def test_spiky_loss_check_stops_before_saving(cache_dir, tmp_path):

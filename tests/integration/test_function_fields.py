@@ -10,6 +10,8 @@ from spiral_megatron.training import config, resume_check
 from spiral_megatron.training.build import make_model_args, model_config
 from tests.integration.conftest import ROOT, TINY, launch
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 DEBUG = ROOT / "examples" / "configs" / "debug-cpu.yaml"
 # field -> a value other than the debug flavor's (and SpiralConfig's) default
 FUNCTION_VALUES = {

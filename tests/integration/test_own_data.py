@@ -13,6 +13,8 @@ import pytest
 
 from tests.integration.conftest import ROOT, TINY, environment, launch
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 # Five documents of our own, about 250 to 900 tokens each with a 300-token BPE.
 DOCS = [
     "Sourdough needs flour, water, salt and patience. " * 12,

@@ -9,6 +9,8 @@ import pytest
 
 from tests.integration.conftest import TINY, checkpoint_at, launch, logged
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 @pytest.fixture(scope="module")
 def pp2(reference, cache_dir, tmp_path_factory):

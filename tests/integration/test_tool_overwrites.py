@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from spiral_megatron.training.checkpointing import TRACKER
 from tests.integration.conftest import ROOT, environment
+
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
 
 def tool(cache_dir, name, *args, expect_rc=0):

@@ -12,6 +12,8 @@ from spiral_megatron.model_args import ModelArgs
 from spiral_megatron.training.checkpointing import TRACKER
 from tests.integration.conftest import TINY, command, environment, launch, logged, ROOT
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def test_single_process_run_logs_evaluates_and_saves(reference):
     out, log, stdout = reference

@@ -9,6 +9,8 @@ import pytest
 
 from tests.integration.conftest import ROOT, TINY, environment, launch, logged
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def tool(cache_dir, name, *args):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,

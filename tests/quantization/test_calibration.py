@@ -9,6 +9,8 @@ pytest.importorskip("modelopt.torch.quantization")
 from spiral_megatron import flavors  # noqa: E402
 from spiral_megatron.model_args import ModelArgs  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 SEQ, BATCH, VOCAB = 64, 2, 512
 
 

@@ -9,6 +9,8 @@ pytest.importorskip("transformers")
 
 from tests.quantization.test_calibration import SEQ, debug_model, forward_loop  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def quantized_checkpoint(root, fmt, per_level=False):
     """A checkpoint folder (job layout, model only) of the debug model quantized with `fmt`."""

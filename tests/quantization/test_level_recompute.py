@@ -11,6 +11,8 @@ from spiral_megatron import flavors  # noqa: E402
 from spiral_megatron.model_args import ModelArgs  # noqa: E402
 from tests.quantization.test_calibration import BATCH, SEQ, VOCAB, batches, forward_loop  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def debug_model(**overrides):
     from megatron.core import tensor_parallel

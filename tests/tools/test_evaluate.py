@@ -15,6 +15,8 @@ import evaluate as evaluate_tool  # noqa: E402
 
 from spiral_megatron.analysis import data  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def test_sequences_are_consecutive_windows():
     docs = [torch.arange(5).numpy(), torch.arange(10, 17).numpy()]

@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 lm_eval = pytest.importorskip("lm_eval")
 
 MC_YAML = """task: spiral_local_mc

@@ -15,6 +15,8 @@ import probe as probe_tool  # noqa: E402
 
 from spiral_megatron.analysis import probe  # noqa: E402
 
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
 
 def _hf_model(seed=0, **overrides):
     """A random HF SpiralFormer (weights std 0.3, norms 1) of 1+2R3+1, d=32, 4 heads."""

@@ -1,0 +1,155 @@
+"""Checkpoints on every supported release and layout (issue 14 sections 1 and 3, issue 17):
+what a `--load` folder holds decides between resuming, starting fresh and a one-line error;
+a checkpoint this run cannot read is refused before anything is built; distributed-optimizer
+state saved `fully_reshardable` resumes at another TP/PP layout; a checkpoint of the other
+supported megatron-core release resumes (older -> newer) or is refused naming both.
+
+The cross-release test needs the other release's Python: SPIRAL_OTHER_PYTHON (CI sets it).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spiral_megatron.training import checkpoint_files
+from spiral_megatron.training.checkpoint_files import MARKER, TRACKER, CheckpointError
+from tests.integration.conftest import TINY, launch, logged
+
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
+OTHER_PYTHON = os.environ.get("SPIRAL_OTHER_PYTHON")
+
+
+def test_load_folders_that_are_not_checkpoints(reference, tmp_path):
+    """An iteration folder, a Hugging Face folder or any other folder of files is an error
+    naming what to pass; only an empty or missing --save folder starts fresh."""
+    ckpt = reference[0] / "ckpt"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (hf / name).write_text("{}")
+    cases = {
+        ckpt / "iter_0000004": f"it is one iteration's folder: pass the folder above it, {str(ckpt)!r}",
+        hf: "it is a Hugging Face model folder: convert it first with `python tools/convert_from_hf.py",
+        Path(__file__).parent: "the folder holds __init__.py, conftest.py,",
+        tmp_path / "missing": "the folder does not exist (a new run: pass the same folder as --save)",
+    }
+    for load, message in cases.items():
+        with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt") as error:
+            checkpoint_files.find_resumable(load, save=tmp_path / "elsewhere")
+        assert message in str(error.value), str(error.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".spiral_job.lock").write_text("{}")  # hidden files are ours: still empty
+    assert checkpoint_files.find_resumable(empty, save=empty) is None
+    assert checkpoint_files.find_resumable(tmp_path / "new", save=tmp_path / "new") is None
+    with pytest.raises(CheckpointError, match="the folder is empty"):
+        checkpoint_files.find_resumable(empty, save=None)
+
+
+def test_completeness_is_megatrons_check_plus_our_marker(reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference[0] / "ckpt", ckpt)
+    record = checkpoint_files.read_record(ckpt / "iter_0000004")
+    assert record["iteration"] == 4 and record["megatron_core"] == checkpoint_files.megatron_core_version()
+    assert record["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert record["optimizer"] == {"distributed": False, "format": None}
+    assert checkpoint_files.find_resumable(ckpt, ckpt) == 4
+    (ckpt / "iter_0000004" / MARKER).unlink()  # killed before the save was published
+    with pytest.raises(CheckpointError, match=f"iter_0000004 lacks {MARKER}, which every save writes last"):
+        checkpoint_files.find_resumable(ckpt, ckpt)
+
+
+def write_record(folder: Path, **changes) -> None:
+    record = dict(checkpoint_files.read_record(folder), **changes)
+    (folder / MARKER).write_text(json.dumps(record))
+
+
+def test_refused_before_loading_in_one_line(reference, cache_dir, tmp_path):
+    """A newer release's checkpoint, dp_reshardable optimizer state at another TP/PP, or
+    another kind of optimizer: one line naming both sides and what works, before building."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference[0] / "ckpt", ckpt)
+    folder = ckpt / "iter_0000004"
+    here = checkpoint_files.megatron_core_version()
+    tp1 = {"tp": 1, "pp": 1, "dp": 1}
+    write_record(folder, megatron_core="99.1.0")
+    with pytest.raises(CheckpointError, match=rf"written by megatron-core 99.1.0; this is megatron-core {here}, "
+                                              r"which cannot read a newer release's checkpoints"):
+        checkpoint_files.check_fits(ckpt, 4, tp1, distributed_optimizer=False, load_optim=True)
+    write_record(folder, megatron_core=here)
+    with pytest.raises(CheckpointError, match="holds the state of the plain optimizer; this run uses the "
+                                              "distributed optimizer. Pass --use-distributed-optimizer false"):
+        checkpoint_files.check_fits(ckpt, 4, tp1, distributed_optimizer=True, load_optim=True)
+    checkpoint_files.check_fits(ckpt, 4, tp1, distributed_optimizer=True, load_optim=False)
+    # As a TP2 run with the distributed optimizer saves by default (Megatron-LM's dp_reshardable).
+    write_record(folder, layout={"tp": 2, "pp": 1, "dp": 1},
+                 optimizer={"distributed": True, "format": "dp_reshardable"})
+    checkpoint_files.check_fits(ckpt, 4, {"tp": 2, "pp": 1, "dp": 4}, True, load_optim=True)  # DP reshards
+    with pytest.raises(CheckpointError, match="saved at TP2 PP1 .* this run is TP2 PP2. Resume at TP2 PP1"):
+        checkpoint_files.check_fits(ckpt, 4, {"tp": 2, "pp": 2, "dp": 1}, True, load_optim=True)
+    checkpoint_files.check_fits(ckpt, 4, {"tp": 1, "pp": 1, "dp": 1}, True, load_optim=False)  # --no-load-optim
+    proc = launch(cache_dir, *TINY, "--use-distributed-optimizer", "true", "--load", ckpt, "--save", ckpt,
+                  expect_rc=2)
+    line = (f"pretrain_spiral: error: load {str(ckpt)!r}: iter_0000004 holds distributed-optimizer state "
+            f"saved at TP2 PP1 in Megatron's dp_reshardable format, which reloads only at TP2 PP1 (any DP); "
+            f"this run is TP1 PP1. Resume at TP2 PP1, or pass --no-load-optim true")
+    assert proc.stderr.strip().startswith(line) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "pipeline partition" not in proc.stdout  # refused before the model was built
+
+
+def test_fully_reshardable_distributed_optimizer_resumes_at_other_layouts(reference, cache_dir, tmp_path):
+    """TP2 -> PP2 -> TP1 with the distributed optimizer, saved fully_reshardable: the losses of
+    one uninterrupted single-process run, within TP/PP summation-order noise. PP2 keeps the
+    loop on one stage: with the core replicated across stages the format is refused at start
+    (megatron-core would misplace the state: checkpointing.check_format)."""
+    _, full, _ = reference
+    save, args = tmp_path / "ckpt", (*TINY, "--use-distributed-optimizer", "true",
+                                     "--dist-ckpt-optim-fully-reshardable", "true")
+    launch(cache_dir, *args, "--tensor-parallel", 2, "--exit-interval", 2, "--save", save,
+           "--log-json", tmp_path / "tp2.jsonl", nproc=2)
+    assert checkpoint_files.read_record(save / "iter_0000002")["optimizer"] == {
+        "distributed": True, "format": "fully_reshardable"}
+    launch(cache_dir, *args, "--pipeline-parallel", 2, "--model.loop_placement", "one-stage", "--exit-interval", 3,
+           "--load", save, "--save", save, "--log-json", tmp_path / "pp2.jsonl", nproc=2)
+    proc = launch(cache_dir, *args, "--load", save, "--save", save, "--log-json", tmp_path / "tp1.jsonl")
+    assert "at iteration 3 (12 samples consumed)" in proc.stdout and (save / TRACKER).read_text() == "4"
+    parts = [logged(tmp_path / f"{name}.jsonl") for name in ("tp2", "pp2", "tp1")]
+    assert [sorted(p) for p in parts] == [[1, 2], [3], [4]]
+    for it, record in {k: v for p in parts for k, v in p.items()}.items():
+        assert record["lr"] == full[it]["lr"], it
+        assert record["loss"] == pytest.approx(full[it]["loss"], rel=1e-5), it
+        assert record["grad_norm"] == pytest.approx(full[it]["grad_norm"], rel=1e-4), it
+    refused = launch(cache_dir, *args, "--pipeline-parallel", 2, "--load", save, "--save", tmp_path / "across",
+                     nproc=2, expect_rc=1)
+    assert "dist_ckpt_optim_fully_reshardable: this layout (TP1 PP2) splits the gradient buffer" in refused.stderr
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="SPIRAL_OTHER_PYTHON (the other megatron-core release) not set")
+def test_checkpoints_across_releases(reference, cache_dir, tmp_path):
+    """Saved by the older release, resumed by the newer: exact. Saved by the newer, loaded by
+    the older: refused in one line naming both releases."""
+    import subprocess
+
+    _, full, _ = reference
+    theirs = subprocess.run([OTHER_PYTHON, "-c", "from importlib.metadata import version; "
+                             "print(version('megatron-core'))"], capture_output=True, text=True).stdout.strip()
+    here = checkpoint_files.megatron_core_version()
+    assert theirs and theirs != here, (theirs, here)
+    older, newer = sorted([(OTHER_PYTHON, theirs), (os.sys.executable, here)],
+                          key=lambda p: checkpoint_files._release(p[1]))
+    save = tmp_path / "old"
+    launch(cache_dir, *TINY, "--exit-interval", 2, "--save", save, "--log-json", tmp_path / "a.jsonl", python=older[0])
+    launch(cache_dir, *TINY, "--load", save, "--save", save, "--log-json", tmp_path / "b.jsonl", python=newer[0])
+    resumed = {**logged(tmp_path / "a.jsonl"), **logged(tmp_path / "b.jsonl")}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for it, record in resumed.items():
+        assert (record["loss"], record["lr"]) == (full[it]["loss"], full[it]["lr"]), it
+    assert checkpoint_files.read_record(save / "iter_0000004")["megatron_core"] == newer[1]
+    proc = launch(cache_dir, *TINY, "--load", save, "--save", tmp_path / "other", python=older[0], expect_rc=2)
+    assert (f"iter_0000004 was written by megatron-core {newer[1]}; this is megatron-core {older[1]}, which "
+            f"cannot read a newer release's checkpoints") in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
