@@ -18,7 +18,7 @@ def pretrain(monkeypatch, tmp_path, error):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    def train(cfg):
+    def train(cfg, quiet=None):
         raise error
 
     monkeypatch.setattr(module, "train", train)
