@@ -77,6 +77,11 @@ class SpiralConfig(TransformerConfig):
     """Run each loop iteration (resampling, core, topology write) through `torch.compile`: one
     compiled graph per level instead of hundreds of eager ops (issue 15; CPU and GPU)."""
 
+    compile_layers: bool = False
+    """Run each prelude and coda TransformerLayer through `torch.compile` (regional compilation,
+    as torchtitan does: one region per layer, the same graph reused by every layer). Together
+    with compile_loop_iteration nothing of a step's layers stays eager. Runtime: same function."""
+
     def __post_init__(self):
         self._check_spiral_fields()
         self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)

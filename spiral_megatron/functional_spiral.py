@@ -184,12 +184,55 @@ def mesh_step(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, write_weigh
     """One MeSH write-read (MeSH section 3.2): slots [.., B, h] token-major, u [.., h] what is
     written, h [.., h] the state the routers read; write_weight, read_weight [B, h].
         slot_b += u * softmax_b(W h)        h' = sum_b slot_b * softmax_b(R h)
-    Both routers run as one matmul and one softmax. -> (h', slots)"""
+    Both routers run as one matmul and one softmax. -> (h', slots)
+
+    Eager runs `_MeshStep`, whose backward is written out; under torch.compile the plain
+    formula below, from which the compiler derives and fuses its own backward (it cannot fuse
+    the written-out one: issue 15's compiled count rose by a quarter with it)."""
+    if not torch.compiler.is_compiling():
+        return _MeshStep.apply(slots, u, h, write_weight, read_weight)
     B = write_weight.shape[0]
     logits = torch.nn.functional.linear(h, torch.cat([write_weight, read_weight]))  # [.., 2B]
     w, r = softmax_fp32(logits.unflatten(-1, (2, B)), dim=-1).unbind(-2)  # [.., B] each
     slots = torch.addcmul(slots, w.unsqueeze(-1), u.unsqueeze(-2))  # [.., B, h]
     return torch.matmul(r.unsqueeze(-2), slots).squeeze(-2), slots  # [.., h], [.., B, h]
+
+
+class _MeshStep(torch.autograd.Function):
+    """`mesh_step` with its backward written out (issue 15): autograd's own backward of the
+    same forward dispatches about twice the ops (a node per view, broadcast and reduction);
+    here every token is a row, [N, ..], and the backward is 4 bmm, 2 mm and one softmax
+    backward. Same values as autograd's (tests/unit/test_functional.py)."""
+
+    @staticmethod
+    def forward(ctx, slots, u, h, write_weight, read_weight):
+        B, d = write_weight.shape
+        weight = torch.cat([write_weight, read_weight])  # [2B, d]
+        h2 = h.reshape(-1, d)  # [N, d], one row per token
+        p32 = torch.softmax(torch.mm(h2, weight.t()).view(-1, 2, B), dim=-1, dtype=torch.float32)
+        p = p32.to(h.dtype)  # [N, 2, B]: (write, read) weights, softmax in float32
+        new_slots = torch.baddbmm(slots.reshape(-1, B, d), p[:, 0].unsqueeze(-1), u.reshape(-1, 1, d))  # [N, B, d]
+        new_h = torch.bmm(p[:, 1:], new_slots)  # [N, 1, d]
+        ctx.save_for_backward(h2, weight, p32, p, u, new_slots)
+        return new_h.view(h.shape), new_slots.view(slots.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_slots):
+        h2, weight, p32, p, u, new_slots = ctx.saved_tensors
+        N, B, d = new_slots.shape
+        grad_h = grad_h.reshape(N, 1, d)
+        # the read h' = r . slots' adds r x grad_h to the written slots' own gradient
+        grad_new = torch.baddbmm(grad_slots.reshape(N, B, d), p[:, 1:].transpose(1, 2), grad_h)  # [N, B, d]
+        grad_w = torch.bmm(u.reshape(N, 1, d), grad_new.transpose(1, 2))  # [N, 1, B]
+        grad_r = torch.bmm(grad_h, new_slots.transpose(1, 2))  # [N, 1, B]
+        grad_u = torch.bmm(p[:, :1], grad_new)  # [N, 1, d]
+        grad_p = torch.cat([grad_w, grad_r], dim=1).to(torch.float32)  # [N, 2, B]
+        grad_logits = torch._softmax_backward_data(grad_p, p32, -1, h2.dtype).view(N, 2 * B)
+        grad_weight = torch.mm(grad_logits.t(), h2)  # [2B, d]
+        grad_h_in = torch.mm(grad_logits, weight)  # [N, d]
+        return (grad_new.view(grad_slots.shape), grad_u.view(u.shape), grad_h_in.view(u.shape),
+                grad_weight[:B], grad_weight[B:])
 
 
 def init_state(topology: str, h0: torch.Tensor, embeddings: Optional[torch.Tensor] = None,

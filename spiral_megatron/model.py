@@ -124,6 +124,11 @@ class SpiralGPTModel(LanguageModule):
         if self.loop is not None:
             self.core_replicas.mark(self.loop.core)
             self.core_replicas.synchronize(self.loop.core)
+        if config.compile_layers:
+            # Regional compilation (torchtitan): each layer's call is compiled in place
+            # (nn.Module.compile); parameters are graph inputs, so all layers share one graph.
+            for layer in [*self.prelude.layers, *self.coda.layers]:
+                layer.compile()
 
     def _block(self, layer_spec, layers: range, final_norm) -> StageBlock:
         return StageBlock(

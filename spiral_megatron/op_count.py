@@ -93,7 +93,8 @@ def loop_overhead(flavor: str, batch: int = 2, seq: int = 64, hidden: int = 64, 
                   **overrides) -> Dict[str, int]:
     """Ops of one step of `flavor` and of a plain stack of its UNROLLED depth (N_compute layers,
     no loop); their difference is what the loop adds around the core, per step and per iteration.
-    compiled: the profiler's count (see `count_ops`), needed with compile_loop_iteration."""
+    compiled: the profiler's count (see `count_ops`), needed with compile_loop_iteration or
+    compile_layers."""
     spiral = build(flavor, hidden=hidden, seq=seq, **overrides)
     c = spiral.config
     unrolled = build(flavor, hidden=hidden, seq=seq, num_prelude_layers=c.num_compute_layers,
@@ -113,17 +114,19 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--compile-loop-iteration", action="store_true",
                         help="compile the loop's iterations (implies --profiler)")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="compile each prelude and coda layer (implies --profiler)")
     parser.add_argument("--profiler", action="store_true", help="count outermost ops with the profiler")
     parser.add_argument("--topology", default=None)
     args = parser.parse_args(argv)
     from spiral_megatron import parallel
 
-    overrides = dict(compile_loop_iteration=True) if args.compile_loop_iteration else {}
+    overrides = dict(compile_loop_iteration=args.compile_loop_iteration, compile_layers=args.compile_layers)
     if args.topology:
         overrides["topology"] = args.topology
     parallel.initialize(tensor_parallel=1, pipeline_parallel=1, seed=1234, backend="gloo")
     try:
-        compiled = args.profiler or args.compile_loop_iteration
+        compiled = args.profiler or args.compile_loop_iteration or args.compile_layers
         result = loop_overhead(args.flavor, args.batch, args.seq, args.hidden, compiled, **overrides)
     finally:
         parallel.destroy()

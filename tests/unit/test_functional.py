@@ -108,6 +108,27 @@ def test_mesh_buffer_write_and_read():
     torch.testing.assert_close(state[0], (e + u) / 3)
 
 
+def test_mesh_step_gradients_are_autograds():
+    """mesh_step's written-out backward gives autograd's gradients of the plain formula."""
+    nb = 5
+    inputs = [torch.randn(S, B, nb, D), torch.randn(S, B, D), torch.randn(S, B, D), torch.randn(nb, D),
+              torch.randn(nb, D)]
+
+    def plain(slots, u, h, write_weight, read_weight):
+        w, r = torch.softmax(h @ write_weight.T, -1), torch.softmax(h @ read_weight.T, -1)  # [s, b, B]
+        slots = slots + w[..., None] * u[..., None, :]  # [s, b, B, h]
+        return (r[..., None] * slots).sum(-2), slots
+
+    outs = []
+    for fn in (F.mesh_step, plain):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        h, slots = fn(*leaves)
+        (h.sin().sum() + slots.cos().sum()).backward()
+        outs.append((h, slots, *[x.grad for x in leaves]))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want)
+
+
 def test_topologies_merge_the_update():
     h, h0, u = torch.randn(S, B, D), torch.randn(S, B, D), torch.randn(S, B, D)
     assert torch.equal(F.update_state("residual", F.init_state("residual", h), u)[0], h + u)
