@@ -73,11 +73,11 @@ class SpiralConfig(TransformerConfig):
     the loop keeps one state per iteration instead of every core layer's activations
     (Megatron's recompute_* options still apply inside)."""
 
-    compile_loop_iteration: bool = False
+    compile_loop_iteration: bool = field(default=False, metadata=kind(RUNTIME))
     """Run each loop iteration (resampling, core, topology write) through `torch.compile`: one
     compiled graph per level instead of hundreds of eager ops (issue 15; CPU and GPU)."""
 
-    compile_layers: bool = False
+    compile_layers: bool = field(default=False, metadata=kind(RUNTIME))
     """Run each prelude and coda TransformerLayer through `torch.compile` (regional compilation,
     as torchtitan does: one region per layer, the same graph reused by every layer). Together
     with compile_loop_iteration nothing of a step's layers stays eager. Runtime: same function."""

@@ -29,6 +29,7 @@ from spiral_megatron.training.config import TrainingConfig
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3
+ADAM_LR = 1e-2
 CASES = {
     f"{topology}-{name}": dict(topology=topology, chunk_sizes=chunks)
     for topology in ("residual", "anchor", "mesh")
@@ -76,7 +77,7 @@ def build(case, args):
     ddp = ddp_config(TrainingConfig(use_distributed_optimizer=args.distributed_optimizer))
     model = DistributedDataParallel(config, ddp, module)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01, clip_grad=0.0,
+        OptimizerConfig(optimizer="adam", lr=ADAM_LR, weight_decay=0.01, clip_grad=0.0,
                         use_distributed_optimizer=args.distributed_optimizer), [model])
     config.finalize_model_grads_func = pipeline.finalize_model_grads
     config.no_sync_func = model.no_sync

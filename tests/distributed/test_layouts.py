@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
+from tests.distributed.layout_worker import ADAM_LR
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
@@ -62,14 +63,31 @@ def reference(tmp_path_factory):
 # tensor of that step (so near-zero gradients, e.g. of MeSH router weights at 1e-9, are held
 # to the model's scale). Step 1's gradients see only summation-order noise. After an Adam
 # step that noise is amplified where a gradient is near zero (the update is g / sqrt(v),
-# about +-lr whatever g's size), so later gradients and the final parameters get 1e-3.
+# about +-lr whatever g's size), so later gradients and the final parameters get 1e-3. A
+# parameter entry whose reference gradient was small (<= RTOL["later"] x the step's largest
+# gradient) at some step, where the summation noise of the layout reaches its sign after the
+# first step, may take Adam's +-lr the other way at each step: its final value gets 2 lr per
+# step more (`adam_noise`); the losses and gradient norms above still hold every step tight.
 RTOL = {"first": 1e-5, "later": 1e-3}
 
 
-def excess(mine: dict, theirs: dict, rtol: float) -> dict:
-    """Per tensor: the largest |a - b| / (rtol |b| + atol); <= 1 passes."""
+def excess(mine: dict, theirs: dict, rtol: float, slack: dict = None) -> dict:
+    """Per tensor: the largest |a - b| / (rtol |b| + atol + slack); <= 1 passes."""
     atol = rtol * max(t.abs().max().item() for t in theirs.values())
-    return {n: ((mine[n] - t).abs() / (rtol * t.abs() + atol)).max().item() for n, t in theirs.items()}
+    slack = slack or {}
+    return {n: ((mine[n] - t).abs() / (rtol * t.abs() + atol + slack.get(n, 0))).max().item()
+            for n, t in theirs.items()}
+
+
+def adam_noise(want: dict) -> dict:
+    """Per parameter: 2 lr x steps where its reference gradient was small at some step."""
+    steps = want["grads"]
+    noisy = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in want["params"].items()}
+    for grads in steps:
+        floor = RTOL["later"] * max(g.abs().max().item() for g in grads.values())
+        for n, g in grads.items():
+            noisy[n] |= g.abs() <= floor
+    return {n: mask * (2 * ADAM_LR * len(steps)) for n, mask in noisy.items()}
 
 
 def compare(layout: str, result: dict, ref: dict):
@@ -92,7 +110,7 @@ def compare(layout: str, result: dict, ref: dict):
             theirs = want[what][step] if what == "grads" else want[what]
             assert mine.keys() == theirs.keys(), f"{layout} {case}: {what} names differ"
             rtol = RTOL["first"] if (what, step) == ("grads", 0) else RTOL["later"]
-            ratio = excess(mine, theirs, rtol)
+            ratio = excess(mine, theirs, rtol, adam_noise(want) if what == "params" else None)
             name = max(ratio, key=ratio.get)
             largest = (mine[name] - theirs[name]).abs().max().item()
             scale = max(t.abs().max().item() for t in theirs.values())
