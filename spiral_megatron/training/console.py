@@ -14,12 +14,18 @@ from typing import List, Optional
 
 # [ours] Messages of Megatron-Core warnings that say nothing about this job: optional fused
 # kernels missing (torch fallbacks are used: docs/MEGATRON-ON-CPU.md), an experimental class
-# defined at import, and a deprecation of Megatron's own default for a field we never set.
+# defined at import, and a deprecation of Megatron's own default for a field we never set;
+# and torch's notes when megatron-core 0.19 loads a checkpoint: its common state read with
+# `load(no_dist=True)` (every rank reads it whole, as intended), `load`'s argument order, and
+# the ShardedTensor deprecation (megatron-core's own checkpoint format uses them).
 HARMLESS = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
     "MimoModelConfig is experimental",
     "full scope is deprecated",
+    "assuming the intent is to load in a single process",
+    "The argument order of load has been changed",
+    "we are deprecating ShardedTensor",
 )
 # Megatron-Core log records as harmless: logger name -> message. [ours] The "mcore" save
 # strategy is the one checkpointing.py chooses (its BackgroundSaves need it).
