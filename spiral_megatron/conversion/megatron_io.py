@@ -115,32 +115,23 @@ def write_checkpoint(save: str, iteration: int, args: ModelArgs, state: StateDic
                      tokenizer=None, force: bool = False) -> Path:
     """A checkpoint of `state` (local per-layer names) in the training script's layout, written
     and published as the job's saves are (checkpoint_files): a kill leaves no half folder."""
-    from megatron.core import dist_checkpointing
-
     from spiral_megatron.training import checkpoint_files
 
-    save = Path(save)
-    folder = iteration_dir(save, iteration)
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
     model = build_megatron(args)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:
         raise ValueError(f"state does not fit the Megatron model: missing {missing}, unexpected {unexpected}")
-    checkpoint_files.recover(save)  # what a killed earlier run left
-    staging = checkpoint_files.staging_dir(save, iteration)
-    staging.mkdir(parents=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(staging))
-    args.save(staging / "model_args.json")
-    if tokenizer is not None:  # a folder, or its files
-        files = sorted(Path(tokenizer).iterdir()) if isinstance(tokenizer, (str, Path)) else tokenizer
-        (staging / "tokenizer").mkdir()
-        for file in files:
-            shutil.copyfile(file, staging / "tokenizer" / Path(file).name)
-    layout = {"tp": 1, "pp": 1, "dp": 1}
-    checkpoint_files.publish(save, iteration, checkpoint_files.record(iteration, layout, optimizer=None))
-    return folder
+
+    def write_files(staging: Path) -> None:
+        args.save(staging / "model_args.json")
+        if tokenizer is not None:  # a folder, or its files
+            files = sorted(Path(tokenizer).iterdir()) if isinstance(tokenizer, (str, Path)) else tokenizer
+            (staging / "tokenizer").mkdir()
+            for file in files:
+                shutil.copyfile(file, staging / "tokenizer" / Path(file).name)
+
+    return checkpoint_files.write_model_only(save, iteration, model, write_files, force)
 
 
 def model_state(model) -> StateDict:

@@ -147,27 +147,18 @@ def save(model: torch.nn.Module, source: Source, recipe: ptq.QuantRecipe, save_d
     """A model-only checkpoint in the training job's layout (what `--load` reads for QAT):
     the quantized model's dist checkpoint, modelopt state, recipe and the source's side files,
     written into a staging folder and published as the job's saves are (checkpoint_files)."""
-    from megatron.core import dist_checkpointing
-
     from spiral_megatron.training import checkpoint_files
 
-    folder = checkpoint_files.iteration_dir(save_dir, source.iteration)
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
-    checkpoint_files.recover(save_dir)  # what a killed earlier run left
-    staging = checkpoint_files.staging_dir(save_dir, source.iteration)
-    staging.mkdir(parents=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(staging))
-    checkpoint.save_state(model, staging, recipe)
-    for name in ("model_args.json", "config.yaml", "tokenizer"):
-        src = source.folder / name
-        if src.is_dir():
-            shutil.copytree(src, staging / name)
-        elif src.is_file():
-            shutil.copy(src, staging / name)
-    layout = {"tp": 1, "pp": 1, "dp": 1}
-    checkpoint_files.publish(save_dir, source.iteration, checkpoint_files.record(source.iteration, layout, optimizer=None))
-    return folder
+    def write_files(staging: Path) -> None:
+        checkpoint.save_state(model, staging, recipe)
+        for name in ("model_args.json", "config.yaml", "tokenizer"):
+            src = source.folder / name
+            if src.is_dir():
+                shutil.copytree(src, staging / name)
+            elif src.is_file():
+                shutil.copy(src, staging / name)
+
+    return checkpoint_files.write_model_only(save_dir, source.iteration, model, write_files, force)
 
 
 def write_json(results: List[Result], path: str) -> None:

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from spiral_megatron.training.config import ConfigError
 
@@ -96,6 +96,25 @@ def publish(root, iteration: int, marker: dict) -> None:
     tmp.write_text(str(iteration))
     os.replace(tmp, Path(root) / TRACKER)
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def write_model_only(root, iteration: int, module, write_files: Callable[[Path], None],
+                     force: bool = False) -> Path:
+    """A weights-only checkpoint of a one-process `module` (what the converters and
+    tools/quantize.py write), staged and published as the job's saves are: a kill leaves no
+    half folder. `write_files(staging)` adds the side files (model_args.json, tokenizer, ...)."""
+    from megatron.core import dist_checkpointing
+
+    folder = iteration_dir(root, iteration)
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
+    recover(root)  # what a killed earlier run left
+    staging = staging_dir(root, iteration)
+    staging.mkdir(parents=True)
+    dist_checkpointing.save({"model": module.sharded_state_dict()}, str(staging))
+    write_files(staging)
+    publish(root, iteration, record(iteration, {"tp": 1, "pp": 1, "dp": 1}, optimizer=None))
+    return folder
 
 
 def recover(root) -> Optional[str]:
