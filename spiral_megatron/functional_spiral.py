@@ -228,7 +228,10 @@ class _MeshStep(torch.autograd.Function):
         grad_r = torch.bmm(grad_h, new_slots.transpose(1, 2))  # [N, 1, B]
         grad_u = torch.bmm(p[:, :1], grad_new)  # [N, 1, d]
         grad_p = torch.cat([grad_w, grad_r], dim=1).to(torch.float32)  # [N, 2, B]
-        grad_logits = torch._softmax_backward_data(grad_p, p32, -1, h2.dtype).view(N, 2 * B)
+        # the softmax ran on the logits cast to float32: its backward is float32 throughout
+        # (the only dtype mix CUDA's kernel takes is fp16 input with fp32 grad), then the cast's
+        # backward brings the gradient to the logits' dtype
+        grad_logits = torch._softmax_backward_data(grad_p, p32, -1, torch.float32).to(h2.dtype).view(N, 2 * B)
         grad_weight = torch.mm(grad_logits.t(), h2)  # [2B, d]
         grad_h_in = torch.mm(grad_logits, weight)  # [N, d]
         return (grad_new.view(grad_slots.shape), grad_u.view(u.shape), grad_h_in.view(u.shape),

@@ -129,6 +129,28 @@ def test_mesh_step_gradients_are_autograds():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mesh_step_backward_in_low_precision(dtype):
+    """The written-out backward runs in bf16 and fp16 (it mixed an fp32 gradient into a bf16
+    matmul) and gives, per input, the fp32 gradients within the format's tolerance."""
+    from tests.gpu.compare import relative_error, tolerance
+
+    nb = 5
+    inputs = [torch.randn(S, B, nb, 16), torch.randn(S, B, 16), torch.randn(S, B, 16), torch.randn(nb, 16),
+              torch.randn(nb, 16)]
+    grads = {}
+    for dt in (torch.float32, dtype):
+        leaves = [x.detach().to(dt).requires_grad_() for x in inputs]
+        h, slots = F.mesh_step(*leaves)
+        assert h.dtype == slots.dtype == dt
+        (h.float().sin().sum() + slots.float().cos().sum()).backward()
+        grads[dt] = [x.grad for x in leaves]
+        assert all(g.dtype == dt for g in grads[dt])
+    tol = tolerance(("fp32", "bf16" if dtype == torch.bfloat16 else "fp16"), depth=1, passes=2)
+    for name, got, want in zip(("slots", "u", "h", "write", "read"), grads[dtype], grads[torch.float32]):
+        assert relative_error(got, want) <= tol, name
+
+
 def test_topologies_merge_the_update():
     h, h0, u = torch.randn(S, B, D), torch.randn(S, B, D), torch.randn(S, B, D)
     assert torch.equal(F.update_state("residual", F.init_state("residual", h), u)[0], h + u)
