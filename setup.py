@@ -8,7 +8,7 @@ setup(
     version="0.1.0",
     description="SpiralFormer (looped multi-resolution transformer) on Megatron-Core",
     packages=find_packages(include=["spiral_megatron", "spiral_megatron.*"]),
-    package_data={"spiral_megatron": ["data/*", "hf/*.py"]},
+    package_data={"spiral_megatron": ["job/data/*", "hf/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from spiral_megatron.conversion import hf_config, hf_io, mapping, megatron_io
-from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.model.model_args import ModelArgs
 
 _TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 SAMPLE_TEXT = "SpiralFormer runs a shared core coarse to fine over the sequence, then once more at full resolution."

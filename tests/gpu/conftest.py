@@ -33,7 +33,7 @@ def host() -> dict:
              "n = torch.cuda.device_count()\n"
              "te = False\n"
              "if n:\n"
-             "    from spiral_megatron.layer_specs import have_transformer_engine\n"
+             "    from spiral_megatron.model.layer_specs import have_transformer_engine\n"
              "    te = have_transformer_engine()\n"
              "print(json.dumps({'gpus': n, 'te': te, 'name': torch.cuda.get_device_name(0) if n else ''}))")
     env = dict(GPU_ENV, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
@@ -62,7 +62,7 @@ def _run(cmd, cache: Path, **env) -> None:
 
 def train(tmp_path: Path, name: str, *args, nproc: int = 1, **env) -> list:
     """Run the job from scratch (the same seed draws the same weights in every format and
-    backend, spiral_megatron/init.py); its per-step losses."""
+    backend, spiral_megatron/model/init.py); its per-step losses."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT,

@@ -87,7 +87,7 @@ def test_padding_inside_a_row_is_refused(hf_dir):
 def test_round_trip_is_bit_exact(ckpt, hf_dir, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from spiral_megatron.model_args import ModelArgs
+    from spiral_megatron.model.model_args import ModelArgs
 
     back = tmp_path / "back"
     assert convert_from_hf.main(["--load", str(hf_dir), "--save", str(back), "--iteration", "200"]) == 0

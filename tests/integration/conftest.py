@@ -68,7 +68,7 @@ def checkpoint_at(root, iteration: int, dest):
     """A checkpoint folder `dest` whose latest (only) checkpoint is `root`'s `iteration`."""
     import shutil
 
-    from spiral_megatron.training.checkpointing import TRACKER, iteration_dir
+    from spiral_megatron.job.checkpoint.checkpointing import TRACKER, iteration_dir
 
     shutil.copytree(iteration_dir(root, iteration), iteration_dir(dest, iteration))
     (Path(dest) / TRACKER).write_text(str(iteration))
