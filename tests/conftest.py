@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _USER_DEVICES = os.environ.get("SPIRAL_USER_CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
 os.environ["SPIRAL_USER_CUDA_VISIBLE_DEVICES"] = "" if _USER_DEVICES is None else _USER_DEVICES
 # The environment tests/gpu launches GPU jobs with: the user's devices, not the CPU pin below.
+# the repository first, then what the user's PYTHONPATH holds (a megatron-core installed with --target)
+PYTHONPATH = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 GPU_ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
 if _USER_DEVICES:
     GPU_ENV["CUDA_VISIBLE_DEVICES"] = _USER_DEVICES
