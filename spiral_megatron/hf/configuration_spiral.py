@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 try:  # a converted model folder: the copy beside this file
     from . import functional_spiral as F
+    from .functional_spiral import SHIFTS  # noqa: F401 (a `from .x import` line: transformers copies x.py)
 except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
 

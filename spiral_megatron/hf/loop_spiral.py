@@ -21,9 +21,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-try:  # a converted model folder: the copy beside this file (trust_remote_code copies the
-    # files named in `from .x import` lines)
+try:  # a converted model folder: the copy beside this file
     from . import functional_spiral as F
+    from .functional_spiral import SHIFTS  # noqa: F401 (a `from .x import` line: transformers copies x.py)
 except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
 from .cache_spiral import LevelLayer

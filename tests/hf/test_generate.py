@@ -46,6 +46,18 @@ def log_prob(model, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return lp[:, prompt_len - 1 : -1].gather(-1, new[..., None]).squeeze(-1).sum(-1)
 
 
+def check_step_logits(model, out, prompt_len: int, what: str, mask=None) -> None:
+    """generate's logits of each new token (output_logits) against a full uncached forward."""
+    steps = torch.stack(out.logits, dim=1)  # [b, new, V]
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], out.sequences.shape[1] - mask.shape[1])], dim=1)
+    with torch.no_grad():
+        full = model(out.sequences, attention_mask=mask, use_cache=False).logits[:, prompt_len - 1 : -1]
+    print(f"\n{what}: max |generate's logits - full forward's| = {(steps - full).abs().max():.1e}, "
+          f"|logits| <= {full.abs().max():.1f}")
+    torch.testing.assert_close(steps, full, rtol=0, atol=tolerance(full))
+
+
 def beams(model, ids, mask=None, use_cache=True, new=8):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new, num_beams=4, num_return_sequences=2,
                           length_penalty=0.0, use_cache=use_cache, return_dict_in_generate=True, output_scores=True,
@@ -59,8 +71,20 @@ def test_beam_search_with_the_cache_is_the_search_without_and_scores_are_log_pro
     assert bool(switched.any()), "beams never changed parent: the cache was never reordered"
     assert torch.equal(cached.sequences, uncached.sequences)
     true = log_prob(model, cached.sequences, ids.shape[1])
+    print(f"\nbeam search: max |sequences_scores - log-prob| cached {(cached.sequences_scores - true).abs().max():.1e}, "
+          f"uncached {(uncached.sequences_scores - true).abs().max():.1e} (log-probs {true.min():.1f}..{true.max():.1f})")
     torch.testing.assert_close(cached.sequences_scores, true, rtol=0, atol=1e-4)
     torch.testing.assert_close(uncached.sequences_scores, true, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "left-padded greedy"])
+def test_greedy_and_sampling_logits_are_the_full_forwards(model, strategy):
+    rows = prompts([7, 4] if strategy.startswith("left") else [7, 7], seed=12)
+    ids, mask = left_pad(rows)
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=9, output_logits=True, return_dict_in_generate=True,
+                         **{**GEN, "do_sample": strategy == "sample"})
+    check_step_logits(model, out, ids.shape[1], strategy, mask if strategy.startswith("left") else None)
 
 
 def test_beam_search_on_a_left_padded_batch_is_each_prompt_alone(model):
@@ -72,6 +96,8 @@ def test_beam_search_on_a_left_padded_batch_is_each_prompt_alone(model):
         got = batch.sequences[2 * r : 2 * r + 2, ids.shape[1]:]
         assert torch.equal(got, alone.sequences[:, len(prompt):]), f"row {r}"
         true = log_prob(model, alone.sequences, len(prompt))
+        print(f"\nleft-padded beam search, row {r}: max |sequences_scores - log-prob alone| = "
+              f"{(batch.sequences_scores[2 * r : 2 * r + 2] - true).abs().max():.1e}")
         torch.testing.assert_close(batch.sequences_scores[2 * r : 2 * r + 2], true, rtol=0, atol=1e-4)
 
 
@@ -94,16 +120,20 @@ def test_assisted_decoding_is_greedy_decoding(model, folder, crops):
     assistant = randomize(load(folder), seed=7)
     greedy = model.generate(ids, max_new_tokens=14, use_cache=False, **GEN)
     assert not torch.equal(assistant.generate(ids, max_new_tokens=14, use_cache=False, **GEN), greedy)
-    assisted = model.generate(ids, max_new_tokens=14, assistant_model=assistant, **GEN)
-    assert torch.equal(assisted, greedy)
+    assisted = model.generate(ids, max_new_tokens=14, assistant_model=assistant, output_logits=True,
+                              return_dict_in_generate=True, **GEN)
+    assert torch.equal(assisted.sequences, greedy)
+    check_step_logits(model, assisted, ids.shape[1], "assisted decoding")
     assert any(k < 0 for k in crops), f"no draft was rejected (crops {crops}): the test checks nothing"
 
 
 def test_prompt_lookup_decoding_is_greedy_decoding(model, crops):
     ids = torch.cat([prompts([5], seed=8)[0]] * 3)[None]  # repeated n-grams: lookup proposes drafts
     greedy = model.generate(ids, max_new_tokens=14, use_cache=False, **GEN)
-    lookup = model.generate(ids, max_new_tokens=14, prompt_lookup_num_tokens=3, **GEN)
-    assert torch.equal(lookup, greedy)
+    lookup = model.generate(ids, max_new_tokens=14, prompt_lookup_num_tokens=3, output_logits=True,
+                            return_dict_in_generate=True, **GEN)
+    assert torch.equal(lookup.sequences, greedy)
+    check_step_logits(model, lookup, ids.shape[1], "prompt lookup decoding")
     assert any(k < 0 for k in crops), f"no draft was rejected (crops {crops}): the test checks nothing"
 
 
@@ -121,17 +151,20 @@ def test_crop_to_every_length_is_exact(model):
         full = model(ids, use_cache=False).logits
         cache = model(ids[:, :prefill], use_cache=True).cache
         decode(model, ids, cache, prefill)
+        worst = 0.0
         for keep in range(1, n):
             cropped = copy.deepcopy(cache)
             cropped.crop(keep - n)
             assert cropped.get_seq_length() == keep
             steps = decode(model, ids, cropped, keep)
+            worst = max(worst, (steps - full[:, keep:]).abs().max().item())
             torch.testing.assert_close(steps, full[:, keep:], rtol=0, atol=tolerance(full), msg=f"keep {keep}")
             if keep >= prefill:
                 never_past = model(ids[:, :prefill], use_cache=True).cache
                 for k in range(prefill, keep):
                     model(ids[:, k : k + 1], cache=never_past)
                 assert torch.equal(steps, decode(model, ids, never_past, keep)), f"keep {keep}"
+    print(f"\ncrop to 1..{n - 1} of {n} tokens: max |decoded - full forward| = {worst:.1e}; bit-exact for keep >= {prefill}")
 
 
 def test_a_prompt_cache_passed_back_and_the_returned_cache_continue_decoding(model):
@@ -140,8 +173,10 @@ def test_a_prompt_cache_passed_back_and_the_returned_cache_continue_decoding(mod
     with torch.no_grad():
         prompt_cache = model(prompt, use_cache=True).cache
     reference = model.generate(ids, max_new_tokens=8, use_cache=False, **GEN)
-    reused = model.generate(ids, max_new_tokens=8, cache=copy.deepcopy(prompt_cache), **GEN)
-    assert torch.equal(reused, reference)
+    reused = model.generate(ids, max_new_tokens=8, cache=copy.deepcopy(prompt_cache), output_logits=True,
+                            return_dict_in_generate=True, **GEN)
+    assert torch.equal(reused.sequences, reference)
+    check_step_logits(model, reused, ids.shape[1], "prompt cache reused")
     with pytest.warns(FutureWarning, match="past_key_values"):  # transformers' older name for `cache`
         reused = model.generate(ids, max_new_tokens=8, past_key_values=copy.deepcopy(prompt_cache), **GEN)
     assert torch.equal(reused, reference)
@@ -150,3 +185,30 @@ def test_a_prompt_cache_passed_back_and_the_returned_cache_continue_decoding(mod
     assert out.cache.get_seq_length() == out.sequences.shape[1] - 1  # the last token is not fed yet
     more = model.generate(out.sequences, max_new_tokens=5, cache=out.cache, **GEN)
     assert torch.equal(more, model.generate(out.sequences, max_new_tokens=5, use_cache=False, **GEN))
+
+
+STANDALONE = """
+import os, sys
+sys.modules["spiral_megatron"] = None  # the folder's own files only
+import torch
+from transformers import AutoModelForCausalLM
+folder, saved = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+model.save_pretrained(saved)  # copies the model's files, functional_spiral.py included
+model = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True).eval()
+ids = torch.arange(1, 8)[None]
+kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+print(" ".join(sorted(os.listdir(saved))))
+"""
+
+
+def test_the_folder_runs_and_saves_without_spiral_megatron(folder, tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", STANDALONE, str(folder), str(tmp_path / "saved")], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "functional_spiral.py" in proc.stdout.split() and "cache_spiral.py" in proc.stdout.split()
