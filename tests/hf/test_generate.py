@@ -167,6 +167,17 @@ def test_crop_to_every_length_is_exact(model):
     print(f"\ncrop to 1..{n - 1} of {n} tokens: max |decoded - full forward| = {worst:.1e}; bit-exact for keep >= {prefill}")
 
 
+def test_rows_selected_and_repeated_in_the_cache_decode_as_those_rows(model):
+    ids = torch.stack(prompts([9, 9], seed=13))
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).cache
+        cache.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        cache.batch_select_indices(torch.tensor([3, 0]))  # rows 1, 0
+        picked = ids[[1, 0]]
+        full = model(picked, use_cache=False).logits
+        torch.testing.assert_close(decode(model, picked, cache, 6), full[:, 6:], rtol=0, atol=tolerance(full))
+
+
 def test_a_prompt_cache_passed_back_and_the_returned_cache_continue_decoding(model):
     prompt = torch.stack(prompts([6, 6], seed=10))
     ids = torch.cat([prompt, torch.stack(prompts([3, 3], seed=11))], dim=1)
