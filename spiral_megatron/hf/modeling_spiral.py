@@ -204,7 +204,8 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("SpiralForCausalLM takes exactly one of input_ids and inputs_embeds")
         if cache is not None and not isinstance(cache, SpiralCache):
-            raise TypeError(f"cache must be a SpiralCache (SpiralCache(model.config)), got {type(cache).__name__}")
+            raise TypeError(f"cache must be a SpiralCache, as model(ids, use_cache=True).cache returns it, "
+                            f"got {type(cache).__name__}")
         c = self.config
         use_cache = c.use_cache if use_cache is None else use_cache
         if use_cache and self.training and self.is_activation_checkpointing:
