@@ -68,10 +68,8 @@ def padding_multiple(levels: Sequence[Level]) -> int:
 
 
 def padded_length(seq_length: int, levels: Sequence[Level]) -> int:
-    """L rounded up to `padding_multiple`; the padding is after every real token, so
-    causality keeps it from touching them (docs/MODEL.md section 2)."""
-    m = padding_multiple(levels)
-    return -(-seq_length // m) * m
+    """L rounded up to `padding_multiple` (functional_spiral.padded_length)."""
+    return functional_spiral.padded_length(seq_length, [lv.chunk_size for lv in levels])
 
 
 def latent_length(seq_length: int, level: Level) -> int:

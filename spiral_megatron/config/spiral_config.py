@@ -9,11 +9,7 @@ from megatron.core.utils import scaled_init_method_normal
 
 from spiral_megatron.config import schedule
 from spiral_megatron.config.fields import FUNCTION, RUNTIME, kind
-
-DOWNSCALES = ("self-aggregation", "mean")
-UPSCALES = ("allocate", "repeat")
-TOPOLOGIES = ("residual", "anchor", "mesh")
-LATENT_POSITIONS = ("chunk-end", "index")
+from spiral_megatron.functional_spiral import DOWNSCALES, LATENT_POSITIONS, TOPOLOGIES, UPSCALES
 
 
 @dataclass
