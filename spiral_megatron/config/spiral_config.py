@@ -79,6 +79,13 @@ class SpiralConfig(TransformerConfig):
     with compile_loop_iteration nothing of a step's layers stays eager. Runtime: same function."""
 
     def __post_init__(self):
+        self._derive_spiral_fields()
+        super().__post_init__()
+        self._check_after_megatron()
+
+    def _derive_spiral_fields(self):
+        """SpiralFormer's checks and derived fields, before Megatron's own `__post_init__`
+        (which reads `num_layers` and `output_layer_init_method`). Idempotent."""
         self._check_spiral_fields()
         self.chunk_sizes = schedule.parse_chunk_sizes(self.chunk_sizes)
         if self.chunk_offsets is not None:
@@ -99,7 +106,9 @@ class SpiralConfig(TransformerConfig):
             # Megatron scales by the unique layers (num_layers); the residual stream of a looped
             # model sums one output projection per UNROLLED layer (MeSH appendix B).
             self.output_layer_init_method = scaled_init_method_normal(self.init_method_std, self.num_compute_layers)
-        super().__post_init__()
+
+    def _check_after_megatron(self):
+        """The parallel-layout checks, after Megatron's `__post_init__` derived its fields."""
         self._check_parallel_layout()
         if self.pipeline_model_parallel_size > 1 and self.chunk_sizes:
             # Pipeline messages change shape inside and around the loop (a packed loop state

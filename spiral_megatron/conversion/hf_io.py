@@ -167,8 +167,13 @@ def read_hf_folder(folder: Path):
     state = {}
     for name in files:
         state.update(_load(folder / name))
-    padding = _load(folder / PADDING) if (folder / PADDING).is_file() else {}
-    return config, state, padding
+    return config, state, read_padding(folder)
+
+
+def read_padding(folder: Path) -> StateDict:
+    """The Megatron vocabulary padding rows kept in `folder` ({} when it has none)."""
+    path = Path(folder) / PADDING
+    return _load(path) if path.is_file() else {}
 
 
 def _load(path: Path) -> Dict[str, torch.Tensor]:

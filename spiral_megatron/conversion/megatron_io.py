@@ -17,7 +17,10 @@ from spiral_megatron.conversion.mapping import StateDict
 from spiral_megatron.model.model_args import ModelArgs
 
 MODEL_ROOTS = ("embedding", "prelude", "loop", "coda", "output_layer")  # model tensors
-DROPPED_ROOTS = ("optimizer", "rng_state", "rerun_state_machine_state")  # not weights: dropped
+DROPPED_ROOTS = ("optimizer", "rng_state", "rerun_state_machine_state", "common_state")  # not weights: dropped
+# A Megatron-Bridge checkpoint (spiral_megatron/bridge, docs/BRIDGE.md): its config file, and the
+# field of its `model` section holding the model record (SpiralModelProvider.spiral_model_args).
+BRIDGE_RUN_CONFIG, BRIDGE_RECORD = "run_config.yaml", "spiral_model_args"
 
 
 def _read_errors() -> tuple:
@@ -70,13 +73,31 @@ def _ensure_process_group() -> None:
 
 
 def read_model_args(folder: Path) -> ModelArgs:
+    """The model's record: model_args.json, or in a Megatron-Bridge checkpoint (run_config.yaml)
+    the copy spiral_megatron.bridge's provider keeps in `model.spiral_model_args`."""
     path = Path(folder) / "model_args.json"
+    if not path.is_file() and (Path(folder) / BRIDGE_RUN_CONFIG).is_file():
+        return _bridge_model_args(Path(folder) / BRIDGE_RUN_CONFIG)
     if not path.is_file():
         raise CheckpointError(f"{str(folder)!r} has no model_args.json (needed to know the architecture)")
     try:
         return ModelArgs.load(path)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid ModelArgs JSON: {e}") from e
+
+
+def _bridge_model_args(path: Path) -> ModelArgs:
+    import yaml
+
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    record = model.get(BRIDGE_RECORD)
+    if record is None:
+        raise CheckpointError(f"{path} has no model.{BRIDGE_RECORD}: not a SpiralFormer checkpoint of "
+                              f"spiral_megatron.bridge (docs/BRIDGE.md)")
+    try:
+        return ModelArgs(**record).complete()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: model.{BRIDGE_RECORD} is not a valid record: {e}") from e
 
 
 def read_tensors(folder: Path) -> StateDict:
@@ -90,7 +111,7 @@ def read_tensors(folder: Path) -> StateDict:
         meta = dist_checkpointing.load_tensors_metadata(str(folder))
     except _read_errors() as e:  # Megatron and torch raise many kinds; name the folder
         raise CheckpointError(f"{str(folder)!r} is not a readable Megatron dist checkpoint: {e}") from e
-    roots = {key: key.split(".")[0] for key in meta}
+    roots = {key: re.split(r"[./]", key)[0] for key in meta}
     unknown = sorted(k for k, r in roots.items() if r not in MODEL_ROOTS + DROPPED_ROOTS)
     if unknown:
         raise CheckpointError(f"checkpoint tensors that are neither model nor optimizer state: {unknown[:10]}")

@@ -129,8 +129,9 @@ def build_model(args: ModelArgs, backend: str = "local", pre_process: bool = Tru
 
 
 def make_model(config: SpiralConfig, args: ModelArgs, backend: str = "local", pre_process: bool = True,
-               post_process: bool = True, pg_collection=None):
-    """SpiralGPTModel of `config` (the SpiralConfig) with the GPTModel arguments of `args`."""
+               post_process: bool = True, pg_collection=None, parallel_output: bool = True):
+    """SpiralGPTModel of `config` (the SpiralConfig) with the GPTModel arguments of `args`;
+    `parallel_output` False gathers the logits over TP (GPTModel's argument)."""
     return SpiralGPTModel(
         config,
         vocab_size=args.vocab_size,
@@ -143,4 +144,5 @@ def make_model(config: SpiralConfig, args: ModelArgs, backend: str = "local", pr
         rotary_base=args.rotary_base,
         rotary_percent=args.rotary_percent,
         pg_collection=pg_collection,
+        parallel_output=parallel_output,
     )

@@ -148,9 +148,16 @@ def finalize_model_grads(model, num_tokens=None, **kwargs):
     of each step.
     """
     from megatron.core.distributed import finalize_model_grads as megatron_finalize
-    from megatron.core.utils import get_attr_wrapped_model
 
     megatron_finalize(model, num_tokens, **kwargs)
+    allreduce_core_grads(model)
+
+
+def allreduce_core_grads(model) -> None:
+    """Sum the core replicas' gradients over pipeline stages, for each model chunk (a DDP
+    wrapper or the SpiralGPTModel itself); nothing where the core is not replicated."""
+    from megatron.core.utils import get_attr_wrapped_model
+
     for chunk in model:
         spiral = get_attr_wrapped_model(chunk, "core_replicas", return_model_obj=True)
         if spiral.core_replicas is not None and spiral.loop is not None:
