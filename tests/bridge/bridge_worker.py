@@ -1,0 +1,205 @@
+"""Every Megatron-Bridge check in one 2-rank launch (importing Bridge costs 20-30 s a process).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/bridge/bridge_worker.py OUT HF_FOLDER
+
+Bridge's `pretrain()` with the debug recipe: (A) 4 steps at DP 2 with the distributed optimizer,
+saving at 2 and 4; (C) the same resumed from A's step 2; (D) 2 steps at PP 2 (the core
+replicated on both stages). The provider at TP 2 + SP against the project's job build.
+AutoBridge at TP 1 and TP 2 on HF_FOLDER (made by tools/convert_to_hf.py's code): logits,
+exported tensors, the folder save_hf_pretrained writes, and import_ckpt to a Bridge checkpoint
+(the test converts it back with the project's converter). Rank 0 writes
+OUT/results.json; tests/bridge/test_bridge.py asserts on it.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TRAIN = dict(train_iters=4, micro_batch_size=4, global_batch_size=8, log_interval=1, eval_interval=None,
+             num_workers=0)
+
+
+def main() -> None:
+    out, hf_folder = Path(sys.argv[1]), Path(sys.argv[2])
+    started = time.time()
+    import spiral_megatron.bridge  # noqa: F401  (the CPU shim, then Megatron-Bridge)
+
+    results = {"import_s": time.time() - started}
+    dist.init_process_group("gloo")  # ours: pretrain() then leaves it up between runs
+    from spiral_megatron.job.data import default_data
+
+    if dist.get_rank() == 0:
+        default_data.ensure(None, 512)  # the embedded corpus, built once (SPIRAL_CACHE)
+    dist.barrier()
+    results["recipes"] = recipe_checks()
+    results["train"] = train_checks(out)
+    results["weights_tp2_sp"] = provider_against_job()
+    results["convert"] = {f"tp{tp}": conversion_checks(hf_folder, tp, out) for tp in (1, 2)}
+    results["imported"] = import_checkpoint(hf_folder, out)
+    results["total_s"] = time.time() - started
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    results["shim"] = {"HAVE_TE": bool(HAVE_TE), "absent_in_sys_modules": sorted(
+        name for name in sys.modules if name.split(".")[0] in ("transformer_engine", "nvidia_resiliency_ext"))}
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    dist.destroy_process_group()
+
+
+def recipe_checks() -> dict:
+    """Each flavor's recipe keys against examples/configs/<flavor>.yaml resolved by the job
+    (the keys that differ), and that every flavor's ConfigContainer is made."""
+    from spiral_megatron.config import flavors
+    from spiral_megatron.bridge import recipes
+    from spiral_megatron.job.settings import config as job
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    differ = {}
+    for flavor, yaml_name in (("debug", "debug-cpu"), ("spiral-160m", "spiral-160m"), ("spiral-410m", "spiral-410m"),
+                              ("spiral-1.4b", "spiral-1.4b")):
+        ours = recipes.job_config(flavor).to_dict()
+        theirs = job.load(["--config", str(root / f"{yaml_name}.yaml")]).to_dict()
+        differ[flavor] = sorted(k for k in ours if k != "save" and ours[k] != theirs[k])
+    made = [name for name in flavors.names() if recipes.pretrain_config(name).model.hidden_size]
+    return {"differ_from_yaml": differ, "containers": made}
+
+
+def pretrain_losses(cfg, forward_step=None) -> list:
+    """Bridge's pretrain() of `cfg`; the per-step training losses (from the last PP stage)."""
+    from megatron.bridge.training.callbacks import Callback
+    from megatron.bridge.training.pretrain import pretrain
+
+    import spiral_megatron.bridge as bridge
+
+    class Losses(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_step_end(self, context):
+            if context.loss_dict:
+                self.values.append(float(context.loss_dict["lm loss"]))
+
+    losses = Losses()
+    pretrain(cfg, forward_step or bridge.forward_step, callbacks=[losses])
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, losses.values)
+    return max(everyone, key=len)
+
+
+def train_checks(out: Path) -> dict:
+    from spiral_megatron.bridge import recipes
+
+    a = pretrain_losses(recipes.pretrain_config("debug", **TRAIN, use_distributed_optimizer=True,
+                                                save=str(out / "A"), save_interval=2))
+    resumed = recipes.pretrain_config("debug", **TRAIN, use_distributed_optimizer=True, save=str(out / "C"),
+                                      load=str(out / "A"))
+    resumed.checkpoint.ckpt_step = 2
+    c = pretrain_losses(resumed)
+    d = pretrain_losses(recipes.pretrain_config("debug", **dict(TRAIN, train_iters=2), pipeline_parallel=2, save=None))
+    return {"uninterrupted": a, "resumed": c, "pp2": d}
+
+
+def _initialize(tp: int) -> None:
+    """Megatron's groups at TP `tp` in the existing process group, the CPU RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True)
+
+
+def provider_against_job() -> float:
+    """Max |difference| of this rank's weights: the debug recipe's SpiralModelProvider at
+    TP 2 + SP, built as pretrain() builds it, against the project's job build (job/build.py)
+    from the job's own command line."""
+    from spiral_megatron.model import init
+    from spiral_megatron.bridge import recipes
+    from spiral_megatron.model.model_args import make_model
+    from spiral_megatron.job import build
+    from spiral_megatron.job.settings import config as job
+
+    _initialize(2)
+    provider = recipes.pretrain_config("debug", tensor_parallel=2, sequence_parallel=True).model
+    provider.vocab_size, provider.should_pad_vocab = 512, True  # what pretrain() takes from the tokenizer
+    provider.finalize()
+    ours = provider.provide_distributed_model(wrap_with_ddp=False)[0]
+    job_cfg = job.load(["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    config = build.model_config(job_cfg, on_cpu=True)
+    reference = make_model(config, build.make_model_args(config, job_cfg, 512), build.backend(job_cfg, True))
+    init.initialize(reference, job_cfg.seed)
+    a, b = ours.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max((a[k] - b[k]).abs().max().item() for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point())
+
+
+def conversion_checks(hf_folder: Path, tp: int, out: Path) -> dict:
+    """AutoBridge: the folder to Megatron at TP `tp` (logits against the HF model's) and back
+    (every exported tensor against the folder's; the folder save_hf_pretrained writes, loaded
+    with its own model code: tensors and logits)."""
+    from megatron.bridge import AutoBridge
+
+    from spiral_megatron.conversion import convert
+
+    _initialize(tp)
+    bridge = AutoBridge.from_hf_pretrained(str(hf_folder), trust_remote_code=True)
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size, provider.parallel_output = tp, False
+    provider.finalize()
+    model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    ids = torch.randint(0, 50, (2, 48), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    with torch.no_grad():
+        logits = model[0](ids, pos, None)
+    exported = dict(bridge.export_hf_weights(model, cpu=True, show_progress=False))
+    saved = out / f"saved-tp{tp}"
+    bridge.save_hf_pretrained(model, str(saved), show_progress=False)
+    dist.barrier()
+    result = {"provider": type(provider).__name__, "model": type(model[0]).__name__}
+    if dist.get_rank() == 0:
+        with torch.no_grad():
+            reference = convert.load_hf(hf_folder)(ids, use_cache=False).logits  # [b, s, V]
+            reloaded = convert.load_hf(saved)(ids, use_cache=False).logits
+        ours = logits[..., : reference.shape[-1]]
+        original = _safetensors(hf_folder)  # the weights and the Megatron vocabulary padding rows
+        result["logit_rel_diff"] = ((ours - reference).abs().max() / reference.abs().max()).item()
+        result.update(_tensor_report(exported, original))
+        result["saved"] = _tensor_report(_safetensors(saved), original)
+        result["saved"]["logit_max_diff"] = (reloaded - reference).abs().max().item()
+    return result
+
+
+def _safetensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _tensor_report(got: dict, want: dict) -> dict:
+    common = sorted(set(got) & set(want))
+    return {"missing": sorted(set(want) - set(got)), "extra": sorted(set(got) - set(want)), "tensors": len(common),
+            "max_tensor_diff": max((got[k].float() - want[k].float()).abs().max().item() for k in common)}
+
+
+def import_checkpoint(hf_folder: Path, out: Path) -> dict:
+    """AutoBridge.import_ckpt: the folder to a Bridge checkpoint (converted back by the test)."""
+    from megatron.bridge import AutoBridge
+
+    _initialize(1)
+    AutoBridge.import_ckpt(str(hf_folder), str(out / "imported"), trust_remote_code=True)
+    dist.barrier()
+    return {"folders": sorted(p.name for p in (out / "imported").iterdir())}
+
+
+if __name__ == "__main__":  # checkpoint saving re-imports this module in a helper process
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
