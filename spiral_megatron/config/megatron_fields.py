@@ -177,7 +177,8 @@ REFUSED: Dict[str, str] = {
     **_each(_IGNORED, "fp8_interval", "async_tensor_model_parallel_allreduce"),
     "calculate_per_token_loss": _PER_TOKEN,
     # fields megatron.core's layers never read: Megatron-LM passes them elsewhere
-    "use_te_rng_tracker": "not read by megatron.core's layers: spiral_megatron.parallel.initialize sets up the RNG tracker",
+    "use_te_rng_tracker": ("not read by megatron.core's layers: spiral_megatron.parallel.initialize sets up "
+                           "the RNG tracker"),
     "pipeline_model_parallel_comm_backend": ("not read by megatron.core's layers: the pipeline's process groups "
                                              "are made by spiral_megatron.parallel.initialize"),
     "use_grouped_gemm_for_dense_mlp": "read by Megatron's GPT layer specs only, not by SpiralGPTModel's",

@@ -57,12 +57,12 @@ def test_function_fields_are_what_model_args_records():
 ])
 def test_refused_fields_accepted_before_are_refused_by_name(argv, reason):
     """Fields the job took as runtime before every field was read; each broke or did nothing."""
-    from spiral_megatron.job.settings import config
     from spiral_megatron.job.settings.config import ConfigError
+    from spiral_megatron.job.settings.resolve import resolve
     from tests.conftest import ROOT
 
     name = argv[0][len("--model."):]
     assert kind_of(next(f for f in dataclasses.fields(SpiralConfig) if f.name == name)) == REFUSED
     with pytest.raises(ConfigError) as e:
-        config.load(argv, ROOT / "examples" / "configs" / "debug-cpu.yaml")
+        resolve(argv, ROOT / "examples" / "configs" / "debug-cpu.yaml")
     assert f"model.{name}" in str(e.value) and reason in str(e.value)
