@@ -87,5 +87,8 @@ if __name__ == "__main__":
         counts=dict(counts), entered_after_resolution=sorted(entered), run_got=type(job).__name__,
         build_got_the_runs=handed.get("build") is job,
         datasets_got_its_data=handed.get("build_datasets") is getattr(job, "data", object()),
+        # build wires the schedules' hooks into the model's copy of the config, not into the job's
+        hooks_left_on_the_jobs_config=[name for name in ("finalize_model_grads_func", "no_sync_func")
+                                       if getattr(getattr(job, "model", None), name, None) is not None],
     )
     Path(sys.argv[1]).write_text(json.dumps(report, indent=1))

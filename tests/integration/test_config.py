@@ -1,5 +1,6 @@
 """Config: YAML + command-line overrides, and every refusal names the key and the value."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,10 @@ def test_world_size_combinations():
     with pytest.raises(ConfigError, match="global_batch_size 12 is not a multiple of micro_batch_size 4 x "
                                           "data-parallel size 2"):
         checks.check_world(cfg, 4)
+
+
+def test_the_resolved_job_is_immutable():
+    job = resolve([], CONFIGS / "debug-cpu.yaml")
+    for obj, name in ((job, "seq_length"), (job.keys, "lr"), (job.data, "seq_length"), (job.schedule, "max_lr")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, 1)

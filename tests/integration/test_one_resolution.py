@@ -34,6 +34,7 @@ def test_a_job_start_resolves_each_setting_once(cache_dir, tmp_path):
     assert report["counts"] == ONCE
     assert report["counts_at_run"] == ONCE  # all of it before the run started
     assert report["run_got"] == "Resolved" and report["build_got_the_runs"] and report["datasets_got_its_data"]
+    assert report["hooks_left_on_the_jobs_config"] == []
     deciding = [f for f in report["entered_after_resolution"] if f.startswith(DECIDERS) and f not in READS]
     assert deciding == []
     assert any(f.startswith("spiral_megatron.job.build.") for f in report["entered_after_resolution"])  # it saw
