@@ -1,29 +1,26 @@
 """Recipes: Megatron-Bridge's ConfigContainer for a SpiralFormer flavor, with the project's defaults.
 
-A recipe is the project's own job configuration translated: `job_config(flavor, **keys)`
-resolves the job's keys (spiral_megatron/job/settings/keys.py, the same checks and aliases as
-`examples/pretrain_spiral.py`) with the flavor's defaults (FLAVOR_KEYS, which are
-examples/configs/<flavor>.yaml's; a test keeps them equal), and `container(cfg)` maps every
-key to its Bridge field (JOB_TO_BRIDGE, also the table of docs/BRIDGE.md). So a recipe trains
-the model the job trains, with the job's data, tokenizer, optimizer, schedule and seed.
+A recipe is the project's own job translated: `resolved_job(flavor, **keys)` resolves the job's
+keys (spiral_megatron/job/settings/, the same checks and aliases as `examples/pretrain_spiral.py`)
+over the flavor's defaults (FLAVOR_KEYS, which are examples/configs/<flavor>.yaml's; a test keeps
+them equal) into the job's one `Resolved`, and `container(job)` maps what it resolved to Bridge's
+fields (JOB_TO_BRIDGE, also the table of docs/BRIDGE.md). So a recipe trains the model the job
+trains, with the job's data, tokenizer, optimizer, schedule and seed.
 """
 
 import dataclasses
 from typing import Any, Dict
 
-import torch
 from megatron.bridge.training.config import (
     CheckpointConfig, ConfigContainer, DistributedDataParallelConfig, DistributedInitConfig, GPTDatasetConfig,
     LoggerConfig, OptimizerConfig, RerunStateMachineConfig, RNGConfig, SchedulerConfig, TokenizerConfig,
     TrainingConfig, ValidationConfig)
 
-from spiral_megatron.config import flavors
 from spiral_megatron.bridge.provider import SpiralModelProvider
-from spiral_megatron.job import build
+from spiral_megatron.config import flavors
 from spiral_megatron.job.data import datasets as data, default_data
-from spiral_megatron.job.settings import model_fields
-from spiral_megatron.job.settings import config as job
-from spiral_megatron.job.settings.keys import seq_length
+from spiral_megatron.job.settings import config, resolve
+from spiral_megatron.job.settings.resolve import Resolved
 
 # The paper's training setup (docs/MODEL.md section 7), as examples/configs/spiral-*.yaml.
 _PAPER = dict(seq_length=4096, global_batch_size=512, train_iters=119209, lr_warmup_fraction=0.01,
@@ -55,7 +52,7 @@ JOB_TO_BRIDGE = {
     "lr": "optimizer.lr",
     "min_lr": "optimizer.min_lr",
     "lr_warmup_iters": "scheduler.lr_warmup_iters",
-    "lr_warmup_fraction": "scheduler.lr_warmup_fraction (of the decay steps, as the job's)",
+    "lr_warmup_fraction": "scheduler.lr_warmup_iters (the job's warmup in whole steps; Bridge's fraction does not round)",
     "lr_decay_iters": "scheduler.lr_decay_iters",
     "lr_decay_style": "scheduler.lr_decay_style",
     "weight_decay": "optimizer.weight_decay, scheduler.start_weight_decay, scheduler.end_weight_decay",
@@ -99,17 +96,12 @@ JOB_TO_BRIDGE = {
 JOB_ONLY = ("valid_seed", "check_for_large_grads", "log_json", "peak_tflops", "check_memory", "print_config")
 
 
-def job_config(flavor: str = "debug", **keys) -> job.TrainingConfig:
-    """The project's job configuration of `flavor` (its FLAVOR_KEYS) with `keys` (job keys or
-    their Megatron-LM aliases) over it, checked as the job checks it."""
+def resolved_job(flavor: str = "debug", **keys) -> Resolved:
+    """The project's job of `flavor` (its FLAVOR_KEYS) with `keys` (job keys or their
+    Megatron-LM aliases) over them, resolved and checked as the job resolves it."""
     flavors.get(flavor)  # a ValueError lists the known flavors
-    cfg = job.apply(job.TrainingConfig(), {"model": flavor, "save": f"checkpoints/bridge-{flavor}",
-                                           **FLAVOR_KEYS[flavor]})
-    cfg = job.apply(cfg, keys)
-    cfg = job.resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in keys)
-    cfg = dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
-    job.check(cfg)
-    return cfg
+    defaults = {"model": flavor, "save": f"checkpoints/bridge-{flavor}", **FLAVOR_KEYS[flavor]}
+    return resolve.resolve_keys(config.keys_of(defaults, keys))
 
 
 def pretrain_config(flavor: str = "debug", **keys) -> ConfigContainer:
@@ -117,78 +109,80 @@ def pretrain_config(flavor: str = "debug", **keys) -> ConfigContainer:
     job keys (`tensor_parallel=2`, `data_path=[...]`, `model={"flavor": ..., field: value}`).
     Bridge's own overrides apply to the container afterwards (examples/bridge/pretrain_spiral.py).
     The embedded corpus, when used, is built here on first use (cached)."""
-    return container(job_config(flavor, **keys))
+    return container(resolved_job(flavor, **keys))
 
 
-def container(cfg: job.TrainingConfig) -> ConfigContainer:
-    """The ConfigContainer of a job configuration (JOB_TO_BRIDGE)."""
-    on_cpu = not torch.cuda.is_available()
-    seq = seq_length(cfg)
-    dtype = build.DTYPES[cfg.precision]
+def container(job: Resolved) -> ConfigContainer:
+    """The ConfigContainer of a resolved job (JOB_TO_BRIDGE)."""
+    keys = job.keys
     return ConfigContainer(
-        model=_model(cfg, on_cpu, seq),
-        train=TrainingConfig(train_iters=cfg.train_iters, global_batch_size=cfg.global_batch_size,
-                             micro_batch_size=cfg.micro_batch_size, exit_interval=cfg.exit_interval),
-        validation=ValidationConfig(eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters if cfg.eval_interval else 0),
-        optimizer=OptimizerConfig(
-            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, bf16=cfg.precision == "bf16",
-            fp16=cfg.precision == "fp16", loss_scale=cfg.loss_scale, params_dtype=dtype,
-            use_distributed_optimizer=cfg.use_distributed_optimizer),
-        scheduler=SchedulerConfig(
-            lr_decay_style=cfg.lr_decay_style, lr_warmup_fraction=cfg.lr_warmup_fraction,
-            lr_warmup_iters=cfg.lr_warmup_iters if cfg.lr_warmup_fraction is None else 0, lr_decay_iters=cfg.lr_decay_iters,
-            lr_warmup_init=0.0, start_weight_decay=cfg.weight_decay, end_weight_decay=cfg.weight_decay,
-            weight_decay_incr_style="constant", override_opt_param_scheduler=cfg.override_opt_param_scheduler,
-            use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler),
-        ddp=_ddp(cfg),
-        dataset=_dataset(cfg, seq),
-        tokenizer=_tokenizer(cfg),
-        logger=LoggerConfig(log_interval=cfg.log_interval, tensorboard_dir=cfg.tensorboard_dir),
+        model=_model(job),
+        train=TrainingConfig(train_iters=keys.train_iters, global_batch_size=keys.global_batch_size,
+                             micro_batch_size=keys.micro_batch_size, exit_interval=keys.exit_interval),
+        validation=ValidationConfig(eval_interval=keys.eval_interval,
+                                    eval_iters=keys.eval_iters if keys.eval_interval else 0),
+        optimizer=_same_fields(OptimizerConfig, job.optimizer),
+        scheduler=_scheduler(job),
+        ddp=_same_fields(DistributedDataParallelConfig, job.ddp),
+        dataset=_dataset(job),
+        tokenizer=_tokenizer(job),
+        logger=LoggerConfig(log_interval=keys.log_interval, tensorboard_dir=keys.tensorboard_dir),
         checkpoint=CheckpointConfig(
-            save=cfg.save, load=cfg.load if cfg.load is not None else cfg.save, save_interval=cfg.save_interval,
-            ckpt_format="torch_dist", async_save=cfg.async_save, load_optim=not cfg.no_load_optim,
-            load_rng=not cfg.no_load_rng, dist_ckpt_optim_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable),
-        rng=RNGConfig(seed=cfg.seed),
-        rerun_state_machine=RerunStateMachineConfig(check_for_spiky_loss=cfg.check_for_spiky_loss),
-        dist=DistributedInitConfig(distributed_backend=_backend(cfg, on_cpu)),
-        mixed_precision={"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(cfg.precision),
+            save=keys.save, load=keys.load if keys.load is not None else keys.save, save_interval=keys.save_interval,
+            ckpt_format="torch_dist", async_save=keys.async_save, load_optim=not keys.no_load_optim,
+            load_rng=not keys.no_load_rng, dist_ckpt_optim_fully_reshardable=keys.dist_ckpt_optim_fully_reshardable),
+        rng=RNGConfig(seed=keys.seed),
+        rerun_state_machine=RerunStateMachineConfig(check_for_spiky_loss=keys.check_for_spiky_loss),
+        dist=DistributedInitConfig(distributed_backend=_backend(job)),
+        mixed_precision={"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(keys.precision),
     )
 
 
-def _model(cfg: job.TrainingConfig, on_cpu: bool, seq: int) -> SpiralModelProvider:
-    """The job's SpiralConfig fields (flavor, Megatron-LM's fusion defaults, `model.<field>`,
-    layout, precision, backend: training/build.model_settings), deferred for Bridge."""
-    fields = {**flavors.get(cfg.model["flavor"]).model, **build.model_settings(cfg, on_cpu)}
-    return SpiralModelProvider(**fields, seq_length=seq, init_seed=cfg.seed,
-                               make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+def _model(job: Resolved) -> SpiralModelProvider:
+    """The arguments of the job's SpiralConfig (flavor | fusion defaults | model.<field> | its
+    keys), validated by the provider's finalize() once Bridge's overrides are in."""
+    return SpiralModelProvider(**job.model_kwargs, seq_length=job.seq_length, init_seed=job.keys.seed,
+                               make_vocab_size_divisible_by=job.keys.make_vocab_size_divisible_by)
 
 
-def _ddp(cfg: job.TrainingConfig) -> DistributedDataParallelConfig:
-    """The job's Megatron DDP settings (training/build.ddp_config) in Bridge's class."""
-    ddp = build.ddp_config(cfg)
-    return DistributedDataParallelConfig(**{f.name: getattr(ddp, f.name) for f in dataclasses.fields(ddp) if f.init})
+def _same_fields(cls, megatron_config):
+    """Bridge's subclass `cls` of a Megatron config (DDP, optimizer) with the job's values."""
+    return cls(**{f.name: getattr(megatron_config, f.name) for f in dataclasses.fields(megatron_config) if f.init})
 
 
-def _dataset(cfg: job.TrainingConfig, seq: int) -> GPTDatasetConfig:
+def _scheduler(job: Resolved) -> SchedulerConfig:
+    """The job's schedule (job/settings/training.py): its warmup in whole steps (Bridge's
+    lr_warmup_fraction would not round), decay over lr_decay_iters (None: train_iters, as in
+    Bridge), constant weight decay."""
+    s = job.schedule
+    return SchedulerConfig(
+        lr_decay_style=s.lr_decay_style, lr_warmup_iters=s.lr_warmup_steps // job.keys.global_batch_size,
+        lr_warmup_init=s.init_lr, lr_decay_iters=job.keys.lr_decay_iters, start_weight_decay=s.start_wd,
+        end_weight_decay=s.end_wd, weight_decay_incr_style=s.wd_incr_style,
+        override_opt_param_scheduler=s.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=s.use_checkpoint_opt_param_scheduler)
+
+
+def _dataset(job: Resolved) -> GPTDatasetConfig:
     """The job's data: its blends, and the split it would choose for them (data.check)."""
-    source = data.resolve(cfg, build_default=True)
+    settings = job.data
+    source = data.resolve(settings, build_default=True)
     split = None
     if not source.whole:
-        split = data.check(cfg, source, data.load_tokenizer(source, cfg.tokenizer_vocab_size), seq)
+        split = data.check(settings, source, data.load_tokenizer(source, settings.vocab_size))
     return GPTDatasetConfig(
-        seq_length=seq, random_seed=cfg.seed, blend=None if source.whole else source.train,
+        seq_length=job.seq_length, random_seed=settings.seed, blend=None if source.whole else source.train,
         blend_per_split=[source.train, source.valid, None] if source.whole else None, split=split,
-        path_to_cache=str(default_data.cache_root(cfg.cache_dir) / "indices"), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, num_workers=cfg.num_workers, dataloader_type="single")
+        path_to_cache=str(default_data.cache_root(settings.cache_dir) / "indices"), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, num_workers=job.keys.num_workers, dataloader_type="single")
 
 
-def _tokenizer(cfg: job.TrainingConfig) -> TokenizerConfig:
-    source = data.resolve(cfg, build_default=False)
+def _tokenizer(job: Resolved) -> TokenizerConfig:
+    source = data.resolve(job.data, build_default=False)
     if source.tokenizer_path is None:  # mock data
-        return TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=cfg.tokenizer_vocab_size)
+        return TokenizerConfig(tokenizer_type="NullTokenizer", vocab_size=job.data.vocab_size)
     return TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(source.tokenizer_path))
 
 
-def _backend(cfg: job.TrainingConfig, on_cpu: bool) -> str:
-    return {"auto": "gloo" if on_cpu else "nccl"}.get(cfg.backend, cfg.backend)
+def _backend(job: Resolved) -> str:
+    return {"auto": "gloo" if job.on_cpu else "nccl"}.get(job.keys.backend, job.keys.backend)

@@ -52,18 +52,18 @@ def main() -> None:
 
 
 def recipe_checks() -> dict:
-    """Each flavor's recipe keys against examples/configs/<flavor>.yaml resolved by the job
-    (the keys that differ), and that every flavor's ConfigContainer is made."""
-    from spiral_megatron.config import flavors
+    """Each flavor's recipe keys against examples/configs/<flavor>.yaml read by the job (the keys
+    that differ), and that every flavor's ConfigContainer is made."""
     from spiral_megatron.bridge import recipes
-    from spiral_megatron.job.settings import config as job
+    from spiral_megatron.config import flavors
+    from spiral_megatron.job.settings import config
 
     root = Path(__file__).resolve().parents[2] / "examples" / "configs"
     differ = {}
     for flavor, yaml_name in (("debug", "debug-cpu"), ("spiral-160m", "spiral-160m"), ("spiral-410m", "spiral-410m"),
                               ("spiral-1.4b", "spiral-1.4b")):
-        ours = recipes.job_config(flavor).to_dict()
-        theirs = job.load(["--config", str(root / f"{yaml_name}.yaml")]).to_dict()
+        ours = recipes.resolved_job(flavor).keys.to_dict()
+        theirs = config.read(["--config", str(root / f"{yaml_name}.yaml")]).to_dict()
         differ[flavor] = sorted(k for k in ours if k != "save" and ours[k] != theirs[k])
     made = [name for name in flavors.names() if recipes.pretrain_config(name).model.hidden_size]
     return {"differ_from_yaml": differ, "containers": made}
@@ -117,23 +117,23 @@ def _initialize(tp: int) -> None:
 
 def provider_against_job() -> float:
     """Max |difference| of this rank's weights: the debug recipe's SpiralModelProvider at
-    TP 2 + SP, built as pretrain() builds it, against the project's job build (job/build.py)
-    from the job's own command line."""
-    from spiral_megatron.model import init
+    TP 2 + SP, built as pretrain() builds it, against the project's job build (job/build.py's
+    model from the job's own resolution of its command line)."""
+    import copy
+
     from spiral_megatron.bridge import recipes
+    from spiral_megatron.job.settings import resolve
+    from spiral_megatron.model import init
     from spiral_megatron.model.model_args import make_model
-    from spiral_megatron.job import build
-    from spiral_megatron.job.settings import config as job
 
     _initialize(2)
     provider = recipes.pretrain_config("debug", tensor_parallel=2, sequence_parallel=True).model
     provider.vocab_size, provider.should_pad_vocab = 512, True  # what pretrain() takes from the tokenizer
     provider.finalize()
     ours = provider.provide_distributed_model(wrap_with_ddp=False)[0]
-    job_cfg = job.load(["--tensor-model-parallel-size", "2", "--sequence-parallel"])
-    config = build.model_config(job_cfg, on_cpu=True)
-    reference = make_model(config, build.make_model_args(config, job_cfg, 512), build.backend(job_cfg, True))
-    init.initialize(reference, job_cfg.seed)
+    job = resolve.resolve(["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tokenizer-vocab-size", "512"])
+    reference = make_model(copy.copy(job.model), job.model_args, job.backend)
+    init.initialize(reference, job.keys.seed)
     a, b = ours.state_dict(), reference.state_dict()
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     return max((a[k] - b[k]).abs().max().item() for k in a if torch.is_tensor(a[k]) and a[k].is_floating_point())

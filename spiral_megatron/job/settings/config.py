@@ -67,7 +67,12 @@ def read(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingCo
     typed, with the data's tokenizer and its vocabulary filled in (not yet checked: resolve.py)."""
     overrides = parse_cli(argv)
     path = overrides.pop("config", None) or default_path
-    data = read_yaml(Path(path)) if path is not None else {}
+    return keys_of(read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def keys_of(data: Dict[str, Any], overrides: Dict[str, Any]) -> TrainingConfig:
+    """The keys of a config file's mapping `data` with `overrides` over it (a command line's, or
+    a recipe's: spiral_megatron/bridge/recipes.py), typed, the data's tokenizer filled in."""
     cfg = apply(TrainingConfig(), data)
     cfg = apply(cfg, _drop_excluded(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})

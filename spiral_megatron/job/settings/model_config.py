@@ -8,11 +8,10 @@ one-line ConfigErrors here; any other exception is a bug and keeps its traceback
 
 import traceback
 from pathlib import PurePath
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import torch
 
-from spiral_megatron.config.flavors import Flavor
 from spiral_megatron.config.spiral_config import SpiralConfig
 from spiral_megatron.model.layer_specs import have_transformer_engine
 from spiral_megatron.job.settings.keys import ConfigError, TrainingConfig
@@ -52,11 +51,11 @@ def job_fields(cfg: TrainingConfig, on_cpu: bool, backend_name: str) -> Dict[str
     return fields
 
 
-def build(cfg: TrainingConfig, flavor: Flavor, fusions: Dict[str, bool], overrides: Dict[str, Any],
-          job: Dict[str, Any]) -> SpiralConfig:
-    """SpiralConfig(flavor's fields | fusion defaults | the user's `model.<field>` | the job's)."""
+def build(cfg: TrainingConfig, kwargs: Mapping[str, Any]) -> SpiralConfig:
+    """SpiralConfig(**kwargs): the flavor's fields | fusion defaults | the user's `model.<field>` |
+    the job's (resolve.py merges them)."""
     try:
-        return SpiralConfig(**{**flavor.model, **fusions, **overrides, **job})
+        return SpiralConfig(**kwargs)
     except (ValueError, AssertionError) as e:
         if not isinstance(e, ConfigError) and not refused_by_megatron(e):
             raise  # not a refusal: a bug, ours or Megatron's

@@ -10,7 +10,8 @@ each once. What the job records beside each checkpoint comes from it: `keys` as 
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +40,10 @@ class Resolved:
 
     model: SpiralConfig
     """The model's config: flavor | fusion defaults | model.<field> | the job's keys."""
+
+    model_kwargs: Mapping[str, Any]
+    """The arguments `model` was built from (read-only): what a config that validates later is
+    made of, as Megatron-Bridge's model provider is (spiral_megatron/bridge/recipes.py)."""
 
     backend: str
     """The layer-spec backend: "local" or "transformer_engine"."""
@@ -91,11 +96,14 @@ def resolve_keys(keys: TrainingConfig, on_cpu: Optional[bool] = None) -> Resolve
     checks.check_heads(keys, arch)
     backend = model_config.backend(keys, on_cpu)
     fused, notes = fusions.defaults(not on_cpu, backend, arch)
-    spiral = model_config.build(keys, flavor, fused, overrides, model_config.job_fields(keys, on_cpu, backend))
+    kwargs = MappingProxyType({**flavor.model, **fused, **overrides,
+                               **model_config.job_fields(keys, on_cpu, backend)})
+    spiral = model_config.build(keys, kwargs)
     vocab = _padded(keys.tokenizer_vocab_size, keys)
     checks.check_model(keys, spiral, seq, vocab)
     return Resolved(
-        keys=keys, on_cpu=on_cpu, flavor=flavor.name, model=spiral, backend=backend, fusion_notes=tuple(notes),
+        keys=keys, on_cpu=on_cpu, flavor=flavor.name, model=spiral, model_kwargs=kwargs, backend=backend,
+        fusion_notes=tuple(notes),
         model_args=ModelArgs.from_config(spiral, vocab_size=vocab, max_sequence_length=seq),
         seq_length=seq, dtype=model_config.DTYPES[keys.precision], ddp=training.ddp_config(keys),
         optimizer=training.optimizer_config(keys), schedule=training.schedule(keys), data=data_settings(keys, seq),
