@@ -24,7 +24,7 @@ from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRe
 from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
 from megatron.bridge.models.conversion.param_mapping import AutoMapping, GatedMLPMapping, QKVMapping
 
-from spiral_megatron import SpiralGPTModel
+from spiral_megatron.model.spiral_gpt_model import SpiralGPTModel
 from spiral_megatron.bridge.provider import SpiralModelProvider
 from spiral_megatron.conversion import hf_config, hf_io, mapping
 

@@ -1,6 +1,8 @@
 """The package's imports point one way (issues 16, 23): no module reaches itself again through
 others, counting imports inside functions too, and each sub-package imports only from the
-sub-packages below it in docs/ARCHITECTURE.md's picture (LAYERS)."""
+sub-packages below it in docs/ARCHITECTURE.md's picture (LAYERS). Megatron-Bridge is imported by
+spiral_megatron.bridge alone, which nothing else imports (issue 22: `import megatron.bridge` takes
+20-30 s and needs the CPU shim where CUDA is absent)."""
 
 import ast
 from pathlib import Path
@@ -22,7 +24,7 @@ LAYERS = (
     ("spiral_megatron.job.build",),
     ("spiral_megatron.job.checkpoint",),
     ("spiral_megatron.conversion", "spiral_megatron.job.run"),
-    ("spiral_megatron.quantization", "spiral_megatron.analysis"),
+    ("spiral_megatron.quantization", "spiral_megatron.analysis", "spiral_megatron.bridge"),
     ("spiral_megatron", "spiral_megatron.job"),  # the package's lazy names; job/__init__ is empty
 )
 
@@ -132,3 +134,33 @@ def test_no_import_cycle():
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
+
+
+def bridge_importers(sources: Dict[str, str]) -> List[str]:
+    """`module -> target` for every import of megatron.bridge or spiral_megatron.bridge (anywhere in
+    the file) by a module outside spiral_megatron.bridge; `sources`: dotted name -> its code."""
+    found = []
+    for name, code in sources.items():
+        if name == "spiral_megatron.bridge" or name.startswith("spiral_megatron.bridge."):
+            continue
+        for node in ast.walk(ast.parse(code)):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if isinstance(node, ast.ImportFrom) and node.module in ("megatron", "spiral_megatron"):
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{name} -> {t}" for t in targets
+                      if t.split(".")[:2] in (["megatron", "bridge"], ["spiral_megatron", "bridge"])]
+    return sorted(found)
+
+
+def test_only_spiral_megatron_bridge_imports_megatron_bridge():
+    assert bridge_importers({name: path.read_text() for name, path in modules().items()}) == []
+
+
+def test_a_bridge_import_is_found():
+    sources = {"spiral_megatron.job.build": "def f():\n    from megatron.bridge.training import pretrain\n",
+               "spiral_megatron.conversion.x": "from spiral_megatron import bridge\n",
+               "spiral_megatron.model.y": "import megatron.core\nfrom megatron import core\n",
+               "spiral_megatron.bridge.recipes": "from megatron.bridge.training.config import ConfigContainer\n"}
+    assert bridge_importers(sources) == ["spiral_megatron.conversion.x -> spiral_megatron.bridge",
+                                         "spiral_megatron.job.build -> megatron.bridge.training"]
