@@ -109,21 +109,21 @@ def _load_into_torch_adam(checkpointing) -> None:
     step (`state_dict`: `len(steps) == 1`), and torch's Adam keeps the dummy step count after
     the load. The project's job meets both the same way (job/checkpoint/checkpointing.py): Megatron's
     own dummy state before the load, the checkpoint's step counts after it."""
-    from spiral_megatron.job.checkpoint.checkpointing import _prepare_state_for_loading, _restore_adam_steps
+    from spiral_megatron.job.checkpoint.checkpointing import prepare_state_for_loading, restore_adam_steps
 
     generate_state_dict, load_from_path = checkpointing.generate_state_dict, checkpointing._load_checkpoint_from_path
 
     @functools.wraps(generate_state_dict)
     def generate_with_state(ckpt_cfg, model, optimizer, *args, **kwargs):
         if optimizer is not None and (kwargs.get("optim_sd_kwargs") or {}).get("is_loading"):
-            _prepare_state_for_loading(optimizer)
+            prepare_state_for_loading(optimizer)
         return generate_state_dict(ckpt_cfg, model, optimizer, *args, **kwargs)
 
     @functools.wraps(load_from_path)
     def load_with_steps(load_dir, state, model, optimizer, *args, **kwargs):
         result = load_from_path(load_dir, state, model, optimizer, *args, **kwargs)
         if optimizer is not None:
-            _restore_adam_steps(optimizer)
+            restore_adam_steps(optimizer)
         return result
 
     checkpointing.generate_state_dict, checkpointing._load_checkpoint_from_path = generate_with_state, load_with_steps

@@ -292,7 +292,7 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     model_sd = parts.module.sharded_state_dict()
     request = {"model": model_sd}
     if load_optim:
-        _prepare_state_for_loading(parts.optimizer)
+        prepare_state_for_loading(parts.optimizer)
         saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
         request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=saved)
     load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
@@ -305,7 +305,7 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     if load_optim:
         with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
             _load_optimizer(parts.optimizer, state["optimizer"])
-        _restore_adam_steps(parts.optimizer)
+        restore_adam_steps(parts.optimizer)
     else:
         parts.optimizer.reload_model_params()  # its main (fp32) copies from the loaded weights
     parts.scheduler.load_state_dict(common["scheduler"])
@@ -330,7 +330,7 @@ def _load_optimizer(optimizer, state) -> None:
     (no apex/TE, e.g. CPU): there Megatron (0.16.1, 0.19.2) copies the loaded tensors into every
     tensor of each parameter's Adam state, torch's step count included, which the checkpoint
     keeps in the param groups instead: KeyError 'step'. The same public steps are taken with
-    the step counts set aside while the parameter state loads (then `_restore_adam_steps`)."""
+    the step counts set aside while the parameter state loads (then `restore_adam_steps`)."""
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     torch_adam = _torch_adam_distributed(optimizer)
     states = [state] if len(chained) == 1 else (
@@ -349,7 +349,7 @@ def _load_optimizer(optimizer, state) -> None:
             opt.optimizer.state[param]["step"] = step
 
 
-def _prepare_state_for_loading(optimizer) -> None:
+def prepare_state_for_loading(optimizer) -> None:
     """Megatron 0.16's DistributedOptimizer over torch's Adam has no state to load into before
     its first step: give it Megatron's own dummy state (a zero-gradient step; the parameters
     it touches are overwritten by the load that follows)."""
@@ -359,7 +359,7 @@ def _prepare_state_for_loading(optimizer) -> None:
                 opt._init_optimizer_states_with_dummy_values()
 
 
-def _restore_adam_steps(optimizer) -> None:
+def restore_adam_steps(optimizer) -> None:
     """After loading, torch's Adam keeps the dummy step count (1) in its per-parameter state;
     the checkpoint's count is in the param groups (Megatron stores it there): copy it back,
     or the bias correction of the next step is wrong and the resume is not exact."""
