@@ -2,6 +2,11 @@ from setuptools import find_packages, setup
 
 MODELOPT = ["nvidia-modelopt>=0.47,<0.48", "requests", "huggingface_hub"]  # 0.47 tested; it imports the other two
 RESEARCH = ["matplotlib", "lm-eval[hf]", "tqdm"]  # tools/probe.py and ablate.py plots; lm-eval on HF folders
+# spiral_megatron.bridge (docs/BRIDGE.md): what megatron-bridge 0.6.2 imports to train and convert. Bridge
+# itself goes in with --no-deps: it declares Python 3.12, GPU-only packages (flashinfer, NVIDIA's
+# resiliency extension) and transformers<=5.12.1, below the HF model's 5.25 (the NeMo container has it).
+BRIDGE = ["omegaconf>=2.3", "hydra-core>=1.3.4,<1.4", "megatron-energon", "tensorboard>=2.19", "einops",
+          "datasets>=2.20", "rich", "typing_extensions", *MODELOPT]
 
 setup(
     name="spiral_megatron",
@@ -24,6 +29,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "modelopt": MODELOPT,
         "research": RESEARCH,
+        "bridge": ["transformers>=5.25,<6", "safetensors", *BRIDGE],  # plus megatron-bridge==0.6.2 --no-deps
         "dev": ["pytest", "pytest-timeout", "pytest-xdist", "accelerate", "peft", *RESEARCH, *MODELOPT],  # every test's needs
     },
 )
