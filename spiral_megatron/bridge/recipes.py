@@ -20,6 +20,7 @@ from spiral_megatron.bridge.provider import SpiralModelProvider
 from spiral_megatron.config import flavors
 from spiral_megatron.job.data import datasets as data, default_data
 from spiral_megatron.job.settings import config, resolve
+from spiral_megatron.job.settings.keys import FIELDS, ConfigError
 from spiral_megatron.job.settings.resolve import Resolved
 
 # The paper's training setup (docs/MODEL.md section 7), as examples/configs/spiral-*.yaml.
@@ -52,7 +53,7 @@ JOB_TO_BRIDGE = {
     "lr": "optimizer.lr",
     "min_lr": "optimizer.min_lr",
     "lr_warmup_iters": "scheduler.lr_warmup_iters",
-    "lr_warmup_fraction": "scheduler.lr_warmup_iters (the job's warmup in whole steps; Bridge's fraction does not round)",
+    "lr_warmup_fraction": "scheduler.lr_warmup_fraction (of the decay samples, not rounded to whole steps as the job's)",
     "lr_decay_iters": "scheduler.lr_decay_iters",
     "lr_decay_style": "scheduler.lr_decay_style",
     "weight_decay": "optimizer.weight_decay, scheduler.start_weight_decay, scheduler.end_weight_decay",
@@ -101,7 +102,12 @@ def resolved_job(flavor: str = "debug", **keys) -> Resolved:
     Megatron-LM aliases) over them, resolved and checked as the job resolves it."""
     flavors.get(flavor)  # a ValueError lists the known flavors
     defaults = {"model": flavor, "save": f"checkpoints/bridge-{flavor}", **FLAVOR_KEYS[flavor]}
-    return resolve.resolve_keys(config.keys_of(defaults, keys))
+    resolved = config.keys_of(defaults, keys)
+    for key in JOB_ONLY:  # read after the aliases are resolved
+        if getattr(resolved, key) != FIELDS[key].default:
+            raise ConfigError(f"{key} {getattr(resolved, key)!r}: a key of the project's own job, which "
+                              f"Megatron-Bridge has no field for (docs/BRIDGE.md); leave it out")
+    return resolve.resolve_keys(resolved)
 
 
 def pretrain_config(flavor: str = "debug", **keys) -> ConfigContainer:
@@ -151,13 +157,16 @@ def _same_fields(cls, megatron_config):
 
 
 def _scheduler(job: Resolved) -> SchedulerConfig:
-    """The job's schedule (job/settings/training.py): its warmup in whole steps (Bridge's
-    lr_warmup_fraction would not round), decay over lr_decay_iters (None: train_iters, as in
-    Bridge), constant weight decay."""
-    s = job.schedule
+    """The job's schedule (job/settings/training.py): linear warmup from 0 (a fraction of the
+    decay steps, so that it follows an overridden train.train_iters as the job's follows
+    --train-iters, or whole steps), decay over lr_decay_iters (None: train_iters, in both),
+    constant weight decay. Bridge does not round a warmup fraction to whole steps as the job
+    does: 0.0667 of 300 steps of 16 samples warms up over 320.16 samples, the job's over 320."""
+    s, keys = job.schedule, job.keys
     return SchedulerConfig(
-        lr_decay_style=s.lr_decay_style, lr_warmup_iters=s.lr_warmup_steps // job.keys.global_batch_size,
-        lr_warmup_init=s.init_lr, lr_decay_iters=job.keys.lr_decay_iters, start_weight_decay=s.start_wd,
+        lr_decay_style=s.lr_decay_style, lr_warmup_fraction=keys.lr_warmup_fraction,
+        lr_warmup_iters=0 if keys.lr_warmup_fraction is not None else keys.lr_warmup_iters,
+        lr_warmup_init=s.init_lr, lr_decay_iters=keys.lr_decay_iters, start_weight_decay=s.start_wd,
         end_weight_decay=s.end_wd, weight_decay_incr_style=s.wd_incr_style,
         override_opt_param_scheduler=s.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=s.use_checkpoint_opt_param_scheduler)
