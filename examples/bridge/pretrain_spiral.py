@@ -7,7 +7,7 @@ The recipe (`spiral_megatron.bridge.recipes.pretrain_config`) holds the project'
 the flavor; Bridge's usual overrides follow, as in Bridge's own examples: a YAML file of
 ConfigContainer fields, then Hydra-style `train.train_iters=20 model.tensor_model_parallel_size=2
 checkpoint.save=DIR optimizer.lr=1e-3 model.hidden_size=128` on the command line. Run again with
-the same checkpoint.save to resume (the recipe loads from its save folder).
+the same checkpoint.save to resume: checkpoint.load follows checkpoint.save unless given.
 """
 
 import argparse
@@ -30,12 +30,15 @@ def make_config(flavor: str, config_file, overrides):
     from spiral_megatron.bridge import recipes
 
     cfg = recipes.pretrain_config(flavor)
+    recipe_load = cfg.checkpoint.load
     merged, excluded = create_omegaconf_dict_config(cfg)
     if config_file:
         merged = OmegaConf.merge(merged, OmegaConf.load(config_file))
     if overrides:
         merged = parse_hydra_overrides(merged, overrides)
     apply_overrides(cfg, OmegaConf.to_container(merged, resolve=True), excluded)
+    if cfg.checkpoint.load == recipe_load:  # not overridden: resume where this run saves
+        cfg.checkpoint.load = cfg.checkpoint.save
     return cfg
 
 
