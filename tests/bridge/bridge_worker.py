@@ -56,6 +56,7 @@ def recipe_checks() -> dict:
     that differ), and that every flavor's ConfigContainer is made."""
     from spiral_megatron.bridge import recipes
     from spiral_megatron.config import flavors
+    from spiral_megatron.errors import ConfigError
     from spiral_megatron.job.settings import config
 
     root = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -66,7 +67,14 @@ def recipe_checks() -> dict:
         theirs = config.read(["--config", str(root / f"{yaml_name}.yaml")]).to_dict()
         differ[flavor] = sorted(k for k in ours if k != "save" and ours[k] != theirs[k])
     made = [name for name in flavors.names() if recipes.pretrain_config(name).model.hidden_size]
-    return {"differ_from_yaml": differ, "containers": made}
+    refused = {}
+    for key, value in (("log-json", "x.jsonl"), ("valid_seed", 7)):  # a Megatron-LM alias, a job key
+        try:
+            recipes.pretrain_config("debug", **{key: value})
+        except ConfigError as e:
+            refused[key] = str(e)
+    return {"differ_from_yaml": differ, "containers": made, "mapped": sorted(recipes.JOB_TO_BRIDGE),
+            "job_only": sorted(recipes.JOB_ONLY), "refused": refused}
 
 
 def pretrain_losses(cfg, forward_step=None) -> list:

@@ -72,8 +72,32 @@ def results(hf_folder, tmp_path_factory):
         pytest.fail(f"bridge_worker.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     report = json.loads((out / "results.json").read_text())
     report["launch_s"], report["out"] = time.time() - started, out
-    print(f"bridge worker: {report['launch_s']:.0f} s (import {report['import_s']:.0f} s)")
+    conv = {tp: (f"logits rel {r['logit_rel_diff']:.2e}", f"tensors {r['tensors']} max diff {r['max_tensor_diff']}")
+            for tp, r in report["convert"].items()}
+    print(f"\nbridge worker: {report['launch_s']:.0f} s (import {report['import_s']:.0f} s); losses "
+          f"{report['train']}; weights vs job {report['weights_tp2_sp']}; AutoBridge {conv}")
     return report
+
+
+def test_every_job_key_has_its_bridge_field(results):
+    """Each job key is mapped to a Bridge field or named as the job's own, and docs/BRIDGE.md's
+    table lists every one."""
+    import dataclasses
+
+    from spiral_megatron.job.settings.keys import TrainingConfig
+
+    mapped, job_only = results["recipes"]["mapped"], results["recipes"]["job_only"]
+    assert sorted(mapped + job_only) == sorted(f.name for f in dataclasses.fields(TrainingConfig))
+    doc = (ROOT / "docs" / "BRIDGE.md").read_text()
+    assert [k for k in mapped + job_only if f"`{k}`" not in doc] == []
+
+
+def test_job_only_keys_are_refused(results):
+    assert results["recipes"]["refused"] == {
+        "log-json": "log_json 'x.jsonl': a key of the project's own job, which Megatron-Bridge has no field for "
+                    "(docs/BRIDGE.md); leave it out",
+        "valid_seed": "valid_seed 7: a key of the project's own job, which Megatron-Bridge has no field for "
+                      "(docs/BRIDGE.md); leave it out"}
 
 
 def test_recipes_match_the_project_configs(results):
