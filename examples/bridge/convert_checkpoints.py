@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     from megatron.bridge import AutoBridge
 
     if args.direction == "import":
-        AutoBridge.import_ckpt(args.hf_model, args.megatron_path, trust_remote_code=True)
+        from megatron.bridge.training.model_load_save import temporary_distributed_context
+
+        with temporary_distributed_context(backend="gloo"):  # on the CPU, as Bridge's export_ckpt runs
+            AutoBridge.import_ckpt(args.hf_model, args.megatron_path, trust_remote_code=True)
     else:
         bridge = AutoBridge.from_hf_pretrained(args.hf_model, trust_remote_code=True)
         bridge.export_ckpt(args.megatron_path, args.hf_path, show_progress=False, source_path=args.hf_model)
