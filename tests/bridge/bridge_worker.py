@@ -108,7 +108,9 @@ def train_checks(out: Path) -> dict:
                                       load=str(out / "A"))
     resumed.checkpoint.ckpt_step = 2
     c = pretrain_losses(resumed)
-    d = pretrain_losses(recipes.pretrain_config("debug", **dict(TRAIN, train_iters=2), pipeline_parallel=2, save=None))
+    split = {"model.pipeline_split": "3,3"}  # prelude + 2 iterations | 2 iterations + coda: the core on both stages
+    d = pretrain_losses(recipes.pretrain_config("debug", **dict(TRAIN, train_iters=2), pipeline_parallel=2, save=None,
+                                                **split))
     return {"uninterrupted": a, "resumed": c, "pp2": d}
 
 
