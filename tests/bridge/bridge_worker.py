@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/bridge/bridge_worker.py OUT HF_FOLDER
 
 Bridge's `pretrain()` with the debug recipe: (A) 4 steps at DP 2 with the distributed optimizer,
-saving at 2 and 4; (C) the same resumed from A's step 2; (D) 2 steps at PP 2 (the core
+saving at 2 and 4; (C) the same resumed from A's step 2; (D) A's 4 steps at PP 2 (the core
 replicated on both stages). The provider at TP 2 + SP against the project's job build.
 AutoBridge at TP 1 and TP 2 on HF_FOLDER (made by tools/convert_to_hf.py's code): logits,
 exported tensors, the folder save_hf_pretrained writes, and import_ckpt to a Bridge checkpoint
@@ -109,8 +109,8 @@ def train_checks(out: Path) -> dict:
     resumed.checkpoint.ckpt_step = 2
     c = pretrain_losses(resumed)
     split = {"model.pipeline_split": "3,3"}  # prelude + 2 iterations | 2 iterations + coda: the core on both stages
-    d = pretrain_losses(recipes.pretrain_config("debug", **dict(TRAIN, train_iters=2), pipeline_parallel=2, save=None,
-                                                **split))
+    d = pretrain_losses(recipes.pretrain_config("debug", **TRAIN, use_distributed_optimizer=True, pipeline_parallel=2,
+                                                save=None, **split))
     return {"uninterrupted": a, "resumed": c, "pp2": d}
 
 
