@@ -349,7 +349,6 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
         seq, gbs = config.seq_length(cfg), cfg.global_batch_size
         split = agreed(lambda: data.check(cfg, source, tokenizer, seq))
         parts = build(cfg, tokenizer.vocab_size, layout.on_cpu)
-        agreed(lambda: checkpointing.check_format(parts, cfg))
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)
