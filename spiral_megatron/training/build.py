@@ -85,21 +85,36 @@ def model_config(cfg: TrainingConfig, on_cpu: bool) -> SpiralConfig:
 def ddp_config(cfg: TrainingConfig):
     """Megatron DDP as Megatron-LM runs it on GPUs: gradient reduction overlapped with the
     backward pass and, with the distributed optimizer, the parameter all-gather overlapped with
-    the next forward (`--overlap-grad-reduce --overlap-param-gather`); gradients reduced in fp32."""
+    the next forward (`--overlap-grad-reduce --overlap-param-gather`); gradients reduced in fp32;
+    buckets of `ddp_bucket_size` elements (None: Megatron's default, which DDP resolves)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=cfg.ddp_bucket_size,
         overlap_param_gather=cfg.use_distributed_optimizer,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
+
+
+def wrap_in_ddp(config, cfg: TrainingConfig, module):
+    """Megatron DDP (ddp_config) around this stage's `module`. Under the distributed optimizer a
+    core replicated on several stages first gets bucket boundaries that every stage shares
+    (pipeline.CoreReplicas.separate_buckets), whatever the bucket size."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel
+
+    from spiral_megatron.training.bucket_layout import bucket_size
+
+    if cfg.use_distributed_optimizer and getattr(module, "loop", None) is not None and module.core_replicas is not None:
+        size = bucket_size(cfg, parallel_state.get_data_parallel_world_size())
+        module.core_replicas.separate_buckets(module.loop.core, size)
+    return DistributedDataParallel(config, ddp_config(cfg), module)
 
 
 def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     """This pipeline stage of the SpiralGPTModel in Megatron DDP, Megatron's Adam and
     OptimizerParamScheduler. Weights are drawn layout-independently from `cfg.seed`."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -116,7 +131,7 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     if cfg.load:  # e.g. a checkpoint from tools/quantize.py keeps its quantizers (QAT)
         extra_state.restore(module, cfg.load)
     config = module.config
-    model = DistributedDataParallel(config, ddp_config(cfg), module)
+    model = wrap_in_ddp(config, cfg, module)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,

@@ -130,7 +130,7 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
 def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
     from megatron.core import dist_checkpointing
 
-    from spiral_megatron.training import optimizer_state
+    from spiral_megatron.training import bucket_layout, optimizer_state
 
     staging = checkpoint_files.staging_dir(root, iteration)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -163,7 +163,8 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
     distributed = bool(_torch_adam_distributed(parts.optimizer, any_backend=True))
     marker = checkpoint_files.record(iteration, layout, {
         "distributed": distributed,
-        "format": metadata["distrib_optim_sharding_type"] if distributed else None})
+        "format": metadata["distrib_optim_sharding_type"] if distributed else None,
+        **({"buckets": bucket_layout.record(parts)} if distributed else {})})
     folder = iteration_dir(root, iteration)
     if background is None:
         _barrier()  # every rank's shard and every side file is written

@@ -162,13 +162,15 @@ def every_rank_checks(cfg: TrainingConfig, layout: Layout) -> None:
 
 def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
     """The iteration `cfg.load` resumes from (None: from scratch), refused in one line before
-    anything is built if this run cannot read it (checkpoint_files)."""
-    from spiral_megatron.training import checkpoint_files
+    anything is built if this run cannot read it (checkpoint_files, bucket_layout)."""
+    from spiral_megatron.training import bucket_layout, checkpoint_files
 
     iteration = checkpoint_files.find_resumable(cfg.load, cfg.save)
     if iteration is not None:
         checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
                                     load_optim=not cfg.no_load_optim)
+        if not cfg.no_load_optim:
+            bucket_layout.check(cfg.load, iteration, cfg, layout["dp"])
     return iteration
 
 
