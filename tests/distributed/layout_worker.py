@@ -6,14 +6,14 @@
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
 layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's: build.wrap_in_ddp), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
-`get_forward_backward_func`, and `spiral_megatron.pipeline.finalize_model_grads`. Every case
+`get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
 global batches. Rank 0 saves, per case: the loss and gradient norm of every step, the full
 gradients of every step (TP shards gathered, PP stages merged under global names) unless
 the distributed optimizer shards them, and the full parameters after the last step.
 
 With `--save-at K` the first case also goes through the job's checkpointing
-(spiral_megatron.training.checkpointing.save and load) after step K, in each format of
+(spiral_megatron.job.checkpoint.checkpointing.save and load) after step K, in each format of
 `--formats`: a fresh build at this layout loads it and trains the remaining steps (`resumed`,
 which must equal the uninterrupted steps bit for bit); for `fully_reshardable`, rank 0 also keeps
 the live optimizer state at the save (`live_optimizer`: main parameters and Adam moments of every
@@ -31,11 +31,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
-from spiral_megatron import parallel, pipeline
+from spiral_megatron import parallel
+from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.training import checkpointing
-from spiral_megatron.training.build import Components, sync_params, wrap_in_ddp
-from spiral_megatron.training.config import TrainingConfig
+from spiral_megatron.job.checkpoint import checkpointing
+from spiral_megatron.job.build import Components, sync_params, wrap_in_ddp
+from spiral_megatron.job.settings.config import TrainingConfig
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3
@@ -105,7 +106,7 @@ def job_parts(module, model, optimizer) -> Components:
     """What the job's checkpointing saves and loads: the model, Adam and a constant LR schedule."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from spiral_megatron.model_args import ModelArgs
+    from spiral_megatron.model.model_args import ModelArgs
 
     scheduler = OptimizerParamScheduler(optimizer, init_lr=ADAM_LR, max_lr=ADAM_LR, min_lr=ADAM_LR, lr_warmup_steps=0,
                                         lr_decay_steps=1, lr_decay_style="constant", start_wd=0.01, end_wd=0.01,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.training import checkpoint_files
-from spiral_megatron.training.checkpoint_files import MARKER, TRACKER, CheckpointError
+from spiral_megatron.job.checkpoint import checkpoint_files
+from spiral_megatron.job.checkpoint.checkpoint_files import MARKER, TRACKER, CheckpointError
 from tests.integration.conftest import TINY, launch, logged
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
@@ -116,7 +116,8 @@ def test_dp_reshardable_state_refused_where_its_buckets_change(reference, cache_
     anything is built (megatron-core: an AssertionError once built). What keeps every bucket
     (iterations moved between stages that both hold the core, a DP change below the bucket
     size) resumes; a checkpoint saved before the buckets were recorded is judged by its config."""
-    from spiral_megatron.training import bucket_layout, config
+    from spiral_megatron.job.checkpoint import bucket_layout
+    from spiral_megatron.job.settings import config
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0] / "ckpt", ckpt)
@@ -179,7 +180,7 @@ def test_fully_reshardable_distributed_optimizer_resumes_at_other_layouts(refere
     one uninterrupted single-process run, within TP/PP summation-order noise. The PP2 run
     replicates the core on both stages and splits the gradient buffer into many padded buckets
     (--ddp-bucket-size 4000): where megatron-core's own save misplaced the state
-    (training/optimizer_state.py; tests/distributed/test_layouts.py reads such a save back)."""
+    (job/checkpoint/optimizer_state.py; tests/distributed/test_layouts.py reads such a save back)."""
     _, full, _ = reference
     save, args = tmp_path / "ckpt", (*TINY, "--use-distributed-optimizer", "true",
                                      "--dist-ckpt-optim-fully-reshardable", "true")
