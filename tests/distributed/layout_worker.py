@@ -4,7 +4,7 @@
         --tp 2 --pp 2 --split 3,3 --cases residual-8421,mesh-1111 --out results.pt
 
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
-layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's: build.wrap_in_ddp), the Adam of
+layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings, training.ddp_config, wrapped as the job does: build.wrap_in_ddp), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
 `get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
@@ -37,6 +37,7 @@ from spiral_megatron import SpiralGPTModel
 from spiral_megatron.job.checkpoint import checkpointing
 from spiral_megatron.job.build import Components, sync_params, wrap_in_ddp
 from spiral_megatron.job.settings.config import TrainingConfig
+from spiral_megatron.job.settings.training import ddp_config
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3
@@ -84,7 +85,7 @@ def build(case, args):
         dist_checkpointing.save(module.sharded_state_dict(), str(init))
     # The job's own DDP settings (overlapped gradient reduce; parameter all-gather with the
     # distributed optimizer; the bucket size), not a copy of them.
-    model = wrap_in_ddp(config, job_config(args), module)
+    model = wrap_in_ddp(ddp_config(job_config(args)), config, module)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=ADAM_LR, weight_decay=0.01, clip_grad=0.0,
                         use_distributed_optimizer=args.distributed_optimizer), [model])

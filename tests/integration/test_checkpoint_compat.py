@@ -117,14 +117,14 @@ def test_dp_reshardable_state_refused_where_its_buckets_change(reference, cache_
     (iterations moved between stages that both hold the core, a DP change below the bucket
     size) resumes; a checkpoint saved before the buckets were recorded is judged by its config."""
     from spiral_megatron.job.checkpoint import bucket_layout
-    from spiral_megatron.job.settings import config
+    from spiral_megatron.job.settings.resolve import resolve
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0] / "ckpt", ckpt)
     folder = ckpt / "iter_0000004"
     pp2 = ["--pipeline-parallel", "2", "--use-distributed-optimizer", "true"]
     write_record(folder, layout={"tp": 1, "pp": 2, "dp": 1}, optimizer=buckets_record())
-    check = lambda *flags, dp=1: bucket_layout.check(ckpt, 4, config.load([*pp2, *flags]), dp)  # noqa: E731
+    check = lambda *flags, dp=1: bucket_layout.check(ckpt, 4, resolve([*pp2, *flags]), dp)  # noqa: E731
     check()
     check("--model.pipeline_split", "2,4")  # the same layers on each stage
     check(dp=32)  # Megatron's bucket size stays 4e7 up to DP 40

@@ -8,7 +8,7 @@ stage's buckets follow from
 - the parameters it holds: TP (refused earlier: checkpoint_files.check_fits), PP, and which
   prelude and coda layers and whether a replica of the core it holds (`model.loop_placement`,
   `model.pipeline_split`, the pipeline plan: pipeline_plan.py);
-- Megatron DDP's bucket size (`ddp_bucket_size`, else max(4e7, 1e6 x DP)), which Megatron
+- Megatron DDP's bucket size (`ddp_bucket_size`, else max(4e7, 1e6 x DP): settings/training.py), which Megatron
   applies on the first stage only; the other buckets are closed by parameters shared across
   stages (the core's replicas, tied embeddings), whatever the size.
 All of it is known before anything is built, so a resume that cannot fit is refused then, in
@@ -24,15 +24,9 @@ import yaml
 
 from spiral_megatron.parallel import pipeline_plan
 from spiral_megatron.job.checkpoint.checkpoint_files import CheckpointError, iteration_dir, read_record
-from spiral_megatron.job.settings.keys import TrainingConfig
+from spiral_megatron.job.settings import training
 
 PIPELINE_KEYS = ("loop_placement", "pipeline_split")  # the model fields that place the layers
-
-
-def bucket_size(cfg: TrainingConfig, dp: int) -> int:
-    """Megatron DDP's bucket size for this run (distributed_data_parallel.py: the default
-    grows with DP so that each rank's part of a bucket stays large)."""
-    return cfg.ddp_bucket_size if cfg.ddp_bucket_size is not None else max(40_000_000, 1_000_000 * dp)
 
 
 def stage_parameters(plan) -> List[str]:
@@ -63,36 +57,35 @@ def record(parts) -> dict:
             "largest_first_stage_bucket": max(b.numel_unpadded for buf in ddp.buffers for b in buf.buckets)}
 
 
-def _plan(cfg: TrainingConfig, model: dict, folder: Path):
-    """(the pipeline plan, the SpiralConfig) of `cfg` with model fields `model`, at the saved
-    model's sequence length and vocabulary (the automatic split weighs them; a change of either
-    is refused later)."""
-    import torch
-
+def _plan(model, folder: Path):
+    """The pipeline plan of SpiralConfig `model` at the saved model's sequence length and
+    vocabulary (the automatic split weighs them; a change of either is refused later)."""
     from spiral_megatron.model.model_args import ModelArgs
-    from spiral_megatron.job.build import model_config
 
     saved = ModelArgs.load(folder / "model_args.json")
-    config = model_config(dataclasses.replace(cfg, model=model), on_cpu=not torch.cuda.is_available())
-    return pipeline_plan.plan(config, saved.max_sequence_length, saved.vocab_size, cfg.pipeline_parallel,
-                              config.loop_placement, config.pipeline_split), config
+    return pipeline_plan.plan(model, saved.max_sequence_length, saved.vocab_size,
+                              model.pipeline_model_parallel_size, model.loop_placement, model.pipeline_split)
 
 
-def _saved_pipeline(cfg: TrainingConfig, folder: Path, saved: Optional[dict]):
+def _saved_pipeline(job, folder: Path, saved: Optional[dict]):
     """(stages, loop_placement, pipeline_split) of the checkpoint: recorded, or for a checkpoint
-    saved before they were, planned from its config.yaml's model fields."""
+    saved before they were, planned from its config.yaml's model fields (resolved as this job's
+    keys with those fields)."""
+    from spiral_megatron.job.settings.resolve import resolve_keys
+
     if saved is not None:
         return saved["stages"], saved["loop_placement"], tuple(saved["pipeline_split"])
     model = yaml.safe_load((folder / "config.yaml").read_text()).get("model", {})
-    fields = {**{k: v for k, v in cfg.model.items() if k not in PIPELINE_KEYS},
+    fields = {**{k: v for k, v in job.keys.model.items() if k not in PIPELINE_KEYS},
               **{k: model[k] for k in PIPELINE_KEYS if k in model}}
-    plan, config = _plan(cfg, fields, folder)
+    config = resolve_keys(dataclasses.replace(job.keys, model=fields), on_cpu=job.on_cpu).model
+    plan = _plan(config, folder)
     return stage_parameters(plan), config.loop_placement, tuple(len(s.units) for s in plan)
 
 
-def check(load, iteration: int, cfg: TrainingConfig, dp: int) -> None:
-    """Refuse, before building, `dp_reshardable` distributed-optimizer state whose buckets this
-    run would lay out otherwise (same TP and PP: check_fits); `dp`: this run's DP size."""
+def check(load, iteration: int, job, dp: int) -> None:
+    """Refuse, before building, `dp_reshardable` distributed-optimizer state whose buckets the
+    resolved job `job` would lay out otherwise (same TP and PP: check_fits); `dp`: its DP size."""
     folder = iteration_dir(load, iteration)
     marker = read_record(folder)
     optimizer = marker["optimizer"] or {}
@@ -103,8 +96,9 @@ def check(load, iteration: int, cfg: TrainingConfig, dp: int) -> None:
             f"dp_reshardable format, stored per DDP bucket, which reloads only into the same buckets")
     tail = ("or pass --no-load-optim true (weights, LR schedule and data position; fresh Adam moments); "
             "saves with --dist-ckpt-optim-fully-reshardable true reload at any layout")
-    stages, placement, split = _saved_pipeline(cfg, folder, saved)
-    plan, config = _plan(cfg, cfg.model, folder)
+    stages, placement, split = _saved_pipeline(job, folder, saved)
+    config = job.model
+    plan = _plan(config, folder)
     if stage_parameters(plan) != stages:
         raise CheckpointError(
             f"{head}: saved with the pipeline stages [{' | '.join(stages)}] (model.loop_placement "
@@ -117,11 +111,11 @@ def check(load, iteration: int, cfg: TrainingConfig, dp: int) -> None:
         old_size, largest = saved["bucket_size"], saved["largest_first_stage_bucket"]
         how = f"its first stage's largest bucket {largest}"
     else:  # Megatron's default at the saved DP: the flag did not exist then
-        old_size, largest = max(40_000_000, 1_000_000 * old_dp), None
+        old_size, largest = training.bucket_size(dataclasses.replace(job.ddp, bucket_size=None), old_dp), None
         how = f"Megatron's default at DP {old_dp}; the checkpoint does not record its buckets"
-    new_size = bucket_size(cfg, dp)
+    new_size = training.bucket_size(job.ddp, dp)
     if new_size != old_size and (largest is None or largest >= min(old_size, new_size)):
-        given = "--ddp-bucket-size" if cfg.ddp_bucket_size is not None else f"Megatron's default at DP {dp}"
+        given = "--ddp-bucket-size" if job.ddp.bucket_size is not None else f"Megatron's default at DP {dp}"
         raise CheckpointError(
             f"{head}: saved with DDP buckets of {old_size} elements at DP {old_dp} ({how}); this run's are "
             f"{new_size} ({given}), which would bucket the first pipeline stage's gradients otherwise. Resume with "
