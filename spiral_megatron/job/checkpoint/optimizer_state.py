@@ -19,7 +19,7 @@ them, and where Megatron's save is right both write the same values. Two cases w
   (`get_parameter_state_dp_zero`) concatenates each bucket's unpadded part, dropping the padding
   between buckets, but `sharded_param_state_fully_reshardable` slices every parameter at its
   padded offset in the buffer: with several buckets, each parameter after the first padded one
-  was saved with another's values (docs/UPSTREAM-FULLY-RESHARDABLE.md). Here each parameter is
+  was saved with another's values (docs/upstream/megatron-core-fully-reshardable-padding.md). Here each parameter is
   sliced at its own offset in the gathered tensors.
 """
 
