@@ -128,9 +128,10 @@ class Preflight:
     resume_from: Optional[int]
 
 
-def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
+def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
     """Refuse, before any compute, what would fail later: fp8 without TE, bad folders, a save
     folder in use; fills `held` (the caller releases its lock whatever happens)."""
+    cfg = job.keys
     agreed(lambda: every_rank_checks(cfg, layout))
     if cfg.save:
         if layout.rank0:
@@ -141,7 +142,7 @@ def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
             if line and layout.rank0:
                 print(line, flush=True)
     if cfg.load:
-        held.resume_from = on_rank0(layout, lambda: resumable(cfg, checkpointing.parallel_layout()))
+        held.resume_from = on_rank0(layout, lambda: resumable(job, checkpointing.parallel_layout()))
         if held.resume_from is None and layout.rank0:
             print(f"load {cfg.load!r} is the --save folder and holds no checkpoint yet: starting from "
                   f"scratch (the first launch of a job that requeues with the same command)", flush=True)
@@ -166,15 +167,19 @@ def every_rank_checks(cfg: TrainingConfig, layout: Layout) -> None:
         checkpointing.check_writable(cfg.save)
 
 
-def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
-    """The iteration `cfg.load` resumes from (None: from scratch), refused in one line before
-    anything is built if this run cannot read it (checkpoint_files)."""
-    from spiral_megatron.job.checkpoint import checkpoint_files
+def resumable(job: Resolved, layout: dict) -> Optional[int]:
+    """The iteration `--load` resumes from (None: from scratch), refused in one line before
+    anything is built if this run cannot read it (checkpoint_files, bucket_layout)."""
+    from spiral_megatron.job.checkpoint import bucket_layout, checkpoint_files
+
+    cfg = job.keys
 
     iteration = checkpoint_files.find_resumable(cfg.load, cfg.save)
     if iteration is not None:
         checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
                                     load_optim=not cfg.no_load_optim)
+        if not cfg.no_load_optim:
+            bucket_layout.check(cfg.load, iteration, job, layout["dp"])
     return iteration
 
 
@@ -348,7 +353,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
     layout = start(job)
     held = Preflight(None, None)
     try:
-        preflight(cfg, layout, held)
+        preflight(job, layout, held)
         if layout.rank0:
             console.write_config(cfg)
             if cfg.print_config:
@@ -358,7 +363,6 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
         split = agreed(lambda: data.check(job.data, source, tokenizer))
         # A checkpoint from tools/quantize.py keeps its quantizers (QAT): restored before DDP wraps the module.
         parts = build(job, prepare=lambda module: extra_state.restore(module, cfg.load) if cfg.load else None)
-        agreed(lambda: checkpointing.check_format(parts, cfg))
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)

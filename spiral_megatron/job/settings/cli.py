@@ -44,7 +44,7 @@ GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
                   "clip_grad", "precision", "loss_scale", "fp8", "fp8_recipe", "seed",
                   "check_for_spiky_loss", "check_for_large_grads")),
     ("parallelism", ("tensor_parallel", "pipeline_parallel", "sequence_parallel",
-                     "use_distributed_optimizer", "backend", "check_memory")),
+                     "use_distributed_optimizer", "ddp_bucket_size", "backend", "check_memory")),
     ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
                        "use_checkpoint_opt_param_scheduler", "no_load_optim", "no_load_rng",
                        "dist_ckpt_optim_fully_reshardable")),

@@ -102,6 +102,11 @@ class TrainingConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
 
+    ddp_bucket_size: Optional[int] = None
+    """Elements per gradient bucket of Megatron DDP, as Megatron-LM's --ddp-bucket-size; None =
+    Megatron's max(4e7, 1e6 x data-parallel size). Megatron splits only the first pipeline
+    stage's gradients by size."""
+
     seed: int = 1234
     """Seed for model init and the training data order."""
 
