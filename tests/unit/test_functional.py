@@ -133,7 +133,7 @@ def test_mesh_step_gradients_are_autograds():
 def test_mesh_step_backward_in_low_precision(dtype):
     """The written-out backward runs in bf16 and fp16 (it mixed an fp32 gradient into a bf16
     matmul) and gives, per input, the fp32 gradients within the format's tolerance."""
-    from tests.gpu.compare import relative_error, tolerance
+    from tests.formats import relative_error, tolerance
 
     nb = 5
     inputs = [torch.randn(S, B, nb, 16), torch.randn(S, B, 16), torch.randn(S, B, 16), torch.randn(nb, 16),
