@@ -133,7 +133,7 @@ def test_mesh_step_gradients_are_autograds():
 def test_mesh_step_backward_in_low_precision(dtype):
     """The written-out backward runs in bf16 and fp16 (it mixed an fp32 gradient into a bf16
     matmul) and gives, per input, the fp32 gradients within the format's tolerance."""
-    from tests.gpu.compare import relative_error, tolerance
+    from tests.formats import relative_error, tolerance
 
     nb, gen = 5, torch.Generator().manual_seed(0)
     shapes = [(S, B, nb, 16), (S, B, 16), (S, B, 16), (nb, 16), (nb, 16)]

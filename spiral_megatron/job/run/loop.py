@@ -70,8 +70,6 @@ def start(job: Resolved) -> Layout:
     try:  # every rank finds the same: rank 0 says it
         if on_cpu and backend == "nccl":
             raise ConfigError("backend 'nccl' needs CUDA GPUs; this machine has none (use gloo or auto)")
-        if on_cpu and cfg.precision != "fp32":
-            raise ConfigError(f"precision {cfg.precision!r} is not supported on CPU; use fp32")
         checks.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
     except ConfigError as e:
         raise _reported(e, by_me=os.environ.get("RANK", "0") == "0")
@@ -208,6 +206,7 @@ class Trainer:
         self.large_grads = divergence.LargeValueCheck() if cfg.check_for_large_grads else None
         self.flags = step.StepFlags(layout.dp_size)  # each step's loss and exit flag, read a step late
         self.settled, self.exit_requested = None, False
+        self.skipped = 0  # steps the optimizer skipped since the last log line (fp16 overflows)
 
     def batches(self, dataset, start: int):
         return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
@@ -310,6 +309,7 @@ class Trainer:
                 raise NonFiniteLoss(self.stopped(f"spiky {name} {values[name]:.4g} (>= {check.describe()})",
                                                  settled.iteration))
         self.settled, self.last_stats = settled, values
+        self.skipped += settled.skipped
         self.exit_requested = self.exit_requested or settled.exit_requested
 
     def run(self, signals: ExitSignal) -> str:
@@ -330,7 +330,9 @@ class Trainer:
             evaluate = cfg.eval_interval and (self.iteration % cfg.eval_interval == 0 or last)
             val_loss = self.evaluate() if evaluate else None
             if log:
-                self.logger.log(self.iteration, self.consumed_samples, vars(self.settled), val_loss)
+                self.logger.log(self.iteration, self.consumed_samples,
+                                dict(vars(self.settled), skipped_iterations=self.skipped), val_loss)
+                self.skipped = 0
             elif val_loss is not None:
                 self.logger.log_eval(self.iteration, val_loss)
             if save:

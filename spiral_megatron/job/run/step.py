@@ -59,8 +59,9 @@ class Settled:
     loss: float
     grad_norm: Optional[float]
     lr: float
-    skipped: bool
+    skipped: bool  # the optimizer skipped the step (fp16: the scaled gradients overflowed)
     exit_requested: bool  # some rank had received SIGTERM/SIGINT when the step was reduced
+    loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the step
 
 
 class StepFlags:
@@ -128,11 +129,14 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
     success, grad_norm, _ = parts.optimizer.step()
     if success:
         parts.scheduler.step(increment=global_batch_size)
-    return _local_loss(losses, num_microbatches), {
+    host = {
         "grad_norm": float(grad_norm) if grad_norm is not None else None,  # a host float already
         "lr": parts.optimizer.param_groups[0]["lr"],
         "skipped": not success,
     }
+    if parts.module.config.fp16:  # Megatron's step read its overflow flag already: no added wait
+        host["loss_scale"] = parts.optimizer.get_loss_scale().item()
+    return _local_loss(losses, num_microbatches), host
 
 
 @torch.no_grad()

@@ -71,7 +71,8 @@ def bucket_size(ddp, dp: int) -> int:
 
 
 def optimizer_config(cfg: TrainingConfig):
-    """Megatron's Adam with the job's learning rate, weight decay, clipping and precision."""
+    """Megatron's Adam with the job's learning rate, weight decay, clipping and precision (fp16:
+    Megatron's grad scaler, static with `loss_scale`, else dynamic from the four loss-scale keys)."""
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
@@ -79,5 +80,7 @@ def optimizer_config(cfg: TrainingConfig):
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", loss_scale=cfg.loss_scale,
+        initial_loss_scale=cfg.initial_loss_scale, min_loss_scale=cfg.min_loss_scale,
+        loss_scale_window=cfg.loss_scale_window, hysteresis=cfg.hysteresis,
         params_dtype=DTYPES[cfg.precision], use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
