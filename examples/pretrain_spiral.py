@@ -30,13 +30,12 @@ def train(cfg, quiet=None) -> str:
 def main(argv) -> int:
     """Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving), 2 a check refused the job
     (one line naming the fix), 1 a non-finite loss or a failed save (one line). Any other
-    exception keeps its traceback, in the log and in torchrun's error file (`record`)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
+    exception propagates: `fatal.run` prints its traceback once, also into torchrun's error
+    file, and ends the process at once (so that the whole job ends)."""
     from spiral_megatron.training.console import HeldWarnings
 
     with HeldWarnings() as quiet:  # from before Megatron's imports warn (issue 17)
-        return record(_main)(argv, quiet)
+        return _main(argv, quiet)
 
 
 def _main(argv, quiet) -> int:
@@ -74,4 +73,6 @@ def _main(argv, quiet) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this module
-    sys.exit(main(sys.argv[1:]))
+    from spiral_megatron.training import fatal
+
+    fatal.run(main, sys.argv[1:])

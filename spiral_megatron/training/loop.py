@@ -338,7 +338,7 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
     """The whole job; raises ConfigError & co. before compute, NonFiniteLoss during it.
     `quiet`: the caller's harmless-warnings holder, reported once the save folder exists."""
     layout = start(cfg)
-    held = Preflight(None, None)
+    held, failed = Preflight(None, None), False
     try:
         preflight(cfg, layout, held)
         if layout.rank0:
@@ -378,7 +378,11 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
             late = quiet.report(cfg.save) if quiet is not None and layout.rank0 else None
             if late:  # warnings after the first step's line (e.g. at the first save)
                 print(late, flush=True)
+    except BaseException:
+        failed = True
+        raise
     finally:
         if held.lock is not None:
             held.lock.release()
-        parallel.destroy()
+        if not failed:  # a failed rank may have queued collectives its peers never join
+            parallel.destroy()
