@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron import parallel, pipeline_plan
-from spiral_megatron.training import checkpointing, config, console, data, divergence, memory, step
+from spiral_megatron.training import checkpointing, config, console, data, divergence, fatal, memory, step
 from spiral_megatron.training.build import Components, build
 from spiral_megatron.training.config import ConfigError, TrainingConfig
 from spiral_megatron.training.folder_lock import FolderLock
@@ -127,8 +127,9 @@ def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
     folder in use; fills `held` (the caller releases its lock whatever happens)."""
     agreed(lambda: every_rank_checks(cfg, layout))
     if cfg.save:
-        if layout.rank0:
-            held.lock = FolderLock(cfg.save)
+        if layout.rank0:  # losing the lock to another job ends this one (folder_lock.py)
+            held.lock = FolderLock(cfg.save, on_lost=lambda line: fatal.stop(f"pretrain_spiral: error: {line}"),
+                                   say=lambda line: print(line, flush=True))
         warning = on_rank0(layout, lambda: held.lock.acquire())
         recovered = on_rank0(layout, lambda: checkpointing.recover(cfg.save))
         for line in (warning, recovered):
