@@ -29,6 +29,8 @@ from typing import Callable, Optional
 from spiral_megatron.training.config import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+TRACKER_TMP = f".{TRACKER}.tmp"
+WRITE_TEST = ".write_test_"  # checkpointing.check_writable's probe file, + the pid
 MARKER = "spiral_checkpoint.json"
 STAGING, REPLACED = ".saving", ".replaced"  # suffixes of hidden folders next to iter_*
 ITERATION = re.compile(r"iter_(\d{7})")
@@ -86,16 +88,38 @@ def publish(root, iteration: int, marker: dict) -> None:
     """Rank 0, once every rank has written the staging folder: write MARKER into it, rename it
     in, then move the tracker to `iteration`."""
     staging, folder = staging_dir(root, iteration), iteration_dir(root, iteration)
-    (staging / MARKER).write_text(json.dumps(marker, indent=1))
+    _write_durably(staging / MARKER, json.dumps(marker, indent=1))
     replaced = _hidden(root, iteration, REPLACED)
     if folder.exists():  # e.g. a fresh run saving into an old run's folder
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(folder, replaced)
     os.replace(staging, folder)
-    tmp = Path(root) / f".{TRACKER}.tmp"
-    tmp.write_text(str(iteration))
+    tmp = Path(root) / TRACKER_TMP
+    _write_durably(tmp, str(iteration))
     os.replace(tmp, Path(root) / TRACKER)
+    _sync_folder(root)  # the renames themselves, before anything is deleted
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write `path` and flush it to the disk (a lost node must not leave an empty tracker)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_model_only(root, iteration: int, module, write_files: Callable[[Path], None],
@@ -129,6 +153,8 @@ def recover(root) -> Optional[str]:
         return None
     for stale in root.glob(f".iter_*{STAGING}"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in [root / TRACKER_TMP, *root.glob(f"{WRITE_TEST}*")]:  # files a kill left
+        stale.unlink(missing_ok=True)
     restored = []
     for old in sorted(root.glob(f".iter_*{REPLACED}")):
         folder = root / old.name[1:-len(REPLACED)]
@@ -142,22 +168,24 @@ def recover(root) -> Optional[str]:
     return None
 
 
-def find_resumable(load, save) -> Optional[int]:
+def find_resumable(load, save, job_files=()) -> Optional[int]:
     """The iteration to resume from, or None to start from scratch.
 
-    Only a `load` folder that is missing or empty (hidden files aside) and is also the `save`
-    folder starts fresh: the first launch of a requeued job. A folder that holds files but no
-    tracker (an iteration folder, a Hugging Face folder, a mistyped path) is an error saying
-    what it holds and what to pass instead; so is a tracker that is not a number or points at
-    a missing or incomplete folder.
+    Only a `load` folder that is also the `save` folder and holds nothing but what the job
+    writes before its first checkpoint (`job_files`: config.yaml, warnings.log, ...; hidden
+    files; iteration folders newer than a missing tracker) starts fresh: the first launch of a
+    requeued job, or one killed before its first checkpoint. A folder that holds other files
+    but no tracker (an iteration folder, a Hugging Face folder, a mistyped path) is an error
+    saying what it holds and what to pass instead; so is a tracker that is not a number or
+    points at a missing or incomplete folder.
     """
     root = Path(load)
     iteration = latest_iteration(root)
     if iteration is None:
         contents = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
         is_save = save is not None and Path(save).resolve() == root.resolve()
-        if is_save and all(ITERATION.fullmatch(name) for name in contents):
-            return None  # never saved into, or its first save was killed before the tracker moved
+        if is_save and all(ITERATION.fullmatch(name) or name in job_files for name in contents):
+            return None  # never saved into, or killed before the tracker first moved
         raise CheckpointError(_not_a_checkpoint(load, root, contents))
     folder = iteration_dir(root, iteration)
     if not folder.is_dir():

@@ -376,8 +376,8 @@ def check_writable(root) -> None:
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test_{os.getpid()}"
+        probe = root / f"{checkpoint_files.WRITE_TEST}{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None

@@ -166,11 +166,20 @@ def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
     anything is built if this run cannot read it (checkpoint_files)."""
     from spiral_megatron.training import checkpoint_files
 
-    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save)
+    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save, job_files(cfg))
     if iteration is not None:
         checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
                                     load_optim=not cfg.no_load_optim)
     return iteration
+
+
+def job_files(cfg: TrainingConfig) -> tuple:
+    """What this job writes into its --save folder before its first checkpoint."""
+    names = [console.CONFIG_FILE, console.WARNINGS_LOG]
+    for path in (cfg.log_json, cfg.tensorboard_dir):
+        if path and cfg.save and Path(path).resolve().parent == Path(cfg.save).resolve():
+            names.append(Path(path).name)
+    return tuple(names)
 
 
 def prepare_data(cfg: TrainingConfig, layout: Layout):
