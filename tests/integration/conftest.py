@@ -49,8 +49,14 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def environment(cache_dir) -> dict:
     """This environment minus any torch.distributed rendezvous of the test process itself."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SPIRAL_CACHE=str(cache_dir),
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=python_path(), SPIRAL_CACHE=str(cache_dir),
                 PYTHONWARNINGS="ignore")
+
+
+def python_path() -> str:
+    """ROOT, then this process's PYTHONPATH: a job runs the megatron-core release the tests
+    run (PYTHONPATH=.ci-mcore16 selects 0.16.1 beside 0.19.2, README)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 300, python: str = sys.executable):
