@@ -67,8 +67,15 @@ def record(iteration: int, layout: Optional[dict], optimizer: Optional[dict]) ->
 
 
 def read_record(folder) -> dict:
+    """MARKER's content; for a checkpoint saved before MARKER existed, what it would say
+    (old_checkpoints.py)."""
+    folder = Path(folder)
+    if not (folder / MARKER).exists() and ITERATION.fullmatch(folder.name):
+        from spiral_megatron.training import old_checkpoints
+
+        return old_checkpoints.derived_record(folder, int(folder.name[5:]))
     try:
-        return json.loads((Path(folder) / MARKER).read_text())
+        return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{str(Path(folder) / MARKER)!r} cannot be read ({e}): damaged checkpoint") from None
 
@@ -196,9 +203,14 @@ def find_resumable(load, save, job_files=()) -> Optional[int]:
     if not dist_checkpointing.check_is_distributed_checkpoint(str(folder)):
         raise CheckpointError(f"load {str(load)!r}: {folder.name} is not a complete Megatron distributed "
                               f"checkpoint (no valid metadata.json): damaged or incomplete")
-    if not (folder / MARKER).is_file():
-        raise CheckpointError(f"load {str(load)!r}: {folder.name} lacks {MARKER}, which every save writes "
-                              f"last: damaged or incomplete checkpoint")
+    if not (folder / MARKER).is_file():  # saved before MARKER existed, or damaged
+        from spiral_megatron.training.old_checkpoints import missing_parts
+
+        missing = missing_parts(folder)
+        if missing:
+            raise CheckpointError(f"load {str(load)!r}: {folder.name} lacks {MARKER}, which every save writes "
+                                  f"last, and is not a complete checkpoint of the format before it either "
+                                  f"({missing}): damaged or incomplete")
     return iteration
 
 
@@ -217,14 +229,15 @@ def _not_a_checkpoint(load, root: Path, contents: list) -> str:
     return f"{head}; the folder holds {shown}: pass the folder a training run saved into (--save)"
 
 
-def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, load_optim: bool) -> None:
+def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, load_optim: bool) -> dict:
     """Refuse, before loading, a checkpoint this run cannot read: one written by a newer
     megatron-core, or distributed-optimizer state whose format does not reshard to this run's
-    TP/PP layout (Megatron-LM's rule) or optimizer. `layout`: this run's {"tp", "pp", "dp"}."""
+    TP/PP layout (Megatron-LM's rule) or optimizer. `layout`: this run's {"tp", "pp", "dp"}.
+    Returns the checkpoint's record (read_record)."""
     folder = iteration_dir(load, iteration)
-    saved = read_record(folder)
+    saved = read_record(folder)  # pre-marker: its common state was just read, so this release reads it
     here, theirs = megatron_core_version(), saved["megatron_core"]
-    if _release(theirs) > _release(here):
+    if theirs is not None and _release(theirs) > _release(here):
         raise CheckpointError(
             f"load {str(load)!r}: {folder.name} was written by megatron-core {theirs}; this is megatron-core "
             f"{here}, which cannot read a newer release's checkpoints. Resume with megatron-core >= "
@@ -232,7 +245,7 @@ def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, 
             f"(tools/convert_to_hf.py there, tools/convert_from_hf.py here)")
     optimizer = saved["optimizer"]
     if not load_optim or optimizer is None:
-        return
+        return saved
     shown = lambda lay: f"TP{lay['tp']} PP{lay['pp']}"  # noqa: E731
     if optimizer["distributed"] != distributed_optimizer:
         kind = {True: "the distributed optimizer", False: "the plain optimizer"}
@@ -249,6 +262,7 @@ def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, 
             f"{shown(saved['layout'])}, or pass --no-load-optim true (weights, LR schedule and data "
             f"position; fresh Adam moments); saves with --dist-ckpt-optim-fully-reshardable true reload "
             f"at any layout")
+    return saved
 
 
 def _release(version: str) -> tuple:

@@ -168,8 +168,11 @@ def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
 
     iteration = checkpoint_files.find_resumable(cfg.load, cfg.save, job_files(cfg))
     if iteration is not None:
-        checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
-                                    load_optim=not cfg.no_load_optim)
+        record = checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
+                                             load_optim=not cfg.no_load_optim)
+        if record.get("pre_marker"):
+            print(f"load {cfg.load!r}: iteration {iteration} was saved before {checkpoint_files.MARKER} "
+                  f"existed; it is complete (Megatron's metadata, every shard, model_args.json)", flush=True)
     return iteration
 
 
