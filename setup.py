@@ -8,7 +8,7 @@ setup(
     version="0.1.0",
     description="SpiralFormer (looped multi-resolution transformer) on Megatron-Core",
     packages=find_packages(include=["spiral_megatron", "spiral_megatron.*"]),
-    package_data={"spiral_megatron": ["data/*", "hf/*.py"]},
+    package_data={"spiral_megatron": ["job/data/*", "hf/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -19,11 +19,11 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors", "tqdm"],
+        "hf": ["transformers>=5.25,<6", "safetensors", "tqdm"],  # 5.25: the Cache API SpiralCache implements
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
         "modelopt": MODELOPT,
         "research": RESEARCH,
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", *RESEARCH, *MODELOPT],  # every test's needs
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "accelerate", "peft", *RESEARCH, *MODELOPT],  # every test's needs
     },
 )

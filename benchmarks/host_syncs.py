@@ -69,7 +69,8 @@ def counting(counts: collections.Counter):
 
 def reads_of_run(steps: int, gpu_debug: bool) -> collections.Counter:
     """Reads inside Trainer.run of a `steps`-step debug job on mock data, by call site."""
-    from spiral_megatron.training import config, loop
+    from spiral_megatron.job.settings import config
+    from spiral_megatron.job.run import loop
 
     cfg = config.load(["--mock-data", "true", "--train-iters", str(steps), "--log-interval", str(steps),
                        "--eval-interval", "null", "--save", "null"],

@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from spiral_megatron import SpiralConfig, SpiralGPTModel, parallel
-from spiral_megatron.activation_memory import saved_for_backward
+from spiral_megatron.model.activation_memory import saved_for_backward
 
 MODES = {
     "none": {},

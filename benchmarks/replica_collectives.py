@@ -13,9 +13,11 @@ import argparse
 
 import torch
 
-from spiral_megatron import flavors, parallel, pipeline_plan
-from spiral_megatron.layer_specs import get_spiral_model_spec
-from spiral_megatron.loop import SpiralLoop
+from spiral_megatron.config import flavors
+from spiral_megatron import parallel
+from spiral_megatron.parallel import pipeline_plan
+from spiral_megatron.model.layer_specs import get_spiral_model_spec
+from spiral_megatron.model.loop import SpiralLoop
 
 
 def core(config):

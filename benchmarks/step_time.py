@@ -2,8 +2,8 @@
 
 Same unique transformer layers for all three, measured side by side in one process
 (interleaved rounds, median). Prints each measured time ratio next to the analytic FLOPs ratio
-from `spiral_megatron.flops`, the memory of each step and, on a GPU, the MFU (analytic training
-FLOPs per second / the device's peak from spiral_megatron.training.metrics, or --peak-tflops).
+from `spiral_megatron.config.flops`, the memory of each step and, on a GPU, the MFU (analytic training
+FLOPs per second / the device's peak from spiral_megatron.job.run.metrics, or --peak-tflops).
 Target (issue 9): spiral/looped measured ratio within 1.1x of the analytic ratio.
 
     python benchmarks/step_time.py [--hidden 512] [--seq 1024] [--rounds 5]          # CPU shape, 1+2R4+1
@@ -24,10 +24,11 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spiral_megatron import SpiralConfig, SpiralGPTModel, flavors, flops, parallel
-from spiral_megatron.activation_memory import saved_for_backward
-from spiral_megatron.layer_specs import get_spiral_model_spec
-from spiral_megatron.training.metrics import device_peak_tflops
+from spiral_megatron import SpiralConfig, SpiralGPTModel, parallel
+from spiral_megatron.config import flavors, flops
+from spiral_megatron.model.activation_memory import saved_for_backward
+from spiral_megatron.model.layer_specs import get_spiral_model_spec
+from spiral_megatron.job.run.metrics import device_peak_tflops
 
 
 def configs(args, on_gpu: bool):

@@ -3,7 +3,7 @@
     PYTHONPATH=. python docs/update_norms.py [--steps 100] [--seeds 0,1] [--out docs/update_norms.json]
 
 Trains the `debug` flavor (d=64, 1+2R4+1, chunk sizes 8,4,2,1) in one process on the bundled
-corpus (built on first use, see spiral_megatron.training.default_data) with AdamW and the
+corpus (built on first use, see spiral_megatron.job.data.default_data) with AdamW and the
 debug config's schedule, one run per variant and seed, and records at init and at a few steps:
     u/h   RMS of iteration t's token update u_t over the RMS of the state h_t it is added to
     u/h0  RMS of u_t over the RMS of the loop input h0 (its share of the final state, residual)
@@ -23,12 +23,13 @@ import time
 import numpy as np
 import torch
 
-from spiral_megatron import flavors, parallel
+from spiral_megatron.config import flavors
+from spiral_megatron import parallel
 from spiral_megatron import functional_spiral as F
-from spiral_megatron.layer_specs import get_spiral_model_spec
-from spiral_megatron.model import SpiralGPTModel
-from spiral_megatron.resampling import Allocate
-from spiral_megatron.training import default_data
+from spiral_megatron.model.layer_specs import get_spiral_model_spec
+from spiral_megatron.model.spiral_gpt_model import SpiralGPTModel
+from spiral_megatron.model.resampling import Allocate
+from spiral_megatron.job.data import default_data
 
 SEQ, BATCH, VAL = 128, 16, 32
 

@@ -58,10 +58,10 @@ def parse_args(argv=None):
 
 def bundled_data(out: Path) -> tuple:
     """(train prefix, [valid.jsonl], tokenizer dir) from the bundled corpus, made once."""
-    from spiral_megatron.data import corpus
-    from spiral_megatron.training import default_data
-    from spiral_megatron.training.preprocess import write_indexed_dataset
-    from spiral_megatron.training.tokenizer import Tokenizer
+    from spiral_megatron.job.data import corpus
+    from spiral_megatron.job.data import default_data
+    from spiral_megatron.job.data.preprocess import write_indexed_dataset
+    from spiral_megatron.job.data.tokenizer import Tokenizer
 
     folder = out / "data"
     prefix, valid, tok_dir = folder / "train_text_document", folder / "valid.jsonl", folder / "tokenizer"
@@ -107,7 +107,7 @@ def score(run_dir: Path, valid_rows) -> dict:
 
 def run_one(args, flavor, variant, lr, seed, data, valid_rows, vocab_size) -> dict:
     """Train (unless finished) and score one run; returns its result record."""
-    from spiral_megatron import flops
+    from spiral_megatron.config import flops
     from spiral_megatron.analysis import ablation
     from spiral_megatron.conversion import megatron_io
 
@@ -186,7 +186,7 @@ def _run(argv) -> int:
     import torch
 
     from spiral_megatron.analysis import ablation, data as adata
-    from spiral_megatron.training.tokenizer import Tokenizer
+    from spiral_megatron.job.data.tokenizer import Tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

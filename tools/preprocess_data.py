@@ -28,7 +28,7 @@ def parse_args(argv):
 
 
 def main(argv) -> int:
-    from spiral_megatron.training.preprocess import preprocess
+    from spiral_megatron.job.data.preprocess import preprocess
 
     args = parse_args(argv)
     try:

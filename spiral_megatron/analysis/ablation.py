@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from spiral_megatron import flavors, flops
+from spiral_megatron.config import flavors, flops
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def plot(rows: Sequence[Dict], path: str, title: str = "") -> None:
     else:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     ax.xaxis.set_major_formatter(EngFormatter(places=0, sep=" "))  # 250 G, not 2.5e11
-    ax.set_xlabel("training FLOPs (spiral_megatron.flops, whole run)")
+    ax.set_xlabel("training FLOPs (spiral_megatron.config.flops, whole run)")
     ax.set_ylabel("validation loss (held-out documents)")
     ax.set_title(title or "ablation: val loss vs training compute")
     ax.grid(True, which="both", alpha=0.3)

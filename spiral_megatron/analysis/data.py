@@ -21,8 +21,8 @@ def is_indexed_prefix(path: str) -> bool:
 def token_documents(paths: Sequence[str], tokenizer=None, text_key: str = "text") -> Iterator[np.ndarray]:
     """Token ids per document, in order. Indexed prefixes are read as they are (their
     documents already end with the end-of-document id); text/JSONL files need `tokenizer`
-    (spiral_megatron.training.tokenizer.Tokenizer) and get its eod id appended."""
-    from spiral_megatron.training.preprocess import read_documents, read_indexed_dataset
+    (spiral_megatron.job.data.tokenizer.Tokenizer) and get its eod id appended."""
+    from spiral_megatron.job.data.preprocess import read_documents, read_indexed_dataset
 
     for path in paths:
         if is_indexed_prefix(path):

@@ -66,7 +66,7 @@ def _from_megatron(load_dir: str, iteration: Optional[int]) -> Loaded:
 
 def load_tokenizer(loaded: Loaded, override: Optional[str] = None):
     """spiral_megatron's Tokenizer (with its eod id) of the model, or of `override`."""
-    from spiral_megatron.training.tokenizer import Tokenizer
+    from spiral_megatron.job.data.tokenizer import Tokenizer
 
     where = override or loaded.tokenizer_dir
     if where is None:

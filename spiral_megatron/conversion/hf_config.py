@@ -5,7 +5,7 @@ from typing import Optional
 
 from spiral_megatron.conversion.mapping import Shapes
 from spiral_megatron.hf.configuration_spiral import NORMALIZATIONS, SpiralFormerConfig
-from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.model.model_args import ModelArgs
 
 AUTO_MAP = {
     "AutoConfig": "configuration_spiral.SpiralFormerConfig",

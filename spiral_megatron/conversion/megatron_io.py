@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from spiral_megatron.conversion.mapping import StateDict
-from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.model.model_args import ModelArgs
 
 MODEL_ROOTS = ("embedding", "prelude", "loop", "coda", "output_layer")  # model tensors
 DROPPED_ROOTS = ("optimizer", "rng_state", "rerun_state_machine_state")  # not weights: dropped
@@ -104,7 +104,7 @@ def read_tensors(folder: Path) -> StateDict:
 
 def build_megatron(args: ModelArgs, **runtime):
     """A TP1 SpiralGPTModel on CPU for `args` (initialises a one-process group if needed)."""
-    from spiral_megatron.model_args import build_model
+    from spiral_megatron.model.model_args import build_model
 
     _ensure_process_group()
     runtime = {"use_cpu_initialization": True, "hidden_dropout": 0.0, "attention_dropout": 0.0, **runtime}
@@ -115,7 +115,7 @@ def write_checkpoint(save: str, iteration: int, args: ModelArgs, state: StateDic
                      tokenizer=None, force: bool = False) -> Path:
     """A checkpoint of `state` (local per-layer names) in the training script's layout, written
     and published as the job's saves are (checkpoint_files): a kill leaves no half folder."""
-    from spiral_megatron.training import checkpoint_files
+    from spiral_megatron.job.checkpoint import checkpoint_files
 
     model = build_megatron(args)
     missing, unexpected = model.load_state_dict(state, strict=False)

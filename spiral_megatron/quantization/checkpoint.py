@@ -19,8 +19,8 @@ import torch
 
 from spiral_megatron.quantization import levels
 from spiral_megatron.quantization.ptq import QuantRecipe
-from spiral_megatron.training.checkpointing import iteration_dir, latest_iteration
-from spiral_megatron.training.extra_state import ExtraState
+from spiral_megatron.job.checkpoint.checkpointing import iteration_dir, latest_iteration
+from spiral_megatron.job.checkpoint.extra_state import ExtraState
 
 RECIPE_FILE = "quantization.json"
 STATE_DIR = "modelopt_state"
@@ -102,5 +102,5 @@ def save_for_training(model: torch.nn.Module, folder) -> None:
         save_state(model, folder, recipe)
 
 
-# What the training job's entry point registers (training/extra_state.py).
+# What the training job's entry point registers (job/checkpoint/extra_state.py).
 TRAINING_HOOK = ExtraState(restore=restore_for_training, save=save_for_training)

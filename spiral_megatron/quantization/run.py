@@ -56,7 +56,8 @@ def build(source: Source, device: str = "cpu") -> torch.nn.Module:
 
 def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List[Dict[str, torch.Tensor]]:
     """The first `num_samples` validation samples of the job's data, as [b, s] batches."""
-    from spiral_megatron.training import config, data
+    from spiral_megatron.job.settings import config
+    from spiral_megatron.job.data import datasets as data
 
     cfg = config.load(["--config", str(folder / "config.yaml")])
     source = data.resolve(cfg, build_default=True)
@@ -147,7 +148,7 @@ def save(model: torch.nn.Module, source: Source, recipe: ptq.QuantRecipe, save_d
     """A model-only checkpoint in the training job's layout (what `--load` reads for QAT):
     the quantized model's dist checkpoint, modelopt state, recipe and the source's side files,
     written into a staging folder and published as the job's saves are (checkpoint_files)."""
-    from spiral_megatron.training import checkpoint_files
+    from spiral_megatron.job.checkpoint import checkpoint_files
 
     def write_files(staging: Path) -> None:
         checkpoint.save_state(model, staging, recipe)

@@ -6,7 +6,7 @@
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
 layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: build.ddp_config), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
-`get_forward_backward_func`, and `spiral_megatron.pipeline.finalize_model_grads`. Every case
+`get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
 global batches. Rank 0 saves, per case: the loss and gradient norm of every step, the full
 gradients of every step (TP shards gathered, PP stages merged under global names) unless
@@ -22,10 +22,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
-from spiral_megatron import parallel, pipeline
+from spiral_megatron import parallel
+from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.training.build import ddp_config, sync_params
-from spiral_megatron.training.config import TrainingConfig
+from spiral_megatron.job.build import ddp_config, sync_params
+from spiral_megatron.job.settings.config import TrainingConfig
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3

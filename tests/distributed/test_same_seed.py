@@ -3,7 +3,7 @@
 A user's first check on a new cluster: the same job from scratch at two layouts, same seed,
 must give the same loss curve. The training job (examples/pretrain_spiral.py, its own DDP and
 optimizer settings) runs 3 steps from scratch at each layout; every step's loss must equal the
-single process's (no shared checkpoint: each layout draws its own weights, spiral_megatron/init.py).
+single process's (no shared checkpoint: each layout draws its own weights, spiral_megatron/model/init.py).
 """
 
 import pytest

@@ -3,7 +3,7 @@ tests/gpu/compare.py compares.
 
     python tests/gpu/forward_worker.py --out RUN.pt (--save-weights W.pt | --load-weights W.pt) -- JOB FLAGS
 
-The model is the job's own (`training/build.py: build`, i.e. Megatron DDP, fusions, precision,
+The model is the job's own (`job/build.py: build`, i.e. Megatron DDP, fusions, precision,
 backend and attention from the job flags, e.g. `--precision bf16 --model.transformer_impl
 transformer_engine`), on the GPU where there is one, else on the CPU. `--save-weights` writes
 its seed-drawn weights in fp32 under their checkpoint keys (the keys Megatron's distributed
@@ -29,7 +29,7 @@ BATCH = 2
 def checkpoint_pieces(module):
     """{checkpoint key (@ the core's stacked layer index): this rank's view of it} of every
     parameter; at TP=PP=1 each view is the whole tensor."""
-    from spiral_megatron.init import _pieces, _sharded_params
+    from spiral_megatron.model.init import _pieces, _sharded_params
 
     out = {}
     sharded = _sharded_params(module)
@@ -62,8 +62,8 @@ def main(argv) -> None:
     job = [a for a in job if a != "--"]
 
     from spiral_megatron import parallel
-    from spiral_megatron.training import config
-    from spiral_megatron.training.build import build
+    from spiral_megatron.job.settings import config
+    from spiral_megatron.job.build import build
     from tests.gpu.compare import part_norms
 
     cfg = config.load(job, DEBUG)

@@ -10,7 +10,7 @@ tests/unit/test_gpu_compare.py.
 
 import pytest
 
-from spiral_megatron import flavors
+from spiral_megatron.config import flavors
 from tests.gpu.compare import forward_failures, loss_change_failures, tolerance
 from tests.gpu.conftest import forward, need, train
 

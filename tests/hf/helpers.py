@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.model.model_args import ModelArgs
 
 BASE = dict(hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, num_prelude_layers=1,
             num_core_layers=2, num_coda_layers=1, chunk_sizes=[4, 2, 1], hidden_dropout=0.0,
@@ -25,7 +25,7 @@ def model_args(vocab_size: int = PADDED_VOCAB, tied: bool = False, rope: str = "
 def build(args: ModelArgs, seed: int = 0, std: float = 0.15):
     """A Megatron model with large random weights (the default 0.02 init makes logits ~0 and
     parity checks vacuous); norms keep weight ~1."""
-    from spiral_megatron.model_args import build_model
+    from spiral_megatron.model.model_args import build_model
 
     model = build_model(args, use_cpu_initialization=True)
     g = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ def main(save: str, split: str = "2,3", finish: bool = True) -> None:
     from megatron.core import parallel_state as ps
 
     from spiral_megatron import parallel
-    from spiral_megatron.model_args import build_model
+    from spiral_megatron.model.model_args import build_model
     from tests.hf import helpers as H
 
     parallel.initialize(tensor_parallel=1, pipeline_parallel=2, seed=7, backend="gloo")

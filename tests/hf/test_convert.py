@@ -47,7 +47,8 @@ def _load(path):
 def test_folder_contents(hf_dir):
     names = {p.name for p in hf_dir.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "modeling_spiral.py",
-            "configuration_spiral.py", "functional_spiral.py", "layers_spiral.py", "loop_spiral.py", "tokenizer.json",
+            "configuration_spiral.py", "functional_spiral.py", "layers_spiral.py", "loop_spiral.py", "cache_spiral.py",
+            "padding_spiral.py", "tokenizer.json",
             "tokenizer_config.json", "megatron_vocab_padding.safetensors"} <= names
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spiral.SpiralForCausalLM"
@@ -87,7 +88,7 @@ def test_padding_inside_a_row_is_refused(hf_dir):
 def test_round_trip_is_bit_exact(ckpt, hf_dir, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from spiral_megatron.model_args import ModelArgs
+    from spiral_megatron.model.model_args import ModelArgs
 
     back = tmp_path / "back"
     assert convert_from_hf.main(["--load", str(hf_dir), "--save", str(back), "--iteration", "200"]) == 0

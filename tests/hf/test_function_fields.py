@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from spiral_megatron.conversion import hf_config
-from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.model.model_args import ModelArgs
 from tests.hf import helpers as H
 from tests.hf.test_parity import TOL, hf_from_megatron
 

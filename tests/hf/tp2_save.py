@@ -9,7 +9,7 @@ def main(save: str, finish: bool = True) -> None:
     from megatron.core import tensor_parallel
 
     from spiral_megatron import parallel
-    from spiral_megatron.model_args import build_model
+    from spiral_megatron.model.model_args import build_model
     from tests.hf import helpers as H
 
     parallel.initialize(tensor_parallel=2, pipeline_parallel=1, seed=7, backend="gloo")

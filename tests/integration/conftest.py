@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PYTHONPATH  # the repository, then the user's PYTHONPATH
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "pretrain_spiral.py"
 
@@ -49,14 +51,8 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def environment(cache_dir) -> dict:
     """This environment minus any torch.distributed rendezvous of the test process itself."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=python_path(), SPIRAL_CACHE=str(cache_dir),
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=PYTHONPATH, SPIRAL_CACHE=str(cache_dir),
                 PYTHONWARNINGS="ignore")
-
-
-def python_path() -> str:
-    """ROOT, then this process's PYTHONPATH: a job runs the megatron-core release the tests
-    run (PYTHONPATH=.ci-mcore16 selects 0.16.1 beside 0.19.2, README)."""
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 300, python: str = sys.executable):
@@ -74,7 +70,7 @@ def checkpoint_at(root, iteration: int, dest):
     """A checkpoint folder `dest` whose latest (only) checkpoint is `root`'s `iteration`."""
     import shutil
 
-    from spiral_megatron.training.checkpointing import TRACKER, iteration_dir
+    from spiral_megatron.job.checkpoint.checkpointing import TRACKER, iteration_dir
 
     shutil.copytree(iteration_dir(root, iteration), iteration_dir(dest, iteration))
     (Path(dest) / TRACKER).write_text(str(iteration))

@@ -46,7 +46,8 @@ def pause(*_):
 def plant(fault: str) -> None:
     from megatron.core import dist_checkpointing
 
-    from spiral_megatron.training import checkpointing, console, folder_lock, step
+    from spiral_megatron.job.checkpoint import checkpointing, folder_lock
+    from spiral_megatron.job.run import console, step
 
     kind, where, *rest = fault.split(":")
     rank = int(os.environ.get("RANK", "0"))
@@ -78,6 +79,6 @@ if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this m
     spec.loader.exec_module(job)
     plant(os.environ["SPIRAL_TEST_FAULT"])
 
-    from spiral_megatron.training import fatal
+    from spiral_megatron.job.run import fatal
 
     fatal.run(job.main, sys.argv[1:])

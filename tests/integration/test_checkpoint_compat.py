@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.training import checkpoint_files
-from spiral_megatron.training.checkpoint_files import MARKER, TRACKER, CheckpointError
+from spiral_megatron.job.checkpoint import checkpoint_files
+from spiral_megatron.job.checkpoint.checkpoint_files import MARKER, TRACKER, CheckpointError
 from tests.integration.conftest import TINY, checkpoint_at, launch, logged
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

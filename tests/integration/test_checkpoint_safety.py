@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.training import checkpointing
-from spiral_megatron.training.checkpointing import TRACKER
-from spiral_megatron.training.folder_lock import LOCK
+from spiral_megatron.job.checkpoint import checkpointing
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
+from spiral_megatron.job.checkpoint.folder_lock import LOCK
 from tests.integration.conftest import ROOT, TINY, command, environment, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from spiral_megatron.training import cli
-from spiral_megatron.training.config import ConfigError, TrainingConfig, load
+from spiral_megatron.job.settings import cli
+from spiral_megatron.job.settings.config import ConfigError, TrainingConfig, load
 from tests.integration.conftest import ROOT, SCRIPT
 
 DEFAULT = ROOT / "examples" / "configs" / "debug-cpu.yaml"

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron import flavors
+from spiral_megatron.config import flavors
 
-from spiral_megatron.training import config
-from spiral_megatron.training.config import ConfigError
+from spiral_megatron.job.settings import config
+from spiral_megatron.job.settings.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -70,7 +70,7 @@ def test_errors_name_key_and_value(argv, message):
 
 
 def test_pipeline_overrides_reach_the_model():
-    from spiral_megatron.training.build import model_settings
+    from spiral_megatron.job.build import model_settings
 
     cfg = config.load(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
     runtime = model_settings(cfg, on_cpu=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from spiral_megatron.training.checkpointing import TRACKER
-from spiral_megatron.training.folder_lock import LOCK
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
+from spiral_megatron.job.checkpoint.folder_lock import LOCK
 from tests.integration.conftest import ROOT, TINY, environment, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from spiral_megatron.training.checkpointing import TRACKER
-from spiral_megatron.training.divergence import LargeValueCheck
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
+from spiral_megatron.job.run.divergence import LargeValueCheck
 from tests.integration.conftest import TINY, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

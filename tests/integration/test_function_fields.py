@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.training import config, resume_check
-from spiral_megatron.training.build import make_model_args, model_config
+from spiral_megatron.job.settings import config
+from spiral_megatron.job.checkpoint import resume_check
+from spiral_megatron.job.build import make_model_args, model_config
 from tests.integration.conftest import ROOT, TINY, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
@@ -42,7 +43,7 @@ def trained(cache_dir, tmp_path_factory):
 
 def test_every_carried_function_field_is_varied():
     from spiral_megatron.conversion.hf_config import HF_FIXED
-    from spiral_megatron.model_args import RECORDED_FIELDS
+    from spiral_megatron.model.model_args import RECORDED_FIELDS
 
     varied = set(FUNCTION_VALUES) | set(NOT_VARIED)
     assert set(RECORDED_FIELDS) - {"activation_func_name"} - set(HF_FIXED) <= varied | {"activation_func"}
@@ -79,7 +80,7 @@ def _changed_args(name: str, vocab_size: int):
 
 @pytest.mark.parametrize("name", sorted(FUNCTION_VALUES))
 def test_resume_refuses_a_changed_function_field(trained, name):
-    from spiral_megatron.model_args import ModelArgs
+    from spiral_megatron.model.model_args import ModelArgs
 
     folder = trained / "iter_0000002"
     saved = ModelArgs.load(folder / "model_args.json")

@@ -6,10 +6,10 @@ import sys
 
 import numpy
 
-from spiral_megatron.data import corpus
-from spiral_megatron.training import default_data
-from spiral_megatron.training.preprocess import read_indexed_dataset
-from spiral_megatron.training.tokenizer import Tokenizer
+from spiral_megatron.job.data import corpus
+from spiral_megatron.job.data import default_data
+from spiral_megatron.job.data.preprocess import read_indexed_dataset
+from spiral_megatron.job.data.tokenizer import Tokenizer
 from tests.integration.conftest import ROOT, environment
 
 

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
 
 def test_resume_refuses_another_model_sequence_length_or_tokenizer(reference, cache_dir, tmp_path):
-    from spiral_megatron.data import corpus
-    from spiral_megatron.training.tokenizer import Tokenizer
+    from spiral_megatron.job.data import corpus
+    from spiral_megatron.job.data.tokenizer import Tokenizer
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0] / "ckpt", ckpt)

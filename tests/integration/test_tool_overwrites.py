@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.training.checkpointing import TRACKER
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import ROOT, environment
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

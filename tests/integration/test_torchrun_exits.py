@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from spiral_megatron.training.checkpointing import TRACKER
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import ROOT, TINY, command, environment, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

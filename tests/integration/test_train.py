@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from spiral_megatron.model_args import ModelArgs
-from spiral_megatron.training.checkpointing import TRACKER
+from spiral_megatron.model.model_args import ModelArgs
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import TINY, command, environment, launch, logged, ROOT
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
@@ -32,7 +32,7 @@ def test_checkpoint_layout_for_the_converters(reference, megatron):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from spiral_megatron.model_args import build_model
+    from spiral_megatron.model.model_args import build_model
 
     root = reference[0] / "ckpt"
     assert (root / TRACKER).read_text() == "4"

@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("modelopt.torch.quantization")
 
-from spiral_megatron import flavors  # noqa: E402
-from spiral_megatron.model_args import ModelArgs  # noqa: E402
+from spiral_megatron.config import flavors  # noqa: E402
+from spiral_megatron.model.model_args import ModelArgs  # noqa: E402
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 

@@ -16,7 +16,7 @@ def quantized_checkpoint(root, fmt, per_level=False):
     """A checkpoint folder (job layout, model only) of the debug model quantized with `fmt`."""
     from megatron.core import dist_checkpointing
 
-    from spiral_megatron.model_args import ModelArgs
+    from spiral_megatron.model.model_args import ModelArgs
     from spiral_megatron.quantization import checkpoint, ptq
 
     model = ptq.quantize(debug_model(), fmt, forward_loop, per_level=per_level)

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("modelopt.torch.quantization")
 
-from spiral_megatron import flavors  # noqa: E402
-from spiral_megatron.model_args import ModelArgs  # noqa: E402
+from spiral_megatron.config import flavors  # noqa: E402
+from spiral_megatron.model.model_args import ModelArgs  # noqa: E402
 from tests.quantization.test_calibration import BATCH, SEQ, VOCAB, batches, forward_loop  # noqa: E402
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases

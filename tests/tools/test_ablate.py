@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 import ablate  # noqa: E402
 
-from spiral_megatron import flops  # noqa: E402
+from spiral_megatron.config import flops  # noqa: E402
 from spiral_megatron.analysis import ablation  # noqa: E402
 
 

@@ -29,7 +29,7 @@ def test_sequences_are_consecutive_windows():
 
 def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus, tmp_path, capsys):
     from spiral_megatron.conversion.convert import load_hf
-    from spiral_megatron.training.tokenizer import Tokenizer
+    from spiral_megatron.job.data.tokenizer import Tokenizer
 
     common = ["--data", str(corpus), "--seq-length", "20", "--batch-size", "3"]
     assert evaluate_tool.main(["--model", str(checkpoint), "--out", str(tmp_path / "m.json"), *common]) == 0
@@ -48,7 +48,7 @@ def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus,
     assert math.isclose(a["loss"], ref, rel_tol=1e-5)
 
     # the same documents as an indexed dataset (documents end with the eod id already)
-    from spiral_megatron.training.preprocess import read_documents, write_indexed_dataset
+    from spiral_megatron.job.data.preprocess import read_documents, write_indexed_dataset
 
     prefix = str(tmp_path / "valid_text_document")
     write_indexed_dataset(read_documents([corpus]), tok, prefix)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spiral_megatron import SpiralConfig
-from spiral_megatron.layer_specs import get_spiral_model_spec, have_transformer_engine
+from spiral_megatron.model.layer_specs import get_spiral_model_spec, have_transformer_engine
 from tests.tiny import VOCAB, tiny_config, tiny_model
 
 BASE = dict(hidden_size=32, num_attention_heads=4, num_prelude_layers=1, num_core_layers=1,

@@ -4,8 +4,8 @@ third-party warnings held back (counted in one line, all in the save folder's lo
 import logging
 import warnings
 
-from spiral_megatron.training import console
-from spiral_megatron.training.metrics import duration, format_record
+from spiral_megatron.job.run import console
+from spiral_megatron.job.run.metrics import duration, format_record
 
 
 def test_progress_line_shows_the_total_and_the_time_left():

@@ -4,9 +4,9 @@
 import pytest
 import torch
 
-from spiral_megatron.layer_specs import get_spiral_model_spec
-from spiral_megatron.loop import SpiralLoop
-from spiral_megatron.pipeline import grad_regions
+from spiral_megatron.model.layer_specs import get_spiral_model_spec
+from spiral_megatron.model.loop import SpiralLoop
+from spiral_megatron.parallel.pipeline import grad_regions
 from tests.tiny import tiny_config
 
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from spiral_megatron.training.config import ConfigError
-from spiral_megatron.training.dataset_check import (check_splits, choose_split, open_corpus, parse_split,
+from spiral_megatron.job.settings.config import ConfigError
+from spiral_megatron.job.data.dataset_check import (check_splits, choose_split, open_corpus, parse_split,
                                                     split_ranges)
-from spiral_megatron.training.preprocess import write_indexed_dataset
+from spiral_megatron.job.data.preprocess import write_indexed_dataset
 
 
 class Ids:
@@ -75,8 +75,8 @@ def test_damaged_datasets(tmp_path):
 
 
 def test_data_of_another_tokenizer_is_refused_by_name(tmp_path):
-    from spiral_megatron.training.preprocess import preprocess
-    from spiral_megatron.training.tokenizer import Tokenizer
+    from spiral_megatron.job.data.preprocess import preprocess
+    from spiral_megatron.job.data.tokenizer import Tokenizer
 
     texts = tmp_path / "a.txt", tmp_path / "b.txt"
     texts[0].write_text("the quick brown fox jumps over the lazy dog " * 40)

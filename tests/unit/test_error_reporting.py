@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from spiral_megatron.training import fatal
-from spiral_megatron.training.checkpointing import SaveFailed
-from spiral_megatron.training.config import ConfigError
+from spiral_megatron.job.run import fatal
+from spiral_megatron.job.checkpoint.checkpointing import SaveFailed
+from spiral_megatron.job.settings.config import ConfigError
 from tests.conftest import ROOT
 
 

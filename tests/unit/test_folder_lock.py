@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from spiral_megatron.training.folder_lock import LOCK, FolderLock, FolderLocked, process_start
+from spiral_megatron.job.checkpoint.folder_lock import LOCK, FolderLock, FolderLocked, process_start
 
 
 def write_lock(folder, **holder):

@@ -135,18 +135,19 @@ def test_mesh_step_backward_in_low_precision(dtype):
     matmul) and gives, per input, the fp32 gradients within the format's tolerance."""
     from tests.gpu.compare import relative_error, tolerance
 
-    nb = 5
-    inputs = [torch.randn(S, B, nb, 16), torch.randn(S, B, 16), torch.randn(S, B, 16), torch.randn(nb, 16),
-              torch.randn(nb, 16)]
+    nb, gen = 5, torch.Generator().manual_seed(0)
+    shapes = [(S, B, nb, 16), (S, B, 16), (S, B, 16), (nb, 16), (nb, 16)]
+    inputs = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]  # the same values in both formats
     grads = {}
     for dt in (torch.float32, dtype):
-        leaves = [x.detach().to(dt).requires_grad_() for x in inputs]
+        leaves = [x.to(dt).requires_grad_() for x in inputs]
         h, slots = F.mesh_step(*leaves)
         assert h.dtype == slots.dtype == dt
         (h.float().sin().sum() + slots.float().cos().sum()).backward()
         grads[dt] = [x.grad for x in leaves]
         assert all(g.dtype == dt for g in grads[dt])
-    tol = tolerance(("fp32", "bf16" if dtype == torch.bfloat16 else "fp16"), depth=1, passes=2)
+    # the step rounds its result about four times on the way (logits, weights, slots, read)
+    tol = tolerance(("fp32", "bf16" if dtype == torch.bfloat16 else "fp16"), depth=4, passes=2)
     for name, got, want in zip(("slots", "u", "h", "write", "read"), grads[dtype], grads[torch.float32]):
         assert relative_error(got, want) <= tol, name
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from spiral_megatron import fusions
-from spiral_megatron.training import config
-from spiral_megatron.training.build import ddp_config
-from spiral_megatron.training.config import ConfigError
+from spiral_megatron.model import fusions
+from spiral_megatron.job.settings import config
+from spiral_megatron.job.build import ddp_config
+from spiral_megatron.job.settings.config import ConfigError
 
 DEBUG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "debug-cpu.yaml"
 BIG = ["--model", "spiral-1.4b", "--tokenizer-vocab-size", "50304", "--precision", "bf16", "--fp8", "e4m3"]
@@ -61,8 +61,8 @@ def test_local_spec_keeps_apex_norm_when_megatron_chose_it():
     from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from spiral_megatron.layer_specs import _sp_aware
-    from spiral_megatron.norm import TorchNorm
+    from spiral_megatron.model.layer_specs import _sp_aware
+    from spiral_megatron.model.norm import TorchNorm
 
     assert _sp_aware(FusedLayerNorm) is FusedLayerNorm
     assert _sp_aware(WrappedTorchNorm) is TorchNorm

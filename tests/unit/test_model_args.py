@@ -2,8 +2,8 @@
 
 import json
 
-from spiral_megatron import flavors
-from spiral_megatron.model_args import ModelArgs
+from spiral_megatron.config import flavors
+from spiral_megatron.model.model_args import ModelArgs
 
 
 def test_a_file_without_scale_embeddings_keeps_unscaled_embeddings(tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import yaml
 import torch.nn.functional as F
 
-from spiral_megatron.config import SpiralConfig
-from spiral_megatron.training import config
-from spiral_megatron.training.build import model_config, model_settings
-from spiral_megatron.training.config import ConfigError
+from spiral_megatron.config.spiral_config import SpiralConfig
+from spiral_megatron.job.settings import config
+from spiral_megatron.job.build import model_config, model_settings
+from spiral_megatron.job.settings.config import ConfigError
 
 DEBUG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "debug-cpu.yaml"
 HINTS = typing.get_type_hints(SpiralConfig)

@@ -2,8 +2,9 @@
 
 import pytest
 
-from spiral_megatron import flavors, flops, pipeline_plan
-from spiral_megatron.pipeline_plan import Unit
+from spiral_megatron.config import flavors, flops
+from spiral_megatron.parallel import pipeline_plan
+from spiral_megatron.parallel.pipeline_plan import Unit
 
 
 def spiral_160m():

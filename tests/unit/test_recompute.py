@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.activation_memory import saved_for_backward
+from spiral_megatron.model.activation_memory import saved_for_backward
 from tests.tiny import VOCAB, tiny_config
 
 SEQ = 32

@@ -2,8 +2,8 @@
 
 import pytest
 
-from spiral_megatron import schedule
-from spiral_megatron.schedule import Level
+from spiral_megatron.config import schedule
+from spiral_megatron.config.schedule import Level
 
 
 def test_coarse_to_fine_levels_and_shifts():

@@ -10,10 +10,10 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 
-from spiral_megatron.activation_memory import saved_for_backward
-from spiral_megatron.layer_specs import core_attention_for, get_spiral_model_spec
-from spiral_megatron.loop import causal_mask
-from spiral_megatron.sdpa_attention import SDPAttention, is_causal_mask
+from spiral_megatron.model.activation_memory import saved_for_backward
+from spiral_megatron.model.layer_specs import core_attention_for, get_spiral_model_spec
+from spiral_megatron.model.loop import causal_mask
+from spiral_megatron.model.sdpa_attention import SDPAttention, is_causal_mask
 from tests.tiny import VOCAB, tiny_config, tiny_model
 
 NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
@@ -239,7 +239,7 @@ def test_spec_follows_the_config_on_cpu():
 
 
 def test_fusions_name_the_attention_where_sdpa_replaces_megatrons_softmax(monkeypatch):
-    from spiral_megatron import fusions
+    from spiral_megatron.model import fusions
 
     monkeypatch.setattr(fusions, "_module_exists", lambda name: True)  # every kernel importable
     monkeypatch.setattr(fusions, "_te_rope_available", lambda: True)

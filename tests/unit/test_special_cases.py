@@ -16,7 +16,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from spiral_megatron import flavors, flops
+from spiral_megatron.config import flavors, flops
 from tests.tiny import VOCAB, tiny_model
 
 SEQ = 24

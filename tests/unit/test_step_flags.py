@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from spiral_megatron.training import data, step
+from spiral_megatron.job.data import datasets as data
+from spiral_megatron.job.run import step
 
 
 def test_step_flags_hand_back_the_previous_step_then_settle_the_last(megatron):

@@ -1,1 +1,0 @@
-"""The embedded default corpus (see corpus.py and README.md in this folder)."""

@@ -1,0 +1,383 @@
+"""Checkpoints: Megatron dist_checkpointing plus the files the converters read.
+
+The folder layout, completeness, the record of who wrote a checkpoint and the publishing of a
+save are in checkpoint_files.py. Each iteration folder also holds (the Hugging Face converter
+depends on them):
+    model_args.json   the architecture (spiral_megatron.model.model_args)
+    config.yaml       the resolved TrainingConfig
+    tokenizer/        tokenizer.json + tokenizer_config.json
+State: `model` (the module's sharded_state_dict, so plain-tensor keys are parameter names),
+`optimizer`, `scheduler`, `rng` (per rank), `iteration`, `consumed_samples`, `layout`, `config`.
+A model-only checkpoint (what tools/convert_from_hf.py writes: `model` and model_args.json)
+also loads: weights only, the optimizer and the LR schedule start fresh.
+
+Saves may run in the background (`async_save`, Megatron's AsyncCallsQueue): publishing then
+happens when every rank's write has finished.
+"""
+
+import os
+import random
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+
+from spiral_megatron.job.checkpoint import checkpoint_files, extra_state
+from spiral_megatron.job.build import Components, sync_params
+from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
+                                                       iteration_dir, latest_iteration, recover)
+from spiral_megatron.job.settings.config import ConfigError
+
+
+def optimizer_format(cfg) -> dict:
+    """The distributed optimizer's checkpoint format, chosen as Megatron-LM does: its default
+    `dp_reshardable` (each rank writes its own buckets, no gather; reloads at the saved TP/PP
+    only) or, with `dist_ckpt_optim_fully_reshardable`, `fully_reshardable` (gathered into
+    parameter shapes; reloads at any layout). megatron-core's own default,
+    "fully_sharded_model_space", needs flattened ShardedTensors, which 0.16 refuses."""
+    fully = cfg is not None and cfg.dist_ckpt_optim_fully_reshardable
+    return {"distrib_optim_sharding_type": "fully_reshardable" if fully else "dp_reshardable"}
+
+
+def check_format(parts: Components, cfg) -> None:
+    """Refuse `fully_reshardable` where megatron-core (0.16.1, 0.19.2) would save it wrong: its
+    gather drops the padding between a gradient buffer's buckets but slices parameters at
+    padded offsets, so every parameter after a padded bucket gets another's state. One bucket
+    (the default) is fine; the core replicated on several pipeline stages is three more
+    (pipeline.py), as are word embeddings tied across stages. Found with a PP2 save read back."""
+    if not (cfg.use_distributed_optimizer and cfg.dist_ckpt_optim_fully_reshardable):
+        return
+    padded = [bucket for buffer in getattr(parts.model, "buffers", []) for bucket in buffer.buckets[:-1]
+              if bucket.grad_data.numel() != bucket.numel_unpadded]
+    if padded:
+        raise ConfigError(
+            f"dist_ckpt_optim_fully_reshardable: this layout (TP{cfg.tensor_parallel} "
+            f"PP{cfg.pipeline_parallel}) splits the gradient buffer into padded buckets, where "
+            f"megatron-core saves fully_reshardable optimizer state misplaced (docs/CHECKPOINTS.md). "
+            f"Save in the default format (resumes at the same TP/PP; --no-load-optim true elsewhere), "
+            f"or at a layout that keeps the core on one pipeline stage")
+
+
+class SaveFailed(ConfigError):
+    """Writing a checkpoint failed (a full disk, a broken mount); the latest complete one is kept."""
+
+
+def start_save_helper() -> None:
+    """Start Megatron's checkpoint-writing helper now, with SIGTERM ignored in it.
+
+    dist_checkpointing's writer reports through a queue served by a `spawn`ed manager process,
+    started at the first save and reused after. That process ignores SIGINT but not SIGTERM,
+    so a SIGTERM sent to the whole process group (SLURM preemption, `scancel`, torchrun's
+    agent) killed it, and the exit save then failed with BrokenPipeError. A spawned child
+    inherits an ignored signal: start it while SIGTERM is ignored, before our own handler.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "get_write_results_queue", None)  # megatron-core >= 0.17
+    queue = queue or getattr(filesystem_async, "_get_write_results_queue")  # 0.16
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        queue()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def parallel_layout() -> dict:
+    """This run's parallel layout: {"tp", "pp", "dp"} sizes."""
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_object(layout: dict, state=None):
+    """This rank's RNG states as one ShardedObject of a (pp, tp, dp) grid."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    if state is None:
+        state = {"random": random.getstate(), "numpy": numpy.random.get_state(),
+                 "torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    return ShardedObject(
+        "rng_state", state, (layout["pp"], layout["tp"], layout["dp"]),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+         ps.get_data_parallel_rank()), replica_id=0,
+    )
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, tokenizer,
+         background=None, extra: Optional[dict] = None) -> Path:
+    """Save every rank's state into a staging folder, then publish it (`_publish`).
+
+    With `background` (a BackgroundSaves), Megatron writes the tensors in a forked process
+    and the publishing waits for `background.finalize`; else it happens before returning.
+    `extra` goes into the common state (e.g. the last step's loss, for the NaN message).
+    A file-system error (full disk, broken mount) becomes SaveFailed, naming what is kept.
+    """
+    try:
+        return _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra)
+    except OSError as e:
+        if isinstance(e, ConnectionError):  # a peer rank died: not this save's fault
+            raise
+        latest = latest_iteration(root)
+        kept = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
+        raise SaveFailed(f"saving iteration {iteration} failed: {e.strerror or e} "
+                         f"({e.filename or 'no file named'}); the last complete checkpoint is still "
+                         f"the latest: {kept}") from e
+
+
+def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
+    from megatron.core import dist_checkpointing
+
+    staging = checkpoint_files.staging_dir(root, iteration)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted earlier save of this iteration
+        staging.mkdir(parents=True)
+    _barrier()
+    layout = parallel_layout()
+    sync_params(parts.model)  # the weights must be current: overlap_param_gather defers their all-gather
+    model_sd = parts.module.sharded_state_dict()
+    metadata = optimizer_format(cfg)
+    state = {
+        "model": model_sd,
+        "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=metadata),
+        "scheduler": parts.scheduler.state_dict(),
+        "rng": _rng_object(layout),
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "layout": layout,
+        "config": cfg.to_dict(),
+        "extra": extra or {},
+    }
+    request = dist_checkpointing.save(state, str(staging), **_async_arguments(background))
+    extra_state.save(parts.module, staging)  # e.g. a quantized model's modelopt state (QAT)
+    if rank0:
+        parts.model_args.save(staging / "model_args.json")
+        (staging / "config.yaml").write_text(cfg.to_yaml())
+        if hasattr(tokenizer, "save"):
+            tokenizer.save(staging / "tokenizer")
+    distributed = bool(_torch_adam_distributed(parts.optimizer, any_backend=True))
+    marker = checkpoint_files.record(iteration, layout, {
+        "distributed": distributed,
+        "format": metadata["distrib_optim_sharding_type"] if distributed else None})
+    folder = iteration_dir(root, iteration)
+    if background is None:
+        _barrier()  # every rank's shard and every side file is written
+        _publish(root, iteration, marker)
+        return folder
+    background.schedule(request, lambda: _publish(root, iteration, marker), folder)
+    return folder
+
+
+def _async_arguments(background) -> dict:
+    """dist_checkpointing.save's arguments for a background save. megatron-core >= 0.19 defaults
+    to NVIDIA Resiliency Extension's async writer; Megatron's own ("mcore") is the one whose
+    request fits megatron.core's AsyncCallsQueue and whose helper `start_save_helper` starts."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if background is None:
+        return {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        return {"async_sharded_save": True, "async_strategy": "mcore"}
+    return {"async_sharded_save": True}
+
+
+def _publish(root, iteration: int, marker: dict) -> None:
+    """Rank 0 publishes the staging folder (checkpoint_files.publish) that every rank has written."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        checkpoint_files.publish(root, iteration, marker)
+    _barrier()
+
+
+class BackgroundSaves:
+    """Megatron's asynchronous checkpoint save (megatron.core's AsyncCallsQueue), as Megatron-LM's
+    `--async-save`: tensors are written by a forked process (a copy-on-write snapshot of this
+    step's state) while training goes on; each save is published when all ranks have written it.
+    """
+
+    def __init__(self, rank0: bool):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue, self.rank0 = AsyncCallsQueue(persistent=False), rank0
+
+    def schedule(self, request, publish, folder: Path) -> None:
+        def done():
+            publish()
+            if self.rank0:
+                print(f"saved checkpoint {folder}", flush=True)
+
+        request.add_finalize_fn(done)
+        self.queue.schedule_async_request(request)
+        if self.rank0:
+            print(f"saving checkpoint {folder} in the background", flush=True)
+
+    def finalize(self, blocking: bool) -> None:
+        """Publish the saves every rank has finished writing (all of them when `blocking`).
+        A collective: every rank calls it at the same point."""
+        self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+    def close(self) -> None:
+        self.queue.close()
+
+
+@dataclass
+class Restored:
+    """What `load` restored: the iteration, and the data position unless only weights were there."""
+
+    iteration: int
+    consumed_samples: Optional[int]
+    weights_only: bool
+    extra: Optional[dict] = None
+
+
+def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
+    """Restore the latest checkpoint under `root`, after checking it fits this run.
+
+    The model reshards to this run's TP/PP layout, as does the optimizer state (the plain
+    optimizer's and `fully_reshardable` state carry the model's keys; `dp_reshardable` state
+    was refused before this if the TP/PP layout changed: checkpoint_files.check_fits). RNG
+    states are restored only when the layout is the saved one. A model-only checkpoint (no
+    optimizer tensors, no scheduler) restores the weights and leaves the freshly built
+    optimizer and scheduler as they are; so does `no_load_optim` for the optimizer (Megatron-
+    LM's flag; our choice: the LR schedule and the data position still continue). Another
+    architecture, sequence length, tokenizer or LR schedule is refused first (resume_check).
+    """
+    from megatron.core import dist_checkpointing
+
+    from spiral_megatron.model.model_args import ModelArgs
+    from spiral_megatron.job.checkpoint import resume_check
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise CheckpointError(f"load {str(root)!r}: no {TRACKER} (no complete checkpoint)")
+    folder = str(iteration_dir(root, iteration))
+    record = checkpoint_files.read_record(folder)
+    common = dist_checkpointing.load_common_state_dict(folder)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    weights_only = "scheduler" not in common
+    resume_check.check_model(Path(folder), ModelArgs.load(Path(folder) / "model_args.json"),
+                             parts.model_args, tokenizer, weights_only)
+    if not weights_only and cfg is not None:
+        for line in (resume_check.check_schedule(Path(folder), common["scheduler"], parts.scheduler, cfg),
+                     resume_check.other_differences(common.get("config"), cfg)):
+            if line and rank0:
+                print(line, flush=True)
+    load_optim = not weights_only and not (cfg is not None and cfg.no_load_optim)
+    model_sd = parts.module.sharded_state_dict()
+    request = {"model": model_sd}
+    if load_optim:
+        _prepare_state_for_loading(parts.optimizer)
+        saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
+        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=saved)
+    load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
+    if load_rng:
+        request["rng"] = _rng_object(common["layout"], state={})
+    state = dist_checkpointing.load(request, folder)
+    parts.module.load_state_dict(state["model"])
+    if weights_only:
+        return Restored(iteration, None, True)
+    if load_optim:
+        with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
+            _load_optimizer(parts.optimizer, state["optimizer"])
+        _restore_adam_steps(parts.optimizer)
+    else:
+        parts.optimizer.reload_model_params()  # its main (fp32) copies from the loaded weights
+    parts.scheduler.load_state_dict(common["scheduler"])
+    if load_rng:
+        _set_rng(state["rng"])
+    return Restored(iteration, common["consumed_samples"], False, common.get("extra", {}))
+
+
+def _torch_adam_distributed(optimizer, any_backend: bool = False):
+    """The DistributedOptimizers of `optimizer` that run torch's Adam (no apex/TE, e.g. CPU);
+    all of them with `any_backend`."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE and not any_backend:
+        return []
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+
+
+def _load_optimizer(optimizer, state) -> None:
+    """`optimizer.load_state_dict(state)`, except for `fully_reshardable` state on torch's Adam
+    (no apex/TE, e.g. CPU): there Megatron (0.16.1, 0.19.2) copies the loaded tensors into every
+    tensor of each parameter's Adam state, torch's step count included, which the checkpoint
+    keeps in the param groups instead: KeyError 'step'. The same public steps are taken with
+    the step counts set aside while the parameter state loads (then `_restore_adam_steps`)."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    torch_adam = _torch_adam_distributed(optimizer)
+    states = [state] if len(chained) == 1 else (
+        [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state))
+    if (not torch_adam or len(torch_adam) != len(chained)
+            or any(s.get("param_state_sharding_type") != "fully_reshardable" for s in states)):
+        optimizer.load_state_dict(state)
+        return
+    for opt, opt_state in zip(chained, states):
+        param_state = opt_state.pop("param_state")
+        opt_state.pop("param_state_sharding_type")
+        opt.load_state_dict(opt_state)  # param groups, torch's per-parameter step counts
+        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for param, step in steps.items():
+            opt.optimizer.state[param]["step"] = step
+
+
+def _prepare_state_for_loading(optimizer) -> None:
+    """Megatron 0.16's DistributedOptimizer over torch's Adam has no state to load into before
+    its first step: give it Megatron's own dummy state (a zero-gradient step; the parameters
+    it touches are overwritten by the load that follows)."""
+    for opt in _torch_adam_distributed(optimizer):
+        if not opt.optimizer.state:
+            with torch.no_grad():
+                opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """After loading, torch's Adam keeps the dummy step count (1) in its per-parameter state;
+    the checkpoint's count is in the param groups (Megatron stores it there): copy it back,
+    or the bias correction of the next step is wrong and the resume is not exact."""
+    for opt in _torch_adam_distributed(optimizer):
+        for group in opt.optimizer.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    if param in opt.optimizer.state:
+                        opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
+def check_writable(root) -> None:
+    """A clear error before training when the save folder cannot be written."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f"{checkpoint_files.WRITE_TEST}{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None

@@ -1,0 +1,169 @@
+"""Text -> Megatron indexed dataset (`PREFIX.bin` / `PREFIX.idx`), with Megatron's builder.
+
+Inputs are JSONL files (one document per line, text under `text_key`) or plain text files
+(one document per file). Each document is tokenized and ends with the end-of-document token,
+as Megatron's `tools/preprocess_data.py --append-eod` does. Beside the two files,
+`PREFIX.meta.json` records which tokenizer made the data (its name and content digest, the one
+the resume checks compare), so a run with another tokenizer is refused (dataset_check.py).
+
+Existing outputs are kept unless `force`; everything is written under temporary names and
+renamed into place at the end, and the temporary files are removed on any error.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence
+
+import numpy
+
+from spiral_megatron.job.data.tokenizer import Tokenizer
+
+
+def read_documents(paths: Sequence[Path], text_key: str = "text") -> Iterator[str]:
+    """Documents of JSONL (`*.jsonl`, `*.json`) and plain text files, in the given order."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"input {str(path)!r} does not exist")
+        if path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except ValueError as e:
+                            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                        if text_key not in record:
+                            raise KeyError(f"{path}:{n} has no key {text_key!r}")
+                        yield record[text_key]
+        else:
+            yield path.read_text(encoding="utf-8")
+
+
+def token_dtype(vocab_size: int):
+    """uint16 when every id fits (as Megatron's DType.optimal_dtype), else int32."""
+    return numpy.uint16 if vocab_size < 65500 else numpy.int32
+
+
+class _Progress:
+    """A one-line progress display on a terminal; a summary line otherwise."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream, self.start, self.docs, self.tokens = stream, time.time(), 0, 0
+        self.tty = stream.isatty()
+
+    def update(self, tokens: int) -> None:
+        self.docs, self.tokens = self.docs + 1, self.tokens + tokens
+        if self.tty and self.docs % 100 == 0:
+            self.stream.write(f"\r{self.line()}")
+            self.stream.flush()
+
+    def line(self) -> str:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return (f"{self.docs} documents, {self.tokens} tokens, {elapsed:.1f} s, "
+                f"{self.tokens / elapsed:,.0f} tokens/s")
+
+    def close(self) -> None:
+        self.stream.write(("\r" if self.tty else "") + self.line() + "\n")
+
+
+def meta_path(prefix: str) -> Path:
+    """Where `write_indexed_dataset` records the tokenizer that made `prefix`."""
+    return Path(f"{prefix}.meta.json")
+
+
+def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output_prefix: str,
+                          append_eod: bool = True, quiet: bool = False, tokenizer_name: Optional[str] = None) -> int:
+    """Tokenize `documents` into `output_prefix`.bin/.idx atomically; returns the token count.
+    A tokenizer with a content digest is recorded in PREFIX.meta.json, under `tokenizer_name`
+    (default: the folder it was loaded from)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(output_prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    try:
+        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(tokenizer.vocab_size))
+        progress = _Progress()
+        for text in documents:
+            ids = tokenizer.encode(text) + ([tokenizer.eod] if append_eod else [])
+            if ids:
+                builder.add_document(ids, [len(ids)])
+                progress.update(len(ids))
+        builder.finalize(f"{tmp}.idx")
+        _write_meta(meta_path(tmp), tokenizer, tokenizer_name)
+        meta_path(prefix).unlink(missing_ok=True)  # never left describing data it did not make
+        for ext in (".bin", ".idx", ".meta.json"):
+            if Path(tmp + ext).exists():
+                os.replace(tmp + ext, prefix + ext)
+    except BaseException:
+        for ext in (".bin", ".idx", ".meta.json"):
+            Path(tmp + ext).unlink(missing_ok=True)
+        raise
+    if not quiet:
+        progress.close()
+    return progress.tokens
+
+
+def _write_meta(path: Path, tokenizer, name: Optional[str]) -> None:
+    """The tokenizer's name and content digest (`Tokenizer.unique_identifiers`); nothing for a
+    tokenizer without a digest (test stand-ins)."""
+    digest = getattr(tokenizer, "unique_identifiers", {}).get("sha256")
+    if digest:
+        record = {"tokenizer": name or getattr(tokenizer, "path", None), "tokenizer_sha256": digest,
+                  "tokenizer_vocab_size": tokenizer.vocab_size}
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[str] = None,
+               vocab_size: int = 512, text_key: str = "text", save_tokenizer: Optional[str] = None,
+               force: bool = False) -> Tokenizer:
+    """The tool's work: load (or train a BPE on the inputs) a tokenizer, then write the dataset.
+
+    A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`),
+    renamed into place after the dataset is complete. Existing outputs are refused unless `force`.
+    """
+    for path in map(Path, inputs):  # a missing input first: it matters more than existing outputs
+        if not path.is_file():
+            raise FileNotFoundError(f"input {str(path)!r} does not exist")
+    folder = None if tokenizer is not None else Path(save_tokenizer or f"{output_prefix}_tokenizer")
+    outputs = [Path(f"{output_prefix}.bin"), Path(f"{output_prefix}.idx")] + ([folder] if folder else [])
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} already exist; pass --force to overwrite")
+    if tokenizer is not None:
+        tok = Tokenizer.load(tokenizer)
+        count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix, tokenizer_name=tokenizer)
+    else:
+        tok = Tokenizer.train_bpe(read_documents(inputs, text_key), vocab_size)
+        staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        try:
+            tok.save(staging)
+            count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix,
+                                          tokenizer_name=str(folder))
+            _replace_folder(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        print(f"trained a byte-level BPE of {tok.vocab_size} tokens, saved to {folder}")
+    print(f"wrote {output_prefix}.bin/.idx: {count} tokens")
+    return tok
+
+
+def _replace_folder(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`; an existing `dest` is renamed aside first and deleted last."""
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_indexed_dataset(prefix: str) -> List[numpy.ndarray]:
+    """Every document of an indexed dataset (for checks and tests)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return [numpy.array(ds[i]) for i in range(len(ds))]  # copies: the mmap closes with ds

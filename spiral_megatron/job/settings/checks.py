@@ -1,0 +1,200 @@
+"""The refusals of a TrainingConfig: each names the key, the value and the rule.
+
+`check` runs before anything starts (no world size needed); `check_world` once the world
+size is known. Both raise ConfigError.
+"""
+
+import dataclasses
+import difflib
+import math
+
+import torch
+
+from spiral_megatron.config import flavors, schedule
+from spiral_megatron.parallel import pipeline_plan
+from spiral_megatron.config.spiral_config import SpiralConfig
+from spiral_megatron.job.settings import model_fields
+from spiral_megatron.job.build import model_config
+from spiral_megatron.job.data.dataset_check import parse_split
+from spiral_megatron.job.settings.keys import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
+                                             TrainingConfig, model_overrides, seq_length)
+
+
+def _positive(cfg: TrainingConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name} {value!r} must be > 0")
+
+
+def check(cfg: TrainingConfig) -> None:
+    """Refuse impossible values and combinations that do not depend on the world size."""
+    _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
+              "train_iters", "exit_interval", "lr", "lr_decay_iters", "log_interval", "eval_interval",
+              "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
+              "make_vocab_size_divisible_by", "peak_tflops")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} {value!r} must be finite and >= 0")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr {cfg.min_lr} must be <= lr {cfg.lr}")
+    _check_warmup(cfg)
+    for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
+                          ("backend", BACKENDS)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} {getattr(cfg, name)!r} must be one of {allowed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} {getattr(cfg, name)} must be in [0, 1)")
+    if cfg.sequence_parallel and cfg.tensor_parallel == 1:
+        raise ConfigError("sequence_parallel true needs tensor_parallel > 1, got tensor_parallel 1")
+    if cfg.loss_scale is not None and cfg.precision != "fp16":
+        raise ConfigError(f"loss_scale {cfg.loss_scale} is only used with precision fp16, "
+                          f"got precision {cfg.precision!r}")
+    if cfg.fp8 is not None and cfg.fp8 not in FP8_FORMATS:
+        raise ConfigError(f"fp8 {cfg.fp8!r} must be one of {FP8_FORMATS} (or none)")
+    if cfg.fp8 is not None and cfg.precision == "fp32":
+        raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
+    _check_data(cfg)
+    if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
+        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
+    _check_model(cfg)
+
+
+def _check_warmup(cfg: TrainingConfig) -> None:
+    decay = cfg.lr_decay_iters or cfg.train_iters
+    if cfg.lr_warmup_fraction is not None:
+        if cfg.lr_warmup_iters:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} and lr_warmup_iters "
+                              f"{cfg.lr_warmup_iters} exclude each other (as in Megatron-LM)")
+        if not 0 <= cfg.lr_warmup_fraction < 1:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} must be in [0, 1)")
+    elif cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= decay:
+        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
+                          f"lr_decay_iters (or train_iters) {decay}; or give lr_warmup_fraction")
+
+
+def _check_data(cfg: TrainingConfig) -> None:
+    if cfg.split is not None:
+        parse_split(cfg.split)
+    if cfg.mock_data and (cfg.data_path or cfg.train_data_path):
+        raise ConfigError(f"mock_data true and data_path {cfg.data_path or cfg.train_data_path} "
+                          "exclude each other")
+    if cfg.data_path and (cfg.train_data_path or cfg.valid_data_path):
+        raise ConfigError(f"data_path {cfg.data_path} and train_data_path/valid_data_path exclude "
+                          "each other (as in Megatron-LM): data_path is divided by split")
+    if cfg.valid_data_path and not cfg.train_data_path:
+        raise ConfigError(f"valid_data_path {cfg.valid_data_path} needs train_data_path")
+    if cfg.train_data_path and not cfg.valid_data_path and cfg.eval_interval:
+        raise ConfigError(f"train_data_path {cfg.train_data_path} needs valid_data_path to evaluate "
+                          f"(eval_interval {cfg.eval_interval}); or set eval_interval none")
+
+
+def _check_model(cfg: TrainingConfig) -> None:
+    name = cfg.model.get("flavor")
+    if name is None:
+        raise ConfigError(f"model {cfg.model!r} needs a 'flavor' key; known: {', '.join(flavors.names())}")
+    try:
+        flavor = flavors.get(name)
+    except ValueError as e:
+        raise ConfigError(f"model.flavor: {e}") from None
+    model = model_overrides(cfg)
+    fields = {f.name for f in dataclasses.fields(SpiralConfig)}
+    for key, value in model.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean --model.{close[0].replace('_', '-')}?" if close else ""
+            raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
+                              f"field{hint}")
+    model_fields.check(model)
+    model = model_fields.as_config_kwargs(model)
+    heads = {**flavor.model, **model}.get("num_attention_heads")
+    if isinstance(heads, int) and heads % cfg.tensor_parallel:
+        raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} does not divide model "
+                          f"num_attention_heads {heads}")
+    try:  # the job's own SpiralConfig, so Megatron's validation of the combination fails here
+        spiral = model_config(cfg, on_cpu=not torch.cuda.is_available())
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model {cfg.model!r} with tensor_parallel {cfg.tensor_parallel}, pipeline_parallel "
+                          f"{cfg.pipeline_parallel}, precision {cfg.precision!r}: {e}") from None
+    try:
+        schedule.check_sequence_layout(seq_length(cfg), spiral.levels, cfg.tensor_parallel,
+                                       cfg.sequence_parallel)
+    except ValueError as e:
+        raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
+    _check_pipeline(cfg, spiral)
+    _check_fp8(cfg, spiral)
+
+
+FP8_FORMATS = ("e4m3", "hybrid")
+# Transformer Engine's FP8 GEMMs need their token count to be a multiple of this (by recipe).
+FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
+
+
+def _check_fp8(cfg: TrainingConfig, spiral) -> None:
+    """The recipe must suit the loop, and every GEMM of every resolution must have a token
+    count FP8 can take (docs/MEGATRON-ON-CPU.md): prelude and coda see seq_length tokens per sample,
+    the core at chunk size g sees padded_length / g (the loop pads to a multiple of every chunk
+    size), each / tp under SP, x micro_batch_size."""
+    if cfg.fp8 is None:
+        return
+    multiple = FP8_TOKEN_MULTIPLE.get(cfg.fp8_recipe)
+    if multiple is None:
+        raise ConfigError(f"fp8_recipe {cfg.fp8_recipe!r} must be one of {tuple(FP8_TOKEN_MULTIPLE)}")
+    if cfg.fp8_recipe == "delayed" and spiral.num_loops > 1:
+        # One amax history per TE module, and Megatron opens one autocast region around the
+        # block: T calls at different resolutions per step would share (and corrupt) it.
+        raise ConfigError(
+            f"fp8_recipe 'delayed' with a loop of {spiral.num_loops} iterations (chunk_sizes "
+            f"{spiral.chunk_sizes}): delayed scaling keeps one amax history per module and the core "
+            f"runs each module {spiral.num_loops} times per step; use tensorwise, blockwise or mxfp8")
+    seq, split, mbs = seq_length(cfg), cfg.tensor_parallel if cfg.sequence_parallel else 1, cfg.micro_batch_size
+    padded = schedule.padded_length(seq, spiral.levels)
+    gemms = [(f"the core at chunk size {g}", padded, g) for g in sorted(set(spiral.chunk_sizes), reverse=True)]
+    if spiral.num_layers > spiral.num_core_layers:
+        gemms.append(("prelude/coda (full resolution)", seq, 1))
+    tp = f" / tp {split}" if split > 1 else ""
+    for where, length, g in gemms:
+        tokens = length // g // split * mbs
+        if tokens % multiple:
+            pad = f" padded to {length}" if length != seq else ""
+            raise ConfigError(
+                f"fp8 {cfg.fp8!r} with fp8_recipe {cfg.fp8_recipe!r}: {where} sees seq_length {seq}{pad} / {g}{tp} "
+                f"x micro_batch_size {mbs} = {tokens} tokens per GEMM, not a multiple of {multiple}")
+
+
+def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
+    """The model's own pipeline plan (pure Python), so a bad layout fails before any build."""
+    pp, seq = cfg.pipeline_parallel, seq_length(cfg)
+    where = (f"pipeline_parallel {pp}, model.loop_placement {spiral.loop_placement!r}, "
+             f"model.pipeline_split {spiral.pipeline_split}")
+    try:
+        stages = pipeline_plan.plan(spiral, seq, cfg.tokenizer_vocab_size, pp, spiral.loop_placement,
+                                    spiral.pipeline_split)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    loop_stages = sum(1 for stage in stages if stage.span("loop"))
+    multiple = schedule.padding_multiple(spiral.levels)
+    if loop_stages > 1 and seq % multiple:
+        # A stage inside the loop only sees the padded state, not the true length (model.py).
+        raise ConfigError(f"{where}: seq_length {seq} must be a multiple of {multiple} (every chunk "
+                          f"size of {spiral.chunk_sizes}) when the loop spans {loop_stages} pipeline "
+                          "stages; use a multiple, or model.loop_placement one-stage")
+
+
+def check_world(cfg: TrainingConfig, world_size: int) -> int:
+    """Refuse a layout the world size cannot hold; returns the data-parallel size."""
+    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel
+    if world_size < model_parallel:
+        raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} "
+                          f"needs at least {model_parallel} processes; {world_size} were started "
+                          "(torchrun --nproc_per_node x nodes)")
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not a multiple of tensor_parallel "
+                          f"{cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel}")
+    dp = world_size // model_parallel
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+                          f"micro_batch_size {cfg.micro_batch_size} x data-parallel size {dp}")
+    return dp

@@ -1,0 +1,165 @@
+"""The job's command line as Megatron-LM users type it: flag names, `--help`, typo hints.
+
+Every TrainingConfig key is a flag (`--micro-batch-size 8` or `--micro_batch_size=8`). On top:
+- Megatron-LM's names where ours differ (ALIASES), and `--bf16`/`--fp16` for the precision;
+- any SpiralConfig / TransformerConfig field as a top-level flag (`--hidden-size 128` is
+  `--model.hidden_size 128`), as Megatron-LM takes model fields at the top level;
+- a key nobody knows is refused with the closest known one.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from typing import Any, Dict, List, Tuple
+
+from spiral_megatron.config.spiral_config import SpiralConfig
+from spiral_megatron.config.fields import FUNCTION, kind_of
+from spiral_megatron.job.settings.keys import ConfigError
+
+# Megatron-LM flag (underscored) -> (our key, value or None to keep the given one)
+ALIASES: Dict[str, Tuple[str, Any]] = {
+    "tensor_model_parallel_size": ("tensor_parallel", None),
+    "pipeline_model_parallel_size": ("pipeline_parallel", None),
+    "fp8_format": ("fp8", None),
+    "bf16": ("precision", "bf16"),
+    "fp16": ("precision", "fp16"),
+    "tokenizer_model": ("tokenizer", None),
+    "distributed_backend": ("backend", None),
+    "data_cache_path": ("cache_dir", None),
+    "no_bias_gelu_fusion": ("model.bias_activation_fusion", False),
+    "no_rope_fusion": ("model.apply_rope_fusion", False),
+}
+
+# Help sections: (title, keys); every TrainingConfig key is in exactly one (a test checks).
+GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
+    ("model", ("model", "seq_length", "make_vocab_size_divisible_by")),
+    ("data", ("data_path", "split", "train_data_path", "valid_data_path", "mock_data", "tokenizer",
+              "tokenizer_vocab_size", "cache_dir", "valid_seed", "num_workers")),
+    ("training", ("micro_batch_size", "global_batch_size", "train_iters", "exit_interval", "lr",
+                  "min_lr", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
+                  "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                  "clip_grad", "precision", "loss_scale", "fp8", "fp8_recipe", "seed",
+                  "check_for_spiky_loss", "check_for_large_grads")),
+    ("parallelism", ("tensor_parallel", "pipeline_parallel", "sequence_parallel",
+                     "use_distributed_optimizer", "backend", "check_memory")),
+    ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
+                       "use_checkpoint_opt_param_scheduler", "no_load_optim", "no_load_rng",
+                       "dist_ckpt_optim_fully_reshardable")),
+    ("logging", ("log_interval", "eval_interval", "eval_iters", "log_json", "tensorboard_dir",
+                 "peak_tflops", "print_config")),
+]
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """The docstring under each field of dataclass `cls` (and its dataclass bases), joined."""
+    docs: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(inspect.getsource(klass)).body[0].body
+        except (OSError, TypeError, IndexError):
+            continue
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def model_fields() -> Dict[str, dataclasses.Field]:
+    """SpiralConfig's init fields (TransformerConfig's included), by name."""
+    return {f.name: f for f in dataclasses.fields(SpiralConfig) if f.init}
+
+
+def canonical(raw_key: str, value: Any, known) -> List[Tuple[str, Any]]:
+    """(key, value) pairs that `--raw_key value` means; `known`: our top-level keys."""
+    key = raw_key.replace("-", "_")
+    if key in known or key.startswith("model.") or key == "config":
+        return [(key, value)]
+    if key in ALIASES:
+        target, fixed = ALIASES[key]
+        return [(target, value if fixed is None else _flag(raw_key, value, fixed))]
+    if key in model_fields():
+        return [(f"model.{key}", value)]
+    bool_key = key[3:] if key.startswith("no_") else None  # Megatron-LM's --no-X-fusion style
+    if bool_key in model_fields() and model_fields()[bool_key].type in (bool, "bool"):
+        return [(f"model.{bool_key}", _flag(raw_key, value, False))]
+    return []
+
+
+def _flag(raw_key: str, value: Any, fixed: Any) -> Any:
+    """`fixed` for a bare --flag; anything else given to a flag is an error."""
+    if value not in (True, "true"):
+        raise ConfigError(f"--{raw_key} is a flag (it means {fixed}); got value {value!r}")
+    return fixed
+
+
+def unknown_key_message(raw_key: str, value: Any, known) -> str:
+    """One line: the key is unknown, the closest known key, and where to find them all."""
+    key = raw_key.replace("-", "_")
+    names = list(known) + list(ALIASES) + [f"model.{k}" for k in model_fields()]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
+    return f"unknown config key {raw_key!r} (value {value!r}){hint} (--help lists every key)"
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return _type_name(next(a for a in args if a is not type(None))) + "?"
+    if origin in (list, List):
+        return f"list[{_type_name(args[0])}]"
+    if origin in (dict, Dict):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text(cls) -> str:
+    """`--help`: every key of TrainingConfig `cls` with type, default and help, by section."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)}
+    reverse = {}
+    for alias, (target, fixed) in ALIASES.items():
+        reverse.setdefault(target, []).append(f"--{alias.replace('_', '-')}" + ("" if fixed is None else f" (= {fixed})"))
+    lines = ["usage: torchrun [--nproc_per_node=N] examples/pretrain_spiral.py [--config FILE.yaml] "
+             "[--key value ...]",
+             "",
+             "Keys take --key value, --key=value, or a bare --flag for true; dashes and underscores "
+             "are the same. A YAML --config sets any of them (default examples/configs/debug-cpu.yaml, "
+             "which overrides some defaults below); the command line wins.",
+             "Megatron-LM's flag names are accepted (shown as 'also'), and any model field at the "
+             "top level (--hidden-size 128 = --model.hidden_size 128)."]
+    for title, keys in GROUPS:
+        lines += ["", f"{title}:"]
+        for key in keys:
+            also = f" (also {', '.join(reverse[key])})" if key in reverse else ""
+            lines.append(f"  --{key.replace('_', '-')} {_type_name(hints[key])} "
+                         f"[default: {defaults[key]!r}]{also}")
+            lines.append(f"      {docs.get(key, '')}")
+        if title == "model":
+            lines += model_help()
+    return "\n".join(lines)
+
+
+def model_help() -> List[str]:
+    """The `--model.FIELD` part of --help: the field classes (docs/CONFIG.md), the FUNCTION
+    fields of TransformerConfig, and the loop's own fields with their class."""
+    own = field_docs(SpiralConfig)
+    kinds = {f.name: kind_of(f) for f in dataclasses.fields(SpiralConfig)}
+    megatron = sorted(n for n, k in kinds.items() if k == FUNCTION and n not in SpiralConfig.__annotations__)
+    lines = ["  --model.FIELD (or --FIELD) any SpiralConfig / TransformerConfig field, of one class:",
+             "      function: changes what the model computes; recorded in model_args.json, a change on resume",
+             "        is refused, carried to Hugging Face (or the conversion refuses it)",
+             "      runtime: precision, fusions of identical math, recompute, layout; may change between runs",
+             "      refused: a feature SpiralGPTModel does not build, or a field a job key sets (the error says which)",
+             *textwrap.wrap(f"function fields of TransformerConfig: {', '.join(megatron)}", 100,
+                            initial_indent="    ", subsequent_indent="      "),
+             "    the loop's own:"]
+    return lines + [f"      model.{name} [{kinds[name]}]: {own[name]}" for name in SpiralConfig.__annotations__
+                    if name in own]

@@ -1,0 +1,140 @@
+"""The job's configuration from YAML and `--key value` overrides, checked before any compute.
+
+`load` resolves YAML + flavor + command line into one typed TrainingConfig (job/settings/keys.py)
+and refuses unknown keys, values of the wrong type and impossible combinations with a
+`ConfigError` naming the key and the value (checks.py). The names of keys.py are here too.
+"""
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from spiral_megatron.job.settings import checks, cli, model_fields
+from spiral_megatron.job.settings.keys import (  # noqa: F401 (the names callers read from here)
+    FIELDS, TYPES, BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError, TrainingConfig, coerce,
+    model_overrides, seq_length, warmup_iters)
+from spiral_megatron.job.data.tokenizer import Tokenizer
+
+
+def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
+    """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
+    values = cfg.to_dict()
+    for raw_key, raw_value in overrides.items():
+        pairs = cli.canonical(raw_key, raw_value, FIELDS)
+        if not pairs:
+            raise ConfigError(cli.unknown_key_message(raw_key, raw_value, FIELDS))
+        for key, value in pairs:
+            if key.startswith("model."):
+                values["model"] = {**values["model"], key[len("model."):]: value}
+            elif key == "model" and isinstance(value, str):
+                values["model"] = {"flavor": value}
+            elif key == "model" and not isinstance(value, dict):
+                raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
+            else:
+                values[key] = coerce(key, value, TYPES[key])
+    return TrainingConfig(**values)
+
+
+def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
+    """`--key value`, `--key=value` and bare `--flag` (= true) into an ordered mapping.
+
+    Values are read as YAML scalars (`8`, `true`, `[1, 2]`); types are enforced by `apply`.
+    """
+    out, i = {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"expected --key, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            else:
+                value = "true"
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key] = value
+        i += 1
+    return out
+
+
+def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingConfig:
+    """The config from `--config PATH` (else `default_path`) plus the other `--key value` pairs."""
+    overrides = parse_cli(argv)
+    path = overrides.pop("config", None) or default_path
+    data = read_yaml(Path(path)) if path is not None else {}
+    cfg = apply(TrainingConfig(), data)
+    cfg = apply(cfg, _drop_excluded(data, overrides))
+    cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
+    cfg = dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
+    check(cfg)
+    return cfg
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    """The mapping in YAML file `path`; ConfigError naming the file (and line) otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {str(path)!r} is not a text file (byte {e.start} is not UTF-8)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {str(path)!r}{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+# Keys of which one excludes the other: a command-line value of one drops the YAML's other.
+EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_data_path"))
+
+
+def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """`overrides`, plus a reset to the default of each YAML key the command line excludes."""
+    given = {k.replace("-", "_") for k in overrides}
+    resets = {b: FIELDS[b].default for a, b in EXCLUSIVE if a in given and b in data and b not in given}
+    resets.update({a: FIELDS[a].default for a, b in EXCLUSIVE if b in given and a in data and a not in given})
+    return {**resets, **overrides}
+
+
+def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConfig:
+    """Fill `tokenizer` for data made by tools/preprocess_data.py (its tokenizer lies beside the
+    data as <prefix>_tokenizer) and `tokenizer_vocab_size` from the tokenizer, so the resolved
+    config shows what the model uses; a contradicting tokenizer_vocab_size is refused."""
+    data = cfg.data_path or cfg.train_data_path
+    if cfg.tokenizer is None and data and not cfg.mock_data:
+        beside = Path(data[-1] + "_tokenizer")
+        if len(data) == 1 and (beside / "tokenizer.json").is_file():
+            cfg = dataclasses.replace(cfg, tokenizer=str(beside))
+            if os.environ.get("RANK", "0") == "0":  # config.load runs on every rank
+                print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
+    if cfg.tokenizer is None:
+        return cfg
+    try:
+        vocab = Tokenizer.load(cfg.tokenizer).vocab_size
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except Exception as e:  # tokenizers raises on a file that is not a tokenizer
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r}: not a Hugging Face tokenizer.json ({e})") from None
+    if explicit_vocab and cfg.tokenizer_vocab_size != vocab:
+        raise ConfigError(f"tokenizer_vocab_size {cfg.tokenizer_vocab_size} contradicts tokenizer "
+                          f"{cfg.tokenizer!r}, which has {vocab} tokens (leave it out)")
+    return dataclasses.replace(cfg, tokenizer_vocab_size=vocab)
+
+
+def check(cfg: TrainingConfig) -> None:
+    """Refuse impossible values and combinations (see checks.py)."""
+    checks.check(cfg)
+
+
+def check_world(cfg: TrainingConfig, world_size: int) -> int:
+    """Refuse a layout the world size cannot hold; returns the data-parallel size."""
+    return checks.check_world(cfg, world_size)

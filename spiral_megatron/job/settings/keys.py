@@ -1,0 +1,282 @@
+"""TrainingConfig: one flat, typed set of keys (the resolved configuration of a job).
+
+A plain module at the bottom of training/: every other module reads the keys from here;
+`config.py` fills them from YAML and the command line and checks them (docs/CONFIG.md).
+Every key has a type and a one-line docstring. The model is a flavor name plus SpiralConfig
+overrides: `model: {flavor: debug, hidden_size: 128}` in YAML, `--model.hidden_size 128` on the
+command line.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from spiral_megatron.config import flavors
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class ConfigError(ValueError):
+    """A bad key, value or combination in the training config."""
+
+
+@dataclass
+class TrainingConfig:
+    """Everything `pretrain_spiral.py` needs; the resolved copy is saved beside each checkpoint."""
+
+    model: Dict[str, Any] = field(default_factory=lambda: {"flavor": "debug"})
+    """`flavor` (see spiral_megatron.config.flavors) plus any SpiralConfig field overrides."""
+
+    seq_length: Optional[int] = None
+    """Tokens per sample; None = the flavor's."""
+
+    tensor_parallel: int = 1
+    """Tensor model parallel size."""
+
+    pipeline_parallel: int = 1
+    """Pipeline model parallel size; where the loop goes: `model.loop_placement`, `model.pipeline_split`."""
+
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_parallel > 1)."""
+
+    micro_batch_size: int = 8
+    """Samples per micro-batch per data-parallel rank."""
+
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
+
+    train_iters: int = 300
+    """Optimizer steps to train for."""
+
+    exit_interval: Optional[int] = None
+    """Save and stop after this iteration (the schedule still assumes train_iters)."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+
+    lr_warmup_iters: int = 0
+    """Linear warmup steps from 0 to lr (excludes lr_warmup_fraction)."""
+
+    lr_warmup_fraction: Optional[float] = None
+    """Warmup as a fraction of lr_decay_iters (or train_iters), as Megatron-LM's; None = use
+    lr_warmup_iters."""
+
+    lr_decay_iters: Optional[int] = None
+    """Steps over which lr decays to min_lr; None = train_iters."""
+
+    lr_decay_style: str = "cosine"
+    """One of LR_DECAY_STYLES."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+    precision: str = "fp32"
+    """"fp32", "bf16" or "fp16" (fp16 uses Megatron's dynamic loss scaling). CPU: fp32 only."""
+
+    loss_scale: Optional[float] = None
+    """fp16 only: a static loss scale; None = dynamic."""
+
+    fp8: Optional[str] = None
+    """Transformer Engine FP8 format ("e4m3" or "hybrid"); None = off. Needs GPUs and TE."""
+
+    fp8_recipe: str = "tensorwise"
+    """TE FP8 recipe; the looped core needs a per-call recipe (docs/MEGATRON-ON-CPU.md)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    seed: int = 1234
+    """Seed for model init and the training data order."""
+
+    valid_seed: int = 1234
+    """Seed of the validation samples' order, apart from `seed` so that runs of any seed score
+    the same validation sequences."""
+
+    data_path: Optional[List[str]] = None
+    """Indexed dataset prefixes, optionally weighted ("0.7 a 0.3 b"), divided by `split`;
+    None = the embedded corpus (or train_data_path and valid_data_path)."""
+
+    train_data_path: Optional[List[str]] = None
+    """Training data used whole, as Megatron-LM's --train-data-path (excludes data_path)."""
+
+    valid_data_path: Optional[List[str]] = None
+    """Validation data used whole, as Megatron-LM's --valid-data-path (with train_data_path)."""
+
+    mock_data: bool = False
+    """Train on Megatron's MockGPTDataset (random tokens) instead of text."""
+
+    split: Optional[str] = None
+    """Train/valid/test split of data_path's documents, as Megatron's --split (the test part is
+    never read); None = 969,30,1, or for data too small for it the fewest last documents that
+    fill a validation sample (printed)."""
+
+    tokenizer: Optional[str] = None
+    """Folder or tokenizer.json of a Hugging Face tokenizer; None = the embedded corpus's."""
+
+    tokenizer_vocab_size: int = 512
+    """Vocabulary of the BPE trained on the embedded corpus (or of mock data); with `tokenizer`,
+    read from it."""
+
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this x tensor_parallel."""
+
+    cache_dir: Optional[str] = None
+    """Where the embedded corpus and dataset indices are cached; None = $SPIRAL_CACHE or
+    ~/.cache/spiral_megatron."""
+
+    log_interval: int = 10
+    """Log every this many steps."""
+
+    eval_interval: Optional[int] = 100
+    """Evaluate every this many steps and at the end; None = never."""
+
+    eval_iters: int = 10
+    """Validation batches per evaluation."""
+
+    save: Optional[str] = "checkpoints/debug"
+    """Checkpoint folder; None = do not save."""
+
+    save_interval: Optional[int] = None
+    """Save every this many steps (and always at the end); None = only at the end."""
+
+    load: Optional[str] = None
+    """Resume from this checkpoint folder (its latest_checkpointed_iteration.txt)."""
+
+    async_save: bool = False
+    """Write checkpoints in a background process (Megatron's async save) while training goes on."""
+
+    no_load_optim: bool = False
+    """On resume, start the optimizer fresh: load weights, LR schedule, data position (Megatron-LM's flag)."""
+
+    no_load_rng: bool = False
+    """On resume, keep this run's RNG states instead of the checkpoint's (Megatron-LM's flag)."""
+
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """Save distributed-optimizer state in a format that reloads at any TP/PP layout; the default
+    reloads at the saved TP/PP only but writes without gathering (Megatron-LM's flag)."""
+
+    override_opt_param_scheduler: bool = False
+    """On resume, this run's LR schedule replaces the checkpoint's (Megatron-LM's flag)."""
+
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, the checkpoint's LR schedule is kept, not this run's (Megatron-LM's flag)."""
+
+    check_for_spiky_loss: bool = False
+    """Stop, before saving, at a loss 10x the largest of the first 100 steps (Megatron-LM's flag)."""
+
+    check_for_large_grads: bool = False
+    """Stop, before saving, at a gradient norm 10x the largest of the first 100 steps."""
+
+    log_json: Optional[str] = None
+    """Append one JSON object per logged step to this file."""
+
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard event folder (needs the `tensorboard` package)."""
+
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s per device for MFU; None = from the GPU's name (unknown on CPU)."""
+
+    check_memory: bool = True
+    """Refuse, before the first step, a run whose estimated memory per process (a lower bound,
+    job/run/memory.py) exceeds what the device or host has."""
+
+    backend: str = "auto"
+    """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
+
+    num_workers: int = 2
+    """Data loader processes per rank that prepare batches off the training thread, into pinned
+    memory on GPUs (Megatron-LM's --num-workers); 0 = in the training thread."""
+
+    print_config: bool = False
+    """Print the whole resolved config on the console too; it is always written to the save
+    folder's config.yaml (Megatron-LM prints it; NeMo writes hparams.yaml)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+TYPES = typing.get_type_hints(TrainingConfig)
+
+
+def coerce(key: str, value: Any, tp) -> Any:
+    """`value` as type `tp`, or a ConfigError naming key and value."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return [coerce(key, v, args[0]) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: {value!r} is not of type {getattr(tp, '__name__', tp)}")
+
+
+def warmup_iters(cfg: TrainingConfig) -> int:
+    """Warmup steps: lr_warmup_fraction of the decay steps (Megatron-LM), else lr_warmup_iters."""
+    if cfg.lr_warmup_fraction is not None:
+        return int(round(cfg.lr_warmup_fraction * (cfg.lr_decay_iters or cfg.train_iters)))
+    return cfg.lr_warmup_iters
+
+
+def seq_length(cfg: TrainingConfig) -> int:
+    """The training sequence length: the key, else the flavor's."""
+    return cfg.seq_length or flavors.get(cfg.model["flavor"]).seq_length
+
+
+def model_overrides(cfg: TrainingConfig) -> Dict[str, Any]:
+    """The SpiralConfig overrides of `cfg.model` (all but `flavor`); SpiralConfig parses
+    list fields given as strings ("8,4,2,1", "3,3")."""
+    return {k: v for k, v in cfg.model.items() if k != "flavor"}

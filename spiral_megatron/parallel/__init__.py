@@ -1,0 +1,79 @@
+"""Start a process for Megatron: process group, model-parallel groups, seeds.
+
+NCCL on GPUs; gloo plus the CPU path (`cuda_on_cpu`) where CUDA is absent. Works under
+`torchrun` (reads RANK/WORLD_SIZE) and as a single plain process (world size 1).
+"""
+
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from spiral_megatron.parallel import cuda_on_cpu
+
+
+def default_backend() -> str:
+    """"nccl" when CUDA is available, else "gloo"."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    backend: Optional[str] = None,
+    **model_parallel_kwargs,
+) -> None:
+    """Init torch.distributed (if needed) and Megatron's parallel_state, then seed every RNG.
+
+    Seeds: the CPU generator gets `seed` on every rank (Megatron's CPU initialisation builds
+    full weights from it, so every layout starts from the same model); Megatron's tracker
+    gets its TP-aware seeds from `model_parallel_cuda_manual_seed`.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    backend = backend or default_backend()
+    if backend == "gloo":
+        cuda_on_cpu.enable()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain single process
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ValueError(
+            f"world size {world} is not a multiple of tensor_parallel {tensor_parallel} x "
+            f"pipeline_parallel {pipeline_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        **model_parallel_kwargs,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, **({"inference_rng_tracker": True} if backend == "gloo" else {}))
+
+
+def destroy() -> None:
+    """Tear down Megatron's groups and the process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
