@@ -63,8 +63,9 @@ def _main(argv, quiet) -> int:
     try:
         outcome = train(job, quiet)
     except SpiralError as e:  # the project's own: a refusal (config, data, checkpoint, folder), a failed save, a stop
-        if not getattr(e, "reported_elsewhere", False):
-            report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}")
+        if not getattr(e, "reported_elsewhere", False):  # every_rank: each raised the same; rank 0 prints it
+            report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}",
+                   echo=rank0 or not getattr(e, "every_rank", False))
         return 1 if isinstance(e, (SaveFailed, NonFiniteLoss)) else 2
     if rank0:
         print(f"pretrain_spiral: {outcome}", flush=True)

@@ -9,6 +9,8 @@
     raise:step:RANK:N      RuntimeError on RANK in its N-th training step
     raise:save:RANK        RuntimeError on RANK as the save starts writing (the others are in its
                            collectives)
+    raise:writer:RANK      RuntimeError in RANK's checkpoint writer (with --async-save: Megatron's
+                           forked writer process), as a disk error would
 
 A stopped job is then killed whole by the test (tools/crash_test.kill_job), as a scheduler does.
 """
@@ -45,6 +47,7 @@ def pause(*_):
 
 def plant(fault: str) -> None:
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from spiral_megatron.job.checkpoint import checkpointing, folder_lock
     from spiral_megatron.job.run import console, step
@@ -66,11 +69,12 @@ def plant(fault: str) -> None:
 
         def fail(*_):
             calls.append(1)
-            if where == "save" or len(calls) == int(rest[1]):
+            if where != "step" or len(calls) == int(rest[1]):
                 raise RuntimeError(f"injected fault: rank {rank}, {where}")
 
-        around(step if where == "step" else dist_checkpointing, "train_step" if where == "step" else "save",
-               before=fail)
+        owner, name = {"step": (step, "train_step"), "save": (dist_checkpointing, "save"),
+                       "writer": (filesystem_async, "_write_item")}[where]
+        around(owner, name, before=fail)
 
 
 if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this module

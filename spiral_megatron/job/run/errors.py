@@ -12,10 +12,11 @@ import time
 from typing import Optional
 
 
-def report(line: str, traceback: Optional[str] = None) -> None:
-    """Print `line` (or the `traceback` that ends in it) to stderr and record it as this
-    worker's torchrun root cause."""
-    print(traceback or line, file=sys.stderr, flush=True)
+def report(line: str, traceback: Optional[str] = None, echo: bool = True) -> None:
+    """Print `line` (or the `traceback` that ends in it) to stderr (unless not `echo`: another
+    rank prints the same) and record it as this worker's torchrun root cause."""
+    if echo:
+        print(traceback or line, file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
