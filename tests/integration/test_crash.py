@@ -85,9 +85,10 @@ def test_killed_in_a_background_save(reference, cache_dir, tmp_path):
 
 
 def test_random_kills(cache_dir, tmp_path, monkeypatch, capsys):
-    """tools/crash_test.py in short: 3 kills at random moments of a 4-step job."""
+    """tools/crash_test.py in short: 2 kills at random moments of a 4-step job, one process
+    (the long run, 40 kills of the whole torchrun job, is the tool's command in docs/CHECKPOINTS.md)."""
     monkeypatch.setenv("SPIRAL_CACHE", str(cache_dir))
-    code = crash_test.main(["--kills", "3", "--seed", "1", "--nproc", "1", "--out", str(tmp_path),
+    code = crash_test.main(["--kills", "2", "--seed", "1", "--nproc", "1", "--out", str(tmp_path),
                             "--job", *map(str, TINY)])
     out = capsys.readouterr().out
-    assert code == 0 and "PASS: survived 3 of 3 kills" in out, out
+    assert code == 0 and "PASS: survived 2 of 2 kills" in out, out
