@@ -93,8 +93,11 @@ def test_a_bug_while_resolving_keeps_its_traceback(monkeypatch, tmp_path, capsys
     main = pretrain(monkeypatch, tmp_path, AssertionError("train is not reached")).main
     target = spiral_config.SpiralConfig if where.startswith("_") else spiral_config
     monkeypatch.setattr(target, where, bug)
-    with pytest.raises(error):
+    with pytest.raises(error) as caught:
         main(["--train-iters", "1"])
+    from spiral_megatron.job.run import fatal
+
+    fatal.describe(caught.value)  # what fatal.run, the script's entry, does with it
     recorded = json.loads((tmp_path / "error.json").read_text())["message"]
     callstack = recorded["extraInfo"]["py_callstack"]
     assert "Traceback" in callstack and where.lstrip("_") in callstack
