@@ -16,7 +16,7 @@ import pytest
 
 from spiral_megatron.job.checkpoint import checkpoint_files
 from spiral_megatron.job.checkpoint.checkpoint_files import MARKER, TRACKER, CheckpointError
-from tests.integration.conftest import TINY, launch, logged
+from tests.integration.conftest import TINY, checkpoint_at, launch, logged
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
@@ -58,9 +58,60 @@ def test_completeness_is_megatrons_check_plus_our_marker(reference, tmp_path):
     assert record["layout"] == {"tp": 1, "pp": 1, "dp": 1}
     assert record["optimizer"] == {"distributed": False, "format": None}
     assert checkpoint_files.find_resumable(ckpt, ckpt) == 4
-    (ckpt / "iter_0000004" / MARKER).unlink()  # killed before the save was published
-    with pytest.raises(CheckpointError, match=f"iter_0000004 lacks {MARKER}, which every save writes last"):
+    # No marker: a save never publishes such a folder (the marker is written before the rename),
+    # so it is a checkpoint saved before the marker existed: complete only with all it wrote.
+    folder = ckpt / "iter_0000004"
+    (folder / MARKER).unlink()
+    assert checkpoint_files.find_resumable(ckpt, ckpt) == 4
+    assert checkpoint_files.read_record(folder) == dict(record, megatron_core=None, torch=None, pre_marker=True)
+    shard = sorted(folder.glob("*.distcp"))[-1]
+    size = shard.stat().st_size
+    os.truncate(shard, size - 1)
+    with pytest.raises(CheckpointError, match=rf"iter_0000004 lacks {MARKER}, which every save writes last, and "
+                                              rf"is not a complete checkpoint of the format before it either "
+                                              rf"\(shard {shard.name} is {size - 1} of {size} bytes\)"):
         checkpoint_files.find_resumable(ckpt, ckpt)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"\(shard {shard.name} is missing\): damaged or incomplete"):
+        checkpoint_files.find_resumable(ckpt, ckpt)
+
+
+# Keys this job's config gained with spiral_checkpoint.json (commit e4b01d9, after main of 2026-11-30).
+NEWER_CONFIG_KEYS = ("dist_ckpt_optim_fully_reshardable", "no_load_optim", "no_load_rng")
+
+
+def as_saved_before_the_marker(folder: Path) -> None:
+    """`folder` as main of 2026-11-30 (32801ea) saved it: the same files without the marker, a
+    config without the keys added since. Compared with that commit's own save of this job: the
+    same file names, common-state keys, sharded keys, metadata.json and model_args.json. The
+    config inside a megatron-core 0.19 checkpoint's common state keeps those keys (it is inside
+    the distributed checkpoint); loading reads none of them."""
+    import torch
+    import yaml
+
+    (folder / MARKER).unlink()
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items()
+                                                        if k not in NEWER_CONFIG_KEYS}, sort_keys=False))
+    if (folder / "common.pt").is_file():  # megatron-core 0.16: the common state is a torch.save file
+        common = torch.load(folder / "common.pt", weights_only=False)
+        common["config"] = {k: v for k, v in common["config"].items() if k not in NEWER_CONFIG_KEYS}
+        torch.save(common, folder / "common.pt")
+
+
+def test_a_checkpoint_saved_before_the_marker_resumes_exactly(reference, cache_dir, tmp_path):
+    """Issue 21, item 4: refused as "damaged or incomplete" before; now proven complete and
+    resumed: the losses of the uninterrupted run, bitwise."""
+    _, full, _ = reference
+    ckpt = checkpoint_at(reference[0] / "ckpt", 2, tmp_path / "ckpt")
+    as_saved_before_the_marker(ckpt / "iter_0000002")
+    proc = launch(cache_dir, *TINY, "--load", ckpt, "--save", ckpt, "--log-json", tmp_path / "b.jsonl")
+    assert (f"load {str(ckpt)!r}: iteration 2 was saved before {MARKER} existed; it is complete "
+            f"(Megatron's metadata, every shard, model_args.json)") in proc.stdout
+    resumed = logged(tmp_path / "b.jsonl")
+    assert sorted(resumed) == [3, 4]
+    for it, record in resumed.items():
+        assert (record["loss"], record["lr"]) == (full[it]["loss"], full[it]["lr"]), it
 
 
 def write_record(folder: Path, **changes) -> None:
@@ -227,4 +278,12 @@ def test_checkpoints_across_releases(reference, cache_dir, tmp_path):
     proc = launch(cache_dir, *TINY, "--load", save, "--save", tmp_path / "other", python=older[0], expect_rc=2)
     assert (f"iter_0000004 was written by megatron-core {newer[1]}; this is megatron-core {older[1]}, which "
             f"cannot read a newer release's checkpoints") in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    if (save / "iter_0000004" / "common.pt").is_file():
+        return  # the newer release writes common.pt as 0.16 does: nothing more to check
+    # Saved before the marker by megatron-core 0.19, loaded by 0.16: refused in one line too.
+    as_saved_before_the_marker(save / "iter_0000004")
+    proc = launch(cache_dir, *TINY, "--load", save, "--save", tmp_path / "other", python=older[0], expect_rc=2)
+    assert (f"iter_0000004 was saved before {MARKER} existed, with its common state inside the distributed "
+            f"checkpoint (megatron-core 0.19's format), which megatron-core {older[1]} cannot read") in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

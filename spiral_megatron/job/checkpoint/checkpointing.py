@@ -120,11 +120,15 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
     except OSError as e:
         if isinstance(e, ConnectionError):  # a peer rank died: not this save's fault
             raise
-        latest = latest_iteration(root)
-        kept = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
         raise SaveFailed(f"saving iteration {iteration} failed: {e.strerror or e} "
                          f"({e.filename or 'no file named'}); the last complete checkpoint is still "
-                         f"the latest: {kept}") from e
+                         f"the latest: {kept(root)}") from e
+
+
+def kept(root) -> str:
+    """The latest complete checkpoint under `root`, in words."""
+    latest = latest_iteration(root)
+    return f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
 
 
 def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
@@ -205,23 +209,34 @@ class BackgroundSaves:
     def __init__(self, rank0: bool):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        self.queue, self.rank0 = AsyncCallsQueue(persistent=False), rank0
+        self.queue, self.rank0, self.folders = AsyncCallsQueue(persistent=False), rank0, []
 
     def schedule(self, request, publish, folder: Path) -> None:
         def done():
+            self.folders.remove(folder)
             publish()
             if self.rank0:
                 print(f"saved checkpoint {folder}", flush=True)
 
         request.add_finalize_fn(done)
+        self.folders.append(folder)
         self.queue.schedule_async_request(request)
         if self.rank0:
             print(f"saving checkpoint {folder} in the background", flush=True)
 
     def finalize(self, blocking: bool) -> None:
         """Publish the saves every rank has finished writing (all of them when `blocking`).
-        A collective: every rank calls it at the same point."""
-        self.queue.maybe_finalize_async_calls(blocking=blocking)
+        A collective: every rank calls it at the same point. A save whose writer failed on any
+        rank raises SaveFailed on every rank (background_failure.py)."""
+        from torch.distributed.checkpoint import CheckpointException
+
+        from spiral_megatron.job.checkpoint import background_failure
+
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointException as e:
+            raise background_failure.translated(e, self.folders[0], kept(self.folders[0].parent),
+                                                SaveFailed) from e
 
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
@@ -360,8 +375,8 @@ def check_writable(root) -> None:
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test_{os.getpid()}"
+        probe = root / f"{checkpoint_files.WRITE_TEST}{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None

@@ -24,7 +24,7 @@ from spiral_megatron.errors import SpiralError
 from spiral_megatron.parallel import pipeline_plan
 from spiral_megatron.job.checkpoint import checkpointing, extra_state
 from spiral_megatron.job.settings import checks
-from spiral_megatron.job.run import console, divergence, memory, step
+from spiral_megatron.job.run import console, divergence, fatal, memory, step
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.build import Components, build
 from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
@@ -132,8 +132,9 @@ def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
     cfg = job.keys
     agreed(lambda: every_rank_checks(cfg, layout))
     if cfg.save:
-        if layout.rank0:
-            held.lock = FolderLock(cfg.save)
+        if layout.rank0:  # losing the lock to another job ends this one (folder_lock.py)
+            held.lock = FolderLock(cfg.save, on_lost=lambda line: fatal.stop(f"pretrain_spiral: error: {line}"),
+                                   say=lambda line: print(line, flush=True))
         warning = on_rank0(layout, lambda: held.lock.acquire())
         recovered = on_rank0(layout, lambda: checkpointing.recover(cfg.save))
         for line in (warning, recovered):
@@ -172,13 +173,25 @@ def resumable(job: Resolved, layout: dict) -> Optional[int]:
 
     cfg = job.keys
 
-    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save)
+    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save, job_files(cfg))
     if iteration is not None:
-        checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
-                                    load_optim=not cfg.no_load_optim)
+        record = checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
+                                             load_optim=not cfg.no_load_optim)
+        if record.get("pre_marker"):
+            print(f"load {cfg.load!r}: iteration {iteration} was saved before {checkpoint_files.MARKER} "
+                  f"existed; it is complete (Megatron's metadata, every shard, model_args.json)", flush=True)
         if not cfg.no_load_optim:
             bucket_layout.check(cfg.load, iteration, job, layout["dp"])
     return iteration
+
+
+def job_files(cfg: TrainingConfig) -> tuple:
+    """What this job writes into its --save folder before its first checkpoint."""
+    names = [console.CONFIG_FILE, console.WARNINGS_LOG]
+    for path in (cfg.log_json, cfg.tensorboard_dir):
+        if path and cfg.save and Path(path).resolve().parent == Path(cfg.save).resolve():
+            names.append(Path(path).name)
+    return tuple(names)
 
 
 def prepare_data(job: Resolved, layout: Layout):
@@ -353,7 +366,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
     `quiet`: the caller's harmless-warnings holder, reported once the save folder exists."""
     cfg = job.keys
     layout = start(job)
-    held = Preflight(None, None)
+    held, failed = Preflight(None, None), False
     try:
         preflight(job, layout, held)
         if layout.rank0:
@@ -392,7 +405,11 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
             late = quiet.report(cfg.save) if quiet is not None and layout.rank0 else None
             if late:  # warnings after the first step's line (e.g. at the first save)
                 print(late, flush=True)
+    except BaseException:
+        failed = True
+        raise
     finally:
         if held.lock is not None:
             held.lock.release()
-        parallel.destroy()
+        if not failed:  # a failed rank may have queued collectives its peers never join
+            parallel.destroy()
