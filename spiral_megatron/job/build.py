@@ -105,6 +105,8 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from spiral_megatron.job.run import grad_norm
+
     config = model_config(cfg, on_cpu)
     args = make_model_args(config, cfg, vocab_size)
     _, notes = fusion_defaults(cfg, on_cpu)
@@ -126,7 +128,8 @@ def build(cfg: TrainingConfig, vocab_size: int, on_cpu: bool) -> Components:
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", loss_scale=cfg.loss_scale,
         params_dtype=DTYPES[cfg.precision], use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [model])
+    # Megatron's optimizers, chained with a gradient norm that never reads the device (grad_norm.py)
+    optimizer = grad_norm.fused_norm(get_megatron_optimizer(opt_config, [model]))
     samples = cfg.global_batch_size  # Megatron's scheduler counts samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
