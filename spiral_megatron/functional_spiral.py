@@ -23,10 +23,14 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from . import functional_autograd as _autograd
+from .functional_autograd import Aggregate, Allocate, MeshStep  # a `from .x import` line: transformers copies x.py
 
+# The options' names, one list each: SpiralConfig and the Hugging Face config both check against these.
 SHIFTS = ("overlap", "no-overlap")
 TOPOLOGIES = ("residual", "anchor", "mesh")
+DOWNSCALES = ("self-aggregation", "mean")
+UPSCALES = ("allocate", "repeat")
+LATENT_POSITIONS = ("chunk-end", "index")
 State = Tuple[torch.Tensor, ...]
 
 
@@ -53,6 +57,50 @@ def shift_of(chunk_size: int, shift: str) -> int:
 def padding_multiple(chunk_sizes: Sequence[int]) -> int:
     """The loop pads the sequence at its end to a multiple of every chunk size."""
     return math.lcm(*chunk_sizes) if len(chunk_sizes) else 1
+
+
+def padded_length(length: int, chunk_sizes: Sequence[int]) -> int:
+    """L rounded up to `padding_multiple`: the length the loop runs at. The padding is after
+    every real token, so causality keeps it from touching them (docs/MODEL.md section 2)."""
+    m = padding_multiple(chunk_sizes)
+    return -(-length // m) * m
+
+
+def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """x with zeros appended along `dim` up to `length` (the loop's end padding)."""
+    pad = length - x.shape[dim]
+    if not pad:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[:dim] + (pad,) + x.shape[dim + 1 :])], dim=dim)
+
+
+def crop_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """The first `length` entries of `dim`: the loop's output without its end padding (a view)."""
+    return x if x.shape[dim] == length else x.narrow(dim, 0, length)
+
+
+# ---- where a token sits in iteration t's layout (`iteration` below; decoding reads them per token) ----
+def token_chunk(i: int, chunk_size: int, offset: int) -> Tuple[int, int]:
+    """(j, k): token i is slot k of chunk j, since x = shift_right(h, w) puts h[i] at x[i + w]."""
+    return divmod(i + offset, chunk_size)
+
+
+def chunk_tokens(j: int, chunk_size: int, offset: int) -> Tuple[int, int]:
+    """[start, stop) of the tokens in chunk j: x[j*g : j*g + g] = h[j*g - w : j*g + g - w]; a
+    negative start is front padding (chunk 0 only, w slots)."""
+    start = j * chunk_size - offset
+    return start, start + chunk_size
+
+
+def closed_chunks(num_tokens: int, chunk_size: int, offset: int) -> int:
+    """Chunks whose last token is among the first `num_tokens` ones (the core has run on them)."""
+    return (num_tokens + offset) // chunk_size
+
+
+def update_delay(shift: int, offset: int) -> int:
+    """How far right the up-scaled update u, laid out like x, moves onto tokens: s - w. Token i
+    receives u[i - (s - w)] (zero before u starts), the newest chunk closed at or before it."""
+    return shift - offset
 
 
 def latent_positions(j: torch.Tensor, chunk_size: int, offset: int, mode: str) -> torch.Tensor:
@@ -95,13 +143,15 @@ def chunk(x: torch.Tensor, g: int, dim: int) -> torch.Tensor:
     return x.unflatten(dim, (x.shape[dim] // g, g))
 
 
-def aggregate(chunks: torch.Tensor, weight: Optional[torch.Tensor], first_pad: int, dim: int) -> torch.Tensor:
+def aggregate(chunks: torch.Tensor, weight, first_pad: int, dim: int) -> torch.Tensor:
     """One latent per chunk: chunks [.., n, g, .., h] (chunk j at `dim`, slot k at dim + 1).
 
     weight [1, h] (the scorer A_t): self-aggregation, latent = sum_k softmax_k(x_k A_t^T) x_k;
-    None: the mean. The first `first_pad` slots of chunk 0 are front padding (zeros from the
-    offset shift) and take no weight in the softmax nor a place in the mean [ours]. Eager runs
-    `functional_autograd.Aggregate` (its backward written out), torch.compile this formula.
+    or a callable chunks -> scores [.., n, g, .., 1] (the scorer called as a module: PEFT's
+    adapters wrap it in the Hugging Face model); None: the mean. The first `first_pad` slots of
+    chunk 0 are front padding (zeros from the offset shift) and take no weight in the softmax
+    nor a place in the mean [ours]. Eager with a weight runs `functional_autograd.Aggregate`
+    (its backward written out); torch.compile and a callable run this formula.
     """
     n, g = chunks.shape[dim], chunks.shape[dim + 1]
     if weight is None:
@@ -111,9 +161,12 @@ def aggregate(chunks: torch.Tensor, weight: Optional[torch.Tensor], first_pad: i
             scale[0] = g / (g - first_pad)
             z = z * scale.view(n, *([1] * (z.dim() - dim - 1)))
         return z
-    if not torch.compiler.is_compiling():
-        return _autograd.Aggregate.apply(chunks, weight, first_pad, dim)
-    scores = torch.nn.functional.linear(chunks, weight)  # [.., n, g, .., 1]
+    if callable(weight):
+        scores = weight(chunks)  # [.., n, g, .., 1]
+    elif not torch.compiler.is_compiling():
+        return Aggregate.apply(chunks, weight, first_pad, dim)
+    else:
+        scores = torch.nn.functional.linear(chunks, weight)  # [.., n, g, .., 1]
     if first_pad:
         pad = torch.zeros(n, g, dtype=torch.bool, device=chunks.device)
         pad[0, :first_pad] = True
@@ -122,7 +175,7 @@ def aggregate(chunks: torch.Tensor, weight: Optional[torch.Tensor], first_pad: i
     return (weights * chunks).sum(dim=dim + 1)  # [.., n, .., h]
 
 
-def allocate(y: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def allocate(y: torch.Tensor, delta: torch.Tensor, weight, bias: Optional[torch.Tensor],
              dim: int, shift: int = 0) -> torch.Tensor:
     """Latent update delta [.., n, .., h] -> token update [.., n*g, .., h]: slot k of chunk j
     receives sqrt(g) * beta_jk * delta_j, beta_j = softmax(y_j B_t^T + b_t) over the g slots
@@ -131,12 +184,18 @@ def allocate(y: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: O
 
     `shift` (0 <= shift <= g): the result shifted right by it, as a view: the product is
     written with one zero chunk in front, and the shifted update starts `shift` tokens into it.
-    Eager runs `functional_autograd.Allocate` (its backward written out), torch.compile this.
+    weight may instead be a callable y -> logits [.., n, .., g] (the allocator called as a
+    module, bias None: PEFT's adapters wrap it in the Hugging Face model). Eager with weights
+    runs `functional_autograd.Allocate` (its backward written out); torch.compile and a
+    callable run this formula.
     """
-    if not torch.compiler.is_compiling():
-        return _autograd.Allocate.apply(y, delta, weight, bias, dim, shift)
-    g = weight.shape[0]
-    logits = torch.nn.functional.linear(y, weight, bias)  # [.., n, .., g]
+    if callable(weight):
+        logits = weight(y)  # [.., n, .., g]
+    elif not torch.compiler.is_compiling():
+        return Allocate.apply(y, delta, weight, bias, dim, shift)
+    else:
+        logits = torch.nn.functional.linear(y, weight, bias)  # [.., n, .., g]
+    g = logits.shape[-1]
     beta = softmax_fp32(logits, dim=-1) * math.sqrt(g)  # [.., n, .., g]: sqrt(g) on the weights
     beta = beta.movedim(-1, dim + 1).unsqueeze(-1)  # [.., n, g, .., 1]
     delta = delta.unsqueeze(dim + 1)  # [.., n, 1, .., h]
@@ -171,19 +230,19 @@ def iteration(h: torch.Tensor, chunk_size: int, offset: int, shift: int, dim: in
     (x, k) -> x shifted: a shift that crosses ranks (sequence parallelism); None = this
     process's, fused into the up-scale. Chunk size 1 skips the resampling (an identity).
     """
-    g, w, s = chunk_size, offset, shift
+    g, w, delay = chunk_size, offset, update_delay(shift, offset)
     local = shift_right_fn is None
     shift_fn = (lambda x, k: shift_right(x, k, dim)) if local else shift_right_fn
     x = shift_fn(h, w) if w else h  # [.., S, .., h]
     if g == 1:
         y = core(x)
-        return shift_fn(y - x, s) if s else y - x
+        return shift_fn(y - x, delay) if delay else y - x
     z = downscale(chunk(x, g, dim), w if first_pad is None else first_pad)  # [.., S/g, .., h]
     y = core(z)  # [.., S/g, .., h]
     if local:
-        return upscale(y, y - z, s - w)  # [.., S, .., h]
+        return upscale(y, y - z, delay)  # [.., S, .., h]
     u = upscale(y, y - z, 0)
-    return shift_fn(u, s - w) if s - w else u
+    return shift_fn(u, delay) if delay else u
 
 
 # ---- topologies (docs/MODEL.md section 3, step 5) ----
@@ -209,12 +268,26 @@ def mesh_step(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, write_weigh
     backward (it cannot fuse the written-out one: issue 15's compiled count rose by a quarter
     with it)."""
     if not torch.compiler.is_compiling():
-        return _autograd.MeshStep.apply(slots, u, h, write_weight, read_weight)
-    B, d = write_weight.shape
-    logits = torch.nn.functional.linear(h.reshape(-1, d), torch.cat([write_weight, read_weight]))  # [N, 2B]
-    w, r = softmax_fp32(logits.unflatten(-1, (2, B)), dim=-1).unbind(-2)  # [N, B] each
+        return MeshStep.apply(slots, u, h, write_weight, read_weight)
+    return mesh_step_routed(slots, u, torch.nn.functional.linear(h, torch.cat([write_weight, read_weight])))
+
+
+def mesh_step_routed(slots: torch.Tensor, u: torch.Tensor, logits: torch.Tensor) -> State:
+    """`mesh_step` from the routers' logits [.., 2B] (write, then read), the plain formula with
+    autograd's backward: under torch.compile, and for a caller whose routers are modules it
+    calls (the Hugging Face model, where PEFT's adapters wrap them). -> (h' [.., h], slots [N, B, h])"""
+    B, d = logits.shape[-1] // 2, u.shape[-1]
+    w, r = softmax_fp32(logits.reshape(-1, 2, B), dim=-1).unbind(-2)  # [N, B] each
     slots = torch.addcmul(slots, w.unsqueeze(-1), u.reshape(-1, 1, d))  # [N, B, h]
-    return torch.matmul(r.unsqueeze(-2), slots).view(h.shape), slots  # [.., h], [N, B, h]
+    return torch.matmul(r.unsqueeze(-2), slots).view(u.shape), slots  # [.., h], [N, B, h]
+
+
+def _mesh(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, routers) -> State:
+    """One MeSH write-read; routers: (write_weight, read_weight) [B, h] each, or a callable
+    h -> logits [.., 2B] (the routers called as modules)."""
+    if callable(routers):
+        return mesh_step_routed(slots, u, routers(h))
+    return mesh_step(slots, u, h, *routers)
 
 
 def init_state(topology: str, h0: torch.Tensor, embeddings: Optional[torch.Tensor] = None,
@@ -222,11 +295,12 @@ def init_state(topology: str, h0: torch.Tensor, embeddings: Optional[torch.Tenso
                num_slots: int = 0) -> State:
     """The loop state from h0, the prelude's output, and the raw token embeddings. MeSH: slot 0
     = the embeddings, then the transitional write-read of h0 with its own router pair
-    (mesh_weights = (W_init, R_init)) [ours: the transitional step writes h0 itself]."""
+    (mesh_weights = (W_init, R_init), or a callable h -> logits, see `_mesh`) [ours: the
+    transitional step writes h0 itself]."""
     if topology == "anchor":
         return (h0, h0)
     if topology == "mesh":
-        return mesh_step(mesh_slots(embeddings, num_slots), h0, h0, *mesh_weights)
+        return _mesh(mesh_slots(embeddings, num_slots), h0, h0, mesh_weights)
     return (h0,)
 
 
@@ -239,5 +313,5 @@ def update_state(topology: str, state: State, u: torch.Tensor,
         return (state[1] + u, state[1])
     if topology == "mesh":
         h, slots = state
-        return mesh_step(slots, u, h, *mesh_weights)
+        return _mesh(slots, u, h, mesh_weights)
     return (state[0] + u,)

@@ -4,12 +4,12 @@
         --tp 2 --pp 2 --split 3,3 --cases residual-8421,mesh-1111 --out results.pt
 
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
-layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: build.ddp_config), the Adam of
+layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: job/settings/training.ddp_config), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
 `get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
 global batches. Rank 0 saves, per case: the loss and gradient norm of every step (Megatron's,
-and the job's fused one of the same gradients: job/run/grad_norm.py), the full
+and the job's fused one of the same gradients: parallel/grad_norm.py), the full
 gradients of every step (TP shards gathered, PP stages merged under global names) unless
 the distributed optimizer shards them, and the full parameters after the last step.
 """
@@ -26,9 +26,10 @@ from megatron.core import parallel_state as ps
 from spiral_megatron import parallel
 from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.job.build import ddp_config, sync_params
-from spiral_megatron.job.run import grad_norm
+from spiral_megatron.job.build import sync_params
+from spiral_megatron.parallel import grad_norm
 from spiral_megatron.job.settings.config import TrainingConfig
+from spiral_megatron.job.settings.training import ddp_config
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3
@@ -160,7 +161,7 @@ def train(case, args):
         if optimizer.prepare_grads():
             raise RuntimeError(f"{case}: optimizer found inf/nan gradients at step {step}")
         result["grad_norm"].append(float(optimizer.get_grad_norm()))
-        # the job's fused norm (job/run/grad_norm.py) of the same gradients, over the same groups
+        # the job's fused norm (parallel/grad_norm.py) of the same gradients, over the same groups
         result.setdefault("fused_grad_norm", []).append(float(grad_norm.fused_norm(optimizer).get_grad_norm()))
         optimizer.step_with_ready_grads()
     sync_params(model)  # overlap_param_gather defers the all-gather of the updated weights

@@ -1,4 +1,4 @@
-"""The job's gradient norm (job/run/grad_norm.py, issue 23): Megatron's value and clipping, in
+"""The job's gradient norm (parallel/grad_norm.py, issue 23): Megatron's value and clipping, in
 one fused reduction, with no host read and without Megatron's per-tensor fallback
 (`local_multi_tensor_l2_norm`, one host sync per gradient tensor without apex/TE). The
 reference is Megatron's own `get_grad_norm_fp32` and `clip_grad_by_total_norm_fp32` on the same
@@ -14,7 +14,7 @@ import torch
 from megatron.core.optimizer import clip_grads
 
 from spiral_megatron.job.build import build
-from spiral_megatron.job.settings import config
+from spiral_megatron.job.settings.resolve import resolve
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -27,10 +27,11 @@ SEQ = 32
 @pytest.fixture(scope="module", params=["fp32", "bf16"])
 def job(megatron, request):
     """The job's model and optimizer (the debug flavor) after one backward, main grads ready."""
-    cfg = config.load(["--precision", request.param, "--seq-length", str(SEQ), "--micro-batch-size", "2",
-                       "--global-batch-size", "2", "--mock-data", "true"], DEBUG)
-    parts = build(cfg, cfg.tokenizer_vocab_size, on_cpu=True)
-    tokens = torch.randint(0, cfg.tokenizer_vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    job = resolve(["--precision", request.param, "--seq-length", str(SEQ), "--micro-batch-size", "2",
+                   "--global-batch-size", "2", "--mock-data", "true"], DEBUG, on_cpu=True)
+    parts = build(job)
+    vocab = job.keys.tokenizer_vocab_size
+    tokens = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(0))
     parts.optimizer.zero_grad()
     parts.model(tokens, torch.arange(SEQ).expand(2, SEQ), None, labels=tokens).float().mean().backward()
     parts.model.finish_grad_sync()

@@ -7,7 +7,7 @@ only the last stage computes losses.
 No step waits for the device on our account (issue 15): the step's loss stays on the device,
 and `StepFlags` reduces it together with the exit flag in one all-reduce, whose result the
 host reads one step later, when the device has finished it (or at once, before a log line or
-a save). The gradient norm stays on the device too (grad_norm.py, issue 23) and is read with
+a save). The gradient norm stays on the device too (parallel/grad_norm.py, issue 23) and is read with
 them.
 """
 
@@ -138,7 +138,7 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
     if success:
         parts.scheduler.step(increment=global_batch_size)
     return _local_loss(losses, num_microbatches), {
-        "grad_norm": grad_norm,  # on the device (grad_norm.py), read with the loss a step later
+        "grad_norm": grad_norm,  # on the device (parallel/grad_norm.py), read with the loss a step later
         "lr": parts.optimizer.param_groups[0]["lr"],
         "skipped": not success,
     }
