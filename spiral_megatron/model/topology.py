@@ -84,12 +84,12 @@ class Mesh(Residual):
 
     def init(self, h0: torch.Tensor, embeddings: torch.Tensor = None) -> State:
         """h0: the prelude output p [s, b, h]; embeddings: e [s, b, h]."""
-        weights = (self.init_write_router.weight, self.init_read_router.weight)
-        return F.init_state(self.name, h0, embeddings, weights, self.num_slots)  # (h(0), slots)
+        return _routed(self.init_write_router, self.init_read_router,
+                       lambda weights: F.init_state(self.name, h0, embeddings, weights, self.num_slots))  # (h(0), slots)
 
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
-        weights = (self.write_router[str(t)].weight, self.read_router[str(t)].weight)
-        return F.update_state(self.name, state, u, weights)
+        return _routed(self.write_router[str(t)], self.read_router[str(t)],
+                       lambda weights: F.update_state(self.name, state, u, weights))
 
     def pack(self, state: State) -> torch.Tensor:
         h, slots = state
@@ -99,3 +99,9 @@ class Mesh(Residual):
     def unpack(self, packed: torch.Tensor) -> State:
         parts = packed.unflatten(0, (1 + self.num_slots, -1))  # [1 + B, s, b, h]
         return (parts[0], parts[1:].permute(1, 2, 0, 3).reshape(-1, self.num_slots, parts.shape[-1]))  # [s * b, B, h]
+
+
+def _routed(write, read, fn):
+    """fn((W, R)), the router pair's weights, run inside both routers' calls (ReplicatedLinear's
+    `fused`), so that the hooks on them (Megatron DDP's all-gather wait) see the weights used."""
+    return write(None, lambda _, w, __: read(None, lambda _, r, __: fn((w, r))))
