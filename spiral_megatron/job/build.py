@@ -52,6 +52,8 @@ def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = 
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from spiral_megatron.parallel import grad_norm
+
     if job.fusion_notes and torch.distributed.get_rank() == 0:
         print("\n".join(job.fusion_notes), flush=True)
     module = make_model(copy.copy(job.model), job.model_args, backend=job.backend,
@@ -64,7 +66,8 @@ def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = 
         prepare(module)
     config = module.config
     model = wrap_in_ddp(job.ddp, config, module)
-    optimizer = get_megatron_optimizer(copy.copy(job.optimizer), [model])
+    # Megatron's optimizers, chained with a gradient norm that never reads the device (parallel/grad_norm.py)
+    optimizer = grad_norm.fused_norm(get_megatron_optimizer(copy.copy(job.optimizer), [model]))
     scheduler = OptimizerParamScheduler(optimizer, **dataclasses.asdict(job.schedule))
     # The schedules find these hooks on the model config, as in Megatron-LM's training.py.
     # Ours wraps Megatron's and also sums the gradients of the core's replicas over stages.

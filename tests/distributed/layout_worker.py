@@ -8,7 +8,8 @@ layout loads them (resharded), so all start from the same model. Megatron all th
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
 `get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
-global batches. Rank 0 saves, per case: the loss and gradient norm of every step, the full
+global batches. Rank 0 saves, per case: the loss and gradient norm of every step (Megatron's,
+and the job's fused one of the same gradients: parallel/grad_norm.py), the full
 gradients of every step (TP shards gathered, PP stages merged under global names) unless
 the distributed optimizer shards them, and the full parameters after the last step.
 
@@ -36,6 +37,7 @@ from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
 from spiral_megatron.job.checkpoint import checkpointing
 from spiral_megatron.job.build import Components, sync_params, wrap_in_ddp
+from spiral_megatron.parallel import grad_norm
 from spiral_megatron.job.settings.config import TrainingConfig
 from spiral_megatron.job.settings.training import ddp_config
 from tests.tiny import VOCAB, tiny_config
@@ -190,6 +192,8 @@ def train_step(model, optimizer, args, micro_batches, result, module=None):
     if optimizer.prepare_grads():
         raise RuntimeError(f"optimizer found inf/nan gradients at step {len(result['loss'])}")
     result["grad_norm"].append(float(optimizer.get_grad_norm()))
+    # the job's fused norm (parallel/grad_norm.py) of the same gradients, over the same groups
+    result.setdefault("fused_grad_norm", []).append(float(grad_norm.fused_norm(optimizer).get_grad_norm()))
     optimizer.step_with_ready_grads()
 
 

@@ -120,6 +120,9 @@ def compare(layout: str, result: dict, ref: dict):
         for step, (norm, ref_norm) in enumerate(zip(got["grad_norm"], want["grad_norm"])):
             assert norm == pytest.approx(ref_norm, rel=1e-4), (
                 f"{layout} {case} step {step}: grad norm {norm} vs one process {ref_norm}")
+        for step, (fused, norm) in enumerate(zip(got["fused_grad_norm"], got["grad_norm"], strict=True)):
+            assert fused == pytest.approx(norm, rel=1e-6), (
+                f"{layout} {case} step {step}: the job's fused grad norm {fused} vs Megatron's {norm}")
         tensors = [("grads", step, g) for step, g in enumerate(got.get("grads", []))]
         tensors.append(("params", len(got["loss"]) - 1, got["params"]))
         for what, step, mine in tensors:
