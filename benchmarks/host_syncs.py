@@ -4,7 +4,10 @@
     python benchmarks/host_syncs.py [--steps 8]
 
 On a GPU each read of a device tensor waits for the device (a host sync); on a CPU nothing
-waits, so this counts where the syncs would be (issue 15). Two runs, of `steps` and of
+waits, so this counts where the syncs would be (issue 15). Reads of tensors that live in host
+memory on a GPU too (the job's pinned copy of the previous step's values, step.StepFlags.host;
+torch's per-parameter Adam step counters) are counted apart: they wait for nothing. The
+summary splits the syncs per step into the project's (spiral_megatron/) and Megatron's. Two runs, of `steps` and of
 2 x `steps` steps, logged and saved only at their end: the difference / `steps` is what
 every other step costs, apart from the run's start and end. The job runs the debug flavor on
 mock data, without saving. `--gpu-debug` (on a GPU) also counts the syncs CUDA reports
@@ -24,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+HOST = "host memory, no sync: "
 
 
 def _call_site() -> str:
@@ -40,9 +44,10 @@ def _call_site() -> str:
 
 
 @contextlib.contextmanager
-def counting(counts: collections.Counter):
+def counting(counts: collections.Counter, in_host_memory=lambda tensor: False):
     """Count every read of a tensor's value into `counts` by call site (torch.Tensor's methods
-    are wrapped for the duration: a benchmark's instrument, never done in the package)."""
+    are wrapped for the duration: a benchmark's instrument, never done in the package); a read
+    of a tensor `in_host_memory` says is host-resident on a GPU too goes under HOST + site."""
     originals = {name: getattr(torch.Tensor, name) for name in READS}
     inside = [False]  # a torch function mode (the CPU shim) calls the wrapped method again: count once
 
@@ -50,7 +55,7 @@ def counting(counts: collections.Counter):
         def read(self, *args, **kwargs):
             if inside[0]:
                 return fn(self, *args, **kwargs)
-            counts[_call_site()] += 1
+            counts[(HOST if in_host_memory(self) else "") + _call_site()] += 1
             inside[0] = True
             try:
                 return fn(self, *args, **kwargs)
@@ -79,7 +84,13 @@ def reads_of_run(steps: int, gpu_debug: bool) -> collections.Counter:
     run = loop.Trainer.run
 
     def counted_run(self, *args, **kwargs):
-        with counting(counts), warnings.catch_warnings(record=True) as caught:
+        optimizers = getattr(self.parts.optimizer, "chained_optimizers", [self.parts.optimizer])
+
+        def in_host_memory(tensor):  # on a GPU too: the pinned copy StepFlags reads, Adam's step counters
+            return tensor is self.flags.host or any(
+                tensor is state.get("step") for o in optimizers for state in o.optimizer.state.values())
+
+        with counting(counts, in_host_memory), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if gpu_debug:
                 torch.cuda.set_sync_debug_mode("warn")
@@ -112,8 +123,12 @@ def main(argv=None) -> int:
     for site, n in sorted(per_step.items(), key=lambda kv: -kv[1]):
         if n:
             print(f"  {n:5.2f}  {site}")
-    ours = sum(n for site, n in per_step.items() if site.startswith("spiral_megatron/"))
-    print(f"  {sum(per_step.values()):5.2f}  total ({ours:.2f} in spiral_megatron)")
+    syncs = {site: n for site, n in per_step.items() if not site.startswith(HOST)}
+    ours = sum(n for site, n in syncs.items() if site.startswith("spiral_megatron/"))
+    megatron = sum(n for site, n in syncs.items() if site.startswith("megatron/"))
+    print(f"  {sum(per_step.values()):5.2f}  reads in all")
+    print(f"host syncs per training step: {ours:.2f} from the project (spiral_megatron), {megatron:.2f} from "
+          f"Megatron, {sum(syncs.values()) - ours - megatron:.2f} elsewhere")
     return 0
 
 

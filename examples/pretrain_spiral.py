@@ -31,14 +31,13 @@ def train(job, quiet=None) -> str:
 def main(argv) -> int:
     """Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving), 2 a check refused the job
     (one line naming the fix), 1 a non-finite loss or a failed save (one line). Only the
-    project's own errors (spiral_megatron.errors.SpiralError) are one line: any other exception
-    keeps its traceback, in the log and in torchrun's error file (`record`)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
+    project's own errors (spiral_megatron.errors.SpiralError) are one line; any other exception
+    propagates: `fatal.run` prints its traceback once, also into torchrun's error
+    file, and ends the process at once (so that the whole job ends)."""
     from spiral_megatron.job.run.console import HeldWarnings
 
     with HeldWarnings() as quiet:  # from before Megatron's imports warn (issue 17)
-        return record(_main)(argv, quiet)
+        return _main(argv, quiet)
 
 
 def _main(argv, quiet) -> int:
@@ -64,8 +63,9 @@ def _main(argv, quiet) -> int:
     try:
         outcome = train(job, quiet)
     except SpiralError as e:  # the project's own: a refusal (config, data, checkpoint, folder), a failed save, a stop
-        if not getattr(e, "reported_elsewhere", False):
-            report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}")
+        if not getattr(e, "reported_elsewhere", False):  # every_rank: each raised the same; rank 0 prints it
+            report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}",
+                   echo=rank0 or not getattr(e, "every_rank", False))
         return 1 if isinstance(e, (SaveFailed, NonFiniteLoss)) else 2
     if rank0:
         print(f"pretrain_spiral: {outcome}", flush=True)
@@ -73,4 +73,6 @@ def _main(argv, quiet) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this module
-    sys.exit(main(sys.argv[1:]))
+    from spiral_megatron.job.run import fatal
+
+    fatal.run(main, sys.argv[1:])

@@ -5,19 +5,25 @@ up-scale, shift back) and the topologies (residual, anchor, MeSH with its transi
 Plain functions over tensors, no parameters: each side owns its weights (Megatron's
 ReplicatedLinear, torch's nn.Linear) and passes them, or callables over them, in. Every function
 that touches the sequence takes its dimension `dim` explicitly: 0 for Megatron's [s, b, h], 1
-for Hugging Face's [b, s, d]. Imports only torch and the standard library: the converter copies
-this file into every Hugging Face folder, where the model files import it relatively.
+for Hugging Face's [b, s, d]. Imports only torch, the standard library and its sibling
+`functional_autograd.py`: the converter copies both into every Hugging Face folder, where the
+model files import them relatively.
 
-Written for a launch-bound GPU (issue 15): the shift back is a view of the up-scale's output
-(no copy), sqrt(g) scales the small allocation weights, not the token update, and MeSH keeps its
-slots token-major ([.., B, h]) so that a write is one fused multiply-add and a read one batched
-matrix-vector product, each touching the B slots once.
+Written for a launch-bound GPU (issues 15, 23): the shift back is a view of the up-scale's
+output (no copy), sqrt(g) scales the small allocation weights, not the token update, and MeSH
+keeps its slots as one row per token ([N, B, h]) so that a write is one fused multiply-add and
+a read one batched matrix-vector product, each touching the B slots once. The learned steps
+(self-aggregation, allocation, the MeSH write-read) take their weights, not the outputs of
+their linears: in eager mode each runs as one autograd node with its linear inside and its
+backward written out (`functional_autograd.py`); under torch.compile the formulas here run.
 """
 
 import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+
+from .functional_autograd import Aggregate, Allocate, MeshStep  # a `from .x import` line: transformers copies x.py
 
 # The options' names, one list each: SpiralConfig and the Hugging Face config both check against these.
 SHIFTS = ("overlap", "no-overlap")
@@ -118,12 +124,13 @@ def softmax_fp32(scores: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def shift_right(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """out[i] = x[i - k] along `dim`, zeros for i < k (the causal shift, one process)."""
+    """out[i] = x[i - k] along `dim`, zeros for i < k (the causal shift, one process): one pad
+    that adds k zeros in front and drops k entries at the end."""
     if k == 0:
         return x
-    n = x.shape[dim]
-    head = x.new_zeros(x.shape[:dim] + (min(k, n),) + x.shape[dim + 1 :])
-    return torch.cat([head, x.narrow(dim, 0, n - min(k, n))], dim=dim)
+    if k >= x.shape[dim]:
+        return torch.zeros_like(x)
+    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [k, -k])
 
 
 def _pad_front(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -136,21 +143,30 @@ def chunk(x: torch.Tensor, g: int, dim: int) -> torch.Tensor:
     return x.unflatten(dim, (x.shape[dim] // g, g))
 
 
-def aggregate(chunks: torch.Tensor, scores: Optional[torch.Tensor], first_pad: int, dim: int) -> torch.Tensor:
+def aggregate(chunks: torch.Tensor, weight, first_pad: int, dim: int) -> torch.Tensor:
     """One latent per chunk: chunks [.., n, g, .., h] (chunk j at `dim`, slot k at dim + 1).
 
-    scores (same shape, last dim 1): self-aggregation, latent = sum_k softmax_k(score) x_k;
-    None: the mean. The first `first_pad` slots of chunk 0 are front padding (zeros from the
-    offset shift) and take no weight in the softmax nor a place in the mean [ours].
+    weight [1, h] (the scorer A_t): self-aggregation, latent = sum_k softmax_k(x_k A_t^T) x_k;
+    or a callable chunks -> scores [.., n, g, .., 1] (the scorer called as a module: PEFT's
+    adapters wrap it in the Hugging Face model); None: the mean. The first `first_pad` slots of
+    chunk 0 are front padding (zeros from the offset shift) and take no weight in the softmax
+    nor a place in the mean [ours]. Eager with a weight runs `functional_autograd.Aggregate`
+    (its backward written out); torch.compile and a callable run this formula.
     """
     n, g = chunks.shape[dim], chunks.shape[dim + 1]
-    if scores is None:
+    if weight is None:
         z = chunks.mean(dim=dim + 1)  # [.., n, .., h]
         if first_pad:  # padded slots are zero: rescale chunk 0 to the mean of its real tokens
             scale = torch.ones(n, dtype=z.dtype, device=z.device)
             scale[0] = g / (g - first_pad)
             z = z * scale.view(n, *([1] * (z.dim() - dim - 1)))
         return z
+    if callable(weight):
+        scores = weight(chunks)  # [.., n, g, .., 1]
+    elif not torch.compiler.is_compiling():
+        return Aggregate.apply(chunks, weight, first_pad, dim)
+    else:
+        scores = torch.nn.functional.linear(chunks, weight)  # [.., n, g, .., 1]
     if first_pad:
         pad = torch.zeros(n, g, dtype=torch.bool, device=chunks.device)
         pad[0, :first_pad] = True
@@ -159,15 +175,26 @@ def aggregate(chunks: torch.Tensor, scores: Optional[torch.Tensor], first_pad: i
     return (weights * chunks).sum(dim=dim + 1)  # [.., n, .., h]
 
 
-def allocate(logits: torch.Tensor, delta: torch.Tensor, dim: int, shift: int = 0) -> torch.Tensor:
+def allocate(y: torch.Tensor, delta: torch.Tensor, weight, bias: Optional[torch.Tensor],
+             dim: int, shift: int = 0) -> torch.Tensor:
     """Latent update delta [.., n, .., h] -> token update [.., n*g, .., h]: slot k of chunk j
-    receives sqrt(g) * beta_jk * delta_j, beta_j = softmax(logits_j) over the g slots
-    (logits [.., n, .., g], the allocator on the core's OUTPUT latent) [ours: input and
-    sqrt(g), so that at uniform beta the chunk's update energy sum_k |u_k|^2 is |delta|^2].
+    receives sqrt(g) * beta_jk * delta_j, beta_j = softmax(y_j B_t^T + b_t) over the g slots
+    (weight B_t [g, h], bias b_t [g]: the allocator, on the core's OUTPUT latent y) [ours: input
+    and sqrt(g), so that at uniform beta the chunk's update energy sum_k |u_k|^2 is |delta|^2].
 
     `shift` (0 <= shift <= g): the result shifted right by it, as a view: the product is
     written with one zero chunk in front, and the shifted update starts `shift` tokens into it.
+    weight may instead be a callable y -> logits [.., n, .., g] (the allocator called as a
+    module, bias None: PEFT's adapters wrap it in the Hugging Face model). Eager with weights
+    runs `functional_autograd.Allocate` (its backward written out); torch.compile and a
+    callable run this formula.
     """
+    if callable(weight):
+        logits = weight(y)  # [.., n, .., g]
+    elif not torch.compiler.is_compiling():
+        return Allocate.apply(y, delta, weight, bias, dim, shift)
+    else:
+        logits = torch.nn.functional.linear(y, weight, bias)  # [.., n, .., g]
     g = logits.shape[-1]
     beta = softmax_fp32(logits, dim=-1) * math.sqrt(g)  # [.., n, .., g]: sqrt(g) on the weights
     beta = beta.movedim(-1, dim + 1).unsqueeze(-1)  # [.., n, g, .., 1]
@@ -222,34 +249,37 @@ def iteration(h: torch.Tensor, chunk_size: int, offset: int, shift: int, dim: in
 # A loop state is a tuple of tensors whose first is h, the next iteration's input:
 #   residual (h,), anchor (h, h0), mesh (h, slots [.., B, h]).
 def mesh_slots(embeddings: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """The MeSH buffer before the transitional write, token-major: slot 0 = the raw token
-    embeddings (before the prelude), the other B - 1 slots zeros. -> [*embeddings.shape[:-1], B, h]"""
-    return torch.nn.functional.pad(embeddings.unsqueeze(-2), (0, 0, 0, num_slots - 1))
+    """The MeSH buffer before the transitional write, one row per token: slot 0 = the raw token
+    embeddings (before the prelude), the other B - 1 slots zeros. -> [N, B, h], N tokens"""
+    rows = embeddings.reshape(-1, 1, embeddings.shape[-1])  # [N, 1, h]
+    return torch.nn.functional.pad(rows, (0, 0, 0, num_slots - 1))
 
 
 def mesh_step(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, write_weight: torch.Tensor,
               read_weight: torch.Tensor) -> State:
-    """One MeSH write-read (MeSH section 3.2): slots [.., B, h] token-major, u [.., h] what is
-    written, h [.., h] the state the routers read; write_weight, read_weight [B, h].
+    """One MeSH write-read (MeSH section 3.2): slots [N, B, h] (a row per token), u [.., h]
+    what is written, h [.., h] the state the routers read (N tokens); write_weight,
+    read_weight [B, h].
         slot_b += u * softmax_b(W h)        h' = sum_b slot_b * softmax_b(R h)
     Both routers run as one matmul and one softmax. -> (h', slots)
 
-    Eager runs `_MeshStep`, whose backward is written out; under torch.compile the plain
-    formula below, from which the compiler derives and fuses its own backward (it cannot fuse
-    the written-out one: issue 15's compiled count rose by a quarter with it)."""
+    Eager runs `functional_autograd.MeshStep`, whose backward is written out; under
+    torch.compile the plain formula below, from which the compiler derives and fuses its own
+    backward (it cannot fuse the written-out one: issue 15's compiled count rose by a quarter
+    with it)."""
     if not torch.compiler.is_compiling():
-        return _MeshStep.apply(slots, u, h, write_weight, read_weight)
+        return MeshStep.apply(slots, u, h, write_weight, read_weight)
     return mesh_step_routed(slots, u, torch.nn.functional.linear(h, torch.cat([write_weight, read_weight])))
 
 
 def mesh_step_routed(slots: torch.Tensor, u: torch.Tensor, logits: torch.Tensor) -> State:
     """`mesh_step` from the routers' logits [.., 2B] (write, then read), the plain formula with
-    autograd's backward: for a caller whose routers are modules it calls (the Hugging Face model,
-    where PEFT's adapters wrap them). -> (h' [.., h], slots [.., B, h])"""
-    B = logits.shape[-1] // 2
-    w, r = softmax_fp32(logits.unflatten(-1, (2, B)), dim=-1).unbind(-2)  # [.., B] each
-    slots = torch.addcmul(slots, w.unsqueeze(-1), u.unsqueeze(-2))  # [.., B, h]
-    return torch.matmul(r.unsqueeze(-2), slots).squeeze(-2), slots  # [.., h], [.., B, h]
+    autograd's backward: under torch.compile, and for a caller whose routers are modules it
+    calls (the Hugging Face model, where PEFT's adapters wrap them). -> (h' [.., h], slots [N, B, h])"""
+    B, d = logits.shape[-1] // 2, u.shape[-1]
+    w, r = softmax_fp32(logits.reshape(-1, 2, B), dim=-1).unbind(-2)  # [N, B] each
+    slots = torch.addcmul(slots, w.unsqueeze(-1), u.reshape(-1, 1, d))  # [N, B, h]
+    return torch.matmul(r.unsqueeze(-2), slots).view(u.shape), slots  # [.., h], [N, B, h]
 
 
 def _mesh(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, routers) -> State:
@@ -258,46 +288,6 @@ def _mesh(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, routers) -> Sta
     if callable(routers):
         return mesh_step_routed(slots, u, routers(h))
     return mesh_step(slots, u, h, *routers)
-
-
-class _MeshStep(torch.autograd.Function):
-    """`mesh_step` with its backward written out (issue 15): autograd's own backward of the
-    same forward dispatches about twice the ops (a node per view, broadcast and reduction);
-    here every token is a row, [N, ..], and the backward is 4 bmm, 2 mm and one softmax
-    backward. Same values as autograd's (tests/unit/test_functional.py)."""
-
-    @staticmethod
-    def forward(ctx, slots, u, h, write_weight, read_weight):
-        B, d = write_weight.shape
-        weight = torch.cat([write_weight, read_weight])  # [2B, d]
-        h2 = h.reshape(-1, d)  # [N, d], one row per token
-        p32 = torch.softmax(torch.mm(h2, weight.t()).view(-1, 2, B), dim=-1, dtype=torch.float32)
-        p = p32.to(h.dtype)  # [N, 2, B]: (write, read) weights, softmax in float32
-        new_slots = torch.baddbmm(slots.reshape(-1, B, d), p[:, 0].unsqueeze(-1), u.reshape(-1, 1, d))  # [N, B, d]
-        new_h = torch.bmm(p[:, 1:], new_slots)  # [N, 1, d]
-        ctx.save_for_backward(h2, weight, p32, p, u, new_slots)
-        return new_h.view(h.shape), new_slots.view(slots.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h, grad_slots):
-        h2, weight, p32, p, u, new_slots = ctx.saved_tensors
-        N, B, d = new_slots.shape
-        grad_h = grad_h.reshape(N, 1, d)
-        # the read h' = r . slots' adds r x grad_h to the written slots' own gradient
-        grad_new = torch.baddbmm(grad_slots.reshape(N, B, d), p[:, 1:].transpose(1, 2), grad_h)  # [N, B, d]
-        grad_w = torch.bmm(u.reshape(N, 1, d), grad_new.transpose(1, 2))  # [N, 1, B]
-        grad_r = torch.bmm(grad_h, new_slots.transpose(1, 2))  # [N, 1, B]
-        grad_u = torch.bmm(p[:, :1], grad_new)  # [N, 1, d]
-        grad_p = torch.cat([grad_w, grad_r], dim=1).to(torch.float32)  # [N, 2, B]
-        # the softmax ran on the logits cast to float32: its backward is float32 throughout
-        # (the only dtype mix CUDA's kernel takes is fp16 input with fp32 grad), then the cast's
-        # backward brings the gradient to the logits' dtype
-        grad_logits = torch._softmax_backward_data(grad_p, p32, -1, torch.float32).to(h2.dtype).view(N, 2 * B)
-        grad_weight = torch.mm(grad_logits.t(), h2)  # [2B, d]
-        grad_h_in = torch.mm(grad_logits, weight)  # [N, d]
-        return (grad_new.view(grad_slots.shape), grad_u.view(u.shape), grad_h_in.view(u.shape),
-                grad_weight[:B], grad_weight[B:])
 
 
 def init_state(topology: str, h0: torch.Tensor, embeddings: Optional[torch.Tensor] = None,

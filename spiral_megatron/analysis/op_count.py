@@ -4,10 +4,13 @@ The loop is launch-bound on a GPU (issue 15): what it costs beyond its FLOPs is 
 ops it dispatches. `count_ops(fn)` runs `fn` under a TorchDispatchMode and counts every aten op
 that reaches the dispatcher (views included: each is a Python-to-C++ round trip, even when it
 launches no kernel). `step_ops` counts one forward + backward of a model; `loop_overhead`
-compares a spiral model with a plain GPT of the same unrolled depth, so the difference is what
-the loop adds around its core (resampling, topology, masks, positions).
+compares a spiral model with a plain GPT of the same unrolled depth (its N_compute layer calls
+as one stack, no loop), so the difference is what the loop adds around its core (resampling,
+topology, masks, positions, the shared weights' gradient sums). Issue 23's measure is
+spiral-410m's layer counts (4 + 8 x (8,4,2,1) + 4 against a 40-layer GPT) at hidden 128; the
+counts do not depend on the width, the batch or the sequence length:
 
-    python -m spiral_megatron.analysis.op_count --flavor spiral-410m --hidden 64 --seq 64
+    python -m spiral_megatron.analysis.op_count --flavor spiral-410m --hidden 128 --seq 64
 """
 
 import argparse

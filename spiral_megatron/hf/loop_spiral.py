@@ -13,7 +13,9 @@ level t only when the token closes one of its chunks (docs/MODEL.md section 6). 
 the topologies, the math of each step and where a token sits in a level (its chunk, the update
 it receives) are `functional_spiral.py`, which the Megatron model imports too
 (`spiral_megatron/functional_spiral.py`, copied beside this file in a converted folder). The
-MeSH routers are called as modules (PEFT's LoRA adapters wrap them), not read as weights.
+scorers, allocators and MeSH routers are called as modules (PEFT's LoRA adapters wrap them), not
+read as weights: this model runs the formulas with autograd's backward, the Megatron model the
+written-out backwards of `functional_autograd.py`.
 """
 
 from typing import List, Optional
@@ -54,14 +56,14 @@ class SpiralLoop(nn.Module):
     def downscale(self, t: int, chunks: torch.Tensor, first_pad: int) -> torch.Tensor:
         """chunks [b, n, g, d] -> latents [b, n, d]; the first `first_pad` slots of chunk 0
         are front padding and get no weight."""
-        scores = self.aggregate[str(t)](chunks) if self.config.downscale == "self-aggregation" else None
-        return F.aggregate(chunks, scores, first_pad, dim=1)  # [b, n, d]
+        scorer = self.aggregate[str(t)] if self.config.downscale == "self-aggregation" else None
+        return F.aggregate(chunks, scorer, first_pad, dim=1)  # [b, n, d]
 
     def upscale(self, t: int, y: torch.Tensor, delta: torch.Tensor, shift: int = 0) -> torch.Tensor:
         """latent update delta [b, n, d] -> token update [b, n*g, d], shifted right by `shift`."""
         if self.config.upscale == "repeat":
             return F.repeat(delta, self.chunk_sizes[t], dim=1, shift=shift)
-        return F.allocate(self.allocate[str(t)](y), delta, dim=1, shift=shift)
+        return F.allocate(y, delta, self.allocate[str(t)], None, dim=1, shift=shift)
 
     def latent_angles(self, t: int, j: torch.Tensor):
         """RoPE angles of latents j: their chunk's last token j*g + g - 1 - w [ours], or j."""

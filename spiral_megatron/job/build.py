@@ -14,6 +14,7 @@ import torch
 from spiral_megatron.model import init
 from spiral_megatron.model.model_args import ModelArgs, make_model
 from spiral_megatron.parallel.pipeline import finalize_model_grads
+from spiral_megatron.job.settings import training
 from spiral_megatron.job.settings.resolve import Resolved
 
 
@@ -28,15 +29,30 @@ class Components:
     model_args: ModelArgs
 
 
+def wrap_in_ddp(ddp, config, module):
+    """Megatron DDP (the resolved DistributedDataParallelConfig `ddp`, copied) around this stage's `module`. Under the distributed optimizer a
+    core replicated on several stages first gets bucket boundaries that every stage shares
+    (pipeline.CoreReplicas.separate_buckets), whatever the bucket size."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel
+
+    if ddp.use_distributed_optimizer and getattr(module, "loop", None) is not None \
+            and module.core_replicas is not None:
+        size = training.bucket_size(ddp, parallel_state.get_data_parallel_world_size())
+        module.core_replicas.separate_buckets(module.loop.core, size)
+    return DistributedDataParallel(config, copy.copy(ddp), module)
+
+
 def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = None) -> Components:
     """This pipeline stage of the SpiralGPTModel in Megatron DDP, Megatron's Adam and
     OptimizerParamScheduler. Weights are drawn layout-independently from the seed. `prepare`
     gets the initialised module before DDP and the optimizer wrap it (the job restores a
     plugin's state there: job/checkpoint/extra_state.py)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from spiral_megatron.parallel import grad_norm
 
     if job.fusion_notes and torch.distributed.get_rank() == 0:
         print("\n".join(job.fusion_notes), flush=True)
@@ -49,8 +65,9 @@ def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = 
     if prepare is not None:
         prepare(module)
     config = module.config
-    model = DistributedDataParallel(config, copy.copy(job.ddp), module)
-    optimizer = get_megatron_optimizer(copy.copy(job.optimizer), [model])
+    model = wrap_in_ddp(job.ddp, config, module)
+    # Megatron's optimizers, chained with a gradient norm that never reads the device (parallel/grad_norm.py)
+    optimizer = grad_norm.fused_norm(get_megatron_optimizer(copy.copy(job.optimizer), [model]))
     scheduler = OptimizerParamScheduler(optimizer, **dataclasses.asdict(job.schedule))
     # The schedules find these hooks on the model config, as in Megatron-LM's training.py.
     # Ours wraps Megatron's and also sums the gradients of the core's replicas over stages.

@@ -60,6 +60,7 @@ class SpiralLoop(MegatronModule):
         )
         self.topology = build_module(submodules.topology, config, self.iterations)
         self._masks = {}  # causal masks by (latent length, device)
+        self._ropes = {}  # latent rotary views by position slice: (token table, view)
         # compile_loop_iteration: (step, iteration, write) compiled; dynamo specialises each
         # graph on the level t, so every level gets its own.
         self._compiled = (tuple(torch.compile(fn) for fn in (self.step, self.iteration, self.topology.write))
@@ -108,11 +109,22 @@ class SpiralLoop(MegatronModule):
     def _core(self, z: torch.Tensor, level, rotary_pos_emb, use_mask: bool, sp_group) -> torch.Tensor:
         """The shared core over the latents z [s/g, b, h] of one level."""
         n = z.shape[0] * (sp_group.size() if sp_group is not None else 1)  # global latents
-        rope = None
-        if rotary_pos_emb is not None:  # the latents' token positions, a strided view [n, 1, 1, d]
-            rope = rotary_pos_emb[F.latent_slice(n, level.chunk_size, level.offset, self.latent_positions)]
+        rope = None if rotary_pos_emb is None else self._latent_rope(rotary_pos_emb, n, level)  # [n, 1, 1, d]
         return self.core(z, attention_mask=self._causal_mask(n, z.device) if use_mask else None,
                          rotary_pos_emb=rope)  # [s/g, b, h]
+
+    def _latent_rope(self, rotary_pos_emb: torch.Tensor, n: int, level) -> torch.Tensor:
+        """The latents' rotary frequencies: a strided view of the token table at their positions
+        (F.latent_slice), made once per table and level (Megatron caches the table per length)."""
+        where = F.latent_slice(n, level.chunk_size, level.offset, self.latent_positions)
+        if torch.compiler.is_compiling():
+            return rotary_pos_emb[where]
+        key = (where.start, where.stop, where.step)
+        table, view = self._ropes.get(key, (None, None))
+        if table is not rotary_pos_emb:
+            view = rotary_pos_emb[where]
+            self._ropes[key] = (rotary_pos_emb, view)
+        return view
 
     def _causal_mask(self, n: int, device) -> torch.Tensor:
         """`causal_mask(n)`, built once per latent length."""

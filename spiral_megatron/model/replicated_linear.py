@@ -6,6 +6,8 @@ sees different tokens, so the parameters are marked `sequence_parallel = True`: 
 `finalize_model_grads` then sums their gradients over the TP group, as it does for norms.
 """
 
+from typing import Callable, Optional
+
 import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -25,6 +27,12 @@ class ReplicatedLinear(MegatronModule):
         for p in self.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, fused: Optional[Callable] = None):
+        """x W^T + b; with `fused`, fused(x, W, b) instead: a loop step that takes the weights
+        itself (functional_autograd.py), run inside this module's call so that the hooks on it
+        see the weights used (Megatron DDP waits there for their all-gather under
+        overlap_param_gather; reading `.weight` outside a call would skip that wait)."""
+        if fused is not None:
+            return fused(x, self.weight, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 

@@ -57,7 +57,7 @@ class SelfAggregation(MegatronModule):
 
     def forward(self, chunks: torch.Tensor, num_pad: int = 0) -> torch.Tensor:
         """chunks [n, g, b, h] (functional_spiral.chunk) -> latents [n, b, h]."""
-        return F.aggregate(chunks, self.scorer(chunks), num_pad, dim=0)
+        return self.scorer(chunks, lambda x, weight, _: F.aggregate(x, weight, num_pad, dim=0))  # [n, b, h]
 
 
 class MeanPool(MegatronModule):
@@ -85,7 +85,7 @@ class Allocate(MegatronModule):
         self.allocator = ReplicatedLinear(config, config.hidden_size, chunk_size, bias=True)
 
     def forward(self, y: torch.Tensor, delta: torch.Tensor, shift: int = 0) -> torch.Tensor:
-        return F.allocate(self.allocator(y), delta, dim=0, shift=shift)  # [s, b, h], shifted right
+        return self.allocator(y, lambda x, weight, bias: F.allocate(x, delta, weight, bias, dim=0, shift=shift))  # [s, b, h], shifted right
 
 
 class Repeat(MegatronModule):

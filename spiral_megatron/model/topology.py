@@ -65,7 +65,7 @@ class Mesh(Residual):
         h(t+1)  = sum_b slot_b * softmax_b(R_t h(t))
     T + 1 router pairs, Linear(d, B) without bias (MeSH table 5 counts 2 (T+1) d B weights).
     A pipeline stage builds the pairs of its iterations, and the transitional pair if it runs
-    iteration 0. The state is (h [s, b, h], slots [s, b, B, h]).
+    iteration 0. The state is (h [s, b, h], slots [s * b, B, h]: a row per token).
     """
 
     name = "mesh"
@@ -84,17 +84,24 @@ class Mesh(Residual):
 
     def init(self, h0: torch.Tensor, embeddings: torch.Tensor = None) -> State:
         """h0: the prelude output p [s, b, h]; embeddings: e [s, b, h]."""
-        weights = (self.init_write_router.weight, self.init_read_router.weight)
-        return F.init_state(self.name, h0, embeddings, weights, self.num_slots)  # (h(0), slots)
+        return _routed(self.init_write_router, self.init_read_router,
+                       lambda weights: F.init_state(self.name, h0, embeddings, weights, self.num_slots))  # (h(0), slots)
 
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
-        weights = (self.write_router[str(t)].weight, self.read_router[str(t)].weight)
-        return F.update_state(self.name, state, u, weights)
+        return _routed(self.write_router[str(t)], self.read_router[str(t)],
+                       lambda weights: F.update_state(self.name, state, u, weights))
 
     def pack(self, state: State) -> torch.Tensor:
         h, slots = state
-        return torch.cat([h.unsqueeze(0), slots.permute(2, 0, 1, 3)], dim=0).flatten(0, 1)  # [(1 + B) * s, b, h]
+        slots = slots.unflatten(0, h.shape[:2]).permute(2, 0, 1, 3)  # [B, s, b, h]
+        return torch.cat([h.unsqueeze(0), slots], dim=0).flatten(0, 1)  # [(1 + B) * s, b, h]
 
     def unpack(self, packed: torch.Tensor) -> State:
         parts = packed.unflatten(0, (1 + self.num_slots, -1))  # [1 + B, s, b, h]
-        return (parts[0], parts[1:].permute(1, 2, 0, 3).contiguous())
+        return (parts[0], parts[1:].permute(1, 2, 0, 3).reshape(-1, self.num_slots, parts.shape[-1]))  # [s * b, B, h]
+
+
+def _routed(write, read, fn):
+    """fn((W, R)), the router pair's weights, run inside both routers' calls (ReplicatedLinear's
+    `fused`), so that the hooks on them (Megatron DDP's all-gather wait) see the weights used."""
+    return write(None, lambda _, w, __: read(None, lambda _, r, __: fn((w, r))))

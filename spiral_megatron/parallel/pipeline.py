@@ -12,9 +12,10 @@ The cross-stage sum is one collective per step over one flat region of Megatron 
 buffer: the core's parameters are consecutive in the model, so their gradients are one
 contiguous range of the buffer (all-reduced in place). Under the distributed optimizer only
 this rank's shard of the reduced gradients is ever read, so only that is summed: the core is
-laid out as three DDP buckets identical on every stage (its first and last parameters carry
-Megatron's `shared_embedding` flag, which closes a bucket around them), and the owned shards
-of those buckets are summed in one flat buffer (1/DP of the bytes).
+laid out as DDP buckets identical on every stage (its first and last parameters, and under a
+bucket size it would reach more of them, carry Megatron's `shared_embedding` flag, which closes
+a bucket around them), and the owned shards of those buckets are summed in one flat buffer
+(1/DP of the bytes).
 """
 
 from typing import List
@@ -52,6 +53,25 @@ class CoreReplicas:
         if self.replicated:
             params[0].shared_embedding = True
             params[-1].shared_embedding = True
+
+    def separate_buckets(self, core: torch.nn.Module, bucket_size: int) -> None:
+        """Flag (`shared_embedding`) as many more core parameters as keep every run of unflagged
+        ones below `bucket_size`. Megatron DDP closes a bucket on reaching the size on the first
+        pipeline stage only, so a longer run would be split there and not on the other stages:
+        the owned shards of the core's buckets would not line up and the cross-stage sum would
+        mix parameters (gloo refuses the mismatched all-reduce; found at --ddp-bucket-size 4000
+        on the debug flavor, as spiral-410m's 1e8-parameter core at Megatron's 4e7). DDP lays
+        the buffer out from the last parameter to the first, each start padded to 64 elements
+        (param_and_grad_buffer.py); a flagged parameter is a bucket of its own."""
+        if not self.replicated:
+            return
+        run = 0  # elements of the open bucket of unflagged core parameters
+        for p in reversed(list(core.parameters())):
+            end = -(-run // 64) * 64 + p.numel()
+            if getattr(p, "shared_embedding", False) or end >= bucket_size:
+                p.shared_embedding, run = True, 0
+            else:
+                run = end
 
     def synchronize(self, core: torch.nn.Module) -> None:
         """Copy the first replica's weights to the others (collective over the replicas)."""

@@ -4,13 +4,23 @@
         --tp 2 --pp 2 --split 3,3 --cases residual-8421,mesh-1111 --out results.pt
 
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
-layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: job/settings/training.ddp_config), the Adam of
+layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings, training.ddp_config, wrapped as the job does: build.wrap_in_ddp), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
 `get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
-global batches. Rank 0 saves, per case: the loss and gradient norm of every step, the full
+global batches. Rank 0 saves, per case: the loss and gradient norm of every step (Megatron's,
+and the job's fused one of the same gradients: parallel/grad_norm.py), the full
 gradients of every step (TP shards gathered, PP stages merged under global names) unless
 the distributed optimizer shards them, and the full parameters after the last step.
+
+With `--save-at K` the first case also goes through the job's checkpointing
+(spiral_megatron.job.checkpoint.checkpointing.save and load) after step K, in each format of
+`--formats`: a fresh build at this layout loads it and trains the remaining steps (`resumed`,
+which must equal the uninterrupted steps bit for bit); for `fully_reshardable`, rank 0 also keeps
+the live optimizer state at the save (`live_optimizer`: main parameters and Adam moments of every
+parameter, full size, by checkpoint key) to read the save back against. `--resume-from DIR`
+loads such a save at this layout (any TP/PP), trains the remaining steps and returns the
+optimizer state the checkpoint holds (`saved_optimizer`).
 """
 
 import argparse
@@ -25,7 +35,9 @@ from megatron.core import parallel_state as ps
 from spiral_megatron import parallel
 from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.job.build import sync_params
+from spiral_megatron.job.checkpoint import checkpointing
+from spiral_megatron.job.build import Components, sync_params, wrap_in_ddp
+from spiral_megatron.parallel import grad_norm
 from spiral_megatron.job.settings.config import TrainingConfig
 from spiral_megatron.job.settings.training import ddp_config
 from tests.tiny import VOCAB, tiny_config
@@ -58,7 +70,6 @@ def forward_step(data_iterator, model):
 
 
 def build(case, args):
-    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -75,15 +86,35 @@ def build(case, args):
         init.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(module.sharded_state_dict(), str(init))
     # The job's own DDP settings (overlapped gradient reduce; parameter all-gather with the
-    # distributed optimizer), not a copy of them.
-    ddp = ddp_config(TrainingConfig(use_distributed_optimizer=args.distributed_optimizer))
-    model = DistributedDataParallel(config, ddp, module)
+    # distributed optimizer; the bucket size), not a copy of them.
+    model = wrap_in_ddp(ddp_config(job_config(args)), config, module)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=ADAM_LR, weight_decay=0.01, clip_grad=0.0,
                         use_distributed_optimizer=args.distributed_optimizer), [model])
     config.finalize_model_grads_func = pipeline.finalize_model_grads
     config.no_sync_func = model.no_sync
     return module, model, optimizer
+
+
+def job_config(args, optimizer_format: str = "dp_reshardable") -> TrainingConfig:
+    """The job's keys for this layout (what DDP and checkpointing read)."""
+    return TrainingConfig(use_distributed_optimizer=args.distributed_optimizer, ddp_bucket_size=args.ddp_bucket_size,
+                          tensor_parallel=args.tp, pipeline_parallel=ps.get_pipeline_model_parallel_world_size(),
+                          sequence_parallel=args.sp, weight_decay=0.01, lr=ADAM_LR, min_lr=ADAM_LR,
+                          lr_decay_style="constant", clip_grad=0.0,
+                          dist_ckpt_optim_fully_reshardable=optimizer_format == "fully_reshardable")
+
+
+def job_parts(module, model, optimizer) -> Components:
+    """What the job's checkpointing saves and loads: the model, Adam and a constant LR schedule."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from spiral_megatron.model.model_args import ModelArgs
+
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=ADAM_LR, max_lr=ADAM_LR, min_lr=ADAM_LR, lr_warmup_steps=0,
+                                        lr_decay_steps=1, lr_decay_style="constant", start_wd=0.01, end_wd=0.01,
+                                        wd_incr_steps=1, wd_incr_style="constant")
+    return Components(model, module, optimizer, scheduler, ModelArgs.from_config(module.config, vocab_size=VOCAB, max_sequence_length=SEQ))
 
 
 def global_name(module, name: str) -> str:
@@ -135,31 +166,45 @@ def token_losses(model):
     return losses
 
 
-def train(case, args):
+def local_batches(args):
+    """This DP rank's part of every step's global batch: [STEPS, GLOBAL_BATCH / DP, SEQ + 1]."""
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    return batches()[:, dp_rank * GLOBAL_BATCH // dp : (dp_rank + 1) * GLOBAL_BATCH // dp]
+
+
+def train_step(model, optimizer, args, micro_batches, result, module=None):
+    """One optimizer step; appends its loss, gradient norm and (with `module`) full gradients."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    dp = ps.get_data_parallel_world_size()
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches.split(1)), model=[model],
+        num_microbatches=GLOBAL_BATCH // dp, seq_length=SEQ, micro_batch_size=1,
+    )
+    loss = torch.stack([x["loss"] for x in losses]).mean() if losses else torch.zeros(())
+    dist.all_reduce(loss, group=ps.get_data_parallel_group())
+    dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage's is non-zero
+    result["loss"].append(loss.item() / dp)
+    if module is not None and not args.distributed_optimizer:
+        result.setdefault("grads", []).append(full_tensors(module, [p.main_grad for p in module.parameters()]))
+    if optimizer.prepare_grads():
+        raise RuntimeError(f"optimizer found inf/nan gradients at step {len(result['loss'])}")
+    result["grad_norm"].append(float(optimizer.get_grad_norm()))
+    # the job's fused norm (parallel/grad_norm.py) of the same gradients, over the same groups
+    result.setdefault("fused_grad_norm", []).append(float(grad_norm.fused_norm(optimizer).get_grad_norm()))
+    optimizer.step_with_ready_grads()
+
+
+def train(case, args, save_at=None):
     module, model, optimizer = build(case, args)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    data = batches()[:, dp_rank * GLOBAL_BATCH // dp : (dp_rank + 1) * GLOBAL_BATCH // dp]
+    data = local_batches(args)
     result = {"loss": [], "grad_norm": []}
     for step in range(args.steps):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        micro = iter(data[step].split(1))
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=micro, model=[model],
-            num_microbatches=GLOBAL_BATCH // dp, seq_length=SEQ, micro_batch_size=1,
-        )
-        loss = torch.stack([x["loss"] for x in losses]).mean() if losses else torch.zeros(())
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage's is non-zero
-        result["loss"].append(loss.item() / dp)
-        if not args.distributed_optimizer:
-            result.setdefault("grads", []).append(full_tensors(module, [p.main_grad for p in module.parameters()]))
-        if optimizer.prepare_grads():
-            raise RuntimeError(f"{case}: optimizer found inf/nan gradients at step {step}")
-        result["grad_norm"].append(float(optimizer.get_grad_norm()))
-        optimizer.step_with_ready_grads()
+        train_step(model, optimizer, args, data[step], result, module)
+        if step + 1 == save_at:
+            result["live_optimizer"] = save(case, args, module, model, optimizer, step + 1)
     sync_params(model)  # overlap_param_gather defers the all-gather of the updated weights
     result["params"] = full_tensors(module, list(module.parameters()))
     result["token_losses"] = token_losses(model)
@@ -167,7 +212,78 @@ def train(case, args):
         final = Path(args.save_final) / case
         final.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(module.sharded_state_dict(), str(final))
+    if save_at is not None:
+        result["resumed"] = {fmt: resume(case, args, Path(args.checkpoints) / fmt / case, args.steps)
+                             for fmt in args.formats.split(",")}
     return result
+
+
+def save(case, args, module, model, optimizer, iteration: int):
+    """The job's checkpoint of this state in every format of `args.formats`; the live optimizer
+    state (rank 0) where one is fully_reshardable."""
+    parts = job_parts(module, model, optimizer)
+    for fmt in args.formats.split(","):
+        checkpointing.save(Path(args.checkpoints) / fmt / case, iteration, iteration * GLOBAL_BATCH, parts,
+                           job_config(args, fmt), tokenizer=None)
+    return live_optimizer(module, optimizer) if "fully_reshardable" in args.formats else None
+
+
+def resume(case, args, root, steps: int):
+    """A fresh build at this layout, loaded from the job's checkpoint in `root`, trained to step
+    `steps`: {"loss", "grad_norm", "params"} of the steps after the checkpoint."""
+    module, model, optimizer = build(case, args)
+    restored = checkpointing.load(root, job_parts(module, model, optimizer), job_config(args))
+    data = local_batches(args)
+    result = {"loss": [], "grad_norm": []}
+    for step in range(restored.iteration, steps):
+        train_step(model, optimizer, args, data[step], result)
+    sync_params(model)
+    result["params"] = full_tensors(module, list(module.parameters()))
+    if args.resume_from:  # what the checkpoint holds of the optimizer, to compare with the live state
+        folder = checkpointing.iteration_dir(root, restored.iteration)
+        result["saved_optimizer"] = {k: v for k, v in dist_checkpointing.load_plain_tensors(str(folder)).items()
+                                     if k.startswith("optimizer.state.")}
+    return result
+
+
+def live_optimizer(module, optimizer):
+    """{"optimizer.state.<param | exp_avg | exp_avg_sq>.<model key>": full tensor}: the distributed
+    optimizer's main parameters and Adam moments, each rank's shards gathered on rank 0 (None
+    elsewhere). The core's replicas on later stages must hold the same values as the first."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+
+    (opt,) = getattr(optimizer, "chained_optimizers", [optimizer])
+    entries, _ = extract_sharded_tensors_and_factories(module.sharded_state_dict())
+    entry_of = {e.data: e for e in nested_values(entries)}
+    state = opt.get_parameter_state_dp_reshardable()  # per bucket, this rank's shard of each parameter
+    pieces = []
+    for gbuf_idx, ranges in enumerate(opt.gbuf_ranges):
+        for dtype, buckets in ranges.items():
+            for bucket_idx, bucket in enumerate(buckets):
+                for (param, where), tensors in zip(bucket["param_map"].items(), state[gbuf_idx][dtype][bucket_idx]):
+                    e = entry_of[param]
+                    assert e.flattened_range is None, e
+                    local_shape = (1,) * e.prepend_axis_num + tuple(e.local_shape)  # e.g. layers stacked in front
+                    pieces.append((e.key, e.global_shape, e.global_offset, local_shape, where["param"].start,
+                                   where["param"].end, {k: tensors[k].detach().clone()
+                                                        for k in ("param", "exp_avg", "exp_avg_sq")}))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, pieces)
+    if dist.get_rank() != 0:
+        return None
+    full = {}
+    for key, shape, offset, local_shape, start, stop, tensors in (p for rank in gathered for p in rank):
+        for name, values in tensors.items():
+            whole = full.setdefault(f"optimizer.state.{name}.{key}", torch.full(shape, float("nan")))
+            region = whole[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
+            flat = region.reshape(-1).clone()  # [numel of this TP shard]
+            known = ~flat[start:stop].isnan()
+            assert torch.equal(flat[start:stop][known], values[known]), f"replicas of {key} differ in {name}"
+            flat[start:stop] = values
+            region.copy_(flat.view(local_shape))
+    assert not any(t.isnan().any() for t in full.values()), "some optimizer state was on no rank"
+    return full
 
 
 def main():
@@ -183,11 +299,20 @@ def main():
     ap.add_argument("--init", required=True, help="initial weights: saved there if absent, else loaded")
     ap.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (0: load and evaluate)")
     ap.add_argument("--save-final", help="save the trained weights here (one folder per case)")
+    ap.add_argument("--ddp-bucket-size", type=int, default=None, help="the job's --ddp-bucket-size")
+    ap.add_argument("--save-at", type=int, help="the first case: the job's checkpoint after this step, resumed")
+    ap.add_argument("--checkpoints", help="with --save-at or --resume-from: FORMAT/CASE/ checkpoint folders")
+    ap.add_argument("--formats", default="dp_reshardable",
+                    help="distributed-optimizer formats to save (the plain optimizer has one)")
+    ap.add_argument("--resume-from", action="store_true",
+                    help="the first case: load --checkpoints fully_reshardable/CASE (any layout), train on")
     args = ap.parse_args()
     results = {}
-    for case in args.cases.split(","):
+    for i, case in enumerate(args.cases.split(",")):
         parallel.initialize(tensor_parallel=args.tp, pipeline_parallel=args.pp, seed=7, backend="gloo")
-        results[case] = train(case, args)
+        if args.resume_from and i == 0:
+            results["resumed"] = resume(case, args, Path(args.checkpoints) / "fully_reshardable" / case, STEPS)
+        results[case] = train(case, args, save_at=args.save_at if i == 0 else None)
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     parallel.destroy()

@@ -12,6 +12,14 @@ Resharding: layouts in RESHARD also save their trained weights, which one proces
 losses on a held-out batch; the other direction (TP1 PP1 -> every layout) is the shared
 initial checkpoint, checked by the step-1 loss. CI runs the `representative` layouts;
 `pytest -m full_matrix tests/distributed` runs all.
+
+Checkpoints (issue 21): every layout saves its first case through the job's checkpointing after
+step SAVE_AT (model, optimizer, schedule), in each distributed-optimizer format it lists, and a
+fresh build at the same layout resumes from it: the remaining steps bit-identical to the
+uninterrupted run. PP2 x DP2 with the distributed optimizer and several buckets per stage also
+saves `fully_reshardable`: read back element by element against the live optimizer's main
+parameters and Adam moments (all equal), and resumed by one process (TP1 PP1) on the losses of
+the saved layout's own continuation.
 """
 
 from pathlib import Path
@@ -38,10 +46,18 @@ LAYOUTS = {
     "dp2": (2, []),
     "dp2-distributed-optimizer": (2, ["--distributed-optimizer"]),
     "tp2-pp2-loop-across": (4, ["--tp", "2", "--pp", "2", "--split", "3,3"]),
-    # core replicas on two stages x the distributed optimizer's sharded buckets
-    "pp2-dp2-distributed-optimizer": (4, ["--pp", "2", "--split", "3,3", "--distributed-optimizer"]),
+    # core replicas on two stages x the distributed optimizer's sharded buckets, several per
+    # stage (the bucket size splits the first stage and the core on every stage), both formats
+    "pp2-dp2-distributed-optimizer": (4, ["--pp", "2", "--split", "3,3", "--distributed-optimizer",
+                                          "--ddp-bucket-size", "4000",
+                                          "--formats", "dp_reshardable,fully_reshardable"]),
+    # what clusters run: every kind of parallelism at once (8 processes: full matrix only)
+    "tp2-pp2-dp2-sp-distributed-optimizer": (8, ["--tp", "2", "--pp", "2", "--split", "3,3", "--sp",
+                                                 "--distributed-optimizer"]),
 }
-RESHARD = ("pp2-loop-across", "dp2-distributed-optimizer", "tp2-pp2-loop-across")  # saved, reloaded at TP1 PP1
+RESHARD = ("pp2-loop-across", "dp2-distributed-optimizer", "tp2-pp2-loop-across",  # saved, reloaded at TP1 PP1
+           "pp2-dp2-distributed-optimizer")
+SAVE_AT = 2  # the job's checkpoint after this step, resumed (the first case of every layout)
 REPRESENTATIVE = {  # layout: cases run in CI
     "pp2-loop-across": ALL_CASES,
     "dp2-distributed-optimizer": ["residual-8421", "mesh-1111"],
@@ -104,6 +120,9 @@ def compare(layout: str, result: dict, ref: dict):
         for step, (norm, ref_norm) in enumerate(zip(got["grad_norm"], want["grad_norm"])):
             assert norm == pytest.approx(ref_norm, rel=1e-4), (
                 f"{layout} {case} step {step}: grad norm {norm} vs one process {ref_norm}")
+        for step, (fused, norm) in enumerate(zip(got["fused_grad_norm"], got["grad_norm"], strict=True)):
+            assert fused == pytest.approx(norm, rel=1e-6), (
+                f"{layout} {case} step {step}: the job's fused grad norm {fused} vs Megatron's {norm}")
         tensors = [("grads", step, g) for step, g in enumerate(got.get("grads", []))]
         tensors.append(("params", len(got["loss"]) - 1, got["params"]))
         for what, step, mine in tensors:
@@ -128,22 +147,58 @@ def run_layout(layout: str, cases, reference):
     out = root / f"{layout}.pt"
     final = root / f"final-{layout}"
     torchrun(WORKER, nproc, *flags, "--cases", ",".join(cases), "--init", root / "init", "--out", out,
+             "--save-at", SAVE_AT, "--checkpoints", root / f"checkpoints-{layout}",
              *(["--save-final", final] if layout in RESHARD else []), timeout=900)
     result = torch.load(out)
     compare(layout, result, ref)
+    check_resumed(layout, result[cases[0]])
     if layout in RESHARD:
-        check_resharded_load(layout, cases, result, root)
+        check_resharded_load(layout, cases, result, root, ref)
 
 
-def check_resharded_load(layout: str, cases, trained: dict, root):
-    """Saved at `layout`, loaded in one process: the same weights and the same token losses."""
+def check_resumed(layout: str, trained: dict):
+    """Saved after step SAVE_AT and resumed at the same layout: every later step bit-identical."""
+    for fmt, resumed in trained["resumed"].items():
+        assert resumed["loss"] == trained["loss"][SAVE_AT:], f"{layout} {fmt}: resumed losses {resumed['loss']} " \
+                                                             f"vs uninterrupted {trained['loss'][SAVE_AT:]}"
+        for name, tensor in trained["params"].items():
+            assert torch.equal(resumed["params"][name], tensor), f"{layout} {fmt}: resumed {name} differs"
+        kind = fmt if "distributed-optimizer" in layout else "the plain optimizer"
+        print(f"SUMMARY {layout}: saved ({kind}) after step {SAVE_AT}, resumed: losses and parameters bit-identical")
+
+
+def check_resharded_load(layout: str, cases, trained: dict, root, ref):
+    """Saved at `layout`, loaded in one process: the same weights and the same token losses; a
+    `fully_reshardable` save, resumed: the same optimizer state and the saved layout's losses."""
     out = root / f"reloaded-{layout}.pt"
-    torchrun(WORKER, 1, "--cases", ",".join(cases), "--init", root / f"final-{layout}", "--steps", "0", "--out", out)
-    for case, got in torch.load(out).items():
+    fully = any("fully_reshardable" in flag for flag in LAYOUTS[layout][1])
+    resume = ["--resume-from", "--distributed-optimizer", "--checkpoints", root / f"checkpoints-{layout}"]
+    torchrun(WORKER, 1, "--cases", ",".join(cases), "--init", root / f"final-{layout}", "--steps", "0", "--out", out,
+             *(resume if fully else []))
+    reloaded = torch.load(out)
+    if fully:
+        check_fully_reshardable(layout, trained[cases[0]], reloaded.pop("resumed"), ref[cases[0]])
+    for case, got in reloaded.items():
         for name, tensor in trained[case]["params"].items():
             assert torch.equal(got["params"][name], tensor), f"{layout} -> TP1 PP1 {case}: {name} changed in the round trip"
         torch.testing.assert_close(got["token_losses"], trained[case]["token_losses"], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{layout} -> TP1 PP1 {case}: token losses differ: {m}")
+
+
+def check_fully_reshardable(layout: str, trained: dict, resumed: dict, ref: dict):
+    """The save read back element by element against the live optimizer state at the save; the
+    resume at TP1 PP1 continues as the saved layout did (and as one process, as any layout)."""
+    live, saved = trained["live_optimizer"], resumed["saved_optimizer"]
+    assert saved.keys() == live.keys(), f"{layout}: saved optimizer keys differ: {sorted(saved.keys() ^ live.keys())}"
+    wrong = {k: (saved[k] - t).abs().max().item() for k, t in live.items() if not torch.equal(saved[k], t)}
+    print(f"SUMMARY {layout} fully_reshardable: {len(live)} optimizer tensors read back, {len(wrong)} differ")
+    assert not wrong, f"{layout}: saved optimizer state differs from the live state: {wrong}"
+    for step, (loss, theirs) in enumerate(zip(resumed["loss"], trained["loss"][SAVE_AT:]), SAVE_AT):
+        print(f"SUMMARY {layout} -> TP1 PP1 resumed step {step + 1}: loss {loss} vs {theirs} at {layout}")
+        assert loss == pytest.approx(theirs, rel=1e-5), f"{layout} -> TP1 PP1 step {step + 1}: {loss} vs {theirs}"
+    continued = {"loss": trained["loss"][:SAVE_AT] + resumed["loss"], "params": resumed["params"],
+                 "grad_norm": trained["grad_norm"][:SAVE_AT] + resumed["grad_norm"]}
+    compare(f"{layout} -> TP1 PP1", {"resumed": continued}, {"resumed": ref})
 
 
 @pytest.mark.parametrize("layout", list(REPRESENTATIVE))

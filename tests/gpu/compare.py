@@ -2,45 +2,22 @@
 format, and comparisons that fail on a path with zero or non-finite gradients.
 
 Pure functions over what `forward_worker.py` writes ({"logits", "loss", "grad_norm",
-"group_norms"}) and over logged losses; tests/unit/test_gpu_compare.py runs them on CPU.
+"group_norms"}); tests/unit/test_gpu_compare.py runs them on CPU.
 
-Tolerance [ours]: a relative error (a norm of the difference over the norm of the reference).
-Each of the `depth` layers of the unrolled graph (N_compute) rounds what it computes to the
-format at least once, a relative error of at most u (the format's unit roundoff); independent
-roundings add in quadrature, so a forward is off by about u * sqrt(depth), a gradient (forward
-and backward: twice the roundings) by u * sqrt(2 depth). SAFETY covers the few roundings per
-layer and a margin. Two runs in low formats (TE vs local, both bf16) add their errors in
-quadrature. FP8 rounds the inputs of the TE GEMMs to e4m3 (u = 2^-4): its tolerance is loose by
-construction; what bites there is finiteness, no part without gradient, and the loss change.
+Tolerances and the loss-change comparison: tests/formats.py (shared with the CPU format tests).
 """
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 
-UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8, "e4m3": 2.0 ** -4, "e5m2": 2.0 ** -3}
-SAFETY = 2.0
+from tests.formats import relative_error
+
 # The parts of SpiralGPTModel whose gradients are compared one by one: a path that gets no
 # gradient leaves its part at norm 0, which no tolerance accepts.
 PARTS = ("embedding.", "prelude.", "loop.core.", "loop.downscale.", "loop.upscale.", "loop.topology.", "coda.",
          "output_layer.")
-# The loss must fall at least this much over the compared steps (nats) for the change to mean anything.
-MIN_LOSS_DROP = 0.3
-
-
-def tolerance(formats: Sequence[str], depth: int, passes: int = 1) -> float:
-    """Relative tolerance between two runs in `formats` (e.g. ("fp32", "bf16")) after `passes`
-    sweeps (1 forward, 2 forward + backward) through `depth` layers."""
-    return SAFETY * math.sqrt(passes * depth * sum(UNIT_ROUNDOFF[f] ** 2 for f in formats))
-
-
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| in fp32 (inf when either is not finite)."""
-    x, ref = x.float(), ref.float()
-    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
-        return math.inf
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def part_norms(grads: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -71,20 +48,4 @@ def forward_failures(ref: dict, run: dict, forward_tol: float, grad_tol: float) 
         diff = abs(norm - want) / want if want > 0 else math.inf
         if not diff <= grad_tol:
             failures.append(f"gradient norm of {part}: {norm:.6g} vs {want:.6g}, relative {diff:.3e} > {grad_tol:.3e}")
-    return failures
-
-
-def loss_change_failures(ref: Sequence[float], run: Sequence[float], tol: float) -> List[str]:
-    """The loss must fall over the steps in both runs, by the same amount within `tol` (relative)."""
-    failures = []
-    if len(run) != len(ref):
-        return [f"{len(run)} logged steps vs {len(ref)}"]
-    if not all(math.isfinite(x) for x in list(ref) + list(run)):
-        return ["a loss is not finite"]
-    drop_ref, drop = ref[0] - ref[-1], run[0] - run[-1]
-    if drop_ref < MIN_LOSS_DROP:
-        failures.append(f"the reference's loss fell {drop_ref:.4f} < {MIN_LOSS_DROP} over {len(ref)} steps")
-    diff = abs(drop - drop_ref) / max(drop_ref, 1e-12)
-    if not diff <= tol:
-        failures.append(f"loss change {drop:.4f} vs {drop_ref:.4f} over {len(ref)} steps, relative {diff:.3e} > {tol:.3e}")
     return failures

@@ -11,7 +11,8 @@ tests/unit/test_gpu_compare.py.
 import pytest
 
 from spiral_megatron.config import flavors
-from tests.gpu.compare import forward_failures, loss_change_failures, tolerance
+from tests.formats import loss_change_failures, tolerance
+from tests.gpu.compare import forward_failures
 from tests.gpu.conftest import forward, need, train
 
 _DEBUG = flavors.get("debug").model

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from tests.gpu.compare import relative_error, tolerance
+from tests.formats import relative_error, tolerance
 from tests.hf.conftest import CONFIG, load, randomize
 
 DEPTH = CONFIG["num_prelude_layers"] + CONFIG["num_core_layers"] * len(CONFIG["chunk_sizes"]) + CONFIG["num_coda_layers"]

@@ -48,6 +48,14 @@ def test_every_shipped_config_resolves():
     (["--lr-warmup-iters", "300"], "lr_warmup_iters 300 must be >= 0 and below"),
     (["--precision", "fp64"], "precision 'fp64' must be one of"),
     (["--loss-scale", "128"], "loss_scale 128.0 is only used with precision fp16"),
+    (["--bf16", "--initial-loss-scale", "4096"], "initial_loss_scale 4096.0 is only used with precision fp16, "
+                                                   "got precision 'bf16'"),
+    (["--loss-scale-window", "10"], "loss_scale_window 10 is only used with precision fp16"),
+    (["--fp16", "--loss-scale", "128", "--hysteresis", "1"],
+     "hysteresis 1 sets dynamic loss scaling, but loss_scale 128.0 makes the scale static"),
+    (["--fp16", "--hysteresis", "0"], "hysteresis 0 must be > 0"),
+    (["--fp16", "--initial-loss-scale", "1024", "--min-loss-scale", "4096"],
+     "min_loss_scale 4096.0 must be <= initial_loss_scale 1024.0"),
     (["--fp8", "e4m3"], "fp8 'e4m3' needs precision bf16 or fp16"),
     (["--fp8", "e4m3", "--precision", "bf16", "--seq-length", "64", "--micro-batch-size", "1"],
      "the core at chunk size 8 sees seq_length 64 / 8 x micro_batch_size 1 = 8 tokens per GEMM, not a multiple of 16"),
@@ -96,3 +104,17 @@ def test_the_resolved_job_is_immutable():
     for obj, name in ((job, "seq_length"), (job.keys, "lr"), (job.data, "seq_length"), (job.schedule, "max_lr")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(obj, name, 1)
+
+
+def test_fp16_loss_scaling_keys_reach_megatrons_optimizer_config():
+    """Megatron-LM's loss-scale flags land in the Resolved job's OptimizerConfig, which the build
+    hands to Megatron's grad scaler unchanged (defaults are Megatron-LM's: 2**32, 1, 1000, 2)."""
+    flags = ["--fp16", "--initial-loss-scale", "65536", "--min-loss-scale", "2", "--loss-scale-window", "7",
+             "--hysteresis", "3"]
+    opt = resolve(flags, CONFIGS / "debug-cpu.yaml").optimizer
+    assert (opt.fp16, opt.bf16, opt.loss_scale) == (True, False, None)
+    assert (opt.initial_loss_scale, opt.min_loss_scale, opt.loss_scale_window, opt.hysteresis) == (65536, 2, 7, 3)
+    default = resolve(["--fp16"], CONFIGS / "debug-cpu.yaml").optimizer
+    assert (default.initial_loss_scale, default.min_loss_scale, default.loss_scale_window,
+            default.hysteresis) == (2.0 ** 32, 1.0, 1000, 2)
+    assert resolve(["--fp16", "--loss-scale", "128"], CONFIGS / "debug-cpu.yaml").optimizer.loss_scale == 128

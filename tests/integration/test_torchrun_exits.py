@@ -3,10 +3,13 @@ finds is reported once, not followed by the other rank's broken-connection trace
 the whole process group (SLURM preemption, scancel) saves and stops every worker cleanly, and
 torchrun's own exit code is the one docs/CHECKPOINTS.md tells a requeue script to expect."""
 
+import importlib.util
 import os
 import re
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -14,6 +17,10 @@ from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import ROOT, TINY, command, environment, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
+spec = importlib.util.spec_from_file_location("crash_test", ROOT / "tools" / "crash_test.py")
+crash_test = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(crash_test)
 
 
 def test_an_error_found_by_one_rank_is_reported_once(cache_dir, tmp_path):
@@ -50,3 +57,50 @@ def test_sigterm_to_the_process_group_under_torchrun(cache_dir, tmp_path):
     stopped = int(re.search(r"pretrain_spiral: exit signal received: stopped after iteration (\d+)", rest).group(1))
     assert (save / TRACKER).read_text() == str(stopped)
     assert "exitcode" not in stderr  # no worker failed: torchrun reports none
+
+
+@pytest.mark.parametrize("fault", ["raise:step:1:3", "raise:save:1", "raise:writer:1"])
+def test_a_rank_that_raises_ends_the_job_within_seconds(cache_dir, tmp_path, fault):
+    """Issue 21, item 9: rank 1 raises in its third step, or as the first save starts writing
+    (rank 0 then waits in the save's collectives), or in Megatron's forked background writer
+    (`--async-save`). The job ends within 30 s of the error, which is printed once and is
+    torchrun's root cause; rank 0 says in one line that another rank failed. Before, a failed
+    rank's exit hung on its loader workers and the job never ended; a failed background writer
+    ended the job at its next finalize with `CheckpointException ranks:dict_keys([])` as the
+    root cause (rank 1's: only Megatron's coordinator, rank 0, holds the failures)."""
+    args = [*TINY, "--train-iters", 6, "--save", tmp_path / "ckpt"] + (["--async-save"] if "writer" in fault else [])
+    env = dict(environment(cache_dir), SPIRAL_TEST_FAULT=fault)
+    cmd = command(2, args)
+    cmd[cmd.index(str(ROOT / "examples" / "pretrain_spiral.py"))] = str(ROOT / "tests" / "integration" / "faulty_job.py")
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                           start_new_session=True)
+    lines = []  # (arrival time, line)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in job.stdout))
+    reader.start()
+    try:
+        code = job.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        crash_test.kill_job(job.pid)
+        reader.join()
+    ended = time.monotonic() if code is None else lines[-1][0]
+    out = "".join(line for _, line in lines)
+    failed_at = next((t for t, line in lines if "injected fault" in line), None)  # the writer: Megatron's log line
+    assert failed_at is not None, out[-4000:]
+    ended_after = ended - failed_at
+    print(f"{fault}: the job ended {ended_after:.1f} s after the error")
+    assert code == 1 and ended_after < 30, (code, ended_after, out[-4000:])
+    root_cause = out[out.index("Root Cause"):]
+    if "writer" in fault:  # every rank raised it; rank 0 printed it, with what Megatron's coordinator knows
+        error = ("pretrain_spiral: error: the background save of "
+                 f"{tmp_path / 'ckpt' / 'iter_0000002'} failed (rank 1: RuntimeError: Worker failure")
+        printed = [line for _, line in lines if line.startswith(error)]  # not torchrun's summary of it
+        assert len(printed) == 1 and error in root_cause, out[-4000:]
+        assert "the latest: none in" in root_cause and not (tmp_path / "ckpt" / TRACKER).exists(), root_cause
+        return
+    assert "rank      : 1" in root_cause, root_cause
+    error = f"pretrain_spiral: rank 1: RuntimeError: injected fault: rank 1, {fault.split(':')[1]}"
+    assert out.count(error) == 2, out[-4000:]  # rank 1's own line, and torchrun's root cause
+    assert out.count("Traceback (most recent call last)") == 2 + (out.count("ChildFailedError") > 0), out[-4000:]
+    assert out.count("pretrain_spiral: rank 0 stopped: another rank of the job failed") <= 1, out[-4000:]

@@ -1,12 +1,14 @@
-"""examples/pretrain_spiral.py's error handling (issue 14 section 5): the project's own checks
-end in one line and exit 2; anything else keeps its traceback, also in torchrun's error file;
-the checkpoint sentence belongs to a failed save only."""
+"""examples/pretrain_spiral.py's error handling (issue 14 section 5, issue 21 item 9): the
+project's own checks end in one line and exit 2; anything else keeps its traceback, printed
+once and in torchrun's error file; an error caused by a dead peer rank is one line and no error
+file; the checkpoint sentence belongs to a failed save only."""
 
 import importlib.util
 import json
 
 import pytest
 
+from spiral_megatron.job.run import fatal
 from spiral_megatron.job.checkpoint.checkpointing import SaveFailed
 from spiral_megatron.job.settings.config import ConfigError
 from tests.conftest import ROOT
@@ -33,12 +35,26 @@ def test_a_check_is_one_line_and_anything_else_keeps_its_traceback(monkeypatch, 
     assert capsys.readouterr().err == "pretrain_spiral: error: data_path: 'x.bin' does not exist\n"
 
     (tmp_path / "error.json").unlink()
-    main = pretrain(monkeypatch, tmp_path, ConnectionResetError(104, "Connection reset by peer")).main
-    with pytest.raises(ConnectionResetError):
+    main = pretrain(monkeypatch, tmp_path, ZeroDivisionError("division by zero")).main
+    with pytest.raises(ZeroDivisionError) as error:
         main(["--train-iters", "1"])
+    assert fatal.describe(error.value) == 1  # what fatal.run does with it, before os._exit
     recorded = json.loads((tmp_path / "error.json").read_text())["message"]
-    assert "Traceback" in recorded["extraInfo"]["py_callstack"] and "Connection reset by peer" in recorded["message"]
-    assert "checkpoint" not in capsys.readouterr().err
+    assert recorded["message"] == "pretrain_spiral: rank 0: ZeroDivisionError: division by zero"
+    assert "Traceback" in recorded["extraInfo"]["py_callstack"] and "def train" not in recorded["message"]
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 1 and err.rstrip().endswith(recorded["message"])
+    assert "checkpoint" not in err
+
+    # An error that says a peer rank died is its consequence: one line, no torchrun error file,
+    # so that torchrun names the rank that failed first as the root cause.
+    (tmp_path / "error.json").unlink()
+    peer = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1973. This is typically caused by "
+                        "a remote worker crashing.")
+    assert fatal.describe(peer) == 1 and not (tmp_path / "error.json").exists()
+    assert capsys.readouterr().err == ("pretrain_spiral: rank 0 stopped: another rank of the job failed "
+                                       f"({peer})\n")
+    assert fatal.peer_failure(ConnectionResetError(104, "Connection reset by peer"))
 
     main = pretrain(monkeypatch, tmp_path, SaveFailed("saving iteration 4 failed: No space left on device "
                                                        "(/ckpt/x); the last complete checkpoint is still the latest: "
@@ -77,8 +93,11 @@ def test_a_bug_while_resolving_keeps_its_traceback(monkeypatch, tmp_path, capsys
     main = pretrain(monkeypatch, tmp_path, AssertionError("train is not reached")).main
     target = spiral_config.SpiralConfig if where.startswith("_") else spiral_config
     monkeypatch.setattr(target, where, bug)
-    with pytest.raises(error):
+    with pytest.raises(error) as caught:
         main(["--train-iters", "1"])
+    from spiral_megatron.job.run import fatal
+
+    fatal.describe(caught.value)  # what fatal.run, the script's entry, does with it
     recorded = json.loads((tmp_path / "error.json").read_text())["message"]
     callstack = recorded["extraInfo"]["py_callstack"]
     assert "Traceback" in callstack and where.lstrip("_") in callstack

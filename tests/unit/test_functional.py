@@ -36,8 +36,7 @@ def test_aggregate_ignores_front_padding(self_aggregation):
     x_padded[:pad] = 1e4 if self_aggregation else 0.0  # softmax: any value; mean: the shift's zeros
 
     def agg(t, dim):
-        chunks = F.chunk(t, g, dim)
-        return F.aggregate(chunks, chunks @ w if self_aggregation else None, pad, dim)
+        return F.aggregate(F.chunk(t, g, dim), w.T if self_aggregation else None, pad, dim)
 
     a, b = both_layouts(agg, x_padded)
     torch.testing.assert_close(a, b)
@@ -54,11 +53,19 @@ def test_aggregate_ignores_front_padding(self_aggregation):
     torch.testing.assert_close(a[1:], want_rest)
 
 
+def allocator(g: int, logits: torch.Tensor = None):
+    """(weight, bias) of an allocator whose logits are `logits` [g] for every latent (weight 0),
+    or random."""
+    if logits is None:
+        return torch.randn(g, D), torch.randn(g)
+    return torch.zeros(g, D), logits
+
+
 def test_allocate_uniform_beta_keeps_the_chunk_energy():
     g, n = 4, 3
-    delta = torch.randn(n, B, D)
-    logits = torch.zeros(n, B, g)  # uniform beta
-    a, b = both_layouts(lambda d, dim: F.allocate(logits if dim == 0 else logits.transpose(0, 1), d, dim), delta)
+    delta, y = torch.randn(n, B, D), torch.randn(n, B, D)
+    weight, bias = allocator(g, torch.zeros(g))  # uniform beta
+    a, b = both_layouts(lambda d, dim: F.allocate(y if dim == 0 else y.transpose(0, 1), d, weight, bias, dim), delta)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, delta.repeat_interleave(g, dim=0) / math.sqrt(g))  # sqrt(g) * delta / g
     energy = a.view(n, g, B, D).pow(2).sum(dim=(1, 3))
@@ -67,10 +74,10 @@ def test_allocate_uniform_beta_keeps_the_chunk_energy():
 
 def test_allocate_one_hot_sends_sqrt_g_delta_to_one_slot():
     g, n = 8, 2
-    delta = torch.randn(n, B, D)
-    logits = torch.full((n, B, g), -1e4)
-    logits[..., 5] = 0.0
-    u = F.allocate(logits, delta, 0).view(n, g, B, D)
+    delta, y = torch.randn(n, B, D), torch.randn(n, B, D)
+    logits = torch.full((g,), -1e4)
+    logits[5] = 0.0
+    u = F.allocate(y, delta, *allocator(g, logits), 0).view(n, g, B, D)
     torch.testing.assert_close(u[:, 5], math.sqrt(g) * delta)
     assert u[:, [0, 1, 2, 3, 4, 6, 7]].abs().max() == 0
 
@@ -83,8 +90,8 @@ def test_repeat():
 
 def test_allocate_and_repeat_shift_as_shift_right():
     g, n, k = 4, 3, 3
-    delta, logits = torch.randn(n, B, D), torch.randn(n, B, g)
-    for fn in (lambda d, dim, sh: F.allocate(logits if dim == 0 else logits.transpose(0, 1), d, dim, sh),
+    delta, y, (weight, bias) = torch.randn(n, B, D), torch.randn(n, B, D), allocator(g)
+    for fn in (lambda d, dim, sh: F.allocate(y if dim == 0 else y.transpose(0, 1), d, weight, bias, dim, sh),
                lambda d, dim, sh: F.repeat(d, g, dim, sh)):
         for shift in (1, k, g):
             a, b = both_layouts(lambda d, dim: fn(d, dim, shift), delta)
@@ -94,13 +101,13 @@ def test_allocate_and_repeat_shift_as_shift_right():
 
 def test_mesh_buffer_write_and_read():
     e, u, h = torch.randn(S, B, D), torch.randn(S, B, D), torch.ones(S, B, D)
-    slots = F.mesh_slots(e, 3)  # [s, b, 3, h]
-    assert torch.equal(slots[:, :, 0], e) and torch.equal(slots[:, :, 1:], torch.zeros(S, B, 2, D))
+    slots = F.mesh_slots(e, 3)  # [s * b, 3, h], a row per token
+    assert torch.equal(slots[:, 0], e.view(-1, D)) and torch.equal(slots[:, 1:], torch.zeros(S * B, 2, D))
     to_slot_1 = torch.tensor([-1e4, 0.0, -1e4])[:, None].expand(3, D) / D  # logits (-1e4, 0, -1e4) on h = 1
     uniform = torch.zeros(3, D)
     read, written = F.mesh_step(slots, u, h, to_slot_1, uniform)
-    torch.testing.assert_close(written[:, :, 1], u)
-    torch.testing.assert_close(written[:, :, 0], e)
+    torch.testing.assert_close(written[:, 1], u.view(-1, D))
+    torch.testing.assert_close(written[:, 0], e.view(-1, D))
     torch.testing.assert_close(read, (e + u) / 3)  # uniform read
     read, _ = F.mesh_step(slots, u, h, to_slot_1, to_slot_1)
     torch.testing.assert_close(read, u)
@@ -111,13 +118,13 @@ def test_mesh_buffer_write_and_read():
 def test_mesh_step_gradients_are_autograds():
     """mesh_step's written-out backward gives autograd's gradients of the plain formula."""
     nb = 5
-    inputs = [torch.randn(S, B, nb, D), torch.randn(S, B, D), torch.randn(S, B, D), torch.randn(nb, D),
+    inputs = [torch.randn(S * B, nb, D), torch.randn(S, B, D), torch.randn(S, B, D), torch.randn(nb, D),
               torch.randn(nb, D)]
 
     def plain(slots, u, h, write_weight, read_weight):
         w, r = torch.softmax(h @ write_weight.T, -1), torch.softmax(h @ read_weight.T, -1)  # [s, b, B]
-        slots = slots + w[..., None] * u[..., None, :]  # [s, b, B, h]
-        return (r[..., None] * slots).sum(-2), slots
+        slots = slots + (w[..., None] * u[..., None, :]).view(slots.shape)  # [s * b, B, h]
+        return (r.view(-1, nb, 1) * slots).sum(-2).view(h.shape), slots
 
     outs = []
     for fn in (F.mesh_step, plain):
@@ -133,10 +140,10 @@ def test_mesh_step_gradients_are_autograds():
 def test_mesh_step_backward_in_low_precision(dtype):
     """The written-out backward runs in bf16 and fp16 (it mixed an fp32 gradient into a bf16
     matmul) and gives, per input, the fp32 gradients within the format's tolerance."""
-    from tests.gpu.compare import relative_error, tolerance
+    from tests.formats import relative_error, tolerance
 
     nb, gen = 5, torch.Generator().manual_seed(0)
-    shapes = [(S, B, nb, 16), (S, B, 16), (S, B, 16), (nb, 16), (nb, 16)]
+    shapes = [(S * B, nb, 16), (S, B, 16), (S, B, 16), (nb, 16), (nb, 16)]
     inputs = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]  # the same values in both formats
     grads = {}
     for dt in (torch.float32, dtype):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.gpu.compare import (MIN_LOSS_DROP, PARTS, UNIT_ROUNDOFF, forward_failures, loss_change_failures,
-                               part_norms, tolerance)
+from tests.formats import MIN_LOSS_DROP, UNIT_ROUNDOFF, loss_change_failures, tolerance
+from tests.gpu.compare import PARTS, forward_failures, part_norms
 
 DEPTH = 10  # the debug flavor's N_compute: 1 + 2 x 4 + 1
 

@@ -14,7 +14,8 @@ PACKAGE = ROOT / "spiral_megatron"
 # The packages bottom to top, as docs/ARCHITECTURE.md draws them: a package imports only from
 # packages on lower rows (packages on one row do not import each other).
 LAYERS = (
-    ("spiral_megatron.errors", "spiral_megatron.functional_spiral", "spiral_megatron.extras"),
+    ("spiral_megatron.errors", "spiral_megatron.functional_autograd", "spiral_megatron.extras"),
+    ("spiral_megatron.functional_spiral",),
     ("spiral_megatron.config",),
     ("spiral_megatron.parallel",),
     ("spiral_megatron.model",),

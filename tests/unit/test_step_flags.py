@@ -11,19 +11,20 @@ from spiral_megatron.job.run import step
 
 def test_step_flags_hand_back_the_previous_step_then_settle_the_last(megatron):
     flags = step.StepFlags(dp_size=1)
-    host = dict(grad_norm=0.5, lr=1e-3, skipped=False)
+    host = dict(grad_norm=torch.tensor(0.5), lr=1e-3, skipped=False)  # the optimizer's norm, on the device
     assert flags.swap(1, torch.tensor(2.5), False, host) is None  # nothing read yet: no wait
-    first = flags.swap(2, torch.tensor(float("nan")), True, dict(host, lr=2e-3))
-    assert (first.iteration, first.loss, first.lr, first.exit_requested) == (1, 2.5, 1e-3, False)
+    first = flags.swap(2, torch.tensor(float("nan")), True, dict(host, lr=2e-3, grad_norm=torch.tensor(0.25)))
+    assert (first.iteration, first.loss, first.grad_norm, first.lr, first.exit_requested) == (1, 2.5, 0.5, 1e-3, False)
     second = flags.settle()
-    assert second.iteration == 2 and math.isnan(second.loss) and second.exit_requested
+    assert second.iteration == 2 and math.isnan(second.loss) and second.exit_requested and second.grad_norm == 0.25
     assert flags.settle() is None
 
 
 def test_step_flags_loss_is_the_sum_over_ranks_divided_by_data_parallel_ranks(megatron):
     flags = step.StepFlags(dp_size=2)  # one rank here: its share stands for both
     flags.push(7, torch.tensor(3.0), False, dict(grad_norm=None, lr=0.0, skipped=True))
-    assert flags.settle().loss == 1.5
+    settled = flags.settle()
+    assert settled.loss == 1.5 and settled.grad_norm is None  # a skipped step has no norm
 
 
 class _Numbered(torch.utils.data.Dataset):

@@ -29,6 +29,8 @@ from typing import Callable, Optional
 from spiral_megatron.job.settings.config import ConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+TRACKER_TMP = f".{TRACKER}.tmp"
+WRITE_TEST = ".write_test_"  # checkpointing.check_writable's probe file, + the pid
 MARKER = "spiral_checkpoint.json"
 STAGING, REPLACED = ".saving", ".replaced"  # suffixes of hidden folders next to iter_*
 ITERATION = re.compile(r"iter_(\d{7})")
@@ -65,8 +67,15 @@ def record(iteration: int, layout: Optional[dict], optimizer: Optional[dict]) ->
 
 
 def read_record(folder) -> dict:
+    """MARKER's content; for a checkpoint saved before MARKER existed, what it would say
+    (old_checkpoints.py)."""
+    folder = Path(folder)
+    if not (folder / MARKER).exists() and ITERATION.fullmatch(folder.name):
+        from spiral_megatron.job.checkpoint import old_checkpoints
+
+        return old_checkpoints.derived_record(folder, int(folder.name[5:]))
     try:
-        return json.loads((Path(folder) / MARKER).read_text())
+        return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{str(Path(folder) / MARKER)!r} cannot be read ({e}): damaged checkpoint") from None
 
@@ -86,16 +95,38 @@ def publish(root, iteration: int, marker: dict) -> None:
     """Rank 0, once every rank has written the staging folder: write MARKER into it, rename it
     in, then move the tracker to `iteration`."""
     staging, folder = staging_dir(root, iteration), iteration_dir(root, iteration)
-    (staging / MARKER).write_text(json.dumps(marker, indent=1))
+    _write_durably(staging / MARKER, json.dumps(marker, indent=1))
     replaced = _hidden(root, iteration, REPLACED)
     if folder.exists():  # e.g. a fresh run saving into an old run's folder
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(folder, replaced)
     os.replace(staging, folder)
-    tmp = Path(root) / f".{TRACKER}.tmp"
-    tmp.write_text(str(iteration))
+    tmp = Path(root) / TRACKER_TMP
+    _write_durably(tmp, str(iteration))
     os.replace(tmp, Path(root) / TRACKER)
+    _sync_folder(root)  # the renames themselves, before anything is deleted
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write `path` and flush it to the disk (a lost node must not leave an empty tracker)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_model_only(root, iteration: int, module, write_files: Callable[[Path], None],
@@ -129,6 +160,8 @@ def recover(root) -> Optional[str]:
         return None
     for stale in root.glob(f".iter_*{STAGING}"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in [root / TRACKER_TMP, *root.glob(f"{WRITE_TEST}*")]:  # files a kill left
+        stale.unlink(missing_ok=True)
     restored = []
     for old in sorted(root.glob(f".iter_*{REPLACED}")):
         folder = root / old.name[1:-len(REPLACED)]
@@ -142,22 +175,24 @@ def recover(root) -> Optional[str]:
     return None
 
 
-def find_resumable(load, save) -> Optional[int]:
+def find_resumable(load, save, job_files=()) -> Optional[int]:
     """The iteration to resume from, or None to start from scratch.
 
-    Only a `load` folder that is missing or empty (hidden files aside) and is also the `save`
-    folder starts fresh: the first launch of a requeued job. A folder that holds files but no
-    tracker (an iteration folder, a Hugging Face folder, a mistyped path) is an error saying
-    what it holds and what to pass instead; so is a tracker that is not a number or points at
-    a missing or incomplete folder.
+    Only a `load` folder that is also the `save` folder and holds nothing but what the job
+    writes before its first checkpoint (`job_files`: config.yaml, warnings.log, ...; hidden
+    files; iteration folders newer than a missing tracker) starts fresh: the first launch of a
+    requeued job, or one killed before its first checkpoint. A folder that holds other files
+    but no tracker (an iteration folder, a Hugging Face folder, a mistyped path) is an error
+    saying what it holds and what to pass instead; so is a tracker that is not a number or
+    points at a missing or incomplete folder.
     """
     root = Path(load)
     iteration = latest_iteration(root)
     if iteration is None:
         contents = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
         is_save = save is not None and Path(save).resolve() == root.resolve()
-        if is_save and all(ITERATION.fullmatch(name) for name in contents):
-            return None  # never saved into, or its first save was killed before the tracker moved
+        if is_save and all(ITERATION.fullmatch(name) or name in job_files for name in contents):
+            return None  # never saved into, or killed before the tracker first moved
         raise CheckpointError(_not_a_checkpoint(load, root, contents))
     folder = iteration_dir(root, iteration)
     if not folder.is_dir():
@@ -168,9 +203,14 @@ def find_resumable(load, save) -> Optional[int]:
     if not dist_checkpointing.check_is_distributed_checkpoint(str(folder)):
         raise CheckpointError(f"load {str(load)!r}: {folder.name} is not a complete Megatron distributed "
                               f"checkpoint (no valid metadata.json): damaged or incomplete")
-    if not (folder / MARKER).is_file():
-        raise CheckpointError(f"load {str(load)!r}: {folder.name} lacks {MARKER}, which every save writes "
-                              f"last: damaged or incomplete checkpoint")
+    if not (folder / MARKER).is_file():  # saved before MARKER existed, or damaged
+        from spiral_megatron.job.checkpoint.old_checkpoints import missing_parts
+
+        missing = missing_parts(folder)
+        if missing:
+            raise CheckpointError(f"load {str(load)!r}: {folder.name} lacks {MARKER}, which every save writes "
+                                  f"last, and is not a complete checkpoint of the format before it either "
+                                  f"({missing}): damaged or incomplete")
     return iteration
 
 
@@ -189,14 +229,15 @@ def _not_a_checkpoint(load, root: Path, contents: list) -> str:
     return f"{head}; the folder holds {shown}: pass the folder a training run saved into (--save)"
 
 
-def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, load_optim: bool) -> None:
+def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, load_optim: bool) -> dict:
     """Refuse, before loading, a checkpoint this run cannot read: one written by a newer
     megatron-core, or distributed-optimizer state whose format does not reshard to this run's
-    TP/PP layout (Megatron-LM's rule) or optimizer. `layout`: this run's {"tp", "pp", "dp"}."""
+    TP/PP layout (Megatron-LM's rule) or optimizer. `layout`: this run's {"tp", "pp", "dp"}.
+    Returns the checkpoint's record (read_record)."""
     folder = iteration_dir(load, iteration)
-    saved = read_record(folder)
+    saved = read_record(folder)  # pre-marker: its common state was just read, so this release reads it
     here, theirs = megatron_core_version(), saved["megatron_core"]
-    if _release(theirs) > _release(here):
+    if theirs is not None and _release(theirs) > _release(here):
         raise CheckpointError(
             f"load {str(load)!r}: {folder.name} was written by megatron-core {theirs}; this is megatron-core "
             f"{here}, which cannot read a newer release's checkpoints. Resume with megatron-core >= "
@@ -204,7 +245,7 @@ def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, 
             f"(tools/convert_to_hf.py there, tools/convert_from_hf.py here)")
     optimizer = saved["optimizer"]
     if not load_optim or optimizer is None:
-        return
+        return saved
     shown = lambda lay: f"TP{lay['tp']} PP{lay['pp']}"  # noqa: E731
     if optimizer["distributed"] != distributed_optimizer:
         kind = {True: "the distributed optimizer", False: "the plain optimizer"}
@@ -221,6 +262,7 @@ def check_fits(load, iteration: int, layout: dict, distributed_optimizer: bool, 
             f"{shown(saved['layout'])}, or pass --no-load-optim true (weights, LR schedule and data "
             f"position; fresh Adam moments); saves with --dist-ckpt-optim-fully-reshardable true reload "
             f"at any layout")
+    return saved
 
 
 def _release(version: str) -> tuple:

@@ -44,25 +44,6 @@ def optimizer_format(cfg) -> dict:
     return {"distrib_optim_sharding_type": "fully_reshardable" if fully else "dp_reshardable"}
 
 
-def check_format(parts: Components, cfg) -> None:
-    """Refuse `fully_reshardable` where megatron-core (0.16.1, 0.19.2) would save it wrong: its
-    gather drops the padding between a gradient buffer's buckets but slices parameters at
-    padded offsets, so every parameter after a padded bucket gets another's state. One bucket
-    (the default) is fine; the core replicated on several pipeline stages is three more
-    (pipeline.py), as are word embeddings tied across stages. Found with a PP2 save read back."""
-    if not (cfg.use_distributed_optimizer and cfg.dist_ckpt_optim_fully_reshardable):
-        return
-    padded = [bucket for buffer in getattr(parts.model, "buffers", []) for bucket in buffer.buckets[:-1]
-              if bucket.grad_data.numel() != bucket.numel_unpadded]
-    if padded:
-        raise ConfigError(
-            f"dist_ckpt_optim_fully_reshardable: this layout (TP{cfg.tensor_parallel} "
-            f"PP{cfg.pipeline_parallel}) splits the gradient buffer into padded buckets, where "
-            f"megatron-core saves fully_reshardable optimizer state misplaced (docs/CHECKPOINTS.md). "
-            f"Save in the default format (resumes at the same TP/PP; --no-load-optim true elsewhere), "
-            f"or at a layout that keeps the core on one pipeline stage")
-
-
 class SaveFailed(ConfigError):
     """Writing a checkpoint failed (a full disk, a broken mount); the latest complete one is kept."""
 
@@ -139,15 +120,21 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
     except OSError as e:
         if isinstance(e, ConnectionError):  # a peer rank died: not this save's fault
             raise
-        latest = latest_iteration(root)
-        kept = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
         raise SaveFailed(f"saving iteration {iteration} failed: {e.strerror or e} "
                          f"({e.filename or 'no file named'}); the last complete checkpoint is still "
-                         f"the latest: {kept}") from e
+                         f"the latest: {kept(root)}") from e
+
+
+def kept(root) -> str:
+    """The latest complete checkpoint under `root`, in words."""
+    latest = latest_iteration(root)
+    return f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
 
 
 def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
     from megatron.core import dist_checkpointing
+
+    from spiral_megatron.job.checkpoint import bucket_layout, optimizer_state
 
     staging = checkpoint_files.staging_dir(root, iteration)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -161,7 +148,7 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
     metadata = optimizer_format(cfg)
     state = {
         "model": model_sd,
-        "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=metadata),
+        "optimizer": optimizer_state.sharded_state_dict(parts.optimizer, model_sd, metadata),
         "scheduler": parts.scheduler.state_dict(),
         "rng": _rng_object(layout),
         "iteration": iteration,
@@ -180,7 +167,8 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
     distributed = bool(_torch_adam_distributed(parts.optimizer, any_backend=True))
     marker = checkpoint_files.record(iteration, layout, {
         "distributed": distributed,
-        "format": metadata["distrib_optim_sharding_type"] if distributed else None})
+        "format": metadata["distrib_optim_sharding_type"] if distributed else None,
+        **({"buckets": bucket_layout.record(parts)} if distributed else {})})
     folder = iteration_dir(root, iteration)
     if background is None:
         _barrier()  # every rank's shard and every side file is written
@@ -221,23 +209,34 @@ class BackgroundSaves:
     def __init__(self, rank0: bool):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        self.queue, self.rank0 = AsyncCallsQueue(persistent=False), rank0
+        self.queue, self.rank0, self.folders = AsyncCallsQueue(persistent=False), rank0, []
 
     def schedule(self, request, publish, folder: Path) -> None:
         def done():
+            self.folders.remove(folder)
             publish()
             if self.rank0:
                 print(f"saved checkpoint {folder}", flush=True)
 
         request.add_finalize_fn(done)
+        self.folders.append(folder)
         self.queue.schedule_async_request(request)
         if self.rank0:
             print(f"saving checkpoint {folder} in the background", flush=True)
 
     def finalize(self, blocking: bool) -> None:
         """Publish the saves every rank has finished writing (all of them when `blocking`).
-        A collective: every rank calls it at the same point."""
-        self.queue.maybe_finalize_async_calls(blocking=blocking)
+        A collective: every rank calls it at the same point. A save whose writer failed on any
+        rank raises SaveFailed on every rank (background_failure.py)."""
+        from torch.distributed.checkpoint import CheckpointException
+
+        from spiral_megatron.job.checkpoint import background_failure
+
+        try:
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except CheckpointException as e:
+            raise background_failure.translated(e, self.folders[0], kept(self.folders[0].parent),
+                                                SaveFailed) from e
 
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
@@ -271,7 +270,7 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     from megatron.core import dist_checkpointing
 
     from spiral_megatron.model.model_args import ModelArgs
-    from spiral_megatron.job.checkpoint import resume_check
+    from spiral_megatron.job.checkpoint import optimizer_state, resume_check
 
     iteration = latest_iteration(root)
     if iteration is None:
@@ -294,7 +293,7 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     if load_optim:
         prepare_state_for_loading(parts.optimizer)
         saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
-        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=saved)
+        request["optimizer"] = optimizer_state.sharded_state_dict(parts.optimizer, model_sd, saved, is_loading=True)
     load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
     if load_rng:
         request["rng"] = _rng_object(common["layout"], state={})
@@ -376,8 +375,8 @@ def check_writable(root) -> None:
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write_test_{os.getpid()}"
+        probe = root / f"{checkpoint_files.WRITE_TEST}{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None

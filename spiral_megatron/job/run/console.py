@@ -31,6 +31,8 @@ HARMLESS = (
 # strategy is the one checkpointing.py chooses (its BackgroundSaves need it).
 HARMLESS_LOGS = {
     "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+    # megatron-core 0.19 reading the common.pt of a 0.16 checkpoint (docs/CHECKPOINTS.md: supported)
+    "megatron.core.dist_checkpointing.strategies.common": "load_common is deprecated",
 }
 WARNINGS_LOG = "warnings.log"
 CONFIG_FILE = "config.yaml"

@@ -9,15 +9,19 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 
-def report(line: str) -> None:
-    """Print `line` to stderr and record it as this worker's torchrun root cause."""
-    print(line, file=sys.stderr, flush=True)
+def report(line: str, traceback: Optional[str] = None, echo: bool = True) -> None:
+    """Print `line` (or the `traceback` that ends in it) to stderr (unless not `echo`: another
+    rank prints the same) and record it as this worker's torchrun root cause."""
+    if echo:
+        print(traceback or line, file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": traceback or line,
+                                                       "timestamp": str(int(time.time()))}}}
     try:
         with open(path, "w") as f:
             json.dump(data, f)

@@ -24,7 +24,7 @@ from spiral_megatron.errors import SpiralError
 from spiral_megatron.parallel import pipeline_plan
 from spiral_megatron.job.checkpoint import checkpointing, extra_state
 from spiral_megatron.job.settings import checks
-from spiral_megatron.job.run import console, divergence, memory, step
+from spiral_megatron.job.run import console, divergence, fatal, memory, step
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.build import Components, build
 from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
@@ -70,8 +70,6 @@ def start(job: Resolved) -> Layout:
     try:  # every rank finds the same: rank 0 says it
         if on_cpu and backend == "nccl":
             raise ConfigError("backend 'nccl' needs CUDA GPUs; this machine has none (use gloo or auto)")
-        if on_cpu and cfg.precision != "fp32":
-            raise ConfigError(f"precision {cfg.precision!r} is not supported on CPU; use fp32")
         checks.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
     except ConfigError as e:
         raise _reported(e, by_me=os.environ.get("RANK", "0") == "0")
@@ -128,20 +126,22 @@ class Preflight:
     resume_from: Optional[int]
 
 
-def preflight(cfg: TrainingConfig, layout: Layout, held: Preflight) -> None:
+def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
     """Refuse, before any compute, what would fail later: fp8 without TE, bad folders, a save
     folder in use; fills `held` (the caller releases its lock whatever happens)."""
+    cfg = job.keys
     agreed(lambda: every_rank_checks(cfg, layout))
     if cfg.save:
-        if layout.rank0:
-            held.lock = FolderLock(cfg.save)
+        if layout.rank0:  # losing the lock to another job ends this one (folder_lock.py)
+            held.lock = FolderLock(cfg.save, on_lost=lambda line: fatal.stop(f"pretrain_spiral: error: {line}"),
+                                   say=lambda line: print(line, flush=True))
         warning = on_rank0(layout, lambda: held.lock.acquire())
         recovered = on_rank0(layout, lambda: checkpointing.recover(cfg.save))
         for line in (warning, recovered):
             if line and layout.rank0:
                 print(line, flush=True)
     if cfg.load:
-        held.resume_from = on_rank0(layout, lambda: resumable(cfg, checkpointing.parallel_layout()))
+        held.resume_from = on_rank0(layout, lambda: resumable(job, checkpointing.parallel_layout()))
         if held.resume_from is None and layout.rank0:
             print(f"load {cfg.load!r} is the --save folder and holds no checkpoint yet: starting from "
                   f"scratch (the first launch of a job that requeues with the same command)", flush=True)
@@ -166,16 +166,32 @@ def every_rank_checks(cfg: TrainingConfig, layout: Layout) -> None:
         checkpointing.check_writable(cfg.save)
 
 
-def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
-    """The iteration `cfg.load` resumes from (None: from scratch), refused in one line before
-    anything is built if this run cannot read it (checkpoint_files)."""
-    from spiral_megatron.job.checkpoint import checkpoint_files
+def resumable(job: Resolved, layout: dict) -> Optional[int]:
+    """The iteration `--load` resumes from (None: from scratch), refused in one line before
+    anything is built if this run cannot read it (checkpoint_files, bucket_layout)."""
+    from spiral_megatron.job.checkpoint import bucket_layout, checkpoint_files
 
-    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save)
+    cfg = job.keys
+
+    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save, job_files(cfg))
     if iteration is not None:
-        checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
-                                    load_optim=not cfg.no_load_optim)
+        record = checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
+                                             load_optim=not cfg.no_load_optim)
+        if record.get("pre_marker"):
+            print(f"load {cfg.load!r}: iteration {iteration} was saved before {checkpoint_files.MARKER} "
+                  f"existed; it is complete (Megatron's metadata, every shard, model_args.json)", flush=True)
+        if not cfg.no_load_optim:
+            bucket_layout.check(cfg.load, iteration, job, layout["dp"])
     return iteration
+
+
+def job_files(cfg: TrainingConfig) -> tuple:
+    """What this job writes into its --save folder before its first checkpoint."""
+    names = [console.CONFIG_FILE, console.WARNINGS_LOG]
+    for path in (cfg.log_json, cfg.tensorboard_dir):
+        if path and cfg.save and Path(path).resolve().parent == Path(cfg.save).resolve():
+            names.append(Path(path).name)
+    return tuple(names)
 
 
 def prepare_data(job: Resolved, layout: Layout):
@@ -203,6 +219,7 @@ class Trainer:
         self.large_grads = divergence.LargeValueCheck() if cfg.check_for_large_grads else None
         self.flags = step.StepFlags(layout.dp_size)  # each step's loss and exit flag, read a step late
         self.settled, self.exit_requested = None, False
+        self.skipped = 0  # steps the optimizer skipped since the last log line (fp16 overflows)
 
     def batches(self, dataset, start: int):
         return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
@@ -305,6 +322,7 @@ class Trainer:
                 raise NonFiniteLoss(self.stopped(f"spiky {name} {values[name]:.4g} (>= {check.describe()})",
                                                  settled.iteration))
         self.settled, self.last_stats = settled, values
+        self.skipped += settled.skipped
         self.exit_requested = self.exit_requested or settled.exit_requested
 
     def run(self, signals: ExitSignal) -> str:
@@ -325,7 +343,9 @@ class Trainer:
             evaluate = cfg.eval_interval and (self.iteration % cfg.eval_interval == 0 or last)
             val_loss = self.evaluate() if evaluate else None
             if log:
-                self.logger.log(self.iteration, self.consumed_samples, vars(self.settled), val_loss)
+                self.logger.log(self.iteration, self.consumed_samples,
+                                dict(vars(self.settled), skipped_iterations=self.skipped), val_loss)
+                self.skipped = 0
             elif val_loss is not None:
                 self.logger.log_eval(self.iteration, val_loss)
             if save:
@@ -346,9 +366,9 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
     `quiet`: the caller's harmless-warnings holder, reported once the save folder exists."""
     cfg = job.keys
     layout = start(job)
-    held = Preflight(None, None)
+    held, failed = Preflight(None, None), False
     try:
-        preflight(cfg, layout, held)
+        preflight(job, layout, held)
         if layout.rank0:
             console.write_config(cfg)
             if cfg.print_config:
@@ -358,7 +378,6 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
         split = agreed(lambda: data.check(job.data, source, tokenizer))
         # A checkpoint from tools/quantize.py keeps its quantizers (QAT): restored before DDP wraps the module.
         parts = build(job, prepare=lambda module: extra_state.restore(module, cfg.load) if cfg.load else None)
-        agreed(lambda: checkpointing.check_format(parts, cfg))
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)
@@ -386,7 +405,11 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
             late = quiet.report(cfg.save) if quiet is not None and layout.rank0 else None
             if late:  # warnings after the first step's line (e.g. at the first save)
                 print(late, flush=True)
+    except BaseException:
+        failed = True
+        raise
     finally:
         if held.lock is not None:
             held.lock.release()
-        parallel.destroy()
+        if not failed:  # a failed rank may have queued collectives its peers never join
+            parallel.destroy()

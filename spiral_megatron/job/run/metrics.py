@@ -81,6 +81,8 @@ class Logger:
             # the mean step since the last log line, times the steps left (evaluation and saving excluded)
             "eta_s": elapsed * (self.total - iteration) if self.total else None,
         }
+        if stats.get("loss_scale") is not None:  # fp16, as Megatron-LM logs it
+            record.update(loss_scale=stats["loss_scale"], skipped_iterations=stats.get("skipped_iterations", 0))
         if val_loss is not None:
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         self.train_time, self.steps = 0.0, 0
@@ -129,6 +131,8 @@ def format_record(r: Dict) -> str:
     line = (f" iteration {r['iteration']:>6}{total} | tokens {r['consumed_tokens']:>10} | loss {r['loss']:.4f} | "
             f"lr {r['lr']:.3e} | grad norm {norm} | tokens/s {r['tokens_per_sec']:,.0f} | "
             f"TFLOP/s {r['tflops']:.3f} | MFU {mfu} | mem {r['memory_gib']:.2f} GiB")
+    if "loss_scale" in r:
+        line += f" | loss scale {r['loss_scale']:g} | skipped {r['skipped_iterations']}"
     if "val_loss" in r:
         line += f" | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
     if r.get("eta_s") is not None:

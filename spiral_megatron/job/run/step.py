@@ -7,10 +7,11 @@ only the last stage computes losses.
 No step waits for the device on our account (issue 15): the step's loss stays on the device,
 and `StepFlags` reduces it together with the exit flag in one all-reduce, whose result the
 host reads one step later, when the device has finished it (or at once, before a log line or
-a save). Megatron's optimizer still reads the gradient norm on the host when clip_grad > 0
-(`get_grad_norm_fp32`'s `.item()`): that sync is Megatron's, as in Megatron-LM.
+a save). The gradient norm stays on the device too (parallel/grad_norm.py, issue 23) and is read with
+them.
 """
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional, Tuple
@@ -59,45 +60,53 @@ class Settled:
     loss: float
     grad_norm: Optional[float]
     lr: float
-    skipped: bool
+    skipped: bool  # the optimizer skipped the step (fp16: the scaled gradients overflowed)
     exit_requested: bool  # some rank had received SIGTERM/SIGINT when the step was reduced
+    loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the step
 
 
 class StepFlags:
     """One all-reduce per step, over all ranks, of [loss share, exit flag], left on the device:
     `swap` returns the previous step's values, `settle` the pending step's (a host sync).
 
-    The reduced pair is copied to pinned host memory with an event recorded behind it; the host
-    waits on that event one step later, after queuing the next step, so it never idles the
-    device. A NaN on any rank makes the summed loss NaN: the non-finite check needs no flag.
+    The reduced pair and the step's gradient norm (the same on every rank already) are copied
+    to pinned host memory with an event recorded behind them; the host waits on that event one
+    step later, after queuing the next step, so it never idles the device. A NaN on any rank
+    makes the summed loss NaN: the non-finite check needs no flag.
     """
 
     def __init__(self, dp_size: int):
         self.dp_size = dp_size
-        self.host = torch.zeros(2, dtype=torch.float32, pin_memory=torch.cuda.is_available())
-        self.pending = None  # (iteration, host-side values, event)
+        self.host = torch.zeros(3, dtype=torch.float32, pin_memory=torch.cuda.is_available())
+        self.pending = None  # (iteration, host-side values, whether a norm was pushed, event)
 
     def push(self, iteration: int, loss: torch.Tensor, exit_requested: bool, host_values: dict) -> None:
+        """host_values: the Settled fields known on the host, and "grad_norm": the optimizer's
+        norm (a device tensor, a float, or None for a skipped step)."""
+        values = dict(host_values)
+        norm = values.pop("grad_norm", None)
         flag = torch.full((), float(exit_requested), dtype=torch.float32, device=loss.device)
         reduced = torch.stack([loss, flag])  # [2]
         torch.distributed.all_reduce(reduced)
-        self.host.copy_(reduced, non_blocking=True)
+        norm_t = torch.full((1,), math.nan) if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+        self.host.copy_(torch.cat([reduced, norm_t.to(reduced.device).reshape(1)]), non_blocking=True)
         event = None
         if reduced.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        self.pending = (iteration, host_values, event)
+        self.pending = (iteration, values, norm is not None, event)
 
     def settle(self) -> Optional[Settled]:
         """The pending step's values, waiting for the device if needed; None when none is pending."""
         if self.pending is None:
             return None
-        iteration, host_values, event = self.pending
+        iteration, host_values, has_norm, event = self.pending
         self.pending = None
         if event is not None:
             event.synchronize()
-        loss, exits = self.host.tolist()
-        return Settled(iteration, loss / self.dp_size, exit_requested=exits > 0, **host_values)
+        loss, exits, norm = self.host.tolist()
+        return Settled(iteration, loss / self.dp_size, grad_norm=norm if has_norm else None,
+                       exit_requested=exits > 0, **host_values)
 
     def swap(self, iteration: int, loss: torch.Tensor, exit_requested: bool, host_values: dict
              ) -> Optional[Settled]:
@@ -111,7 +120,8 @@ class StepFlags:
 def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int, seq_length: int,
                micro_batch_size: int, global_batch_size: int) -> Tuple[torch.Tensor, dict]:
     """Forward and backward over `num_microbatches`, one optimizer and scheduler step; returns
-    this rank's loss share on the device (`_local_loss`) and the values already on the host.
+    this rank's loss share on the device (`_local_loss`) and the step's other values (the
+    gradient norm on the device).
 
     Megatron's optimizer step clips the global gradient norm (`clip_grad`), on CPU too: the
     CPU path reports CPU tensors with the type string Megatron's clipping asserts.
@@ -128,11 +138,14 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
     success, grad_norm, _ = parts.optimizer.step()
     if success:
         parts.scheduler.step(increment=global_batch_size)
-    return _local_loss(losses, num_microbatches), {
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,  # a host float already
+    host = {
+        "grad_norm": grad_norm,  # on the device (parallel/grad_norm.py), read with the loss a step later
         "lr": parts.optimizer.param_groups[0]["lr"],
         "skipped": not success,
     }
+    if parts.module.config.fp16:  # Megatron's step read its overflow flag already: no added wait
+        host["loss_scale"] = parts.optimizer.get_loss_scale().item()
+    return _local_loss(losses, num_microbatches), host
 
 
 @torch.no_grad()

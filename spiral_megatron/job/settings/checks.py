@@ -14,7 +14,7 @@ from spiral_megatron.parallel import pipeline_plan
 from spiral_megatron.config.spiral_config import SpiralConfig
 from spiral_megatron.job.settings import model_fields
 from spiral_megatron.job.data.dataset_check import parse_split
-from spiral_megatron.job.settings.keys import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
+from spiral_megatron.job.settings.keys import (BACKENDS, FIELDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
                                              TrainingConfig, model_overrides)
 
 
@@ -30,7 +30,7 @@ def check(cfg: TrainingConfig) -> None:
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
               "train_iters", "exit_interval", "lr", "lr_decay_iters", "log_interval", "eval_interval",
               "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
-              "make_vocab_size_divisible_by", "peak_tflops")
+              "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size")
     for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:
@@ -47,9 +47,7 @@ def check(cfg: TrainingConfig) -> None:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be in [0, 1)")
     if cfg.sequence_parallel and cfg.tensor_parallel == 1:
         raise ConfigError("sequence_parallel true needs tensor_parallel > 1, got tensor_parallel 1")
-    if cfg.loss_scale is not None and cfg.precision != "fp16":
-        raise ConfigError(f"loss_scale {cfg.loss_scale} is only used with precision fp16, "
-                          f"got precision {cfg.precision!r}")
+    _check_loss_scale(cfg)
     if cfg.fp8 is not None and cfg.fp8 not in FP8_FORMATS:
         raise ConfigError(f"fp8 {cfg.fp8!r} must be one of {FP8_FORMATS} (or none)")
     if cfg.fp8 is not None and cfg.precision == "fp32":
@@ -58,6 +56,27 @@ def check(cfg: TrainingConfig) -> None:
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
         raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
     _check_model_keys(cfg)
+
+
+DYNAMIC_LOSS_SCALE = ("initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+
+
+def _check_loss_scale(cfg: TrainingConfig) -> None:
+    """fp16's loss scaling (Megatron's grad scaler): a static `loss_scale`, or the dynamic
+    scaler's keys; none of them means anything in another precision, nor the dynamic keys
+    beside a static scale."""
+    _positive(cfg, "loss_scale", *DYNAMIC_LOSS_SCALE)
+    changed = [k for k in DYNAMIC_LOSS_SCALE if getattr(cfg, k) != FIELDS[k].default]
+    if cfg.precision != "fp16":
+        for name in (["loss_scale"] if cfg.loss_scale is not None else []) + changed:
+            raise ConfigError(f"{name} {getattr(cfg, name)} is only used with precision fp16, "
+                              f"got precision {cfg.precision!r}")
+    if cfg.loss_scale is not None and changed:
+        raise ConfigError(f"{changed[0]} {getattr(cfg, changed[0])} sets dynamic loss scaling, but loss_scale "
+                          f"{cfg.loss_scale} makes the scale static; give one or the other")
+    if cfg.min_loss_scale > cfg.initial_loss_scale:
+        raise ConfigError(f"min_loss_scale {cfg.min_loss_scale} must be <= initial_loss_scale "
+                          f"{cfg.initial_loss_scale}")
 
 
 def _check_warmup(cfg: TrainingConfig) -> None:

@@ -88,10 +88,22 @@ class TrainingConfig:
     """Clip the global gradient norm to this (0 = no clipping)."""
 
     precision: str = "fp32"
-    """"fp32", "bf16" or "fp16" (fp16 uses Megatron's dynamic loss scaling). CPU: fp32 only."""
+    """"fp32", "bf16" or "fp16" (fp16 uses Megatron's dynamic loss scaling); on CPU too."""
 
     loss_scale: Optional[float] = None
-    """fp16 only: a static loss scale; None = dynamic."""
+    """fp16 only: a static loss scale; None = dynamic (the four keys below)."""
+
+    initial_loss_scale: float = 2.0 ** 32
+    """fp16, dynamic scaling: the first loss scale (Megatron-LM's --initial-loss-scale)."""
+
+    min_loss_scale: float = 1.0
+    """fp16, dynamic scaling: the scale never falls below this (Megatron-LM's --min-loss-scale)."""
+
+    loss_scale_window: int = 1000
+    """fp16, dynamic scaling: steps without overflow before the scale doubles (--loss-scale-window)."""
+
+    hysteresis: int = 2
+    """fp16, dynamic scaling: overflows in a row before the scale halves (Megatron-LM's --hysteresis)."""
 
     fp8: Optional[str] = None
     """Transformer Engine FP8 format ("e4m3" or "hybrid"); None = off. Needs GPUs and TE."""
@@ -101,6 +113,11 @@ class TrainingConfig:
 
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    ddp_bucket_size: Optional[int] = None
+    """Elements per gradient bucket of Megatron DDP, as Megatron-LM's --ddp-bucket-size; None =
+    Megatron's max(4e7, 1e6 x data-parallel size). Megatron splits only the first pipeline
+    stage's gradients by size."""
 
     seed: int = 1234
     """Seed for model init and the training data order."""

@@ -52,18 +52,27 @@ def schedule(cfg: TrainingConfig) -> Schedule:
 def ddp_config(cfg: TrainingConfig):
     """Megatron DDP as Megatron-LM runs it on GPUs: gradient reduction overlapped with the
     backward pass and, with the distributed optimizer, the parameter all-gather overlapped with
-    the next forward (`--overlap-grad-reduce --overlap-param-gather`); gradients reduced in fp32."""
+    the next forward (`--overlap-grad-reduce --overlap-param-gather`); gradients reduced in fp32;
+    buckets of `ddp_bucket_size` elements (None: Megatron's default, see bucket_size)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=cfg.ddp_bucket_size,
         overlap_param_gather=cfg.use_distributed_optimizer,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
 
 
+def bucket_size(ddp, dp: int) -> int:
+    """Elements per DDP bucket of the resolved DistributedDataParallelConfig `ddp` at DP size `dp`:
+    its own, else the default Megatron DDP resolves with the reduce overlapped
+    (distributed_data_parallel.py: max(4e7, 1e6 x DP), so that each rank's part stays large)."""
+    return ddp.bucket_size if ddp.bucket_size is not None else max(40_000_000, 1_000_000 * dp)
+
+
 def optimizer_config(cfg: TrainingConfig):
-    """Megatron's Adam with the job's learning rate, weight decay, clipping and precision."""
+    """Megatron's Adam with the job's learning rate, weight decay, clipping and precision (fp16:
+    Megatron's grad scaler, static with `loss_scale`, else dynamic from the four loss-scale keys)."""
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
@@ -71,5 +80,7 @@ def optimizer_config(cfg: TrainingConfig):
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", loss_scale=cfg.loss_scale,
+        initial_loss_scale=cfg.initial_loss_scale, min_loss_scale=cfg.min_loss_scale,
+        loss_scale_window=cfg.loss_scale_window, hysteresis=cfg.hysteresis,
         params_dtype=DTYPES[cfg.precision], use_distributed_optimizer=cfg.use_distributed_optimizer,
     )

@@ -1,0 +1,99 @@
+"""One rank's error ends the whole job within seconds, printed once (issue 21, item 9).
+
+Python's own exit after an uncaught exception can hang a failed rank forever: its
+`multiprocessing` exit handler sends SIGTERM to the DataLoader workers, which ignore it (they
+leave SIGTERM to the trainer: data.py), then joins them without a timeout. Measured on the
+debug flavor at PP2 x DP2 with the distributed optimizer: two ranks raised in the first save,
+printed their traceback and never exited; the other two waited in the save's collective; the
+job hung until torchrun was killed. So a failed worker never exits through Python's shutdown:
+
+    run(main, argv): 0 -> a normal exit; anything else (a code, an exception, an exception in
+    any thread) -> report it, flush, SIGKILL this process's helper processes (loader workers,
+    Megatron's save helper and forked writers), os._exit.
+
+The ranks still running then fail in their next collective (gloo: "Connection closed by peer")
+and take the same way out, and torchrun (polling every 0.1 s, its default) signals the rest.
+An error caused by a peer that died is not the root cause: it is one line without a traceback
+and no torchrun error file, so torchrun names the rank that failed first (errors.py).
+"""
+
+import faulthandler
+import multiprocessing
+import os
+import sys
+import threading
+import traceback
+from typing import Callable, NoReturn
+
+from spiral_megatron.job.run.errors import report
+
+# What gloo and the sockets under torch.distributed say when the other end of a collective died.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote worker crashing", "Socket Timeout")
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether `error` (or what it was raised from) says another rank went away."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError) or any(text in str(error) for text in PEER_GONE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def describe(error: BaseException, where: str = "") -> int:
+    """Print `error` once and record it for torchrun; returns the exit code for it."""
+    rank = os.environ.get("RANK", "0")
+    if isinstance(error, KeyboardInterrupt):
+        print(f"pretrain_spiral: rank {rank}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    if peer_failure(error):  # a consequence: the rank that failed first reports the cause
+        last = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        print(f"pretrain_spiral: rank {rank} stopped: another rank of the job failed ({last})",
+              file=sys.stderr, flush=True)
+        return 1
+    line = f"pretrain_spiral: rank {rank}{where}: {type(error).__name__}: {error}"
+    report(line, "".join(traceback.format_exception(error)) + line)
+    return 1
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush, kill this process's multiprocessing children, and exit with `code` at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    for child in multiprocessing.active_children():  # loader workers, save helper, async writer
+        child.kill()
+    os._exit(code)
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: an exception in any thread of a job ends the job."""
+    if args.exc_type is SystemExit:
+        return
+    exit_now(describe(args.exc_value, where=f" (thread {args.thread.name if args.thread else '?'})"))
+
+
+def stop(line: str, code: int = 1) -> NoReturn:
+    """Report `line` (the root cause) and end this process at once, from any thread."""
+    report(line)
+    exit_now(code)
+
+
+def run(main: Callable[[list], int], argv: list) -> NoReturn:
+    """The process's whole life: `main(argv)`, then exit (quickly unless it returned 0)."""
+    faulthandler.enable(all_threads=True)  # a native crash still prints every thread's stack
+    threading.excepthook = _thread_failed
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:  # noqa: B036 - every error ends the job, KeyboardInterrupt included
+        code = describe(e)
+    if code == 0:
+        sys.exit(0)
+    exit_now(code)

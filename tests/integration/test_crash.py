@@ -1,0 +1,94 @@
+"""Any crash, then the same command again, continues (issue 21, item 2): the whole job killed
+(SIGKILL to every process, as a scheduler does) at start-up, in a save, in a background save,
+at teardown, and at random moments (tools/crash_test.py); each relaunch of `--load X --save X`
+starts on its own and every step it logs equals the uninterrupted run's, bitwise."""
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from spiral_megatron.job.checkpoint.checkpointing import TRACKER
+from spiral_megatron.job.checkpoint.folder_lock import LOCK
+from tests.integration.conftest import ROOT, TINY, environment, launch
+
+pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+
+spec = importlib.util.spec_from_file_location("crash_test", ROOT / "tools" / "crash_test.py")
+crash_test = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(crash_test)
+
+
+def killed(cache_dir, args, fault: str, timeout: float = 300) -> str:
+    """Run the job with `fault` (a pause point of tests/integration/faulty_job.py), wait until
+    it stops there, kill every process of it; returns what it printed."""
+    env = dict(environment(cache_dir), SPIRAL_TEST_FAULT=fault)
+    job = subprocess.Popen([sys.executable, str(ROOT / "tests" / "integration" / "faulty_job.py"), *map(str, args)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                           start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while psutil.Process(job.pid).status() != psutil.STATUS_STOPPED:
+            assert job.poll() is None, f"exited {job.returncode} before {fault}:\n{job.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"never reached {fault}"
+            time.sleep(0.05)
+    finally:
+        crash_test.kill_job(job.pid)
+    return job.stdout.read()
+
+
+def names(folder) -> list:
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+def assert_same_steps(reference, log) -> None:
+    """Every step logged by every launch equals the uninterrupted run's (loss, lr: bitwise)."""
+    records = crash_test.logged(log)
+    assert {r["iteration"] for r in records} == set(reference), records
+    for r in records:
+        assert (r["loss"], r["lr"]) == (reference[r["iteration"]]["loss"], reference[r["iteration"]]["lr"]), r
+
+
+def test_killed_at_startup_in_a_save_and_at_teardown(reference, cache_dir, tmp_path):
+    save, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    args = [*TINY, "--load", save, "--save", save, "--log-json", log]
+    # Start-up: the folder holds only what the job writes before its first checkpoint.
+    killed(cache_dir, args, "pause:startup")
+    assert names(save) == [LOCK, "config.yaml"]
+    # In the second save (iteration 4): its shards are in the staging folder, unpublished.
+    out = killed(cache_dir, args, "pause:save:2")
+    assert "starting from scratch" in out and (save / TRACKER).read_text() == "2"
+    assert ".iter_0000004.saving" in names(save)
+    # Teardown: everything saved, the lock not yet released.
+    out = killed(cache_dir, args, "pause:teardown")
+    assert "took over the lock" in out and "resumed from" in out and "at iteration 2" in out
+    assert (save / TRACKER).read_text() == "4" and LOCK in names(save)
+    proc = launch(cache_dir, *args)
+    assert "took over the lock" in proc.stdout and "pretrain_spiral: finished iteration 4" in proc.stdout
+    assert names(save) == sorted([TRACKER, "config.yaml", "iter_0000002", "iter_0000004", "warnings.log"])
+    assert_same_steps(reference[1], log)
+
+
+def test_killed_in_a_background_save(reference, cache_dir, tmp_path):
+    save, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    args = [*TINY, "--async-save", "--load", save, "--save", save, "--log-json", log]
+    killed(cache_dir, args, "pause:background-save")  # its writer process was left to run on, then killed
+    assert not (save / TRACKER).exists()
+    proc = launch(cache_dir, *args)
+    assert "pretrain_spiral: finished iteration 4" in proc.stdout
+    assert names(save) == sorted([TRACKER, "config.yaml", "iter_0000002", "iter_0000004", "warnings.log"])
+    assert_same_steps(reference[1], log)
+
+
+def test_random_kills(cache_dir, tmp_path, monkeypatch, capsys):
+    """tools/crash_test.py in short: 2 kills at random moments of a 4-step job, one process
+    (the long run, 40 kills of the whole torchrun job, is the tool's command in docs/CHECKPOINTS.md)."""
+    monkeypatch.setenv("SPIRAL_CACHE", str(cache_dir))
+    code = crash_test.main(["--kills", "2", "--seed", "1", "--nproc", "1", "--out", str(tmp_path),
+                            "--job", *map(str, TINY)])
+    out = capsys.readouterr().out
+    assert code == 0 and "PASS: survived 2 of 2 kills" in out, out
