@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from spiral_megatron.job.settings.config import ConfigError
+from spiral_megatron.job.checkpoint.errors import CheckpointError, megatron_core_version  # noqa: F401 (read from here too)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TRACKER_TMP = f".{TRACKER}.tmp"
@@ -34,10 +34,6 @@ WRITE_TEST = ".write_test_"  # checkpointing.check_writable's probe file, + the 
 MARKER = "spiral_checkpoint.json"
 STAGING, REPLACED = ".saving", ".replaced"  # suffixes of hidden folders next to iter_*
 ITERATION = re.compile(r"iter_(\d{7})")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint folder that cannot be resumed from here; the message says why and what works."""
 
 
 def iteration_dir(root, iteration: int) -> Path:
@@ -50,12 +46,6 @@ def staging_dir(root, iteration: int) -> Path:
 
 def _hidden(root, iteration: int, suffix: str) -> Path:
     return Path(root) / f".{iteration_dir(root, iteration).name}{suffix}"
-
-
-def megatron_core_version() -> str:
-    from importlib.metadata import version
-
-    return version("megatron-core")
 
 
 def record(iteration: int, layout: Optional[dict], optimizer: Optional[dict]) -> dict:

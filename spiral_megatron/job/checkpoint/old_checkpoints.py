@@ -43,7 +43,7 @@ def derived_record(folder: Path, iteration: int) -> dict:
     """What spiral_checkpoint.json would hold (checkpoint_files.record), from the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from spiral_megatron.job.checkpoint.checkpoint_files import CheckpointError, megatron_core_version
+    from spiral_megatron.job.checkpoint.errors import CheckpointError, megatron_core_version
 
     try:
         common = dist_checkpointing.load_common_state_dict(str(folder))
