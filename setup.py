@@ -19,11 +19,11 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors", "tqdm"],
+        "hf": ["transformers>=5.25,<6", "safetensors", "tqdm"],  # 5.25: the Cache API SpiralCache implements
         "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
         "modelopt": MODELOPT,
         "research": RESEARCH,
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", *RESEARCH, *MODELOPT],  # every test's needs
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "accelerate", "peft", *RESEARCH, *MODELOPT],  # every test's needs
     },
 )

@@ -69,10 +69,10 @@ def counting(counts: collections.Counter):
 
 def reads_of_run(steps: int, gpu_debug: bool) -> collections.Counter:
     """Reads inside Trainer.run of a `steps`-step debug job on mock data, by call site."""
-    from spiral_megatron.job.settings import config
     from spiral_megatron.job.run import loop
+    from spiral_megatron.job.settings.resolve import resolve
 
-    cfg = config.load(["--mock-data", "true", "--train-iters", str(steps), "--log-interval", str(steps),
+    job = resolve(["--mock-data", "true", "--train-iters", str(steps), "--log-interval", str(steps),
                        "--eval-interval", "null", "--save", "null"],
                       ROOT / "examples" / "configs" / "debug-cpu.yaml")
     counts = collections.Counter()
@@ -92,7 +92,7 @@ def reads_of_run(steps: int, gpu_debug: bool) -> collections.Counter:
 
     loop.Trainer.run = counted_run
     try:
-        loop.run(cfg)
+        loop.run(job)
     finally:
         loop.Trainer.run = run
     return counts

@@ -2,7 +2,7 @@
 
 With no arguments it trains the `debug` flavor on the embedded corpus (configs/debug-cpu.yaml).
 Any config key can be overridden: `--config configs/spiral-160m.yaml --train-iters 1000
---model.chunk_sizes 16,8,4,2,1`. See spiral_megatron/job/settings/config.py for every key.
+--model.chunk_sizes 16,8,4,2,1`. `--help` lists every key (spiral_megatron/job/settings/keys.py).
 """
 
 import os
@@ -13,25 +13,26 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "debug-cpu.yaml"
 
 
 def parse(argv):
-    """The resolved TrainingConfig of the command line (checked before anything starts)."""
-    from spiral_megatron.job.settings import config
+    """The job of the command line, resolved and checked before anything starts."""
+    from spiral_megatron.job.settings.resolve import resolve
 
-    return config.load(argv, DEFAULT_CONFIG)
+    return resolve(argv, DEFAULT_CONFIG)
 
 
-def train(cfg, quiet=None) -> str:
+def train(job, quiet=None) -> str:
     from spiral_megatron.quantization.checkpoint import TRAINING_HOOK
     from spiral_megatron.job.checkpoint import extra_state
     from spiral_megatron.job.run import loop
 
     extra_state.register(TRAINING_HOOK)  # a quantized checkpoint keeps its quantizers (QAT)
-    return loop.run(cfg, quiet)
+    return loop.run(job, quiet)
 
 
 def main(argv) -> int:
     """Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving), 2 a check refused the job
-    (one line naming the fix), 1 a non-finite loss or a failed save (one line). Any other
-    exception keeps its traceback, in the log and in torchrun's error file (`record`)."""
+    (one line naming the fix), 1 a non-finite loss or a failed save (one line). Only the
+    project's own errors (spiral_megatron.errors.SpiralError) are one line: any other exception
+    keeps its traceback, in the log and in torchrun's error file (`record`)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from spiral_megatron.job.run.console import HeldWarnings
@@ -41,9 +42,10 @@ def main(argv) -> int:
 
 
 def _main(argv, quiet) -> int:
+    from spiral_megatron.errors import ConfigError, SpiralError
     from spiral_megatron.job.checkpoint.checkpointing import SaveFailed
-    from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
     from spiral_megatron.job.run.loop import NonFiniteLoss
+    from spiral_megatron.job.settings.keys import TrainingConfig
 
     if "--help" in argv or "-h" in argv:
         from spiral_megatron.job.settings.cli import help_text
@@ -54,21 +56,17 @@ def _main(argv, quiet) -> int:
 
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        cfg = parse(argv)
+        job = parse(argv)
     except ConfigError as e:  # every rank parses the same command line: rank 0 says it
         if rank0:
             report(f"pretrain_spiral: error: {e}")
         return 2
     try:
-        outcome = train(cfg, quiet)
-    except (SaveFailed, NonFiniteLoss) as e:
+        outcome = train(job, quiet)
+    except SpiralError as e:  # the project's own: a refusal (config, data, checkpoint, folder), a failed save, a stop
         if not getattr(e, "reported_elsewhere", False):
-            report(f"pretrain_spiral: {'error: ' if isinstance(e, SaveFailed) else ''}{e}")
-        return 1
-    except ConfigError as e:  # the project's own checks: bad config, data, checkpoint or folder
-        if not getattr(e, "reported_elsewhere", False):
-            report(f"pretrain_spiral: error: {e}")
-        return 2
+            report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}")
+        return 1 if isinstance(e, (SaveFailed, NonFiniteLoss)) else 2
     if rank0:
         print(f"pretrain_spiral: {outcome}", flush=True)
     return 0

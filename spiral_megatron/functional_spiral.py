@@ -19,8 +19,12 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+# The options' names, one list each: SpiralConfig and the Hugging Face config both check against these.
 SHIFTS = ("overlap", "no-overlap")
 TOPOLOGIES = ("residual", "anchor", "mesh")
+DOWNSCALES = ("self-aggregation", "mean")
+UPSCALES = ("allocate", "repeat")
+LATENT_POSITIONS = ("chunk-end", "index")
 State = Tuple[torch.Tensor, ...]
 
 
@@ -47,6 +51,50 @@ def shift_of(chunk_size: int, shift: str) -> int:
 def padding_multiple(chunk_sizes: Sequence[int]) -> int:
     """The loop pads the sequence at its end to a multiple of every chunk size."""
     return math.lcm(*chunk_sizes) if len(chunk_sizes) else 1
+
+
+def padded_length(length: int, chunk_sizes: Sequence[int]) -> int:
+    """L rounded up to `padding_multiple`: the length the loop runs at. The padding is after
+    every real token, so causality keeps it from touching them (docs/MODEL.md section 2)."""
+    m = padding_multiple(chunk_sizes)
+    return -(-length // m) * m
+
+
+def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """x with zeros appended along `dim` up to `length` (the loop's end padding)."""
+    pad = length - x.shape[dim]
+    if not pad:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[:dim] + (pad,) + x.shape[dim + 1 :])], dim=dim)
+
+
+def crop_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """The first `length` entries of `dim`: the loop's output without its end padding (a view)."""
+    return x if x.shape[dim] == length else x.narrow(dim, 0, length)
+
+
+# ---- where a token sits in iteration t's layout (`iteration` below; decoding reads them per token) ----
+def token_chunk(i: int, chunk_size: int, offset: int) -> Tuple[int, int]:
+    """(j, k): token i is slot k of chunk j, since x = shift_right(h, w) puts h[i] at x[i + w]."""
+    return divmod(i + offset, chunk_size)
+
+
+def chunk_tokens(j: int, chunk_size: int, offset: int) -> Tuple[int, int]:
+    """[start, stop) of the tokens in chunk j: x[j*g : j*g + g] = h[j*g - w : j*g + g - w]; a
+    negative start is front padding (chunk 0 only, w slots)."""
+    start = j * chunk_size - offset
+    return start, start + chunk_size
+
+
+def closed_chunks(num_tokens: int, chunk_size: int, offset: int) -> int:
+    """Chunks whose last token is among the first `num_tokens` ones (the core has run on them)."""
+    return (num_tokens + offset) // chunk_size
+
+
+def update_delay(shift: int, offset: int) -> int:
+    """How far right the up-scaled update u, laid out like x, moves onto tokens: s - w. Token i
+    receives u[i - (s - w)] (zero before u starts), the newest chunk closed at or before it."""
+    return shift - offset
 
 
 def latent_positions(j: torch.Tensor, chunk_size: int, offset: int, mode: str) -> torch.Tensor:
@@ -155,19 +203,19 @@ def iteration(h: torch.Tensor, chunk_size: int, offset: int, shift: int, dim: in
     (x, k) -> x shifted: a shift that crosses ranks (sequence parallelism); None = this
     process's, fused into the up-scale. Chunk size 1 skips the resampling (an identity).
     """
-    g, w, s = chunk_size, offset, shift
+    g, w, delay = chunk_size, offset, update_delay(shift, offset)
     local = shift_right_fn is None
     shift_fn = (lambda x, k: shift_right(x, k, dim)) if local else shift_right_fn
     x = shift_fn(h, w) if w else h  # [.., S, .., h]
     if g == 1:
         y = core(x)
-        return shift_fn(y - x, s) if s else y - x
+        return shift_fn(y - x, delay) if delay else y - x
     z = downscale(chunk(x, g, dim), w if first_pad is None else first_pad)  # [.., S/g, .., h]
     y = core(z)  # [.., S/g, .., h]
     if local:
-        return upscale(y, y - z, s - w)  # [.., S, .., h]
+        return upscale(y, y - z, delay)  # [.., S, .., h]
     u = upscale(y, y - z, 0)
-    return shift_fn(u, s - w) if s - w else u
+    return shift_fn(u, delay) if delay else u
 
 
 # ---- topologies (docs/MODEL.md section 3, step 5) ----
@@ -191,11 +239,25 @@ def mesh_step(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, write_weigh
     the written-out one: issue 15's compiled count rose by a quarter with it)."""
     if not torch.compiler.is_compiling():
         return _MeshStep.apply(slots, u, h, write_weight, read_weight)
-    B = write_weight.shape[0]
-    logits = torch.nn.functional.linear(h, torch.cat([write_weight, read_weight]))  # [.., 2B]
+    return mesh_step_routed(slots, u, torch.nn.functional.linear(h, torch.cat([write_weight, read_weight])))
+
+
+def mesh_step_routed(slots: torch.Tensor, u: torch.Tensor, logits: torch.Tensor) -> State:
+    """`mesh_step` from the routers' logits [.., 2B] (write, then read), the plain formula with
+    autograd's backward: for a caller whose routers are modules it calls (the Hugging Face model,
+    where PEFT's adapters wrap them). -> (h' [.., h], slots [.., B, h])"""
+    B = logits.shape[-1] // 2
     w, r = softmax_fp32(logits.unflatten(-1, (2, B)), dim=-1).unbind(-2)  # [.., B] each
     slots = torch.addcmul(slots, w.unsqueeze(-1), u.unsqueeze(-2))  # [.., B, h]
     return torch.matmul(r.unsqueeze(-2), slots).squeeze(-2), slots  # [.., h], [.., B, h]
+
+
+def _mesh(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, routers) -> State:
+    """One MeSH write-read; routers: (write_weight, read_weight) [B, h] each, or a callable
+    h -> logits [.., 2B] (the routers called as modules)."""
+    if callable(routers):
+        return mesh_step_routed(slots, u, routers(h))
+    return mesh_step(slots, u, h, *routers)
 
 
 class _MeshStep(torch.autograd.Function):
@@ -243,11 +305,12 @@ def init_state(topology: str, h0: torch.Tensor, embeddings: Optional[torch.Tenso
                num_slots: int = 0) -> State:
     """The loop state from h0, the prelude's output, and the raw token embeddings. MeSH: slot 0
     = the embeddings, then the transitional write-read of h0 with its own router pair
-    (mesh_weights = (W_init, R_init)) [ours: the transitional step writes h0 itself]."""
+    (mesh_weights = (W_init, R_init), or a callable h -> logits, see `_mesh`) [ours: the
+    transitional step writes h0 itself]."""
     if topology == "anchor":
         return (h0, h0)
     if topology == "mesh":
-        return mesh_step(mesh_slots(embeddings, num_slots), h0, h0, *mesh_weights)
+        return _mesh(mesh_slots(embeddings, num_slots), h0, h0, mesh_weights)
     return (h0,)
 
 
@@ -260,5 +323,5 @@ def update_state(topology: str, state: State, u: torch.Tensor,
         return (state[1] + u, state[1])
     if topology == "mesh":
         h, slots = state
-        return mesh_step(slots, u, h, *mesh_weights)
+        return _mesh(slots, u, h, mesh_weights)
     return (state[0] + u,)

@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _USER_DEVICES = os.environ.get("SPIRAL_USER_CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
 os.environ["SPIRAL_USER_CUDA_VISIBLE_DEVICES"] = "" if _USER_DEVICES is None else _USER_DEVICES
 # The environment tests/gpu launches GPU jobs with: the user's devices, not the CPU pin below.
+# the repository first, then what the user's PYTHONPATH holds (a megatron-core installed with --target)
+PYTHONPATH = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 GPU_ENV = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
 if _USER_DEVICES:
     GPU_ENV["CUDA_VISIBLE_DEVICES"] = _USER_DEVICES
@@ -42,7 +44,7 @@ def torchrun(script, nproc: int, *args, timeout: int = 600) -> str:
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=PYTHONPATH, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

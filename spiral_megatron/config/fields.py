@@ -1,4 +1,4 @@
-"""What a model setting is, in three classes (docs/CONFIG.md). Imports nothing of the package.
+"""What a model setting is, in three classes (docs/CONFIG.md). Data only, no Megatron import.
 
 * FUNCTION: changes what the model computes (architecture, activation and its approximation,
   norms, rotary layout, dropout, initialisation). Recorded in model_args.json, compared on
@@ -6,15 +6,17 @@
   conversion refuses naming the field.
 * RUNTIME: numerics and how the job runs: precision, fusions whose math is identical,
   recompute, parallel layout. Free to change between runs.
-* REFUSED: features SpiralGPTModel does not build, and fields the job sets from its own keys
-  (the reasons are in spiral_megatron/job/settings/model_fields.py).
+* REFUSED: features SpiralGPTModel does not build, and fields nothing would read; a value other
+  than the default is refused by name with the reason (megatron_fields.REFUSED).
 
 SpiralConfig's own fields say their class where they are declared (`metadata=kind(...)`);
-TransformerConfig's fields are declared by Megatron, so they are listed here.
+TransformerConfig's fields are declared by Megatron, so each is listed in megatron_fields.py.
 """
 
 import dataclasses
-from typing import Dict
+from typing import Dict, Optional
+
+from spiral_megatron.config import megatron_fields
 
 FUNCTION, RUNTIME, REFUSED = "function", "runtime", "refused"
 
@@ -24,22 +26,18 @@ def kind(name: str) -> Dict[str, str]:
     return {"kind": name}
 
 
-# TransformerConfig fields that change the function; every other accepted one is RUNTIME.
-# Fused kernels read as RUNTIME after checking Megatron's code (megatron/core/fusions/):
-# bias-SwiGLU, bias-dropout-add, masked softmax, RoPE, gradient accumulation and cross-entropy
-# fusions compute the same math. bias_activation_fusion is FUNCTION: with GeLU, Megatron's
-# fused bias-GeLU/GeGLU is the tanh approximation (fused_bias_gelu.py), the unfused path erf.
-MEGATRON_FUNCTION = frozenset({
-    "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
-    "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma", "gated_linear_unit",
-    "add_bias_linear", "add_qkv_bias", "qk_layernorm", "qk_l2_norm", "activation_func",
-    "bias_activation_fusion", "use_te_activation_func", "glu_linear_offset",
-    "activation_func_clamp_value", "softmax_scale", "rotary_interleaved",
-    "apply_residual_connection_post_layernorm", "hidden_dropout", "attention_dropout",
-    "init_method_std", "embedding_init_method_std",
-})
+def kind_of(field: dataclasses.Field) -> Optional[str]:
+    """FUNCTION, RUNTIME or REFUSED for a SpiralConfig field; None for a megatron-core field that
+    nobody has classified (tests/unit/test_field_classes.py fails on it, the job refuses it)."""
+    if field.metadata.get("kind"):
+        return field.metadata["kind"]
+    if field.name in megatron_fields.FUNCTION:
+        return FUNCTION
+    if field.name in megatron_fields.RUNTIME:
+        return RUNTIME
+    return REFUSED if field.name in megatron_fields.REFUSED else None
 
 
-def kind_of(field: dataclasses.Field) -> str:
-    """FUNCTION or RUNTIME for a SpiralConfig field (REFUSED is decided by the job's checks)."""
-    return field.metadata.get("kind") or (FUNCTION if field.name in MEGATRON_FUNCTION else RUNTIME)
+def refusal(name: str) -> Optional[str]:
+    """Why a value other than the default of REFUSED field `name` is refused."""
+    return megatron_fields.REFUSED.get(name)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 from spiral_megatron.config.spiral_config import SpiralConfig
+from spiral_megatron.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def names() -> Tuple[str, ...]:
 
 
 def get(name: str) -> Flavor:
-    """The flavor called `name`; a ValueError lists the known names."""
+    """The flavor called `name`; a ConfigError lists the known names."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown flavor {name!r}; known flavors: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown flavor {name!r}; known flavors: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
 from spiral_megatron import functional_spiral
+from spiral_megatron.errors import ConfigError
 from spiral_megatron.functional_spiral import SHIFTS  # noqa: F401  (re-exported for the config)
 
 
@@ -42,7 +43,7 @@ def parse_ints(value: Union[str, int, Sequence[int]], what: str = "chunk sizes")
         try:
             return tuple(int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"{what} {value!r} must be comma-separated integers") from None
+            raise ConfigError(f"{what} {value!r} must be comma-separated integers") from None
     return tuple(int(g) for g in value)
 
 
@@ -57,7 +58,10 @@ def make_levels(
     """The schedule's levels, validated; errors name the bad value and the rule."""
     chunk_sizes = parse_chunk_sizes(chunk_sizes)
     offsets = tuple(offsets) if offsets is not None else (0,) * len(chunk_sizes)
-    functional_spiral.check_schedule(chunk_sizes, offsets, shift)
+    try:  # the rules are functional_spiral's (shipped with the HF model, which raises ValueError)
+        functional_spiral.check_schedule(chunk_sizes, offsets, shift)
+    except ValueError as e:  # a refusal: check_schedule only validates
+        raise ConfigError(str(e)) from None
     return tuple(Level(chunk_size=g, offset=w, shift=functional_spiral.shift_of(g, shift))
                  for g, w in zip(chunk_sizes, offsets))
 
@@ -68,10 +72,8 @@ def padding_multiple(levels: Sequence[Level]) -> int:
 
 
 def padded_length(seq_length: int, levels: Sequence[Level]) -> int:
-    """L rounded up to `padding_multiple`; the padding is after every real token, so
-    causality keeps it from touching them (docs/MODEL.md section 2)."""
-    m = padding_multiple(levels)
-    return -(-seq_length // m) * m
+    """L rounded up to `padding_multiple` (functional_spiral.padded_length)."""
+    return functional_spiral.padded_length(seq_length, [lv.chunk_size for lv in levels])
 
 
 def latent_length(seq_length: int, level: Level) -> int:
@@ -94,22 +96,22 @@ def check_sequence_layout(
     L/tp must be a multiple of every chunk size, so chunking stays local to the rank.
     """
     if seq_length < 1:
-        raise ValueError(f"seq_length {seq_length} must be >= 1")
+        raise ConfigError(f"seq_length {seq_length} must be >= 1")
     if context_parallel != 1 and levels:
-        raise ValueError(
+        raise ConfigError(
             f"context_parallel_size {context_parallel} is not supported by the loop yet; use 1"
         )
     if not sequence_parallel or tensor_parallel == 1:
         return
     if seq_length % tensor_parallel:
-        raise ValueError(
+        raise ConfigError(
             f"seq_length {seq_length} is not a multiple of tensor_model_parallel_size "
             f"{tensor_parallel} (sequence parallelism splits the sequence over TP ranks)"
         )
     local = seq_length // tensor_parallel
     for lv in levels:
         if local % lv.chunk_size:
-            raise ValueError(
+            raise ConfigError(
                 f"seq_length/tp = {seq_length}/{tensor_parallel} = {local} is not a multiple of "
                 f"chunk size {lv.chunk_size}: with sequence parallelism each rank's slice must "
                 f"hold whole chunks"

@@ -9,11 +9,8 @@ from megatron.core.utils import scaled_init_method_normal
 
 from spiral_megatron.config import schedule
 from spiral_megatron.config.fields import FUNCTION, RUNTIME, kind
-
-DOWNSCALES = ("self-aggregation", "mean")
-UPSCALES = ("allocate", "repeat")
-TOPOLOGIES = ("residual", "anchor", "mesh")
-LATENT_POSITIONS = ("chunk-end", "index")
+from spiral_megatron.functional_spiral import DOWNSCALES, LATENT_POSITIONS, TOPOLOGIES, UPSCALES
+from spiral_megatron.errors import ConfigError
 
 
 @dataclass
@@ -92,7 +89,7 @@ class SpiralConfig(TransformerConfig):
             self.mesh_slots = self.num_core_layers + 3
         unique = self.num_prelude_layers + self.num_core_layers + self.num_coda_layers
         if self.num_layers not in (0, unique):
-            raise ValueError(
+            raise ConfigError(
                 f"num_layers {self.num_layers} must equal num_prelude_layers + num_core_layers + "
                 f"num_coda_layers = {unique} (or be left 0)"
             )
@@ -113,17 +110,17 @@ class SpiralConfig(TransformerConfig):
 
     def _check_parallel_layout(self):
         if self.virtual_pipeline_model_parallel_size is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"virtual_pipeline_model_parallel_size {self.virtual_pipeline_model_parallel_size}: "
                 f"the interleaved pipeline schedule is not supported by SpiralGPTModel; leave it None"
             )
         if self.context_parallel_size > 1 and self.chunk_sizes:
-            raise ValueError(
+            raise ConfigError(
                 f"context_parallel_size {self.context_parallel_size} is not supported with a loop "
                 f"(chunk_sizes {self.chunk_sizes}); use sequence parallelism"
             )
         if self.loop_placement not in ("across", "one-stage"):
-            raise ValueError(f"loop_placement {self.loop_placement!r} must be one of ('across', 'one-stage')")
+            raise ConfigError(f"loop_placement {self.loop_placement!r} must be one of ('across', 'one-stage')")
 
     def _check_recompute(self):
         """Two of Megatron's selective recompute modules that fail in megatron-core 0.16.1 and
@@ -152,17 +149,17 @@ class SpiralConfig(TransformerConfig):
     def _check_spiral_fields(self):
         for name in ("num_prelude_layers", "num_core_layers", "num_coda_layers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
+                raise ConfigError(f"{name} {getattr(self, name)} must be >= 0")
         if self.num_prelude_layers + self.num_core_layers + self.num_coda_layers < 1:
-            raise ValueError("a model needs at least one layer (prelude, core or coda)")
+            raise ConfigError("a model needs at least one layer (prelude, core or coda)")
         sizes = schedule.parse_chunk_sizes(self.chunk_sizes)
         if self.num_core_layers > 0 and not sizes:
-            raise ValueError(
+            raise ConfigError(
                 f"chunk_sizes {self.chunk_sizes!r} is an empty schedule but num_core_layers is "
                 f"{self.num_core_layers}: give one chunk size per loop iteration"
             )
         if self.num_core_layers == 0 and sizes:
-            raise ValueError(f"chunk_sizes {sizes} needs num_core_layers >= 1, got 0")
+            raise ConfigError(f"chunk_sizes {sizes} needs num_core_layers >= 1, got 0")
         for name, allowed in (
             ("downscale", DOWNSCALES),
             ("upscale", UPSCALES),
@@ -171,12 +168,12 @@ class SpiralConfig(TransformerConfig):
             ("shift", schedule.SHIFTS),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
+                raise ConfigError(f"{name} {getattr(self, name)!r} must be one of {allowed}")
         if self.mesh_slots is not None:
             if self.topology != "mesh":
-                raise ValueError(f"mesh_slots {self.mesh_slots} is only used with topology 'mesh'")
+                raise ConfigError(f"mesh_slots {self.mesh_slots} is only used with topology 'mesh'")
             if self.mesh_slots < 2:
-                raise ValueError(f"mesh_slots {self.mesh_slots} must be >= 2")
+                raise ConfigError(f"mesh_slots {self.mesh_slots} must be >= 2")
 
     @property
     def levels(self) -> Tuple[schedule.Level, ...]:

@@ -9,7 +9,6 @@ import torch
 from spiral_megatron.conversion import hf_config, hf_io, mapping, megatron_io
 from spiral_megatron.model.model_args import ModelArgs
 
-_TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 SAMPLE_TEXT = "SpiralFormer runs a shared core coarse to fine over the sequence, then once more at full resolution."
 
 
@@ -65,7 +64,7 @@ def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, 
     mapping.check_coverage(state, expected_hf_shapes(config), "Hugging Face")
     torch_dtype = hf_io.DTYPES[dtype]
     state = {k: v.to(torch_dtype) for k, v in state.items()}
-    setattr(config, "dtype" if _TRANSFORMERS_5 else "torch_dtype", torch_dtype)
+    config.dtype = torch_dtype
     padding = mapping.vocab_padding(source, shapes)
     hf_io.write_hf_folder(Path(out), config, state, tok_dir, padding, force, max_shard_bytes)
     return {"args": args, "source": source, "config": config, "out": Path(out), "dtype": torch_dtype,
@@ -113,8 +112,7 @@ def load_hf(folder: Path):
     """AutoModelForCausalLM from a converted folder, in float32, with its own model code."""
     from transformers import AutoModelForCausalLM
 
-    key = "dtype" if _TRANSFORMERS_5 else "torch_dtype"
-    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, **{key: torch.float32}).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
 
 
 def verify(result: dict, tolerance: float = 1e-3) -> dict:
@@ -137,12 +135,10 @@ def verify(result: dict, tolerance: float = 1e-3) -> dict:
 def cached_logits(model, ids: torch.Tensor, prefill: int = 3) -> torch.Tensor:
     """Logits [b, s, V] of an HF SpiralFormer decoding `ids` with its cache: `prefill` tokens,
     then one token per call."""
-    from spiral_megatron.hf.modeling_spiral import CACHE_FIELD
-
     out = model(ids[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], out.get(CACHE_FIELD)
+    logits, cache = [out.logits], out.cache
     for k in range(prefill, ids.shape[1]):
-        out = model(ids[:, k : k + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, k : k + 1], cache=cache, use_cache=True)
         logits.append(out.logits)
-        cache = out.get(CACHE_FIELD)
+        cache = out.cache
     return torch.cat(logits, dim=1)

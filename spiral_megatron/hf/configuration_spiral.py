@@ -10,15 +10,10 @@ from transformers import PretrainedConfig
 
 try:  # a converted model folder: the copy beside this file
     from . import functional_spiral as F
-    from .functional_spiral import SHIFTS
+    from .functional_spiral import SHIFTS  # noqa: F401 (a `from .x import` line: transformers copies x.py)
 except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
-    from spiral_megatron.functional_spiral import SHIFTS
 
-DOWNSCALES = ("self-aggregation", "mean")
-UPSCALES = ("allocate", "repeat")
-TOPOLOGIES = ("residual", "anchor", "mesh")
-LATENT_POSITIONS = ("chunk-end", "index")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "silu", "relu")  # transformers' names
 POSITION_EMBEDDINGS = ("rope", "none")
@@ -120,8 +115,8 @@ class SpiralFormerConfig(PretrainedConfig):
     def _check(self):
         """Errors name the bad value and the rule (STYLE.md)."""
         for name, allowed in (
-            ("downscale", DOWNSCALES), ("upscale", UPSCALES), ("shift", SHIFTS),
-            ("topology", TOPOLOGIES), ("latent_positions", LATENT_POSITIONS),
+            ("downscale", F.DOWNSCALES), ("upscale", F.UPSCALES), ("shift", F.SHIFTS),
+            ("topology", F.TOPOLOGIES), ("latent_positions", F.LATENT_POSITIONS),
             ("normalization", NORMALIZATIONS), ("hidden_act", ACTIVATIONS),
             ("position_embedding_type", POSITION_EMBEDDINGS),
         ):
@@ -149,8 +144,3 @@ class SpiralFormerConfig(PretrainedConfig):
     def shifts(self):
         """s_t per iteration: g - 1 ("overlap", paper) or g ("no-overlap")."""
         return [F.shift_of(g, self.shift) for g in self.chunk_sizes]
-
-    @property
-    def padding_multiple(self) -> int:
-        """The full forward pads the loop's input at its end to a multiple of every chunk size."""
-        return F.padding_multiple(self.chunk_sizes)

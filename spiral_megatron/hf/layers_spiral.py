@@ -3,8 +3,11 @@
     x = x + o_proj(attention(input_layernorm(x)))       pre-LN, causal, RoPE (rotate-half)
     x = x + mlp(post_attention_layernorm(x))             fc1 -> act -> fc2 (or gated: act(gate) * up)
 
-Tensors are [b, s, d]. Each attention keeps its cache as a (key, value) pair of [b, kv_heads,
-n, head_dim] tensors after RoPE; `Block.forward` takes and returns one pair per layer.
+Tensors are [b, s, d]. An attention's cache is a transformers `DynamicLayer` holding keys and
+values [b, kv_heads, n, head_dim] after RoPE. Attention runs as `config._attn_implementation`
+says: "sdpa" (the default) or "eager", which alone can return the attention weights. Each layer
+is a `GradientCheckpointingLayer`, so `gradient_checkpointing_enable()` recomputes it in backward.
+`Record` keeps what `output_hidden_states` / `output_attentions` ask for (docs/HF.md).
 """
 
 from typing import List, Optional, Tuple
@@ -12,8 +15,38 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-KV = Tuple[torch.Tensor, torch.Tensor]
+
+class Record:
+    """The hidden states and attention weights one forward was asked to return (None: not asked)."""
+
+    def __init__(self, hidden_states: bool = False, attentions: bool = False):
+        self.hidden_states: Optional[list] = [] if hidden_states else None
+        self.attentions: Optional[list] = [] if attentions else None
+
+    def like(self) -> "Record":
+        return Record(self.hidden_states is not None, self.attentions is not None)
+
+    def state(self, h: torch.Tensor) -> None:
+        if self.hidden_states is not None:
+            self.hidden_states.append(h)
+
+    def attention(self, weights: Optional[torch.Tensor]) -> None:
+        if self.attentions is not None:
+            self.attentions.append(weights)
+
+    def join(self, parts: List["Record"], dim: int, front_pads: Optional[List[int]] = None) -> None:
+        """Append the hidden states of `parts` (calls over consecutive tokens, dim=1, or over the
+        rows of a batch, dim=0, each row padded in front by front_pads[r] zeros)."""
+        if self.hidden_states is None:
+            return
+        for entries in zip(*(part.hidden_states for part in parts)):
+            if front_pads is not None:
+                entries = [F.pad(x, (0, 0, pad, 0)) for x, pad in zip(entries, front_pads)]
+            self.hidden_states.append(torch.cat(entries, dim=dim))
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of GeLU: transformers' "gelu_pytorch_tanh", and what Megatron's
     fused bias-GeLU computes (megatron/core/fusions/fused_bias_gelu.py)."""
@@ -57,6 +90,7 @@ class SpiralAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # read at call time: set_attn_implementation may change it
         d, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         qkv_bias = config.add_bias_linear or config.add_qkv_bias
@@ -69,9 +103,10 @@ class SpiralAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, angles: Optional[torch.Tensor], past: Optional[KV]):
-        """x: [b, n, d]; angles: [n, rot] for these n positions; past: cached (k, v) or None.
-        The n new queries attend causally to past + new keys. Returns (out [b, n, d], (k, v))."""
+    def forward(self, x: torch.Tensor, angles: Optional[torch.Tensor], cache=None, output_attentions: bool = False):
+        """x: [b, n, d]; angles: [n, rot] for these n positions; cache: a DynamicLayer or None.
+        The n new queries attend causally to cached + new keys. Returns (out [b, n, d], weights
+        [b, heads, n, m] with `output_attentions`, else None)."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
@@ -81,22 +116,43 @@ class SpiralAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, n, hd]
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [b, kvh, m, hd]
-        out = self._attend(q, k, v)  # [b, heads, n, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
+        if cache is not None:
+            k, v = cache.update(k, v)  # [b, kvh, m, hd]: cached keys, then these n
+        if self.config._attn_implementation == "eager":
+            out, weights = self._attend_eager(q, k, v)
+        elif output_attentions:
+            raise ValueError(f"output_attentions=True needs attn_implementation='eager', the model runs "
+                             f"{self.config._attn_implementation!r}: load it with attn_implementation='eager'")
+        else:
+            out, weights = self._attend(q, k, v), None  # [b, heads, n, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), (weights if output_attentions else None)
+
+    def _kv_heads(self, k, v):
+        groups = self.num_heads // self.num_kv_heads  # query heads of group i use kv head i
+        return (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
 
     def _attend(self, q, k, v):
-        groups = self.num_heads // self.num_kv_heads
-        kr = k.repeat_interleave(groups, dim=1) if groups > 1 else k  # query heads of group i use kv head i
-        vr = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        """scaled_dot_product_attention, causal over the last n of m keys."""
+        kr, vr = self._kv_heads(k, v)
         n, m = q.shape[2], k.shape[2]
         if n == 1:
             return F.scaled_dot_product_attention(q, kr, vr)
         if n == m:
             return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
-        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)  # query i sees keys <= m-n+i
-        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, kr, vr, attn_mask=causal_mask(n, m, q.device))
+
+    def _attend_eager(self, q, k, v):
+        """The same attention written out, softmax in float32: (out, weights [b, heads, n, m])."""
+        kr, vr = self._kv_heads(k, v)
+        scores = torch.matmul(q, kr.transpose(2, 3)) / self.head_dim**0.5  # [b, heads, n, m]
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, vr), weights
+
+
+def causal_mask(n: int, m: int, device) -> torch.Tensor:
+    """[n, m] bool, True where query i (the last n of m positions) may see key j: j <= m - n + i."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril(m - n)
 
 
 class SpiralMLP(nn.Module):
@@ -117,8 +173,9 @@ class SpiralMLP(nn.Module):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
-class SpiralDecoderLayer(nn.Module):
-    """One pre-LN transformer layer."""
+class SpiralDecoderLayer(GradientCheckpointingLayer):
+    """One pre-LN transformer layer. Under gradient checkpointing (training) transformers' wrapper
+    recomputes it in backward and drops a `cache` given by keyword."""
 
     def __init__(self, config):
         super().__init__()
@@ -127,10 +184,10 @@ class SpiralDecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
         self.mlp = SpiralMLP(config)
 
-    def forward(self, x, angles, past: Optional[KV] = None):
-        a, kv = self.self_attn(self.input_layernorm(x), angles, past)
+    def forward(self, x, angles, cache=None, output_attentions: bool = False):
+        a, weights = self.self_attn(self.input_layernorm(x), angles, cache=cache, output_attentions=output_attentions)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), weights
 
 
 class Block(nn.Module):
@@ -140,10 +197,16 @@ class Block(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([SpiralDecoderLayer(config) for _ in range(num_layers)])
 
-    def forward(self, x, angles, past: Optional[List[KV]] = None) -> Tuple[torch.Tensor, List[KV]]:
-        """x: [b, n, d]. Returns the output and each layer's (k, v) including these n positions."""
-        kvs = []
+    def forward(self, x, angles, caches: Optional[list] = None, record: Optional[Record] = None,
+                states: bool = True) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+        """x: [b, n, d]; caches: one DynamicLayer per layer, or None. Records each layer's output
+        (with `states`) into `record`; returns the output and each layer's attention weights
+        (None unless `record` asks for them)."""
+        weights = []
+        want = record is not None and record.attentions is not None
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, angles, past[i] if past is not None else None)
-            kvs.append(kv)
-        return x, kvs
+            x, w = layer(x, angles, cache=caches[i] if caches is not None else None, output_attentions=want)
+            weights.append(w)
+            if states and record is not None:
+                record.state(x)
+        return x, weights

@@ -8,40 +8,26 @@ One iteration t, chunk size g, offset w, shift s, on token states h:
     u = shift_right(u, s - w)      token i sees only chunks that closed at or before it
     state = topology.write(state, u, t)
 Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
-record a `LevelCache` per iteration); `step` runs one new token against those caches, running
-the core of level t only when the token closes one of its chunks (docs/MODEL.md section 6).
-The iteration, the topologies and the math of each step are `functional_spiral.py`, which the
-Megatron model imports too (`spiral_megatron/functional_spiral.py`, copied beside this file in a
-converted folder).
+fill a `LevelLayer` per iteration); `step` runs one new token against those, running the core of
+level t only when the token closes one of its chunks (docs/MODEL.md section 6). The iteration,
+the topologies, the math of each step and where a token sits in a level (its chunk, the update
+it receives) are `functional_spiral.py`, which the Megatron model imports too
+(`spiral_megatron/functional_spiral.py`, copied beside this file in a converted folder). The
+MeSH routers are called as modules (PEFT's LoRA adapters wrap them), not read as weights.
 """
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-try:  # a converted model folder: the copy beside this file (trust_remote_code copies the
-    # files named in `from .x import` lines)
+try:  # a converted model folder: the copy beside this file
     from . import functional_spiral as F
-    from .functional_spiral import SHIFTS  # noqa: F401
+    from .functional_spiral import SHIFTS  # noqa: F401 (a `from .x import` line: transformers copies x.py)
 except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
-from .layers_spiral import KV, Block, rotary_angles
-
-
-class LevelCache:
-    """What level t keeps between tokens: the core's latent (k, v) per core layer, the token
-    states of the chunk not yet closed (x-space, front zeros included), and the token-level
-    updates (before the shift) of the last two closed chunks, by chunk index."""
-
-    def __init__(self, kv: List[KV], pending: torch.Tensor, closed: Dict[int, torch.Tensor]):
-        self.kv, self.pending, self.closed = kv, pending, closed
-
-    def map(self, fn) -> None:
-        """Apply `fn` to every batch-first tensor (e.g. reorder rows for beam search)."""
-        self.kv = [(fn(k), fn(v)) for k, v in self.kv]
-        self.pending = fn(self.pending)
-        self.closed = {j: fn(u) for j, u in self.closed.items()}
+from .cache_spiral import LevelLayer
+from .layers_spiral import Block, Record, rotary_angles
 
 
 class SpiralLoop(nn.Module):
@@ -85,90 +71,93 @@ class SpiralLoop(nn.Module):
     # ---- topology (docs/MODEL.md 3.5) ----
     def init(self, h0: torch.Tensor, embeddings: torch.Tensor):
         """h0: the prelude output [b, s, d]; embeddings: the raw token embeddings [b, s, d]."""
-        mesh = (self.mesh_init_write.weight, self.mesh_init_read.weight) if self.config.topology == "mesh" else None
+        mesh = self._routers(self.mesh_init_write, self.mesh_init_read) if self.config.topology == "mesh" else None
         return F.init_state(self.config.topology, h0, embeddings, mesh, self.config.mesh_slots)
 
     def write(self, state, u: torch.Tensor, t: int):
-        mesh = (self.mesh_write[t].weight, self.mesh_read[t].weight) if self.config.topology == "mesh" else None
+        mesh = self._routers(self.mesh_write[t], self.mesh_read[t]) if self.config.topology == "mesh" else None
         return F.update_state(self.config.topology, state, u, mesh)
 
+    @staticmethod
+    def _routers(write: nn.Module, read: nn.Module):
+        """h [.., d] -> the (write, read) router logits [.., 2B]."""
+        return lambda h: torch.cat([write(h), read(h)], dim=-1)
+
     # ---- whole sequences ----
-    def forward(self, h: torch.Tensor, embeddings: torch.Tensor,
-                caches: Optional[List[LevelCache]] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, embeddings: torch.Tensor, levels: Optional[List[LevelLayer]] = None,
+                record: Optional[Record] = None) -> torch.Tensor:
         """h: [b, L, d] loop input, padded here at its END to a multiple of every chunk size
         (causality keeps the padding out of real tokens); embeddings: [b, L, d] the raw token
-        embeddings (MeSH's slot 0). If `caches` is a list, one LevelCache per iteration is
-        appended for decoding after these L tokens."""
-        b, L, d = h.shape
-        m = self.config.padding_multiple
-        S = -(-L // m) * m
-        if S > L:
-            h = torch.cat([h, h.new_zeros(b, S - L, d)], dim=1)  # [b, S, d]
-            embeddings = torch.cat([embeddings, embeddings.new_zeros(b, S - L, d)], dim=1)
-        state = self.init(h, embeddings)
+        embeddings (MeSH's slot 0). `levels`: one empty LevelLayer per iteration to fill for
+        decoding after these L tokens. Records h(t + 1) after every iteration t."""
+        L = h.shape[1]
+        S = F.padded_length(L, self.chunk_sizes)
+        state = self.init(F.pad_to(h, S, dim=1), F.pad_to(embeddings, S, dim=1))  # [b, S, d] each
         for t in range(len(self.chunk_sizes)):
-            state = self.write(state, self.iteration(t, state[0], L, caches), t)
-        return state[0][:, :L]
+            u = self.iteration(t, state[0], L, levels[t] if levels is not None else None, record)
+            state = self.write(state, u, t)
+            if record is not None:
+                record.state(F.crop_to(state[0], L, dim=1))
+        return F.crop_to(state[0], L, dim=1)  # [b, L, d]
 
-    def iteration(self, t: int, h: torch.Tensor, L: int, caches) -> torch.Tensor:
+    def iteration(self, t: int, h: torch.Tensor, L: int, level: Optional[LevelLayer] = None,
+                  record: Optional[Record] = None) -> torch.Tensor:
         """Iteration t's shifted token update [b, S, d] (functional_spiral.iteration); with
-        `caches`, also this level's LevelCache (which needs the update before its shift)."""
+        `level`, also fills it (which needs the update before its shift)."""
         g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
-        seen = {}  # the core's input/output and keys/values, the update before the shift
+        seen = {}  # the core's input and output, the update before the shift
 
         def core(z):  # [b, n, d]
-            n = z.shape[1]
             seen["z"] = z
-            seen["y"], seen["kv"] = self.core(z, self.latent_angles(t, torch.arange(n, device=z.device)))
+            angles = self.latent_angles(t, torch.arange(z.shape[1], device=z.device))
+            seen["y"], weights = self.core(z, angles, level.core if level is not None else None, record, states=False)
+            if record is not None:
+                real = F.closed_chunks(L + g - 1, g, w)  # latents holding a real token; the rest are end padding
+                for a in weights:
+                    record.attention(None if a is None else a[:, :, :real, :real])
             return seen["y"]
 
         def upscale(y, delta, k):
             seen["u"] = self.upscale(t, y, delta, k)
             return seen["u"]
 
-        shift_fn = None if caches is None else (lambda x, k: F.shift_right(x, k, dim=1))
+        shift_fn = None if level is None else (lambda x, k: F.shift_right(x, k, dim=1))
         u = F.iteration(h, g, w, s, 1, core, lambda c, pad: self.downscale(t, c, pad), upscale,
                         shift_right_fn=shift_fn)  # [b, S, d]
-        if caches is not None:
-            unshifted = seen["u"] if g > 1 else seen["y"] - seen["z"]
-            caches.append(self._level_cache(h, unshifted, seen["kv"], g, w, L))
+        if level is not None:
+            level.fill(F.crop_to(h, L, dim=1), seen["u"] if g > 1 else seen["y"] - seen["z"])
         return u
 
-    @staticmethod
-    def _level_cache(h, u, kv, g: int, w: int, L: int) -> LevelCache:
-        """Level state after L real tokens: only the n_c chunks that closed are kept (the core
-        is causal, so their keys/values do not depend on the padded tail)."""
-        n_c = (L + w) // g  # chunk j is closed once token j*g + g - 1 - w <= L - 1
-        start = n_c * g - w  # first token of the open chunk (negative: front padding)
-        pending = h[:, max(start, 0) : L]
-        if start < 0:
-            pending = torch.cat([h.new_zeros(h.shape[0], -start, h.shape[2]), pending], dim=1)
-        closed = {j: u[:, j * g : (j + 1) * g] for j in (n_c - 2, n_c - 1) if j >= 0}
-        return LevelCache([(k[:, :, :n_c], v[:, :, :n_c]) for k, v in kv], pending, closed)
-
     # ---- one new token (docs/MODEL.md 6) ----
-    def step(self, h: torch.Tensor, embeddings: torch.Tensor, i: int, caches: List[LevelCache]) -> torch.Tensor:
+    def step(self, h: torch.Tensor, embeddings: torch.Tensor, i: int, levels: List[LevelLayer],
+             record: Optional[Record] = None) -> torch.Tensor:
         """h: [b, 1, d] loop input of the token at position i, embeddings [b, 1, d] its raw
-        embedding; updates `caches` in place. The topology is per token: no cache needed."""
+        embedding; updates `levels` in place. The topology is per token: no cache needed."""
         state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
-            state = self.write(state, self.step_iteration(t, state[0], i, caches[t]), t)
+            state = self.write(state, self.step_iteration(t, state[0], i, levels[t], record), t)
+            if record is not None:
+                record.state(state[0])
         return state[0]
 
-    def step_iteration(self, t: int, h: torch.Tensor, i: int, cache: LevelCache) -> torch.Tensor:
+    def step_iteration(self, t: int, h: torch.Tensor, i: int, level: LevelLayer,
+                       record: Optional[Record] = None) -> torch.Tensor:
+        """Token i's update [b, 1, d] at level t, running the core if the token closes a chunk.
+        Where the token sits is functional_spiral's: its chunk and slot (`token_chunk`), the
+        chunk's tokens (`chunk_tokens`), the update it receives (`update_delay`)."""
         g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
-        cache.pending = torch.cat([cache.pending, h], dim=1)  # [b, <= g, d]
-        j, slot = divmod(i + w, g)  # the token's chunk and slot in x-space
-        if slot == g - 1:  # the token closes chunk j: run the core on one new latent
-            chunk = cache.pending  # [b, g, d]
-            z = self.downscale(t, chunk[:, None], first_pad=w if j == 0 else 0) if g > 1 else chunk  # [b, 1, d]
+        level.append(h)
+        j, slot = F.token_chunk(i, g, w)
+        closes = slot == g - 1
+        if closes:  # run the core on one new latent
+            x = level.chunk_inputs(j)  # [b, g, d]
+            first_pad = max(-F.chunk_tokens(j, g, w)[0], 0)
+            z = self.downscale(t, x[:, None], first_pad) if g > 1 else x  # [b, 1, d]
             angles = self.latent_angles(t, torch.tensor([j], device=h.device))
-            y, cache.kv = self.core(z, angles, cache.kv)  # [b, 1, d]
-            cache.closed[j] = self.upscale(t, y, y - z) if g > 1 else y - z  # [b, g, d]
-            cache.closed.pop(j - 2, None)
-            cache.pending = chunk[:, :0]
-        m = i - (s - w)  # the x-space index whose update this token receives
-        if m < 0:
-            return torch.zeros_like(h)
-        jm, km = divmod(m, g)
-        return cache.closed[jm][:, km : km + 1]  # [b, 1, d]
+            y, weights = self.core(z, angles, level.core, record, states=False)  # [b, 1, d]
+            level.close(self.upscale(t, y, y - z) if g > 1 else y - z)  # [b, g, d]
+        if record is not None:
+            for a in (weights if closes else [None] * len(self.core.layers)):
+                record.attention(a)
+        u = level.update_at(i - F.update_delay(s, w))
+        return torch.zeros_like(h) if u is None else u  # [b, 1, d]

@@ -1,4 +1,4 @@
-"""SpiralForCausalLM: SpiralFormer for Hugging Face `transformers` (docs/MODEL.md), plain PyTorch.
+"""SpiralForCausalLM: SpiralFormer for Hugging Face `transformers` (docs/MODEL.md, docs/HF.md), plain PyTorch.
 
     tokens -> embed_tokens -> prelude -> loop (core x T, multi-resolution) -> coda -> norm -> lm_head
 
@@ -6,103 +6,45 @@ Shipped inside converted model folders (`trust_remote_code=True`); imports only 
 transformers and its sibling files. Matches the Megatron model of `spiral_megatron` (same
 math, batch-first [b, s, d] instead of [s, b, d]).
 
-Decoding (docs/MODEL.md section 6): `SpiralCache` holds the prelude's and coda's keys/values for
-every token and, per loop level, a latent key/value cache; a new token runs prelude and coda,
-and the core of level t only when it closes one of level t's chunks.
+Decoding (docs/MODEL.md section 6): a `SpiralCache` (cache_spiral.py) holds the prelude's and
+coda's keys/values of every token and, per loop level, what the level needs; a new token runs
+prelude and coda, and the core of level t only when it closes one of level t's chunks.
 
 Positions count from each row's first real token: chunk boundaries are token positions, so
-`position_ids` are ignored. A left-padded batch (attention_mask 0...0 1...1 per row) runs row
-by row, each row without its padding and with its own cache (`SpiralRowsCache`): every row's
-chunks then start at its first real token, at every level, exactly as the row alone; the batch
-gives batch size 1's tokens, at batch size 1's speed (see `_row_pads`).
+`position_ids`, when given (generate gives them), must be those positions. A left-padded batch
+(attention_mask 0...0 1...1 per row) runs row by row, each row without its padding and with a
+cache of its own: every row's chunks then start at its first real token, at every level,
+exactly as the row alone; the batch gives batch size 1's tokens, at batch size 1's speed. A pad
+position predicts nothing (zero logits, no loss).
 """
 
-import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache_spiral import SpiralCache
 from .configuration_spiral import SpiralFormerConfig
-from .layers_spiral import KV, Block, make_norm, rotary_angles
-from .loop_spiral import LevelCache, SpiralLoop
+from .layers_spiral import Block, Record, make_norm, rotary_angles
+from .loop_spiral import SpiralLoop
+from .padding_spiral import check_positions, row_pads
 
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-
-
-class SpiralCache:
-    """Everything decoding keeps after `seen_tokens` tokens (all rows the same length)."""
-
-    def __init__(self, prelude: List[KV], coda: List[KV], levels: List[LevelCache], seen_tokens: int):
-        self.prelude, self.coda, self.levels, self.seen_tokens = prelude, coda, levels, seen_tokens
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
-        fn = lambda x: x.index_select(0, beam_idx.to(x.device))  # noqa: E731
-        self.prelude = [(fn(k), fn(v)) for k, v in self.prelude]
-        self.coda = [(fn(k), fn(v)) for k, v in self.coda]
-        for level in self.levels:
-            level.map(fn)
-
-
-class SpiralRowsCache:
-    """The cache of a left-padded batch: one SpiralCache per row (each row runs alone, without
-    its padding) and the number of columns of the batch seen so far."""
-
-    def __init__(self, rows: List[SpiralCache], seen_tokens: int):
-        self.rows, self.seen_tokens = rows, seen_tokens
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select rows (beam search); a row picked twice gets its own copy (caches grow in place)."""
-        picked, rows = set(), []
-        for i in beam_idx.tolist():
-            rows.append(copy.deepcopy(self.rows[i]) if i in picked else self.rows[i])
-            picked.add(i)
-        self.rows = rows
-
-
-# transformers 5 renamed the output's `past_key_values` to `cache` (and renames it on init).
-CACHE_FIELD = "cache" if _TRANSFORMERS_5 else "past_key_values"
-
-
-if _TRANSFORMERS_5:
-
-    @dataclass
-    class SpiralCausalLMOutput(ModelOutput):
-        """Logits [b, s, V], the loss when labels are given, the cache when `use_cache`."""
-
-        loss: Optional[torch.FloatTensor] = None
-        logits: Optional[torch.FloatTensor] = None
-        cache: Optional[SpiralCache] = None
-
-else:
-
-    @dataclass
-    class SpiralCausalLMOutput(ModelOutput):
-        """Logits [b, s, V], the loss when labels are given, the cache when `use_cache`."""
-
-        loss: Optional[torch.FloatTensor] = None
-        logits: Optional[torch.FloatTensor] = None
-        past_key_values: Optional[SpiralCache] = None
+logger = logging.get_logger(__name__)
 
 
 class SpiralPreTrainedModel(PreTrainedModel):
     config_class = SpiralFormerConfig
     base_model_prefix = "model"
     _no_split_modules = ["SpiralDecoderLayer"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # the default; "eager" also returns attention weights
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -130,13 +72,9 @@ class SpiralPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # SpiralCache is its own kind of cache; `generate` must not make a DynamicCache
-
 
 class SpiralModel(SpiralPreTrainedModel):
-    """Embedding -> prelude -> loop -> coda -> final norm; returns hidden states [b, s, d]."""
+    """Embedding -> prelude -> loop -> coda -> final norm; hidden states [b, n, d]."""
 
     def __init__(self, config: SpiralFormerConfig):
         super().__init__(config)
@@ -147,48 +85,83 @@ class SpiralModel(SpiralPreTrainedModel):
         self.norm = make_norm(config, config.hidden_size)
         self.post_init()
 
-    def forward(self, input_ids: torch.LongTensor, cache: Optional[SpiralCache] = None, use_cache: bool = False):
-        """input_ids [b, n]. Without a cache: the whole sequence (and, with `use_cache`, a new
-        SpiralCache). With one: the n new tokens, one at a time (docs/MODEL.md 6)."""
-        if cache is None:
-            return self._full(input_ids, use_cache)
-        outs = [self._step(input_ids[:, k : k + 1], cache) for k in range(input_ids.shape[1])]
-        return torch.cat(outs, dim=1), cache
+    def scale(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times sqrt(d) with `scale_embeddings` (MeSH appendix B)."""
+        return embeddings * math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else embeddings
 
-    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Token embeddings [b, n, d], times sqrt(d) with `scale_embeddings` (MeSH appendix B)."""
-        e = self.embed_tokens(input_ids)
-        return e * math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else e
+    def forward(self, e: torch.Tensor, cache: Optional[SpiralCache] = None, pads: Optional[List[int]] = None,
+                record: Optional[Record] = None) -> torch.Tensor:
+        """e: scaled embeddings [b, n, d] -> final hidden states [b, n, d]. Without a cache, or
+        with an empty one: the whole sequence (filling the cache). With a filled one: the n new
+        tokens, one at a time. `pads`: each row's left padding, when a batch starts left-padded."""
+        record = record if record is not None else Record()
+        if pads is not None or (cache is not None and cache.rows is not None):
+            return self._rows(e, cache, pads, record)
+        if cache is None or cache.seen == 0:
+            return self._full(e, cache, record)
+        parts = [record.like() for _ in range(e.shape[1])]
+        h = torch.cat([self._step(e[:, k : k + 1], cache, part) for k, part in enumerate(parts)], dim=1)
+        if len(parts) == 1 and record.attentions is not None:
+            record.attentions.extend(parts[0].attentions)
+        record.join(parts, dim=1)
+        return h
 
-    def _full(self, input_ids, use_cache: bool):
-        L = input_ids.shape[1]
-        angles = rotary_angles(self.config, torch.arange(L, device=input_ids.device))
-        e = self.embed(input_ids)  # [b, L, d]
-        h, pre_kv = self.prelude(e, angles)
-        levels = [] if use_cache else None
+    def _full(self, e, cache: Optional[SpiralCache], record: Record) -> torch.Tensor:
+        L = e.shape[1]
+        angles = rotary_angles(self.config, torch.arange(L, device=e.device))
+        record.state(e)
+        h = self._block(self.prelude, e, angles, cache.prelude if cache is not None else None, record)
         if self.loop is not None:
-            h = self.loop(h, e, levels)
-        h, coda_kv = self.coda(h, angles)
-        cache = SpiralCache(pre_kv, coda_kv, levels, L) if use_cache else None
-        return self.norm(h), cache
+            h = self.loop(h, e, cache.levels if cache is not None else None, record)
+        h = self._block(self.coda, h, angles, cache.coda if cache is not None else None, record)
+        if cache is not None:
+            cache.seen = L
+        return self._final(h, record)
 
-    def _step(self, input_ids, cache: SpiralCache) -> torch.Tensor:
-        i = cache.seen_tokens
-        angles = rotary_angles(self.config, torch.tensor([i], device=input_ids.device))
-        e = self.embed(input_ids)  # [b, 1, d]
-        h, cache.prelude = self.prelude(e, angles, cache.prelude)
+    def _step(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
+        i = cache.seen
+        angles = rotary_angles(self.config, torch.tensor([i], device=e.device))
+        record.state(e)
+        h = self._block(self.prelude, e, angles, cache.prelude, record)
         if self.loop is not None:
-            h = self.loop.step(h, e, i, cache.levels)
-        h, cache.coda = self.coda(h, angles, cache.coda)
-        cache.seen_tokens = i + 1
-        return self.norm(h)
+            h = self.loop.step(h, e, i, cache.levels, record)
+        h = self._block(self.coda, h, angles, cache.coda, record)
+        cache.seen = i + 1
+        return self._final(h, record)
+
+    @staticmethod
+    def _block(block: Block, x, angles, caches, record: Record) -> torch.Tensor:
+        x, weights = block(x, angles, caches, record)
+        for w in weights:
+            record.attention(w)
+        return x
+
+    def _final(self, h, record: Record) -> torch.Tensor:
+        """The final norm; as in transformers, the last hidden state recorded is its output."""
+        h = self.norm(h)
+        if record.hidden_states is not None:
+            record.hidden_states[-1] = h
+        return h
+
+    def _rows(self, e, cache: Optional[SpiralCache], pads: Optional[List[int]], record: Record) -> torch.Tensor:
+        """A left-padded batch, row by row: row r without its pads[r] padding tokens (or, after
+        a left-padded start, its n new tokens) and with its own cache. Padding gets zeros."""
+        b, n, _ = e.shape
+        if cache is not None and cache.rows is None:
+            cache.rows = [SpiralCache(self.config) for _ in range(b)]
+        pads = pads if pads is not None else [0] * b
+        parts = [record.like() for _ in range(b)]
+        rows = [F.pad(self(e[r : r + 1, pads[r] :], cache.rows[r] if cache is not None else None, None, parts[r]),
+                      (0, 0, pads[r], 0)) for r in range(b)]  # [1, n, d] each
+        if cache is not None:
+            cache.seen += n
+        record.join(parts, dim=0, front_pads=pads)
+        return torch.cat(rows, dim=0)  # [b, n, d]
 
 
 class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
-    if _TRANSFORMERS_5:
-        _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    else:
-        _tied_weights_keys = ["lm_head.weight"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = True  # forward takes num_items_in_batch: Trainer's accumulation stays exact
 
     def __init__(self, config: SpiralFormerConfig):
         super().__init__(config)
@@ -208,97 +181,83 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
-        input_ids: torch.LongTensor = None,
+        input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[SpiralCache] = None,
-        use_cache: Optional[bool] = None,
-        labels: Optional[torch.LongTensor] = None,
-        return_dict: Optional[bool] = None,
         cache: Optional[SpiralCache] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
-        **unused,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: Optional[torch.Tensor] = None,
     ):
-        """input_ids [b, n] -> logits [b, n, V]. `past_key_values` (or `cache`): a SpiralCache
-        from an earlier call; `input_ids` are then only the new tokens. `position_ids` are
-        ignored (positions are absolute, see the module docstring)."""
-        if inputs_embeds is not None:
-            raise ValueError("SpiralForCausalLM takes input_ids, not inputs_embeds")
-        past = past_key_values if past_key_values is not None else cache
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        pads = _row_pads(attention_mask, input_ids.shape[1], past, use_cache)
-        if pads is not None or isinstance(past, SpiralRowsCache):
-            logits, new_cache = self._forward_rows(input_ids, pads, past, use_cache or past is not None)
+        """input_ids [b, n] (or inputs_embeds [b, n, d], unscaled, as embed_tokens gives them)
+        -> logits [b, n, V]. `cache`: a SpiralCache, filled by earlier calls (input_ids are then
+        only the new tokens) or empty. Loss: mean over scored tokens, or their sum divided by
+        `num_items_in_batch`. hidden_states: docs/HF.md."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("SpiralForCausalLM takes exactly one of input_ids and inputs_embeds")
+        if cache is not None and not isinstance(cache, SpiralCache):
+            raise TypeError(f"cache must be a SpiralCache, as model(ids, use_cache=True).cache returns it, "
+                            f"got {type(cache).__name__}")
+        c = self.config
+        use_cache = c.use_cache if use_cache is None else use_cache
+        if use_cache and self.training and self.is_activation_checkpointing:
+            logger.warning_once("SpiralForCausalLM: gradient checkpointing recomputes layers; use_cache=False")
+            use_cache = False
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} {value!r} must be True or False")
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError(f"labels need logits at every position; logits_to_keep {logits_to_keep} must be 0")
+        if use_cache and cache is None:
+            cache = SpiralCache(c)
+
+        e = self.model.scale(self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        n = e.shape[1]
+        pads = row_pads(attention_mask, n, cache, use_cache)
+        if output_attentions and (pads is not None or (cache is not None and cache.rows is not None)):
+            raise ValueError("output_attentions is not supported for a left-padded batch: run its rows one by one")
+        if output_attentions and cache is not None and cache.seen and n > 1:
+            raise ValueError(f"output_attentions with a filled cache takes one new token per call, got {n}")
+        if position_ids is not None:
+            check_positions(position_ids, cache, pads, n)
+        record = Record(output_hidden_states, output_attentions)
+        h = self.model(e, cache, pads, record)  # [b, n, d]
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
         else:
-            h, new_cache = self.model(input_ids, past, use_cache or past is not None)
-            logits = self.lm_head(h)  # [b, n, V]
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)  # [b, n', V]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        out = SpiralCausalLMOutput(loss=loss, logits=logits, **{CACHE_FIELD: new_cache if use_cache else None})
-        return out if return_dict is not False else out.to_tuple()
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [b, n]: what position i predicts
+            if attention_mask is not None:  # a pad position predicts nothing
+                targets = targets.masked_fill(attention_mask[:, -n:] == 0, -100)
+            loss = self.loss_function(logits=logits, labels=None, vocab_size=c.vocab_size,
+                                      num_items_in_batch=num_items_in_batch, shift_labels=targets)
+        out = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=cache if use_cache else None,
+            hidden_states=tuple(record.hidden_states) if output_hidden_states else None,
+            attentions=tuple(record.attentions) if output_attentions else None,
+        )
+        return out if (return_dict if return_dict is not None else c.return_dict) else out.to_tuple()
 
-    def _forward_rows(self, input_ids, pads: Optional[List[int]], past: Optional[SpiralRowsCache], use_cache: bool):
-        """A left-padded batch, row by row: logits [b, n, V] (zeros at padding) and a
-        SpiralRowsCache. Without `past`, row r's first pads[r] tokens are padding."""
-        b, n = input_ids.shape
-        logits = torch.zeros(b, n, self.config.vocab_size, dtype=self.lm_head.weight.dtype, device=input_ids.device)
-        rows = []
-        for r in range(b):
-            start = pads[r] if past is None else 0
-            h, cache = self.model(input_ids[r : r + 1, start:], past.rows[r] if past is not None else None, use_cache)
-            logits[r : r + 1, start:] = self.lm_head(h)  # [1, n - start, V]
-            rows.append(cache)
-        seen = n if past is None else past.seen_tokens + n
-        return logits, (SpiralRowsCache(rows, seen) if use_cache else None)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate`'s hook: the model's own Cache (assisted decoding needs one before the first
+        call); a cache the caller passes must be a SpiralCache (checked in forward)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.use_cache is not False and model_kwargs.get("cache") is None:
+            model_kwargs["cache"] = SpiralCache(self.config)
 
-    # ---- generate() glue, independent of the transformers version's own cache plumbing ----
-    def prepare_inputs_for_generation(self, input_ids, spiral_cache=None, attention_mask=None, use_cache=None, **kw):
-        if spiral_cache is not None:
-            input_ids = input_ids[:, spiral_cache.seen_tokens :]  # only tokens the cache has not seen
-        return dict(input_ids=input_ids, past_key_values=spiral_cache, attention_mask=attention_mask,
-                    use_cache=use_cache)
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
-                                            num_new_tokens: int = 1, **unused):
-        model_kwargs["spiral_cache"] = outputs.get(CACHE_FIELD)
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None:
-            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], num_new_tokens)], dim=-1)
-        return model_kwargs
-
-    def _reorder_cache(self, past, beam_idx):
-        past.reorder_cache(beam_idx)
-        return past
-
-
-def _row_pads(attention_mask, num_new: int, past, use_cache: bool) -> Optional[List[int]]:
-    """The padding of each row when the batch is left-padded (run row by row), else None.
-
-    Accepted: no mask or an all-ones mask; left padding (0...0 1...1 per row) when the batch
-    starts (no cache yet); right padding (1...1 0...0) in a plain forward without a cache. After a
-    left-padded start (a SpiralRowsCache), the new tokens must all be real.
-    """
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    if isinstance(past, SpiralRowsCache):
-        if bool(attention_mask[:, -num_new:].all()):
-            return None
-        raise ValueError("SpiralForCausalLM: tokens after a left-padded start must all be real (attention_mask 1)")
-    mask = attention_mask.long()
-    steps = mask.diff(dim=-1)
-    if past is None and bool((steps >= 0).all()):  # 0...0 1...1 per row
-        if not bool(mask[:, -1].all()):
-            raise ValueError("SpiralForCausalLM: a row of the batch has no real token (attention_mask all 0)")
-        return (mask.shape[1] - mask.sum(dim=1)).tolist()
-    if past is None and not use_cache and bool((steps <= 0).all()):  # 1...1 0...0: right padding
-        return None
-    raise ValueError(
-        "SpiralForCausalLM: attention_mask must be left padding (0...0 1...1 per row) at the start of a "
-        "batch, or right padding in a plain forward with use_cache=False; padding in the middle of a row or "
-        "added to a running cache is not supported (chunk boundaries count from a row's first real token)."
-    )
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # SpiralCache is its own kind of cache; `generate` must not make a DynamicCache

@@ -25,6 +25,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from spiral_megatron import functional_spiral as F
 from spiral_megatron.parallel import pipeline, pipeline_plan
 from spiral_megatron.config import schedule
 from spiral_megatron.config.spiral_config import SpiralConfig, block_config
@@ -217,17 +218,16 @@ class SpiralGPTModel(LanguageModule):
         last reads it out."""
         topology = self.loop.topology
         if self.iterations.start == 0:
-            if pad:
-                h = torch.cat([h, h.new_zeros((pad,) + h.shape[1:])], dim=0)  # [S, b, h]
-                embeddings = torch.cat([embeddings, embeddings.new_zeros((pad,) + embeddings.shape[1:])], dim=0)
+            h = F.pad_to(h, h.shape[0] + pad, dim=0)  # [S, b, h]
+            embeddings = F.pad_to(embeddings, embeddings.shape[0] + pad, dim=0)
             state = topology.init(h, embeddings)
         else:
             state = topology.unpack(h)
         state = self.loop(state, rope, use_mask=use_mask)
         if self.iterations.stop < len(self.levels):
             return topology.pack(state)  # [k * S, b, h]
-        h = topology.read(state)
-        return h[: h.shape[0] - pad] if pad else h
+        h = topology.read(state)  # [S, b, h]
+        return F.crop_to(h, h.shape[0] - pad, dim=0)  # [s, b, h]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Megatron's, with the core's replicas on later stages marked as copies (one is saved)."""

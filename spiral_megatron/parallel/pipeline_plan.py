@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 from spiral_megatron.config import flops, schedule
+from spiral_megatron.errors import ConfigError
 
 PARTS = ("prelude", "loop", "coda")
 PLACEMENTS = ("across", "one-stage")
@@ -103,10 +104,10 @@ def plan(
 ) -> Tuple[Stage, ...]:
     """The stages of a pipeline of `pipeline_parallel` ranks; errors name the numbers."""
     if loop_placement not in PLACEMENTS:
-        raise ValueError(f"loop placement {loop_placement!r} must be one of {PLACEMENTS}")
+        raise ConfigError(f"loop placement {loop_placement!r} must be one of {PLACEMENTS}")
     units = program(config, loop_placement)
     if pipeline_parallel > len(units):
-        raise ValueError(
+        raise ConfigError(
             f"pipeline_model_parallel_size {pipeline_parallel} is more than the {len(units)} units of "
             f"work ({', '.join(map(str, units))}): every stage needs at least one"
         )
@@ -116,7 +117,7 @@ def plan(
         split = _balanced_split(costs, pipeline_parallel, head)
     split = tuple(split)
     if len(split) != pipeline_parallel or sum(split) != len(units) or min(split) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"pipeline split {split} must give each of the {pipeline_parallel} stages at least one of "
             f"the {len(units)} units ({', '.join(map(str, units))}), {len(units)} in all"
         )

@@ -56,16 +56,14 @@ def build(source: Source, device: str = "cpu") -> torch.nn.Module:
 
 def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List[Dict[str, torch.Tensor]]:
     """The first `num_samples` validation samples of the job's data, as [b, s] batches."""
-    from spiral_megatron.job.settings import config
     from spiral_megatron.job.data import datasets as data
+    from spiral_megatron.job.settings.resolve import resolve
 
-    cfg = config.load(["--config", str(folder / "config.yaml")])
-    source = data.resolve(cfg, build_default=True)
-    tokenizer = data.load_tokenizer(source, cfg.tokenizer_vocab_size)
-    cfg = dataclasses.replace(cfg, eval_interval=cfg.eval_interval or 1)  # the valid split is needed
-    seq = config.seq_length(cfg)
-    _, valid = data.build_datasets(cfg, source, tokenizer, seq, data.check(cfg, source, tokenizer, seq),
-                                   (1, num_samples))
+    job = resolve(["--config", str(folder / "config.yaml")])
+    settings = dataclasses.replace(job.data, evaluate=True, train_samples=1, valid_samples=num_samples)
+    source = data.resolve(settings, build_default=True)
+    tokenizer = data.load_tokenizer(source, settings.vocab_size)
+    _, valid = data.build_datasets(settings, source, tokenizer, data.check(settings, source, tokenizer))
     samples = [valid[i % len(valid)] for i in range(num_samples)]
     return [data._collate(samples[i:i + micro_batch]) for i in range(0, num_samples, micro_batch)]
 

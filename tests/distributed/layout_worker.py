@@ -4,7 +4,7 @@
         --tp 2 --pp 2 --split 3,3 --cases residual-8421,mesh-1111 --out results.pt
 
 The first run (one process) saves its initial weights with `dist_checkpointing`; every other
-layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: build.ddp_config), the Adam of
+layout loads them (resharded), so all start from the same model. Megatron all the way: DistributedDataParallel (the job's settings: job/settings/training.ddp_config), the Adam of
 `get_megatron_optimizer` (optionally distributed), the pipeline schedule from
 `get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
@@ -25,8 +25,9 @@ from megatron.core import parallel_state as ps
 from spiral_megatron import parallel
 from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.job.build import ddp_config, sync_params
+from spiral_megatron.job.build import sync_params
 from spiral_megatron.job.settings.config import TrainingConfig
+from spiral_megatron.job.settings.training import ddp_config
 from tests.tiny import VOCAB, tiny_config
 
 SEQ, GLOBAL_BATCH, STEPS = 32, 4, 3

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GPU_ENV, ROOT
+from tests.conftest import GPU_ENV, PYTHONPATH, ROOT
 
 SCRIPT = ROOT / "examples" / "pretrain_spiral.py"
 WORKER = ROOT / "tests" / "gpu" / "forward_worker.py"
@@ -36,7 +36,7 @@ def host() -> dict:
              "    from spiral_megatron.model.layer_specs import have_transformer_engine\n"
              "    te = have_transformer_engine()\n"
              "print(json.dumps({'gpus': n, 'te': te, 'name': torch.cuda.get_device_name(0) if n else ''}))")
-    env = dict(GPU_ENV, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    env = dict(GPU_ENV, PYTHONPATH=PYTHONPATH, PYTHONWARNINGS="ignore")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
     if out.returncode != 0:
         return {"gpus": 0, "te": False, "name": "", "error": out.stderr[-500:]}
@@ -46,15 +46,16 @@ def host() -> dict:
 def need(gpus: int = 1, te: bool = False) -> None:
     """Skip, saying why, unless this host has `gpus` CUDA devices (and Transformer Engine)."""
     info = host()
+    if info.get("error"):  # CUDA devices were found (the probe imports the package only then)
+        pytest.fail(f"probing this host's GPUs failed: {info['error'].strip().splitlines()[-1]}")
     if info["gpus"] < gpus:
-        pytest.skip(f"needs {gpus} CUDA GPU(s); this host has {info['gpus']}"
-                    + (f" ({info['error'].strip().splitlines()[-1]})" if info.get("error") else ""))
+        pytest.skip(f"needs {gpus} CUDA GPU(s); this host has {info['gpus']}")
     if te and not info["te"]:
         pytest.skip("needs Transformer Engine (pip install 'spiral_megatron[te]' on a CUDA machine)")
 
 
 def _run(cmd, cache: Path, **env) -> None:
-    env = dict(GPU_ENV, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", SPIRAL_CACHE=str(cache), **env)
+    env = dict(GPU_ENV, PYTHONPATH=PYTHONPATH, PYTHONWARNINGS="ignore", SPIRAL_CACHE=str(cache), **env)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

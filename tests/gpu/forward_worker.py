@@ -3,7 +3,7 @@ tests/gpu/compare.py compares.
 
     python tests/gpu/forward_worker.py --out RUN.pt (--save-weights W.pt | --load-weights W.pt) -- JOB FLAGS
 
-The model is the job's own (`job/build.py: build`, i.e. Megatron DDP, fusions, precision,
+The model is the job's own (`job/build.py: build` of the resolved settings, i.e. Megatron DDP, fusions, precision,
 backend and attention from the job flags, e.g. `--precision bf16 --model.transformer_impl
 transformer_engine`), on the GPU where there is one, else on the CPU. `--save-weights` writes
 its seed-drawn weights in fp32 under their checkpoint keys (the keys Megatron's distributed
@@ -58,18 +58,18 @@ def main(argv) -> None:
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--save-weights")
     weights.add_argument("--load-weights")
-    args, job = parser.parse_known_args(argv)
-    job = [a for a in job if a != "--"]
+    args, job_args = parser.parse_known_args(argv)
+    job_args = [a for a in job_args if a != "--"]
 
     from spiral_megatron import parallel
-    from spiral_megatron.job.settings import config
     from spiral_megatron.job.build import build
+    from spiral_megatron.job.settings.resolve import resolve
     from tests.gpu.compare import part_norms
 
-    cfg = config.load(job, DEBUG)
-    on_cpu = not torch.cuda.is_available()
-    parallel.initialize(tensor_parallel=1, pipeline_parallel=1, seed=cfg.seed)
-    parts = build(cfg, cfg.tokenizer_vocab_size, on_cpu)
+    job = resolve(job_args, DEBUG)
+    on_cpu = job.on_cpu
+    parallel.initialize(tensor_parallel=1, pipeline_parallel=1, seed=job.keys.seed)
+    parts = build(job)
     module = parts.module
     if args.save_weights:
         torch.save({k: v.detach().float().cpu() for k, v in checkpoint_pieces(module).items()}, args.save_weights)
@@ -78,8 +78,8 @@ def main(argv) -> None:
 
     device = "cpu" if on_cpu else torch.cuda.current_device()
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.tokenizer_vocab_size, (BATCH, cfg.seq_length + 1), generator=g).to(device)
-    positions = torch.arange(cfg.seq_length, device=device).expand(BATCH, -1)
+    tokens = torch.randint(0, job.data.vocab_size, (BATCH, job.seq_length + 1), generator=g).to(device)
+    positions = torch.arange(job.seq_length, device=device).expand(BATCH, -1)
     logits = parts.model(tokens[:, :-1], positions, None)  # [b, s, V]
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()

@@ -47,7 +47,8 @@ def _load(path):
 def test_folder_contents(hf_dir):
     names = {p.name for p in hf_dir.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "modeling_spiral.py",
-            "configuration_spiral.py", "functional_spiral.py", "layers_spiral.py", "loop_spiral.py", "tokenizer.json",
+            "configuration_spiral.py", "functional_spiral.py", "layers_spiral.py", "loop_spiral.py", "cache_spiral.py",
+            "padding_spiral.py", "tokenizer.json",
             "tokenizer_config.json", "megatron_vocab_padding.safetensors"} <= names
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spiral.SpiralForCausalLM"

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PYTHONPATH  # the repository, then the user's PYTHONPATH
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "pretrain_spiral.py"
 
@@ -49,7 +51,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 def environment(cache_dir) -> dict:
     """This environment minus any torch.distributed rendezvous of the test process itself."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SPIRAL_CACHE=str(cache_dir),
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=PYTHONPATH, SPIRAL_CACHE=str(cache_dir),
                 PYTHONWARNINGS="ignore")
 
 

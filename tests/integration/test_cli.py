@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from spiral_megatron.job.settings import cli
-from spiral_megatron.job.settings.config import ConfigError, TrainingConfig, load
+from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
+from spiral_megatron.job.settings.resolve import resolve
 from tests.integration.conftest import ROOT, SCRIPT
 
 DEFAULT = ROOT / "examples" / "configs" / "debug-cpu.yaml"
@@ -49,20 +50,20 @@ def test_help_lists_every_key_once_with_type_default_and_help():
     (["--data-cache-path", "/tmp/c"], "cache_dir", "/tmp/c"),
 ])
 def test_megatron_lm_names(argv, field, value):
-    assert getattr(load(argv, DEFAULT), field) == value
+    assert getattr(resolve(argv, DEFAULT).keys, field) == value
 
 
 def test_model_fields_at_the_top_level():
-    cfg = load(["--hidden-size", "128", "--num-attention-heads", "8", "--no-masked-softmax-fusion",
-                "--no-bias-gelu-fusion"], DEFAULT)
+    cfg = resolve(["--hidden-size", "128", "--num-attention-heads", "8", "--no-masked-softmax-fusion",
+                   "--no-bias-gelu-fusion"], DEFAULT).keys
     assert cfg.model["hidden_size"] == 128 and cfg.model["num_attention_heads"] == 8
     assert cfg.model["masked_softmax_fusion"] is False and cfg.model["bias_activation_fusion"] is False
 
 
 def test_a_lr_warmup_iters_on_the_command_line_replaces_the_yamls_fraction():
-    cfg = load(["--lr-warmup-iters", "3"], DEFAULT)
+    cfg = resolve(["--lr-warmup-iters", "3"], DEFAULT).keys
     assert (cfg.lr_warmup_iters, cfg.lr_warmup_fraction) == (3, None)
-    assert load(["--train-iters", "20"], DEFAULT).lr_warmup_fraction == pytest.approx(0.0667)
+    assert resolve(["--train-iters", "20"], DEFAULT).keys.lr_warmup_fraction == pytest.approx(0.0667)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -75,7 +76,7 @@ def test_a_lr_warmup_iters_on_the_command_line_replaces_the_yamls_fraction():
 ])
 def test_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as e:
-        load(argv, DEFAULT)
+        resolve(argv, DEFAULT)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -83,15 +84,15 @@ def test_broken_yaml_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  flavor: debug\n lr: [1,\n")
     with pytest.raises(ConfigError, match=r"bad.yaml' line \d+ column \d+: not valid YAML"):
-        load(["--config", str(bad)])
+        resolve(["--config", str(bad)])
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     with pytest.raises(ConfigError, match=r"bin.yaml' is not a text file"):
-        load(["--config", str(binary)])
+        resolve(["--config", str(binary)])
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping of keys, got list"):
-        load(["--config", str(listy)])
+        resolve(["--config", str(listy)])
 
 
 def test_torchrun_shows_the_one_line_as_root_cause(cache_dir, tmp_path):

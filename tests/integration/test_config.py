@@ -1,21 +1,21 @@
 """Config: YAML + command-line overrides, and every refusal names the key and the value."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from spiral_megatron.config import flavors
-
-from spiral_megatron.job.settings import config
+from spiral_megatron.job.settings import checks
 from spiral_megatron.job.settings.config import ConfigError
+from spiral_megatron.job.settings.resolve import resolve
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
 
 def test_overrides_apply_with_types_over_yaml():
-    cfg = config.load(["--micro-batch-size", "4", "--lr=1e-3", "--sequence-parallel", "--tensor_parallel", "2",
-                       "--model.chunk_sizes", "4,2,1", "--data-path", "0.3 a 0.7 b", "--save", "null"],
-                      CONFIGS / "debug-cpu.yaml")
+    cfg = resolve(["--micro-batch-size", "4", "--lr=1e-3", "--sequence-parallel", "--tensor_parallel", "2",
+                   "--model.chunk_sizes", "4,2,1", "--data-path", "0.3 a 0.7 b", "--save", "null"],
+                  CONFIGS / "debug-cpu.yaml").keys
     assert cfg.micro_batch_size == 4 and cfg.lr == 1e-3 and cfg.sequence_parallel is True
     assert cfg.tensor_parallel == 2 and cfg.save is None
     assert cfg.model == {"flavor": "debug", "chunk_sizes": "4,2,1"}
@@ -25,8 +25,7 @@ def test_overrides_apply_with_types_over_yaml():
 
 def test_every_shipped_config_resolves():
     for path in sorted(CONFIGS.glob("*.yaml")):
-        cfg = config.load(["--config", str(path)])
-        assert config.seq_length(cfg) > 0, path
+        assert resolve(["--config", str(path)]).seq_length > 0, path
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -65,33 +64,35 @@ def test_every_shipped_config_resolves():
 ])
 def test_errors_name_key_and_value(argv, message):
     with pytest.raises(ConfigError) as e:
-        config.load(argv, CONFIGS / "debug-cpu.yaml")
+        resolve(argv, CONFIGS / "debug-cpu.yaml")
     assert message in str(e.value)
 
 
 def test_pipeline_overrides_reach_the_model():
-    from spiral_megatron.job.build import model_settings
-
-    cfg = config.load(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
-    runtime = model_settings(cfg, on_cpu=True)
-    assert runtime["pipeline_model_parallel_size"] == 2 and runtime["pipeline_split"] == "5,1"
-    spiral = flavors.get("debug").config(**runtime)
+    spiral = resolve(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml").model
     assert spiral.pipeline_split == (5, 1) and spiral.pipeline_model_parallel_size == 2
     # one-stage: prelude, the whole loop, coda = 3 units; the loop pads 100 itself.
-    cfg = config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
-                       "--model.pipeline_split", "2,1", "--seq-length", "100"], CONFIGS / "debug-cpu.yaml")
-    assert model_settings(cfg, on_cpu=True)["loop_placement"] == "one-stage"
+    job = resolve(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
+                   "--model.pipeline_split", "2,1", "--seq-length", "100"], CONFIGS / "debug-cpu.yaml")
+    assert job.model.loop_placement == "one-stage"
     with pytest.raises(ConfigError, match=r"pipeline split \(5, 1\) must give each of the 2 stages .* 3 units"):
-        config.load(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
-                     "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
+        resolve(["--pipeline-parallel", "2", "--model.loop_placement", "one-stage",
+                 "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml")
 
 
 def test_world_size_combinations():
-    cfg = config.load(["--tensor-parallel", "2", "--global-batch-size", "12", "--micro-batch-size", "4"],
-                      CONFIGS / "debug-cpu.yaml")
-    assert config.check_world(cfg, 2) == 1
+    cfg = resolve(["--tensor-parallel", "2", "--global-batch-size", "12", "--micro-batch-size", "4"],
+                  CONFIGS / "debug-cpu.yaml").keys
+    assert checks.check_world(cfg, 2) == 1
     with pytest.raises(ConfigError, match="world size 3 is not a multiple of tensor_parallel 2"):
-        config.check_world(cfg, 3)
+        checks.check_world(cfg, 3)
     with pytest.raises(ConfigError, match="global_batch_size 12 is not a multiple of micro_batch_size 4 x "
                                           "data-parallel size 2"):
-        config.check_world(cfg, 4)
+        checks.check_world(cfg, 4)
+
+
+def test_the_resolved_job_is_immutable():
+    job = resolve([], CONFIGS / "debug-cpu.yaml")
+    for obj, name in ((job, "seq_length"), (job.keys, "lr"), (job.data, "seq_length"), (job.schedule, "max_lr")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, 1)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.job.settings import config
 from spiral_megatron.job.checkpoint import resume_check
-from spiral_megatron.job.build import make_model_args, model_config
+from spiral_megatron.job.settings.resolve import resolve
 from tests.integration.conftest import ROOT, TINY, launch
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
@@ -74,8 +73,7 @@ def _changed_args(name: str, vocab_size: int):
         name == "gated_linear_unit" and key == "add_bias_linear") for a in (f"--model.{key}", value)]
     if name in OTHER_VALUES:
         argv += [f"--model.{name}", *OTHER_VALUES[name]]
-    cfg = config.load(argv, DEBUG)
-    return make_model_args(model_config(cfg, on_cpu=True), cfg, vocab_size)
+    return resolve([*argv, "--tokenizer-vocab-size", str(vocab_size)], DEBUG, on_cpu=True).model_args
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTION_VALUES))

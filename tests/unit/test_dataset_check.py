@@ -91,3 +91,19 @@ def test_data_of_another_tokenizer_is_refused_by_name(tmp_path):
         open_corpus(str(tmp_path / "b"), mine)
     preprocess([str(texts[1])], str(tmp_path / "b"), tokenizer=str(tmp_path / "a_tokenizer"), force=True)
     assert open_corpus(str(tmp_path / "b"), mine).lengths.size == 1  # remade with the run's: accepted
+
+
+def test_a_tokenizer_of_another_vocabulary_than_the_resolved_one_is_refused():
+    """The model's vocabulary is resolved before the embedded corpus's BPE is trained: a BPE that
+    cannot have the asked size (a byte-level BPE has at least 257 tokens) is refused by name."""
+    from spiral_megatron.job.data import datasets
+    from spiral_megatron.job.data.tokenizer import Tokenizer
+    from spiral_megatron.job.settings.resolve import resolve
+    from tests.conftest import ROOT
+
+    settings = resolve(["--tokenizer-vocab-size", "100"], ROOT / "examples" / "configs" / "debug-cpu.yaml").data
+    source = datasets.DataSource(None, None, None, False, None)
+    bpe = Tokenizer.train_bpe(["the loop runs coarse to fine"], 100)
+    with pytest.raises(ConfigError, match="tokenizer_vocab_size 100: the tokenizer 'None' has 257 tokens"):
+        datasets.check(settings, source, bpe)
+    datasets.check(settings, source, Vocab(100))  # mock data: nothing to read, the size agrees

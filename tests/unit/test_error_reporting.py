@@ -45,3 +45,41 @@ def test_a_check_is_one_line_and_anything_else_keeps_its_traceback(monkeypatch, 
                                                        "iteration 2 in /ckpt")).main
     assert main(["--train-iters", "1"]) == 1
     assert "the last complete checkpoint is still the latest: iteration 2" in capsys.readouterr().err
+
+
+def test_megatrons_refusal_of_a_setting_is_one_line(monkeypatch, tmp_path, capsys):
+    """Megatron's own validation (a raise in TransformerConfig.__post_init__) refuses the user's
+    combination: one line naming the settings, exit 2."""
+    main = pretrain(monkeypatch, tmp_path, AssertionError("train is not reached")).main
+    assert main(["--model.recompute_granularity", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pretrain_spiral: error: model {'flavor': 'debug', 'recompute_granularity': 'full'}")
+    assert 'recompute_method must be "block" or "uniform"' in err and err.count("\n") == 1
+
+
+def _bug_in_our_validation(self):
+    return self.num_layers + None  # TypeError: a bug, not a refusal
+
+
+def _bug_below_the_config(*args, **kwargs):
+    raise ValueError("math domain error")  # a ValueError that no validation raised on purpose
+
+
+@pytest.mark.parametrize("where, bug, error", [
+    ("_check_parallel_layout", _bug_in_our_validation, TypeError),
+    ("scaled_init_method_normal", _bug_below_the_config, ValueError),
+])
+def test_a_bug_while_resolving_keeps_its_traceback(monkeypatch, tmp_path, capsys, where, bug, error):
+    """Before issue 23 any ValueError, TypeError or AssertionError raised while the model's
+    config was built read as a one-line 'config error' naming the user's settings."""
+    from spiral_megatron.config import spiral_config
+
+    main = pretrain(monkeypatch, tmp_path, AssertionError("train is not reached")).main
+    target = spiral_config.SpiralConfig if where.startswith("_") else spiral_config
+    monkeypatch.setattr(target, where, bug)
+    with pytest.raises(error):
+        main(["--train-iters", "1"])
+    recorded = json.loads((tmp_path / "error.json").read_text())["message"]
+    callstack = recorded["extraInfo"]["py_callstack"]
+    assert "Traceback" in callstack and where.lstrip("_") in callstack
+    assert "pretrain_spiral: error" not in capsys.readouterr().err

@@ -7,9 +7,8 @@ import pytest
 import torch.nn.functional as F
 
 from spiral_megatron.model import fusions
-from spiral_megatron.job.settings import config
-from spiral_megatron.job.build import ddp_config
 from spiral_megatron.job.settings.config import ConfigError
+from spiral_megatron.job.settings.resolve import resolve
 
 DEBUG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "debug-cpu.yaml"
 BIG = ["--model", "spiral-1.4b", "--tokenizer-vocab-size", "50304", "--precision", "bf16", "--fp8", "e4m3"]
@@ -19,10 +18,10 @@ def test_fp8_shape_check_uses_the_padded_per_level_token_counts():
     # 4100 pads to 4104; the core at chunk size 8 sees 513 latents x 4 = 2052 tokens per GEMM.
     with pytest.raises(ConfigError, match=r"the core at chunk size 8 sees seq_length 4100 padded to 4104 / 8 "
                                           r"x micro_batch_size 4 = 2052 tokens per GEMM, not a multiple of 16"):
-        config.load([*BIG, "--seq-length", "4100", "--micro-batch-size", "4"], DEBUG)
-    config.load([*BIG, "--seq-length", "4096", "--micro-batch-size", "4"], DEBUG)
+        resolve([*BIG, "--seq-length", "4100", "--micro-batch-size", "4"], DEBUG)
+    resolve([*BIG, "--seq-length", "4096", "--micro-batch-size", "4"], DEBUG)
     with pytest.raises(ConfigError, match=r"1024 / 8 / tp 2 x micro_batch_size 1 = 64 tokens per GEMM, not a multiple of 128"):
-        config.load([*BIG, "--seq-length", "1024", "--micro-batch-size", "1", "--fp8-recipe", "blockwise",
+        resolve([*BIG, "--seq-length", "1024", "--micro-batch-size", "1", "--fp8-recipe", "blockwise",
                      "--tensor-parallel", "2", "--sequence-parallel"], DEBUG)
 
 
@@ -33,12 +32,12 @@ def test_fp8_shape_check_uses_the_padded_per_level_token_counts():
 ])
 def test_fp8_values_and_recipe_are_validated(argv, message):
     with pytest.raises(ConfigError) as e:
-        config.load([*BIG, *argv], DEBUG)
+        resolve([*BIG, *argv], DEBUG)
     assert message in str(e.value)
 
 
 def test_delayed_recipe_is_fine_without_a_loop():
-    config.load(["--model", "gpt-1.4b", "--tokenizer-vocab-size", "50304", "--precision", "bf16",
+    resolve(["--model", "gpt-1.4b", "--tokenizer-vocab-size", "50304", "--precision", "bf16",
                  "--fp8", "e4m3", "--fp8-recipe", "delayed"], DEBUG)
 
 
@@ -69,7 +68,7 @@ def test_local_spec_keeps_apex_norm_when_megatron_chose_it():
 
 
 def test_ddp_overlaps_like_megatron_lm():
-    plain = ddp_config(config.load([], DEBUG))
+    plain = resolve([], DEBUG).ddp
     assert plain.overlap_grad_reduce and not plain.overlap_param_gather and plain.grad_reduce_in_fp32
-    sharded = ddp_config(config.load(["--use-distributed-optimizer", "true"], DEBUG))
+    sharded = resolve(["--use-distributed-optimizer", "true"], DEBUG).ddp
     assert sharded.overlap_grad_reduce and sharded.overlap_param_gather and sharded.use_distributed_optimizer

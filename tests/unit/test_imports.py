@@ -1,5 +1,6 @@
-"""The package's imports point one way (issue 16): no module reaches itself again through
-others, counting imports inside functions too; job/ does not import quantization/."""
+"""The package's imports point one way (issues 16, 23): no module reaches itself again through
+others, counting imports inside functions too, and each sub-package imports only from the
+sub-packages below it in docs/ARCHITECTURE.md's picture (LAYERS)."""
 
 import ast
 from pathlib import Path
@@ -7,6 +8,23 @@ from typing import Dict, List, Set
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "spiral_megatron"
+
+# The packages bottom to top, as docs/ARCHITECTURE.md draws them: a package imports only from
+# packages on lower rows (packages on one row do not import each other).
+LAYERS = (
+    ("spiral_megatron.errors", "spiral_megatron.functional_spiral", "spiral_megatron.extras"),
+    ("spiral_megatron.config",),
+    ("spiral_megatron.parallel",),
+    ("spiral_megatron.model",),
+    ("spiral_megatron.hf",),
+    ("spiral_megatron.job.data",),
+    ("spiral_megatron.job.settings",),
+    ("spiral_megatron.job.build",),
+    ("spiral_megatron.job.checkpoint",),
+    ("spiral_megatron.conversion", "spiral_megatron.job.run"),
+    ("spiral_megatron.quantization", "spiral_megatron.analysis"),
+    ("spiral_megatron", "spiral_megatron.job"),  # the package's lazy names; job/__init__ is empty
+)
 
 
 def modules() -> Dict[str, Path]:
@@ -76,8 +94,33 @@ def cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
 
 def test_the_walk_sees_the_package():
     edges = graph()
-    assert len(edges) > 60 and "spiral_megatron.job.build" in edges["spiral_megatron.job.settings.checks"]
+    assert len(edges) > 60 and "spiral_megatron.job.settings.resolve" in edges["spiral_megatron.job.build"]
     assert "spiral_megatron.config.spiral_config" in edges["spiral_megatron"]  # imports inside functions count
+
+
+def package_of(module: str) -> str:
+    """The package of LAYERS that `module` belongs to (the longest name that prefixes it)."""
+    names = [p for row in LAYERS for p in row if module == p or module.startswith(p + ".")]
+    return max(names, key=len)
+
+
+def upward(edges: Dict[str, Set[str]]) -> List[str]:
+    """`module -> target` for every import of a package on the same or a higher row of LAYERS."""
+    row = {p: i for i, ps in enumerate(LAYERS) for p in ps}
+    return sorted(f"{m} -> {t}" for m, ts in edges.items() for t in ts
+                  if package_of(m) != package_of(t) and row[package_of(t)] >= row[package_of(m)])
+
+
+def test_packages_import_downward_only():
+    assert upward(graph()) == []
+
+
+def test_an_upward_import_is_found():
+    edges = {"spiral_megatron.job.settings.checks": {"spiral_megatron.job.build"},
+             "spiral_megatron.job.build": {"spiral_megatron.model.init"},
+             "spiral_megatron.conversion.x": {"spiral_megatron.job.run.loop"}}
+    assert upward(edges) == ["spiral_megatron.conversion.x -> spiral_megatron.job.run.loop",
+                             "spiral_megatron.job.settings.checks -> spiral_megatron.job.build"]
 
 
 def test_no_import_cycle():
@@ -89,9 +132,3 @@ def test_no_import_cycle():
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
-
-def test_job_does_not_import_quantization():
-    edges = graph()
-    reach = {m: sorted(t for t in ts if t.startswith("spiral_megatron.quantization"))
-             for m, ts in edges.items() if m.startswith("spiral_megatron.job")}
-    assert not any(reach.values()), {m: t for m, t in reach.items() if t}

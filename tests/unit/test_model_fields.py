@@ -10,9 +10,8 @@ import yaml
 import torch.nn.functional as F
 
 from spiral_megatron.config.spiral_config import SpiralConfig
-from spiral_megatron.job.settings import config
-from spiral_megatron.job.build import model_config, model_settings
 from spiral_megatron.job.settings.config import ConfigError
+from spiral_megatron.job.settings.resolve import resolve
 
 DEBUG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "debug-cpu.yaml"
 HINTS = typing.get_type_hints(SpiralConfig)
@@ -66,22 +65,22 @@ def test_every_field_reaches_the_model_or_is_refused(name):
     value = candidate(name)
     argv = [f"--model.{name}", value if value is not None else "something"]
     try:
-        cfg = config.load(argv, DEBUG)
+        job = resolve(argv, DEBUG, on_cpu=True)
     except ConfigError as e:
         assert f"model.{name}" in str(e) or f"'{name}'" in str(e), f"refusal does not name {name}: {e}"
         return
     assert value is not None, f"model.{name} (a Python object) was accepted from the command line"
-    built = model_config(cfg, on_cpu=True)
+    built = job.model
     assert _same(getattr(built, name), value), (
         f"model.{name} {value!r} was accepted but the built model has {getattr(built, name)!r}")
 
 
 def test_the_issue_examples_reach_the_model():
-    cfg = config.load(["--model.recompute_granularity", "selective", "--model.bias_activation_fusion", "true"], DEBUG)
-    built = model_config(cfg, on_cpu=True)
+    built = resolve(["--model.recompute_granularity", "selective", "--model.bias_activation_fusion", "true"], DEBUG,
+                    on_cpu=True).model
     assert built.recompute_granularity == "selective" and built.bias_activation_fusion is True
-    cfg = config.load(["--model.activation_func", "silu", "--model.gated_linear_unit", "true"], DEBUG)
-    assert model_config(cfg, on_cpu=True).activation_func is F.silu
+    job = resolve(["--model.activation_func", "silu", "--model.gated_linear_unit", "true"], DEBUG, on_cpu=True)
+    assert job.model.activation_func is F.silu
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -96,31 +95,30 @@ def test_the_issue_examples_reach_the_model():
 ])
 def test_refusals_name_the_field_and_why(argv, message):
     with pytest.raises(ConfigError, match=None) as e:
-        config.load(argv, DEBUG)
+        resolve(argv, DEBUG)
     assert message in str(e.value)
 
 
 def test_model_fields_are_typed_once_at_load():
     """YAML reads `1e-6` as text; the resolved config holds the field's type (issue 16)."""
-    cfg = config.load(["--model.layernorm_epsilon", "1e-6", "--model.qk_layernorm", "yes"], DEBUG)
+    cfg = resolve(["--model.layernorm_epsilon", "1e-6", "--model.qk_layernorm", "yes"], DEBUG).keys
     assert cfg.model["layernorm_epsilon"] == 1e-6 and cfg.model["qk_layernorm"] is True
     assert "layernorm_epsilon: 1.0e-06" in cfg.to_yaml()
     with pytest.raises(ConfigError, match="model.layernorm_epsilon 'small' is refused: not a float"):
-        config.load(["--model.layernorm_epsilon", "small"], DEBUG)
+        resolve(["--model.layernorm_epsilon", "small"], DEBUG)
 
 
 def test_fusions_off_on_cpu_and_user_wins():
-    cfg = config.load(["--model.bias_dropout_fusion", "true"], DEBUG)
-    runtime = model_settings(cfg, on_cpu=True)
-    assert runtime["bias_dropout_fusion"] is True and runtime["masked_softmax_fusion"] is False
+    built = resolve(["--model.bias_dropout_fusion", "true"], DEBUG, on_cpu=True).model
+    assert built.bias_dropout_fusion is True and built.masked_softmax_fusion is False
 
 
 @pytest.mark.parametrize("argv", [["--model.attention_backend", "flash"], ["--attention-backend", "flash"]])
 def test_attention_backend_reaches_the_model_by_name(argv):
     from megatron.core.transformer.enums import AttnBackend
 
-    assert model_config(config.load(argv, DEBUG), on_cpu=True).attention_backend == AttnBackend.flash
-    assert model_config(config.load([], DEBUG), on_cpu=True).attention_backend == AttnBackend.auto
+    assert resolve(argv, DEBUG, on_cpu=True).model.attention_backend == AttnBackend.flash
+    assert resolve([], DEBUG, on_cpu=True).model.attention_backend == AttnBackend.auto
     with pytest.raises(ConfigError, match=r"model.attention_backend 'sdpa' is refused: must be one of "
                                           r"\('flash', 'fused', 'unfused', 'local', 'auto'\)"):
-        config.load(["--attention-backend", "sdpa"], DEBUG)
+        resolve(["--attention-backend", "sdpa"], DEBUG)

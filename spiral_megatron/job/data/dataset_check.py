@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from spiral_megatron.job.settings.keys import ConfigError
+from spiral_megatron.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT = "969,30,1"  # Megatron-LM's

@@ -13,7 +13,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
+from spiral_megatron.errors import ConfigError
+from spiral_megatron.job.data.data_settings import DataSettings
 
 
 Blend = Tuple[List[str], Optional[List[float]]]
@@ -41,7 +42,7 @@ def _blend(key: str, paths: List[str]) -> Blend:
         raise ConfigError(f"{key} {paths}: {e}") from None
 
 
-def resolve(cfg: TrainingConfig, build_default: bool) -> DataSource:
+def resolve(cfg: DataSettings, build_default: bool) -> DataSource:
     """The blends and tokenizer of `cfg`; the embedded corpus (built if `build_default`) when
     no data path is given. Missing files raise ConfigError naming them."""
     from spiral_megatron.job.data import default_data
@@ -49,10 +50,10 @@ def resolve(cfg: TrainingConfig, build_default: bool) -> DataSource:
     tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else None
     if cfg.data_path or cfg.train_data_path:
         if cfg.data_path:
-            train = valid = _blend("data_path", cfg.data_path)
+            train = valid = _blend("data_path", list(cfg.data_path))
         else:
-            train = _blend("train_data_path", cfg.train_data_path)
-            valid = _blend("valid_data_path", cfg.valid_data_path) if cfg.valid_data_path else None
+            train = _blend("train_data_path", list(cfg.train_data_path))
+            valid = _blend("valid_data_path", list(cfg.valid_data_path)) if cfg.valid_data_path else None
         for blend in (train, valid):
             for prefix in blend[0] if blend else ():
                 for ext in (".bin", ".idx"):
@@ -60,13 +61,13 @@ def resolve(cfg: TrainingConfig, build_default: bool) -> DataSource:
                         raise ConfigError(f"data_path: {prefix + ext!r} does not exist "
                                           "(make it with tools/preprocess_data.py)")
         if tokenizer is None:
-            raise ConfigError(f"data_path {cfg.data_path or cfg.train_data_path} needs a tokenizer "
+            raise ConfigError(f"data_path {list(cfg.data_path or cfg.train_data_path)} needs a tokenizer "
                               "(the one the data was made with): --tokenizer FOLDER")
     elif cfg.mock_data:
         train = valid = None
     else:
         ensure = default_data.ensure if build_default else default_data.paths
-        prefix, default_tok = ensure(cfg.cache_dir, cfg.tokenizer_vocab_size)
+        prefix, default_tok = ensure(cfg.cache_dir, cfg.vocab_size)
         train = valid = ([prefix], None)
         tokenizer = tokenizer or default_tok
     if tokenizer is not None and not (tokenizer.is_file() or (tokenizer / "tokenizer.json").is_file()):
@@ -88,42 +89,43 @@ def load_tokenizer(source: DataSource, vocab_size: int):
     return Tokenizer.load(source.tokenizer_path) if source.tokenizer_path else _MockTokenizer(vocab_size)
 
 
-def check(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int) -> str:
-    """Refuse data that cannot fill the run's splits (dataset_check.py), cheaply, before the
-    model is built; returns the split to use (the default adapts to small data, printed)."""
+def check(cfg: DataSettings, source: DataSource, tokenizer) -> str:
+    """Refuse a tokenizer of another vocabulary than the model's, and data that cannot fill the
+    run's splits (dataset_check.py), cheaply, before the model is built; returns the split to
+    use (the default adapts to small data, printed)."""
     from spiral_megatron.job.data import dataset_check
 
+    if tokenizer.vocab_size != cfg.vocab_size:  # only the embedded corpus's BPE can differ
+        raise ConfigError(f"tokenizer_vocab_size {cfg.vocab_size}: the tokenizer {str(source.tokenizer_path)!r} "
+                          f"has {tokenizer.vocab_size} tokens (a byte-level BPE has at least 257, and the "
+                          f"embedded corpus holds no more merges than its text); set tokenizer_vocab_size "
+                          f"{tokenizer.vocab_size}")
+    seq_length = cfg.seq_length
     split = source.split or dataset_check.DEFAULT_SPLIT
     if source.whole:
         for name, blend in (("train", source.train), ("valid", source.valid)):
-            if name in _needed(cfg):
+            if name in cfg.needed():
                 corpora = [dataset_check.open_corpus(p, tokenizer) for p in blend[0]]
                 dataset_check.check_splits(corpora, None, [name], seq_length + 1)
     elif source.train is not None:
         corpora = [dataset_check.open_corpus(p, tokenizer) for p in source.train[0]]
-        split, note = dataset_check.choose_split(corpora, source.split, _needed(cfg), seq_length + 1)
+        split, note = dataset_check.choose_split(corpora, source.split, list(cfg.needed()), seq_length + 1)
         if note and (not dist.is_initialized() or dist.get_rank() == 0):
             print(note, flush=True)
     return split
 
 
-def _needed(cfg: TrainingConfig) -> List[str]:
-    return ["train"] + (["valid"] if cfg.eval_interval else [])
-
-
-def build_datasets(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int, split: str,
-                   num_samples: Tuple[int, int]):
-    """(train, valid) datasets of `num_samples` samples each, built on every rank; valid is None
-    when the run never evaluates. Each is built alone (the test split never is), the valid one
-    with `valid_seed`. `split`: from `check`."""
-    train = _build(cfg, source, tokenizer, seq_length, split, 0, num_samples[0], cfg.seed)
-    valid = _build(cfg, source, tokenizer, seq_length, split, 1, num_samples[1], cfg.valid_seed) \
-        if "valid" in _needed(cfg) else None
+def build_datasets(cfg: DataSettings, source: DataSource, tokenizer, split: str):
+    """(train, valid) datasets of cfg.train_samples and cfg.valid_samples samples, built on every
+    rank; valid is None when the run never evaluates. Each is built alone (the test split never
+    is), the valid one with `valid_seed`. `split`: from `check`."""
+    train = _build(cfg, source, tokenizer, split, 0, cfg.train_samples, cfg.seed)
+    valid = _build(cfg, source, tokenizer, split, 1, cfg.valid_samples, cfg.valid_seed) if cfg.evaluate else None
     return train, valid
 
 
-def _build(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int, split: str,
-           index: int, num_samples: int, seed: int):
+def _build(cfg: DataSettings, source: DataSource, tokenizer, split: str, index: int, num_samples: int,
+           seed: int):
     """The dataset of split `index` (0 train, 1 valid) alone, with `seed`."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -134,7 +136,7 @@ def _build(cfg: TrainingConfig, source: DataSource, tokenizer, seq_length: int, 
     whole = source.whole
     config = GPTDatasetConfig(
         random_seed=seed,
-        sequence_length=seq_length,
+        sequence_length=cfg.seq_length,
         blend=None if whole else blend,
         blend_per_split=[blend if i == index else None for i in range(3)] if whole else None,
         split=None if whole else split,

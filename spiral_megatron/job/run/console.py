@@ -88,15 +88,15 @@ class HeldWarnings(logging.Filter):
                 f"features; {where})")
 
 
-def summary(cfg, layout, parts, source, seq_length: int) -> List[str]:
+def summary(job, layout, parts, source) -> List[str]:
     """The few lines that matter before the first step: model, parameters, layout, data,
-    tokens per step, where checkpoints and the config go."""
+    tokens per step, where checkpoints and the config go. `job`: the Resolved settings."""
     from spiral_megatron.config import flops
 
-    c = parts.module.config
+    cfg, seq_length, c = job.keys, job.seq_length, parts.module.config
     tied = getattr(parts.module, "share_embeddings_and_output_weights", False)
     params = flops.unique_parameters(c, parts.model_args.vocab_size, tied)
-    flavor = cfg.model.get("flavor")
+    flavor = job.flavor
     shape = (f"{c.num_prelude_layers} prelude + {c.num_core_layers} core x {len(c.chunk_sizes)} loops "
              f"(chunk sizes {','.join(map(str, c.chunk_sizes))}) + {c.num_coda_layers} coda"
              if c.chunk_sizes else f"{c.num_layers} layers")

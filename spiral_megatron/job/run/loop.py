@@ -20,18 +20,20 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron import parallel
+from spiral_megatron.errors import SpiralError
 from spiral_megatron.parallel import pipeline_plan
-from spiral_megatron.job.checkpoint import checkpointing
-from spiral_megatron.job.settings import config
+from spiral_megatron.job.checkpoint import checkpointing, extra_state
+from spiral_megatron.job.settings import checks
 from spiral_megatron.job.run import console, divergence, memory, step
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.build import Components, build
 from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
+from spiral_megatron.job.settings.resolve import Resolved
 from spiral_megatron.job.checkpoint.folder_lock import FolderLock
 from spiral_megatron.job.run.metrics import Logger, device_peak_tflops, tensorboard_writer
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(SpiralError, RuntimeError):
     """The loss, the gradient norm or the weights became NaN or inf (or spiked, when checked)."""
 
 
@@ -59,22 +61,22 @@ class Layout:
     on_cpu: bool
 
 
-def start(cfg: TrainingConfig) -> Layout:
+def start(job: Resolved) -> Layout:
     """torch.distributed and Megatron's groups; then every check that needs the world size."""
     from megatron.core import parallel_state
 
-    on_cpu = not torch.cuda.is_available()
+    cfg, on_cpu = job.keys, job.on_cpu
     backend = None if cfg.backend == "auto" else cfg.backend
     try:  # every rank finds the same: rank 0 says it
         if on_cpu and backend == "nccl":
             raise ConfigError("backend 'nccl' needs CUDA GPUs; this machine has none (use gloo or auto)")
         if on_cpu and cfg.precision != "fp32":
             raise ConfigError(f"precision {cfg.precision!r} is not supported on CPU; use fp32")
-        config.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
+        checks.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
     except ConfigError as e:
         raise _reported(e, by_me=os.environ.get("RANK", "0") == "0")
     parallel.initialize(cfg.tensor_parallel, cfg.pipeline_parallel, seed=cfg.seed, backend=backend)
-    dp = config.check_world(cfg, dist.get_world_size())
+    dp = checks.check_world(cfg, dist.get_world_size())
     return Layout(dist.get_rank() == 0, dist.get_world_size(), dp,
                   parallel_state.get_data_parallel_rank(), on_cpu)
 
@@ -176,22 +178,23 @@ def resumable(cfg: TrainingConfig, layout: dict) -> Optional[int]:
     return iteration
 
 
-def prepare_data(cfg: TrainingConfig, layout: Layout):
+def prepare_data(job: Resolved, layout: Layout):
     """(source, tokenizer); rank 0 builds the embedded corpus first when it is the data."""
-    source = agreed(lambda: data.resolve(cfg, build_default=True) if layout.rank0 else None)
+    source = agreed(lambda: data.resolve(job.data, build_default=True) if layout.rank0 else None)
     if not layout.rank0:
-        source = data.resolve(cfg, build_default=False)
-    return source, data.load_tokenizer(source, cfg.tokenizer_vocab_size)
+        source = data.resolve(job.data, build_default=False)
+    return source, data.load_tokenizer(source, job.data.vocab_size)
 
 
 class Trainer:
     """Holds the run's state between steps: iteration, consumed samples, data iterators."""
 
-    def __init__(self, cfg: TrainingConfig, layout: Layout, parts: Components, tokenizer,
+    def __init__(self, job: Resolved, layout: Layout, parts: Components, tokenizer,
                  datasets, logger: Logger):
+        cfg = job.keys
         self.cfg, self.layout, self.parts, self.tokenizer, self.logger = cfg, layout, parts, tokenizer, logger
         self.train_ds, self.valid_ds = datasets
-        self.seq_length = config.seq_length(cfg)
+        self.seq_length = job.seq_length
         self.num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * layout.dp_size)
         self.iteration, self.consumed_samples, self.last_saved = 0, 0, None
         self.last_stats, self.saved_stats = {}, {}  # iteration -> what its checkpoint was saved after
@@ -335,10 +338,11 @@ class Trainer:
         return f"finished iteration {self.iteration}"
 
 
-def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> str:
+def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
     """The whole job; raises ConfigError & co. before compute, NonFiniteLoss during it.
     `quiet`: the caller's harmless-warnings holder, reported once the save folder exists."""
-    layout = start(cfg)
+    cfg = job.keys
+    layout = start(job)
     held = Preflight(None, None)
     try:
         preflight(cfg, layout, held)
@@ -346,18 +350,18 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
             console.write_config(cfg)
             if cfg.print_config:
                 print("resolved config:\n" + cfg.to_yaml(), flush=True)
-        source, tokenizer = prepare_data(cfg, layout)
-        seq, gbs = config.seq_length(cfg), cfg.global_batch_size
-        split = agreed(lambda: data.check(cfg, source, tokenizer, seq))
-        parts = build(cfg, tokenizer.vocab_size, layout.on_cpu)
+        source, tokenizer = prepare_data(job, layout)
+        seq, gbs = job.seq_length, cfg.global_batch_size
+        split = agreed(lambda: data.check(job.data, source, tokenizer))
+        # A checkpoint from tools/quantize.py keeps its quantizers (QAT): restored before DDP wraps the module.
+        parts = build(job, prepare=lambda module: extra_state.restore(module, cfg.load) if cfg.load else None)
         agreed(lambda: checkpointing.check_format(parts, cfg))
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)
-        datasets = data.build_datasets(cfg, source, tokenizer, seq, split,
-                                       (cfg.train_iters * gbs, max(cfg.eval_iters * gbs, 1)))
+        datasets = data.build_datasets(job.data, source, tokenizer, split)
         if layout.rank0:
-            lines = console.summary(cfg, layout, parts, source, seq)
+            lines = console.summary(job, layout, parts, source)
             if cfg.pipeline_parallel > 1:
                 lines.append(f"pipeline partition ({cfg.pipeline_parallel} stages):\n"
                              + pipeline_plan.describe(parts.module.plan))
@@ -366,7 +370,7 @@ def run(cfg: TrainingConfig, quiet: Optional[console.HeldWarnings] = None) -> st
         logger = Logger(parts.module.config, seq, parts.model_args.vocab_size, gbs, layout.world_size,
                         device_peak_tflops(cfg.peak_tflops), cfg.log_json, cfg.tensorboard_dir,
                         layout.rank0)
-        trainer = Trainer(cfg, layout, parts, tokenizer, datasets, logger)
+        trainer = Trainer(job, layout, parts, tokenizer, datasets, logger)
         if held.resume_from is not None:
             agreed(trainer.resume)  # its checks come before its collectives
         if cfg.save:

@@ -1,23 +1,21 @@
-"""The refusals of a TrainingConfig: each names the key, the value and the rule.
+"""The refusals of a job's settings: each names the key, the value and the rule.
 
-`check` runs before anything starts (no world size needed); `check_world` once the world
-size is known. Both raise ConfigError.
+Run by resolve.py, each once: `check` on the keys alone, `check_heads` on the model's fields
+before its SpiralConfig is built, `check_model` on the built SpiralConfig; `check_world` once
+the world size is known (job/run/loop.py). All raise ConfigError.
 """
 
 import dataclasses
 import difflib
 import math
 
-import torch
-
 from spiral_megatron.config import flavors, schedule
 from spiral_megatron.parallel import pipeline_plan
 from spiral_megatron.config.spiral_config import SpiralConfig
 from spiral_megatron.job.settings import model_fields
-from spiral_megatron.job.build import model_config
 from spiral_megatron.job.data.dataset_check import parse_split
 from spiral_megatron.job.settings.keys import (BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
-                                             TrainingConfig, model_overrides, seq_length)
+                                             TrainingConfig, model_overrides)
 
 
 def _positive(cfg: TrainingConfig, *names: str) -> None:
@@ -28,7 +26,7 @@ def _positive(cfg: TrainingConfig, *names: str) -> None:
 
 
 def check(cfg: TrainingConfig) -> None:
-    """Refuse impossible values and combinations that do not depend on the world size."""
+    """Refuse impossible keys and combinations of keys (the model's fields by name only)."""
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
               "train_iters", "exit_interval", "lr", "lr_decay_iters", "log_interval", "eval_interval",
               "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
@@ -59,7 +57,7 @@ def check(cfg: TrainingConfig) -> None:
     _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
         raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
-    _check_model(cfg)
+    _check_model_keys(cfg)
 
 
 def _check_warmup(cfg: TrainingConfig) -> None:
@@ -91,14 +89,13 @@ def _check_data(cfg: TrainingConfig) -> None:
                           f"(eval_interval {cfg.eval_interval}); or set eval_interval none")
 
 
-def _check_model(cfg: TrainingConfig) -> None:
+def _check_model_keys(cfg: TrainingConfig) -> None:
+    """A known flavor, and every `model.<field>` a SpiralConfig field the model carries."""
     name = cfg.model.get("flavor")
     if name is None:
         raise ConfigError(f"model {cfg.model!r} needs a 'flavor' key; known: {', '.join(flavors.names())}")
-    try:
-        flavor = flavors.get(name)
-    except ValueError as e:
-        raise ConfigError(f"model.flavor: {e}") from None
+    if name not in flavors.names():
+        raise ConfigError(f"model.flavor: unknown flavor {name!r}; known flavors: {', '.join(flavors.names())}")
     model = model_overrides(cfg)
     fields = {f.name for f in dataclasses.fields(SpiralConfig)}
     for key, value in model.items():
@@ -108,23 +105,24 @@ def _check_model(cfg: TrainingConfig) -> None:
             raise ConfigError(f"unknown model key 'model.{key}' (value {value!r}): not a SpiralConfig "
                               f"field{hint}")
     model_fields.check(model)
-    model = model_fields.as_config_kwargs(model)
-    heads = {**flavor.model, **model}.get("num_attention_heads")
+
+
+def check_heads(cfg: TrainingConfig, fields: dict) -> None:
+    """Tensor parallelism splits the heads: said in the job's words before Megatron says it in its."""
+    heads = fields.get("num_attention_heads")
     if isinstance(heads, int) and heads % cfg.tensor_parallel:
         raise ConfigError(f"tensor_parallel {cfg.tensor_parallel} does not divide model "
                           f"num_attention_heads {heads}")
-    try:  # the job's own SpiralConfig, so Megatron's validation of the combination fails here
-        spiral = model_config(cfg, on_cpu=not torch.cuda.is_available())
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"model {cfg.model!r} with tensor_parallel {cfg.tensor_parallel}, pipeline_parallel "
-                          f"{cfg.pipeline_parallel}, precision {cfg.precision!r}: {e}") from None
+
+
+def check_model(cfg: TrainingConfig, spiral: SpiralConfig, seq: int, vocab_size: int) -> None:
+    """The built SpiralConfig against the sequence layout, the pipeline plan and FP8."""
     try:
-        schedule.check_sequence_layout(seq_length(cfg), spiral.levels, cfg.tensor_parallel,
-                                       cfg.sequence_parallel)
-    except ValueError as e:
-        raise ConfigError(f"seq_length {seq_length(cfg)}: {e}") from None
-    _check_pipeline(cfg, spiral)
-    _check_fp8(cfg, spiral)
+        schedule.check_sequence_layout(seq, spiral.levels, cfg.tensor_parallel, cfg.sequence_parallel)
+    except ConfigError as e:
+        raise ConfigError(f"seq_length {seq}: {e}") from None
+    _check_pipeline(cfg, spiral, seq, vocab_size)
+    _check_fp8(cfg, spiral, seq)
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -132,7 +130,7 @@ FP8_FORMATS = ("e4m3", "hybrid")
 FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "mxfp8": 32, "blockwise": 128}
 
 
-def _check_fp8(cfg: TrainingConfig, spiral) -> None:
+def _check_fp8(cfg: TrainingConfig, spiral: SpiralConfig, seq: int) -> None:
     """The recipe must suit the loop, and every GEMM of every resolution must have a token
     count FP8 can take (docs/MEGATRON-ON-CPU.md): prelude and coda see seq_length tokens per sample,
     the core at chunk size g sees padded_length / g (the loop pads to a multiple of every chunk
@@ -149,7 +147,7 @@ def _check_fp8(cfg: TrainingConfig, spiral) -> None:
             f"fp8_recipe 'delayed' with a loop of {spiral.num_loops} iterations (chunk_sizes "
             f"{spiral.chunk_sizes}): delayed scaling keeps one amax history per module and the core "
             f"runs each module {spiral.num_loops} times per step; use tensorwise, blockwise or mxfp8")
-    seq, split, mbs = seq_length(cfg), cfg.tensor_parallel if cfg.sequence_parallel else 1, cfg.micro_batch_size
+    split, mbs = cfg.tensor_parallel if cfg.sequence_parallel else 1, cfg.micro_batch_size
     padded = schedule.padded_length(seq, spiral.levels)
     gemms = [(f"the core at chunk size {g}", padded, g) for g in sorted(set(spiral.chunk_sizes), reverse=True)]
     if spiral.num_layers > spiral.num_core_layers:
@@ -164,15 +162,14 @@ def _check_fp8(cfg: TrainingConfig, spiral) -> None:
                 f"x micro_batch_size {mbs} = {tokens} tokens per GEMM, not a multiple of {multiple}")
 
 
-def _check_pipeline(cfg: TrainingConfig, spiral) -> None:
+def _check_pipeline(cfg: TrainingConfig, spiral: SpiralConfig, seq: int, vocab_size: int) -> None:
     """The model's own pipeline plan (pure Python), so a bad layout fails before any build."""
-    pp, seq = cfg.pipeline_parallel, seq_length(cfg)
+    pp = cfg.pipeline_parallel
     where = (f"pipeline_parallel {pp}, model.loop_placement {spiral.loop_placement!r}, "
              f"model.pipeline_split {spiral.pipeline_split}")
     try:
-        stages = pipeline_plan.plan(spiral, seq, cfg.tokenizer_vocab_size, pp, spiral.loop_placement,
-                                    spiral.pipeline_split)
-    except ValueError as e:
+        stages = pipeline_plan.plan(spiral, seq, vocab_size, pp, spiral.loop_placement, spiral.pipeline_split)
+    except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     loop_stages = sum(1 for stage in stages if stage.span("loop"))
     multiple = schedule.padding_multiple(spiral.levels)

@@ -1,8 +1,9 @@
-"""The job's configuration from YAML and `--key value` overrides, checked before any compute.
+"""The job's keys from YAML and `--key value` overrides.
 
-`load` resolves YAML + flavor + command line into one typed TrainingConfig (job/settings/keys.py)
-and refuses unknown keys, values of the wrong type and impossible combinations with a
-`ConfigError` naming the key and the value (checks.py). The names of keys.py are here too.
+`read` turns YAML + command line into one typed TrainingConfig (job/settings/keys.py), refusing
+unknown keys and values of the wrong type with a `ConfigError` naming the key and the value,
+and fills in the tokenizer the data names. resolve.py resolves the keys into what the job runs
+and checks them (checks.py). ConfigError and TrainingConfig are importable from here too.
 """
 
 import dataclasses
@@ -12,11 +13,10 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from spiral_megatron.job.settings import checks, cli, model_fields
-from spiral_megatron.job.settings.keys import (  # noqa: F401 (the names callers read from here)
-    FIELDS, TYPES, BACKENDS, LR_DECAY_STYLES, PRECISIONS, ConfigError, TrainingConfig, coerce,
-    model_overrides, seq_length, warmup_iters)
 from spiral_megatron.job.data.tokenizer import Tokenizer
+from spiral_megatron.job.settings import cli, model_fields
+from spiral_megatron.job.settings.keys import (  # noqa: F401 (the names callers read from here)
+    FIELDS, TYPES, ConfigError, TrainingConfig, coerce)
 
 
 def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
@@ -62,17 +62,16 @@ def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def load(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingConfig:
-    """The config from `--config PATH` (else `default_path`) plus the other `--key value` pairs."""
+def read(argv: Sequence[str], default_path: Optional[Path] = None) -> TrainingConfig:
+    """The keys from `--config PATH` (else `default_path`) plus the other `--key value` pairs,
+    typed, with the data's tokenizer and its vocabulary filled in (not yet checked: resolve.py)."""
     overrides = parse_cli(argv)
     path = overrides.pop("config", None) or default_path
     data = read_yaml(Path(path)) if path is not None else {}
     cfg = apply(TrainingConfig(), data)
     cfg = apply(cfg, _drop_excluded(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
-    cfg = dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
-    check(cfg)
-    return cfg
+    return dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
 
 
 def read_yaml(path: Path) -> Dict[str, Any]:
@@ -114,7 +113,7 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
         beside = Path(data[-1] + "_tokenizer")
         if len(data) == 1 and (beside / "tokenizer.json").is_file():
             cfg = dataclasses.replace(cfg, tokenizer=str(beside))
-            if os.environ.get("RANK", "0") == "0":  # config.load runs on every rank
+            if os.environ.get("RANK", "0") == "0":  # every rank reads the keys
                 print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
     if cfg.tokenizer is None:
         return cfg
@@ -129,12 +128,3 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
                           f"{cfg.tokenizer!r}, which has {vocab} tokens (leave it out)")
     return dataclasses.replace(cfg, tokenizer_vocab_size=vocab)
 
-
-def check(cfg: TrainingConfig) -> None:
-    """Refuse impossible values and combinations (see checks.py)."""
-    checks.check(cfg)
-
-
-def check_world(cfg: TrainingConfig, world_size: int) -> int:
-    """Refuse a layout the world size cannot hold; returns the data-parallel size."""
-    return checks.check_world(cfg, world_size)

@@ -1,10 +1,11 @@
-"""TrainingConfig: one flat, typed set of keys (the resolved configuration of a job).
+"""TrainingConfig: one flat, typed set of keys (what a job asks for; job/settings/resolve.py
+resolves them with the flavor into what the job runs).
 
-A plain module at the bottom of training/: every other module reads the keys from here;
-`config.py` fills them from YAML and the command line and checks them (docs/CONFIG.md).
-Every key has a type and a one-line docstring. The model is a flavor name plus SpiralConfig
-overrides: `model: {flavor: debug, hidden_size: 128}` in YAML, `--model.hidden_size 128` on the
-command line.
+A plain module at the bottom of job/settings/: every other module reads the keys from here;
+`config.py` fills them from YAML and the command line, `checks.py` refuses impossible ones
+(docs/CONFIG.md). Every key has a type and a one-line docstring. The model is a flavor name plus
+SpiralConfig overrides: `model: {flavor: debug, hidden_size: 128}` in YAML,
+`--model.hidden_size 128` on the command line.
 """
 
 import dataclasses
@@ -14,20 +15,16 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from spiral_megatron.config import flavors
+from spiral_megatron.errors import ConfigError  # noqa: F401 (the names callers read from here)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
-class ConfigError(ValueError):
-    """A bad key, value or combination in the training config."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
-    """Everything `pretrain_spiral.py` needs; the resolved copy is saved beside each checkpoint."""
+    """Everything `pretrain_spiral.py` is asked; saved as config.yaml beside each checkpoint."""
 
     model: Dict[str, Any] = field(default_factory=lambda: {"flavor": "debug"})
     """`flavor` (see spiral_megatron.config.flavors) plus any SpiralConfig field overrides."""
@@ -135,7 +132,7 @@ class TrainingConfig:
 
     tokenizer_vocab_size: int = 512
     """Vocabulary of the BPE trained on the embedded corpus (or of mock data); with `tokenizer`,
-    read from it."""
+    read from it. The embedded corpus's BPE must reach it exactly (at least 257 tokens)."""
 
     make_vocab_size_divisible_by: int = 128
     """Pad the embedding rows to a multiple of this x tensor_parallel."""
@@ -262,18 +259,6 @@ def coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{key}: {value!r} is not of type {getattr(tp, '__name__', tp)}")
-
-
-def warmup_iters(cfg: TrainingConfig) -> int:
-    """Warmup steps: lr_warmup_fraction of the decay steps (Megatron-LM), else lr_warmup_iters."""
-    if cfg.lr_warmup_fraction is not None:
-        return int(round(cfg.lr_warmup_fraction * (cfg.lr_decay_iters or cfg.train_iters)))
-    return cfg.lr_warmup_iters
-
-
-def seq_length(cfg: TrainingConfig) -> int:
-    """The training sequence length: the key, else the flavor's."""
-    return cfg.seq_length or flavors.get(cfg.model["flavor"]).seq_length
 
 
 def model_overrides(cfg: TrainingConfig) -> Dict[str, Any]:

@@ -1,13 +1,13 @@
 """Which SpiralConfig fields a user may set as `model.<field>`, and what happens to each.
 
 Every field a user sets (YAML `model:` mapping or `--model.<field>`) either reaches the
-SpiralConfig the model is built with, on every rank (architecture fields through
-model_args.json, the others as runtime overrides: build.runtime_overrides), or is refused
-here before any compute with a ConfigError naming the field and the reason:
+SpiralConfig the job builds the model with (function fields are recorded in model_args.json),
+or is refused here before any compute with a ConfigError naming the field and the reason:
   * JOB_FIELDS: the job sets them from its own keys (`--tensor-parallel`, `--precision`, ...);
   * Python objects (callables, dtypes, context managers): not expressible in a config;
-  * UNSUPPORTED: features SpiralGPTModel does not build (a value there would be carried but
-    ignored by the model, i.e. silently dropped).
+  * REFUSED fields (spiral_megatron/config/megatron_fields.py: features SpiralGPTModel does not
+    build, fields nothing reads) set to another value than their default;
+  * fields of a megatron-core release that nobody has classified yet.
 `tests/unit/test_model_fields.py` walks every field.
 """
 
@@ -17,6 +17,7 @@ from typing import Any, Dict
 
 import torch.nn.functional as F
 
+from spiral_megatron.config.fields import REFUSED, kind_of, refusal
 from spiral_megatron.config.spiral_config import SpiralConfig
 from spiral_megatron.model.layer_specs import BACKENDS, have_transformer_engine
 from spiral_megatron.job.settings.keys import ConfigError, coerce
@@ -40,46 +41,6 @@ JOB_FIELDS = {
     "num_layers": "num_prelude_layers + num_core_layers + num_coda_layers",
     "inference_rng_tracker": "the job (spiral_megatron.parallel.initialize)",
 }
-
-_MOE = "mixture of experts is not built by SpiralGPTModel's layer specs"
-_PIPELINE = "SpiralGPTModel partitions the pipeline itself: use model.pipeline_split / model.loop_placement"
-_CP = "context parallelism is not supported by SpiralGPTModel; use sequence parallelism"
-_ATTN = "SpiralGPTModel's layer specs build standard softmax attention only"
-_GRAPH = "CUDA graphs are not supported with the loop (its modules run T times at different shapes)"
-_OFFLOAD = "activation/weight offloading is untested with the loop; use recompute (recompute_granularity)"
-_HYBRID = "hybrid (Mamba) models are not built by SpiralGPTModel"
-UNSUPPORTED = {
-    "num_moe_experts": _MOE, "expert_model_parallel_size": _MOE, "expert_tensor_parallel_size": _MOE,
-    "moe_extended_tp": _MOE, "overlap_moe_expert_parallel_comm": _MOE,
-    "ep_overlap_early_attn_memory_release": _MOE,
-    "virtual_pipeline_model_parallel_size": "the interleaved pipeline schedule is not supported",
-    "microbatch_group_size_per_vp_stage": "the interleaved pipeline schedule is not supported",
-    "overlap_p2p_comm": "needs the interleaved pipeline schedule, which is not supported",
-    "overlap_p2p_comm_warmup_flush": "needs the interleaved pipeline schedule, which is not supported",
-    "num_layers_in_first_pipeline_stage": _PIPELINE, "num_layers_in_last_pipeline_stage": _PIPELINE,
-    "pipeline_model_parallel_layout": _PIPELINE, "account_for_embedding_in_pipeline_split": _PIPELINE,
-    "account_for_loss_in_pipeline_split": _PIPELINE,
-    "context_parallel_size": _CP, "hierarchical_context_parallel_sizes": _CP,
-    "hybrid_context_parallel": _CP, "max_seqlen_per_dp_cp_rank": _CP, "cp_comm_type": _CP,
-    "multi_latent_attention": _ATTN, "experimental_attention_variant": _ATTN,
-    "linear_attention_freq": _ATTN, "softmax_type": _ATTN, "attention_output_gate": _ATTN,
-    "window_size": _ATTN, "window_attn_skip_freq": _ATTN, "no_rope_freq": _ATTN, "mrope_section": _ATTN,
-    "mtp_num_layers": "multi-token prediction is not built by SpiralGPTModel",
-    "mtp_standalone": "multi-token prediction is not built by SpiralGPTModel",
-    "enable_cuda_graph": _GRAPH, "external_cuda_graph": _GRAPH, "cuda_graph_impl": _GRAPH,
-    "cpu_offloading": _OFFLOAD, "fine_grained_activation_offloading": _OFFLOAD, "offload_modules": _OFFLOAD,
-    "is_hybrid_model": _HYBRID,
-    "heterogeneous_block_specs": "SpiralGPTModel builds its blocks from one layer spec",
-    "use_kitchen": "the kitchen quantization backend is not wired into SpiralGPTModel's specs",
-    "use_kitchen_attention": "the kitchen quantization backend is not wired into SpiralGPTModel's specs",
-    "fp4": "FP4 is not supported with the loop",
-    "first_last_layers_bf16": "SpiralGPTModel's layer numbering is per part (prelude, core, coda)",
-    "use_inference_optimized_layers": "training job: inference-optimized layers are not trained",
-    "use_mup": "SpiralGPTModel does not apply muP's embedding and output multipliers",
-}
-# Fields of unsupported features whose name says so (all MoE, DSA, Mamba, linear-attention knobs).
-UNSUPPORTED_PREFIXES = {"moe_": _MOE, "dsa_": _ATTN, "mamba_": _HYBRID, "linear_": _ATTN,
-                        "mup_": UNSUPPORTED["use_mup"]}
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
@@ -120,9 +81,11 @@ def why_refused(name: str, value: Any):
         return _why_not_backend(value)
     if value == _default(fields[name]):
         return None  # the default is what every model gets anyway
-    prefix = next((p for p in UNSUPPORTED_PREFIXES if name.startswith(p)), None)
-    reason = UNSUPPORTED.get(name) or (UNSUPPORTED_PREFIXES[prefix] if prefix else None)
-    return reason
+    kind = kind_of(fields[name])
+    if kind is None:
+        return ("a megatron-core field nobody has classified as function, runtime or refused yet "
+                "(spiral_megatron/config/megatron_fields.py, docs/CONFIG.md)")
+    return refusal(name) if kind == REFUSED else None
 
 
 def check(model: Dict[str, Any]) -> None:

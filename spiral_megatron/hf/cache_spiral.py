@@ -1,0 +1,204 @@
+"""SpiralCache: what decoding keeps, as a `transformers.Cache` (docs/MODEL.md section 6, docs/HF.md).
+
+`generate` passes it as `cache` (`past_key_values` before transformers 5.25) and reorders
+(beam search), crops (assisted and prompt-lookup decoding), selects and repeats it through the
+`Cache` API, like any model's. Its `layers`, in the order the model runs them:
+    DynamicLayer x num_prelude_layers    keys/values of every token (transformers' own layer)
+    LevelLayer   x len(chunk_sizes)      one loop level: the core's latent keys/values and more
+    DynamicLayer x num_coda_layers
+A left-padded batch runs row by row (each row's chunks count from its own first real token), so
+its cache is one SpiralCache per row, in `rows` (see modeling_spiral.py).
+
+Crop is exact to any length: a level keeps, besides the core's keys/values of its closed chunks,
+the input of every token it has seen and the (unshifted) token updates of every closed chunk, so
+cutting back to n tokens is slicing every tensor to what n tokens had produced; nothing is
+recomputed. That costs 2 x tokens x hidden_size numbers per level and row, about what one layer's
+keys and values cost.
+"""
+
+import copy
+from typing import List, Optional
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+try:  # a converted model folder: the copy beside this file
+    from . import functional_spiral as F
+    from .functional_spiral import SHIFTS  # noqa: F401 (a `from .x import` line: transformers copies x.py)
+except ImportError:  # the spiral_megatron package, where it lives one level up
+    from spiral_megatron import functional_spiral as F
+
+
+def _select(x: Optional[torch.Tensor], index: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if x is None else x.index_select(0, index.to(x.device))
+
+
+class LevelLayer:
+    """Loop level t after `seen` tokens, all rows alike (batch-first tensors):
+        core     one DynamicLayer per core layer: latent keys/values, one per closed chunk
+        inputs   [b, seen, d]      the level's input h of every token (the open chunk is read here)
+        updates  [b, n_c * g, d]   the token update of every closed chunk, before its shift (x-space)
+    n_c = functional_spiral.closed_chunks(seen, g, w)."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, chunk_size: int, offset: int, num_core_layers: int):
+        self.chunk_size, self.offset = chunk_size, offset
+        self.core = [DynamicLayer() for _ in range(num_core_layers)]
+        self.inputs: Optional[torch.Tensor] = None
+        self.updates: Optional[torch.Tensor] = None
+        self.seen = 0
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.inputs is not None
+
+    def closed(self, num_tokens: Optional[int] = None) -> int:
+        return F.closed_chunks(self.seen if num_tokens is None else num_tokens, self.chunk_size, self.offset)
+
+    # ---- filled by the loop ----
+    def fill(self, inputs: torch.Tensor, updates: torch.Tensor) -> None:
+        """After a full forward over L tokens: their inputs [b, L, d] and the updates [b, >= n_c*g, d]
+        of the chunks (x-space); the core's layers already hold every latent's keys/values, and
+        those of chunks still open (or of padding) are dropped here."""
+        self.inputs, self.seen = inputs, inputs.shape[1]
+        n_c = self.closed()
+        self.updates = updates[:, : n_c * self.chunk_size]
+        for layer in self.core:
+            if layer.get_seq_length() > n_c:
+                layer.crop(n_c - layer.get_seq_length())
+
+    def append(self, h: torch.Tensor) -> None:
+        """The input h [b, 1, d] of the next token."""
+        self.inputs = h if self.inputs is None else torch.cat([self.inputs, h], dim=1)
+        self.seen += 1
+
+    def chunk_inputs(self, j: int) -> torch.Tensor:
+        """The inputs of chunk j's g tokens [b, g, d], front padding as zeros."""
+        start, stop = F.chunk_tokens(j, self.chunk_size, self.offset)
+        x = self.inputs[:, max(start, 0) : stop]
+        return torch.nn.functional.pad(x, (0, 0, -start, 0)) if start < 0 else x  # zeros in front: chunk 0
+
+    def close(self, u: torch.Tensor) -> None:
+        """The token update u [b, g, d] of the chunk that just closed."""
+        self.updates = u if self.updates is None else torch.cat([self.updates, u], dim=1)
+
+    def update_at(self, m: int) -> Optional[torch.Tensor]:
+        """The update [b, 1, d] at x-position m (None before the first: the shift's zeros)."""
+        return None if m < 0 else self.updates[:, m : m + 1]
+
+    # ---- the Cache layer API ----
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Keep what the first seen - |tokens_to_remove| tokens produced (transformers' convention:
+        a negative count removes that many tokens)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        n = max(self.seen + tokens_to_remove, 0)
+        if n == self.seen:
+            return
+        n_c = self.closed(n)
+        for layer in self.core:
+            layer.crop(n_c - layer.get_seq_length()) if layer.get_seq_length() > n_c else None
+        self.inputs = self.inputs[:, :n]
+        self.updates = None if self.updates is None else self.updates[:, : n_c * self.chunk_size]
+        self.seen = n
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.core:
+            layer.reorder_cache(indices) if layer.get_seq_length() else None
+        self.inputs, self.updates = _select(self.inputs, indices), _select(self.updates, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.core:
+            layer.batch_repeat_interleave(repeats)
+        rep = lambda x: None if x is None else x.repeat_interleave(repeats, dim=0)  # noqa: E731
+        self.inputs, self.updates = rep(self.inputs), rep(self.updates)
+
+    def reset(self) -> None:
+        for layer in self.core:
+            layer.reset()
+        self.inputs = self.updates = None
+        self.seen = 0
+
+
+class SpiralCache(Cache):
+    """The decoding state of a SpiralForCausalLM (module docstring). Build it with the model's
+    config, empty; the model fills it (`generate` makes one when `use_cache`)."""
+
+    def __init__(self, config):
+        self.config = config
+        prelude = [DynamicLayer() for _ in range(config.num_prelude_layers)]
+        levels = [LevelLayer(g, w, config.num_core_layers) for g, w in zip(config.chunk_sizes, config.offsets)]
+        coda = [DynamicLayer() for _ in range(config.num_coda_layers)]
+        super().__init__(layers=prelude + levels + coda)
+        self.rows: Optional[List["SpiralCache"]] = None  # a left-padded batch: one cache per row
+        self.seen = 0  # tokens (columns of the batch) seen
+
+    @property
+    def prelude(self) -> list:
+        return self.layers[: self.config.num_prelude_layers]
+
+    @property
+    def levels(self) -> List[LevelLayer]:
+        n = self.config.num_prelude_layers
+        return self.layers[n : n + len(self.config.chunk_sizes)]
+
+    @property
+    def coda(self) -> list:
+        return self.layers[self.config.num_prelude_layers + len(self.config.chunk_sizes) :]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def copy(self) -> "SpiralCache":
+        """A cache of its own that shares the tensors (every update replaces tensors, never
+        writes into them), for a row picked twice by beam search."""
+        new = copy.copy(self)
+        new.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in new.layers:
+            if isinstance(layer, LevelLayer):
+                layer.core = [copy.copy(c) for c in layer.core]
+        new.rows = None if self.rows is None else [row.copy() for row in self.rows]
+        return new
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        for cache in self.rows if self.rows is not None else []:  # a row holds only its real tokens
+            cache.crop(-min(-tokens_to_remove, cache.seen))
+        if self.rows is None:
+            super().crop(tokens_to_remove)
+        self.seen = max(self.seen + tokens_to_remove, 0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is None:
+            return super().batch_select_indices(indices)
+        picked, rows = set(), []
+        for i in indices.tolist():
+            rows.append(self.rows[i].copy() if i in picked else self.rows[i])
+            picked.add(i)
+        self.rows = rows
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.rows is None:
+            return super().batch_repeat_interleave(repeats)
+        self.rows = [row if k == 0 else row.copy() for row in self.rows for k in range(repeats)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.rows, self.seen = None, 0
