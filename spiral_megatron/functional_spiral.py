@@ -133,7 +133,7 @@ def _pad_front(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def chunk(x: torch.Tensor, g: int, dim: int) -> torch.Tensor:
     """Split `dim` (length a multiple of g) into (chunk j, slot k): [.., n, g, ..]."""
-    return x.unflatten(dim, (x.shape[dim] // g, g))
+    return torch.unflatten(x, dim, (x.shape[dim] // g, g))
 
 
 def aggregate(chunks: torch.Tensor, scores: Optional[torch.Tensor], first_pad: int, dim: int) -> torch.Tensor:
@@ -247,7 +247,7 @@ def mesh_step_routed(slots: torch.Tensor, u: torch.Tensor, logits: torch.Tensor)
     autograd's backward: for a caller whose routers are modules it calls (the Hugging Face model,
     where PEFT's adapters wrap them). -> (h' [.., h], slots [.., B, h])"""
     B = logits.shape[-1] // 2
-    w, r = softmax_fp32(logits.unflatten(-1, (2, B)), dim=-1).unbind(-2)  # [.., B] each
+    w, r = softmax_fp32(torch.unflatten(logits, -1, (2, B)), dim=-1).unbind(-2)  # [.., B] each
     slots = torch.addcmul(slots, w.unsqueeze(-1), u.unsqueeze(-2))  # [.., B, h]
     return torch.matmul(r.unsqueeze(-2), slots).squeeze(-2), slots  # [.., h], [.., B, h]
 

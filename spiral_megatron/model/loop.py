@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 
 from spiral_megatron import functional_spiral as F
 from spiral_megatron.config.spiral_config import SpiralConfig, block_config
+from spiral_megatron.model import compilation
 from spiral_megatron.model.layer_specs import SpiralLoopSubmodules
 from spiral_megatron.model.resampling import shift_right
 
@@ -89,7 +90,7 @@ class SpiralLoop(MegatronModule):
         self._masks = {}  # causal masks by (latent length, device)
         # compile_loop_iteration: (step, iteration, write) compiled; dynamo specialises each
         # graph on the level t, so every level gets its own.
-        self._compiled = (tuple(torch.compile(fn) for fn in (self.step, self.iteration, self.topology.write))
+        self._compiled = (tuple(compilation.compiled(fn) for fn in (self.step, self.iteration, self.topology.write))
                           if config.compile_loop_iteration else None)
         self.level_quantizers = []  # set by quantization/levels.py: the core's per-level scales
 
