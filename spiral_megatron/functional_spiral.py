@@ -140,7 +140,7 @@ def _pad_front(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def chunk(x: torch.Tensor, g: int, dim: int) -> torch.Tensor:
     """Split `dim` (length a multiple of g) into (chunk j, slot k): [.., n, g, ..]."""
-    return x.unflatten(dim, (x.shape[dim] // g, g))
+    return torch.unflatten(x, dim, (x.shape[dim] // g, g))
 
 
 def aggregate(chunks: torch.Tensor, weight, first_pad: int, dim: int) -> torch.Tensor:

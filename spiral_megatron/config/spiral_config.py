@@ -111,6 +111,7 @@ class SpiralConfig(TransformerConfig):
     def _check_after_megatron(self):
         """The parallel-layout checks, after Megatron's `__post_init__` derived its fields."""
         self._check_parallel_layout()
+        self._check_recompute()
         if self.pipeline_model_parallel_size > 1 and self.chunk_sizes:
             # Pipeline messages change shape inside and around the loop (a packed loop state
             # is k x the padded sequence): let Megatron's p2p exchange shapes first.
@@ -129,6 +130,30 @@ class SpiralConfig(TransformerConfig):
             )
         if self.loop_placement not in ("across", "one-stage"):
             raise ConfigError(f"loop_placement {self.loop_placement!r} must be one of ('across', 'one-stage')")
+
+    def _check_recompute(self):
+        """Two of Megatron's selective recompute modules that fail in megatron-core 0.16.1 and
+        0.19.2 (a plain GPTModel too), refused before they hang or crash a step."""
+        if self.recompute_granularity != "selective":
+            return
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        if "mlp" in self.recompute_modules and self.add_bias_linear:
+            # The MLP returns its linear_fc2 bias parameter out of the checkpoint; autograd gives
+            # a Function's outputs their grad_fn in place, so the parameter stops being a leaf
+            # and the checkpoint's backward re-enters itself without end.
+            raise ValueError(
+                "recompute_modules 'mlp' with add_bias_linear true never finishes a backward "
+                "(Megatron's MLP recompute turns the linear_fc2 bias into a non-leaf); drop 'mlp' "
+                "or set add_bias_linear false"
+            )
+        if "layernorm" in self.recompute_modules and not mcore_random.HAVE_TE:
+            # CheckpointWithoutOutput() sets fp8 = (False is not None) and calls TE's
+            # FP8GlobalStateManager, a NameError without Transformer Engine.
+            raise ValueError(
+                "recompute_modules 'layernorm' needs Transformer Engine (Megatron's "
+                "CheckpointWithoutOutput calls it even without fp8), which is not importable here"
+            )
 
     def _check_spiral_fields(self):
         for name in ("num_prelude_layers", "num_core_layers", "num_coda_layers"):

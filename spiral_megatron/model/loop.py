@@ -13,6 +13,8 @@ model; what stays here is Megatron's: the core block, masks and rotary slices pe
 shift across sequence-parallel ranks, recompute and the opt-in `torch.compile`.
 """
 
+import contextlib
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
@@ -21,6 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 
 from spiral_megatron import functional_spiral as F
 from spiral_megatron.config.spiral_config import SpiralConfig, block_config
+from spiral_megatron.model import compilation
 from spiral_megatron.model.layer_specs import SpiralLoopSubmodules
 from spiral_megatron.model.resampling import shift_right
 
@@ -28,6 +31,31 @@ from spiral_megatron.model.resampling import shift_right
 def causal_mask(n: int, device) -> torch.Tensor:
     """[1, 1, n, n] bool, True above the diagonal (Megatron's convention: True = masked)."""
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)[None, None]
+
+
+def select_level(quantizers, t: int):
+    """Level t on the core's per-level quantizers (quantization/levels.py), now and in the
+    backward: a context for iteration t's forward.
+
+    Megatron's recompute (selective `recompute_modules`, or `full`) re-runs core modules in the
+    backward, long after the loop moved on to other levels. Every tensor that iteration t saves
+    for backward is packed with t, and unpacking it selects level t again; a recompute unpacks
+    its saved inputs before it re-runs them (tensor_parallel.CheckpointFunction.backward), so it
+    replays with its own level's scales, at any pipeline schedule's order.
+    """
+    for q in quantizers:
+        q.level = t
+    if not quantizers or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+
+    def unpack(saved):
+        level, tensor = saved
+        if quantizers[0].level != level:  # they always move together
+            for q in quantizers:
+                q.level = level
+        return tensor
+
+    return torch.autograd.graph.saved_tensors_hooks(lambda tensor: (t, tensor), unpack)
 
 
 class SpiralLoop(MegatronModule):
@@ -63,7 +91,7 @@ class SpiralLoop(MegatronModule):
         self._ropes = {}  # latent rotary views by position slice: (token table, view)
         # compile_loop_iteration: (step, iteration, write) compiled; dynamo specialises each
         # graph on the level t, so every level gets its own.
-        self._compiled = (tuple(torch.compile(fn) for fn in (self.step, self.iteration, self.topology.write))
+        self._compiled = (tuple(compilation.compiled(fn) for fn in (self.step, self.iteration, self.topology.write))
                           if config.compile_loop_iteration else None)
         self.level_quantizers = []  # set by quantization/levels.py: the core's per-level scales
 
@@ -95,16 +123,15 @@ class SpiralLoop(MegatronModule):
         level, key = self.levels[t], str(t)
         sp_group = self.tp_group if self.config.sequence_parallel and self.tp_group.size() > 1 else None
         first_rank = sp_group is None or sp_group.rank() == 0
-        for q in self.level_quantizers:  # per-level activation scales (quantization/levels.py)
-            q.level = t
-        return F.iteration(
-            h, level.chunk_size, level.offset, level.shift, dim=0,
-            core=lambda z: self._core(z, level, rotary_pos_emb, use_mask, sp_group),
-            downscale=lambda chunks, pad: self.downscale[key](chunks, num_pad=pad),
-            upscale=lambda y, delta, k: self.upscale[key](y, delta, k),
-            first_pad=level.offset if first_rank else 0,
-            shift_right_fn=None if sp_group is None else lambda x, k: shift_right(x, k, sp_group),
-        )
+        with select_level(self.level_quantizers, t):  # per-level activation scales (quantization/levels.py)
+            return F.iteration(
+                h, level.chunk_size, level.offset, level.shift, dim=0,
+                core=lambda z: self._core(z, level, rotary_pos_emb, use_mask, sp_group),
+                downscale=lambda chunks, pad: self.downscale[key](chunks, num_pad=pad),
+                upscale=lambda y, delta, k: self.upscale[key](y, delta, k),
+                first_pad=level.offset if first_rank else 0,
+                shift_right_fn=None if sp_group is None else lambda x, k: shift_right(x, k, sp_group),
+            )
 
     def _core(self, z: torch.Tensor, level, rotary_pos_emb, use_mask: bool, sp_group) -> torch.Tensor:
         """The shared core over the latents z [s/g, b, h] of one level."""

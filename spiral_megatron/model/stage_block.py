@@ -12,6 +12,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.utils import dict_list_map_inplace
 from megatron.core.transformer.transformer_block import TransformerBlock
 
+from spiral_megatron.model import compilation
+
 
 class StageBlock(TransformerBlock):
     """TransformerBlock whose layer i is layer `first_layer + i` of its part."""
@@ -19,6 +21,10 @@ class StageBlock(TransformerBlock):
     def __init__(self, *args, first_layer: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.first_layer = first_layer
+
+    def forward(self, *args, **kwargs):
+        with compilation.tracing(self.config.compile_layers):  # its layers are compiled regions
+            return super().forward(*args, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict = None):
         metadata = dict(metadata or {}, non_homogeneous_layers=True)

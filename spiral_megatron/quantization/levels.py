@@ -6,10 +6,12 @@ a latent that averages 8 tokens has a different range from a single token. Model
 calibration over the whole forward gives each input quantizer the maximum over all T levels
 ("shared" scales). `LevelQuantizer` instead holds one copy of the quantizer per level, and the
 loop itself selects the copy: each iteration t sets `level = t` on the quantizers listed in
-`loop.level_quantizers` before it runs the core. A recomputed iteration
-(`recompute_loop_iterations`) sets it again, so its backward sees its own level. Megatron's
-`recompute_granularity="full"` replays core layers in the backward, after the loop has moved on,
-with the last level's quantizers: per-level scales refuse it (`install_levels`).
+`loop.level_quantizers` before it runs the core (`loop.select_level`). A recomputed iteration
+(`recompute_loop_iterations`) sets it again. Megatron's recompute of core modules
+(`recompute_granularity` "selective" with `recompute_modules`, or "full") replays them in the
+backward, after the loop has moved on: the tensors iteration t saves for backward carry t, and
+unpacking them selects level t again before the replay (`select_level`), so every recompute
+gives the gradients of no recompute (tests/quantization/test_level_recompute.py).
 
 Our choice [ours]: only activation (input) quantizers are split. Weight quantizers, and
 SmoothQuant's/AWQ's per-channel input scaling (`pre_quant_scale`, folded into the shared
@@ -94,24 +96,11 @@ def split_levels(model: torch.nn.Module, smoothed: bool = False) -> int:
 
 def install_levels(model: torch.nn.Module) -> None:
     """Hand the loop its core's LevelQuantizers (idempotent: refreshed after a restore replaced
-    modules). Refuses Megatron's full recompute of the core before any compute: its backward
-    would replay every level with the last level's scales (wrong gradients, silently)."""
+    modules)."""
     loop = getattr(model, "loop", None)
     if loop is None:
         return
-    quantizers = [m for m in loop.core.modules() if isinstance(m, LevelQuantizer)]
-    if quantizers:
-        check_recompute(model)
-    loop.level_quantizers = quantizers
-
-
-def check_recompute(model: torch.nn.Module) -> None:
-    """Per-level scales and Megatron's full recompute of the core do not mix (see above)."""
-    if getattr(model, "loop", None) is not None and model.config.recompute_granularity == "full":
-        raise ValueError(
-            'recompute_granularity "full" cannot run per-level quantization scales (the recomputed core '
-            'would use the last level\'s); use recompute_loop_iterations or "selective", or shared scales'
-        )
+    loop.level_quantizers = [m for m in loop.core.modules() if isinstance(m, LevelQuantizer)]
 
 
 def has_levels(model: torch.nn.Module) -> bool:

@@ -40,8 +40,6 @@ def quantize(model: torch.nn.Module, fmt: str, forward_loop, per_level: bool = F
     check_format(fmt)
     if per_level and not quantizes_activations(fmt):
         raise ValueError(f"format {fmt!r} quantizes weights only: per-level activation scales do not apply")
-    if per_level:
-        levels.check_recompute(model)  # before calibrating
     model = mtq.quantize(model, quant_config(fmt), forward_loop)
     if per_level:
         levels.split_levels(model)

@@ -9,9 +9,10 @@ layout loads them (resharded), so all start from the same model. Megatron all th
 `get_forward_backward_func`, and `spiral_megatron.parallel.pipeline.finalize_model_grads`. Every case
 builds the same full weights (CPU initialisation from one seed) and trains on the same
 global batches. Rank 0 saves, per case: the loss and gradient norm of every step (Megatron's,
-and the job's fused one of the same gradients: parallel/grad_norm.py), the full
-gradients of every step (TP shards gathered, PP stages merged under global names) unless
-the distributed optimizer shards them, and the full parameters after the last step.
+and the job's fused one of the same gradients: parallel/grad_norm.py), the full reduced
+gradients of every step (TP shards gathered, PP stages merged under global names, the
+distributed optimizer's reduce-scattered shards gathered over DP) and the full parameters
+after the last step.
 
 With `--save-at K` the first case also goes through the job's checkpointing
 (spiral_megatron.job.checkpoint.checkpointing.save and load) after step K, in each format of
@@ -144,6 +145,22 @@ def full_tensors(module, tensors):
     return merged
 
 
+def reduced_grads(model, distributed_optimizer: bool) -> list:
+    """Every parameter's reduced gradient (`main_grad`, in module.parameters() order). The
+    distributed optimizer reduce-scatters each bucket, so a DP rank holds only its shard
+    reduced: the shards are gathered into the bucket first (the optimizer reads its own shard
+    only, which the gather leaves as it was)."""
+    dp = ps.get_data_parallel_world_size()
+    if distributed_optimizer and dp > 1:
+        from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+        for buffer in model.buffers:
+            for bucket in buffer.buckets:
+                mine = shard_buffer(bucket.grad_data, dp)[ps.get_data_parallel_rank()].clone()
+                dist.all_gather_into_tensor(bucket.grad_data, mine, group=ps.get_data_parallel_group())
+    return [p.main_grad for p in model.module.parameters()]
+
+
 def token_losses(model):
     """Per-token losses [GLOBAL_BATCH, SEQ] of a fixed held-out batch, on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -187,8 +204,8 @@ def train_step(model, optimizer, args, micro_batches, result, module=None):
     dist.all_reduce(loss, group=ps.get_data_parallel_group())
     dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage's is non-zero
     result["loss"].append(loss.item() / dp)
-    if module is not None and not args.distributed_optimizer:
-        result.setdefault("grads", []).append(full_tensors(module, [p.main_grad for p in module.parameters()]))
+    if module is not None:
+        result.setdefault("grads", []).append(full_tensors(module, reduced_grads(model, args.distributed_optimizer)))
     if optimizer.prepare_grads():
         raise RuntimeError(f"optimizer found inf/nan gradients at step {len(result['loss'])}")
     result["grad_norm"].append(float(optimizer.get_grad_norm()))

@@ -3,9 +3,9 @@
 Each layout runs `layout_worker.py` under torchrun from the same initial weights (saved by
 the single-process reference with dist_checkpointing and loaded resharded) and the same
 global batches, 3 optimizer steps. Compared with the reference: the loss of every step
-(rtol 1e-5), the gradient norm of every step, the full gradients of every step (not with the
-distributed optimizer, whose gradients are sharded; its gradient norm still covers them)
-and the full parameters after step 3; see TOLERANCE.
+(rtol 1e-5), the gradient norm of every step, each parameter's full reduced gradient of every
+step (with the distributed optimizer, its reduce-scattered shards gathered) and each full
+parameter after step 3, at a tolerance from that parameter's own magnitude; see RTOL.
 
 Resharding: layouts in RESHARD also save their trained weights, which one process loads
 (TP2 -> TP1, PP2 -> PP1, DP2 -> DP1) and must find bit-identical, with the same per-token
@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
-from tests.distributed.layout_worker import ADAM_LR
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
@@ -75,70 +74,87 @@ def reference(tmp_path_factory):
     return root, torch.load(root / "ref.pt")
 
 
-# Elementwise |got - want| <= rtol * |want| + atol, atol = rtol x the largest entry of any
-# tensor of that step (so near-zero gradients, e.g. of MeSH router weights at 1e-9, are held
-# to the model's scale). Step 1's gradients see only summation-order noise. After an Adam
-# step that noise is amplified where a gradient is near zero (the update is g / sqrt(v),
-# about +-lr whatever g's size), so later gradients and the final parameters get 1e-3. A
-# parameter entry whose reference gradient was small (<= RTOL["later"] x the step's largest
-# gradient) at some step, where the summation noise of the layout reaches its sign after the
-# first step, may take Adam's +-lr the other way at each step: its final value gets 2 lr per
-# step more (`adam_noise`); the losses and gradient norms above still hold every step tight.
-RTOL = {"first": 1e-5, "later": 1e-3}
+# Each parameter is held to its own scale: elementwise |got - want| <= RTOL (|want| + max |want_p|)
+# over the entries of parameter p (its gradient at every step, its value after the last step);
+# no entry gets extra slack (it was 2 lr per step, 0.06, for about half the entries and every
+# MeSH router weight). A tensor's summation-order noise is set by its own terms, so the shared
+# scale used before (the largest entry of any tensor) let a small tensor differ by anything: a
+# router's gradients at 1e-8..1e-6 were held to 1e-6 at step 1 and 1e-4 later.
+# From step 2 on, the parameters already differ by step 1's noise, which reaches every
+# gradient through the rest of the model: those gradients also get LATER_FLOOR x the step's
+# largest gradient (of any tensor).
+# Measured on megatron-core 0.19.2 over the CI layouts (the pp2-dp2 mesh case apart, see
+# DIVERGENT): gradients per parameter up to 1.4e-4 of their largest entry (step 1, tp2-pp2
+# mesh-8421, init_write_router: its gradient, 1.7e-7, is a difference of far larger terms),
+# later steps up to 7.3e-7 of the step's largest gradient; final parameters up to 1.5e-4 of
+# their largest entry. The losses (rtol 1e-5) and gradient norms (1e-4) stay as they were.
+RTOL, LATER_FLOOR = 1e-3, 1e-5
+# (layout, case): trains apart from one process, unexplained (found when the slack went): the
+# step-1 gradients agree to 7e-8 of the largest, step 2's differ by 4e-4 of it in every part,
+# the final weights by up to 5.9e-3 (init_write_router) and 2.3e-3 (core fc1, whose gradients
+# are far above Adam's eps: not a sign flip of noise). residual-8421 at the same layout agrees;
+# the worker before the gradient gather gave the same weights bit for bit (not the gather).
+# Reported as an expected failure until fixed; a pass fails the test so that the entry goes.
+DIVERGENT = {("pp2-dp2-distributed-optimizer", "mesh-8421")}
 
 
-def excess(mine: dict, theirs: dict, rtol: float, slack: dict = None) -> dict:
-    """Per tensor: the largest |a - b| / (rtol |b| + atol + slack); <= 1 passes."""
-    atol = rtol * max(t.abs().max().item() for t in theirs.values())
-    slack = slack or {}
-    return {n: ((mine[n] - t).abs() / (rtol * t.abs() + atol + slack.get(n, 0))).max().item()
-            for n, t in theirs.items()}
+def excess(mine: dict, theirs: dict, rtol: float, floor: float = 0.0) -> dict:
+    """Per tensor: the largest |a - b| / (rtol (|b| + max |b|) + floor); <= 1 passes (an
+    all-zero reference is matched exactly: 0/0 counts as 0, anything else over 0 as inf)."""
+    ratios = {}
+    for n, t in theirs.items():
+        ratio = (mine[n] - t).abs() / (rtol * (t.abs() + t.abs().max()) + floor)  # same shape as t
+        ratios[n] = ratio.nan_to_num(nan=0.0, posinf=float("inf")).max().item()
+    return ratios
 
 
-def adam_noise(want: dict) -> dict:
-    """Per parameter: 2 lr x steps where its reference gradient was small at some step."""
-    steps = want["grads"]
-    noisy = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in want["params"].items()}
-    for grads in steps:
-        floor = RTOL["later"] * max(g.abs().max().item() for g in grads.values())
-        for n, g in grads.items():
-            noisy[n] |= g.abs() <= floor
-    return {n: mask * (2 * ADAM_LR * len(steps)) for n, mask in noisy.items()}
+def case_failures(layout: str, case: str, got: dict, want: dict) -> list:
+    """One line per way `got` (a layout's run of `case`) is not the one-process run."""
+    failures = []
+    for key in ("loss", "grad_norm", "grads"):  # zip below would pass a layout that logs fewer steps
+        if len(got[key]) != len(want[key]):
+            return [f"{layout} {case}: {len(got[key])} {key} vs {len(want[key])}"]
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got["loss"], want["loss"]))
+    print(f"SUMMARY {layout} {case}: max loss rel diff {loss_diff:.1e}")
+    for step, (loss, ref_loss) in enumerate(zip(got["loss"], want["loss"])):
+        if loss != pytest.approx(ref_loss, rel=1e-5):
+            failures.append(f"{layout} {case} step {step}: loss {loss} vs one process {ref_loss}")
+    for step, (norm, ref_norm) in enumerate(zip(got["grad_norm"], want["grad_norm"])):
+        if norm != pytest.approx(ref_norm, rel=1e-4):
+            failures.append(f"{layout} {case} step {step}: grad norm {norm} vs one process {ref_norm}")
+    for step, (fused, norm) in enumerate(zip(got["fused_grad_norm"], got["grad_norm"], strict=True)):
+        if fused != pytest.approx(norm, rel=1e-6):
+            failures.append(f"{layout} {case} step {step}: the job's fused grad norm {fused} vs Megatron's {norm}")
+    tensors = [("grads", step, g) for step, g in enumerate(got["grads"])]
+    tensors.append(("params", len(got["loss"]) - 1, got["params"]))
+    for what, step, mine in tensors:
+        theirs = want[what][step] if what == "grads" else want[what]
+        if mine.keys() != theirs.keys():
+            failures.append(f"{layout} {case}: {what} names differ")
+            continue
+        later = what == "grads" and step > 0
+        floor = LATER_FLOOR * max(t.abs().max().item() for t in theirs.values()) if later else 0.0
+        ratio = excess(mine, theirs, RTOL, floor)
+        name = max(ratio, key=ratio.get)
+        print(f"SUMMARY {layout} {case} step {step} {what}: worst {name} ({ratio[name]:.2f} of the tolerance)")
+        if ratio[name] > 1:
+            largest = (mine[name] - theirs[name]).abs().max().item()
+            failures.append(f"{layout} {case} step {step}: {what} of {name} differ by up to {largest:.2e} (its "
+                            f"largest entry {theirs[name].abs().max().item():.2e}), {ratio[name]:.1f}x the tolerance")
+    return failures
 
 
 def compare(layout: str, result: dict, ref: dict):
+    divergent = []
     for case, got in result.items():
-        want = ref[case]
-        for key in ("loss", "grad_norm", "grads"):  # zip below would pass a layout that logs fewer steps
-            if key in got:
-                assert len(got[key]) == len(want[key]), f"{layout} {case}: {len(got[key])} {key} vs {len(want[key])}"
-        loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got["loss"], want["loss"]))
-        print(f"SUMMARY {layout} {case}: max loss rel diff {loss_diff:.1e}")
-        for step, (loss, ref_loss) in enumerate(zip(got["loss"], want["loss"])):
-            assert loss == pytest.approx(ref_loss, rel=1e-5), (
-                f"{layout} {case} step {step}: loss {loss} vs one process {ref_loss}")
-        for step, (norm, ref_norm) in enumerate(zip(got["grad_norm"], want["grad_norm"])):
-            assert norm == pytest.approx(ref_norm, rel=1e-4), (
-                f"{layout} {case} step {step}: grad norm {norm} vs one process {ref_norm}")
-        for step, (fused, norm) in enumerate(zip(got["fused_grad_norm"], got["grad_norm"], strict=True)):
-            assert fused == pytest.approx(norm, rel=1e-6), (
-                f"{layout} {case} step {step}: the job's fused grad norm {fused} vs Megatron's {norm}")
-        tensors = [("grads", step, g) for step, g in enumerate(got.get("grads", []))]
-        tensors.append(("params", len(got["loss"]) - 1, got["params"]))
-        for what, step, mine in tensors:
-            theirs = want[what][step] if what == "grads" else want[what]
-            assert mine.keys() == theirs.keys(), f"{layout} {case}: {what} names differ"
-            rtol = RTOL["first"] if (what, step) == ("grads", 0) else RTOL["later"]
-            ratio = excess(mine, theirs, rtol, adam_noise(want) if what == "params" else None)
-            name = max(ratio, key=ratio.get)
-            largest = (mine[name] - theirs[name]).abs().max().item()
-            scale = max(t.abs().max().item() for t in theirs.values())
-            spread = max((mine[n] - t).abs().max().item() for n, t in theirs.items()) / scale
-            print(f"SUMMARY {layout} {case} step {step} {what}: max |diff| / max |ref| {spread:.1e}; "
-                  f"worst vs tolerance {name} ({ratio[name]:.2f} of it)")
-            assert ratio[name] <= 1, (
-                f"{layout} {case} step {step}: {what} of {name} differ by up to {largest:.2e}, "
-                f"{ratio[name]:.1f}x the tolerance (rtol {rtol})")
+        failures = case_failures(layout, case, got, ref[case])
+        if (layout, case) in DIVERGENT:
+            assert failures, f"{layout} {case} now matches one process: remove it from DIVERGENT"
+            divergent.append("\n".join(failures[:5]))
+            continue
+        assert not failures, "\n".join(failures)
+    if divergent:
+        pytest.xfail("known divergence (DIVERGENT):\n" + "\n".join(divergent))
 
 
 def run_layout(layout: str, cases, reference):

@@ -3,6 +3,8 @@ tests/gpu/compare.py compares.
 
     python tests/gpu/forward_worker.py --out RUN.pt (--save-weights W.pt | --load-weights W.pt) -- JOB FLAGS
 
+Writes the logits, the loss, the gradient norms (in total and per part) and every parameter's
+gradient in fp32 under its checkpoint key (the same for the local and the TE layers).
 The model is the job's own (`job/build.py: build` of the resolved settings, i.e. Megatron DDP, fusions, precision,
 backend and attention from the job flags, e.g. `--precision bf16 --model.transformer_impl
 transformer_engine`), on the GPU where there is one, else on the CPU. `--save-weights` writes
@@ -26,9 +28,10 @@ DEBUG = ROOT / "examples" / "configs" / "debug-cpu.yaml"
 BATCH = 2
 
 
-def checkpoint_pieces(module):
+def checkpoint_pieces(module, tensors: dict = None):
     """{checkpoint key (@ the core's stacked layer index): this rank's view of it} of every
-    parameter; at TP=PP=1 each view is the whole tensor."""
+    parameter; at TP=PP=1 each view is the whole tensor. With `tensors` ({parameter name: a
+    tensor laid out like it}, e.g. its gradient), the same views of those tensors instead."""
     from spiral_megatron.model.init import _pieces, _sharded_params
 
     out = {}
@@ -37,7 +40,13 @@ def checkpoint_pieces(module):
         if id(p) not in sharded:
             raise RuntimeError(f"parameter {name} has no checkpoint key")
         for st in _pieces(sharded[id(p)]):
-            out[st.key + "".join(f"@{i}" for i in st.global_offset[: st.prepend_axis_num])] = st.data
+            view = st.data
+            if tensors is not None:
+                t = tensors[name]
+                if t.shape != p.shape or t.stride() != p.stride():
+                    raise RuntimeError(f"{name}: {tuple(t.shape)}/{t.stride()} is not laid out like the parameter")
+                view = t.as_strided(view.shape, view.stride(), t.storage_offset() + view.storage_offset() - p.storage_offset())
+            out[st.key + "".join(f"@{i}" for i in st.global_offset[: st.prepend_axis_num])] = view
     return out
 
 
@@ -92,6 +101,7 @@ def main(argv) -> None:
     core = module.loop.core.layers[0].self_attention.core_attention
     torch.save({
         "logits": logits.detach().float().cpu(), "loss": loss.item(), "group_norms": norms,
+        "grads": {k: v.detach().float().cpu().clone() for k, v in checkpoint_pieces(module, grads).items()},
         "grad_norm": math.sqrt(sum(n * n for n in norms.values())),
         "attention": type(core).__name__, "dtype": str(next(module.parameters()).dtype),
     }, args.out)

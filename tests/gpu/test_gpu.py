@@ -1,7 +1,8 @@
 """The GPU path (issues 7 and 14 section 6a): formats, backends, attention, FP8, NCCL layouts, resume.
 
-Each comparison starts from the same checkpoint: one forward's logits and the gradient norms,
-in total and per part of the model (a part without gradient fails whatever the tolerance), at
+Each comparison starts from the same checkpoint: one forward's logits, the gradient norms in
+total and per part of the model (a part without gradient fails whatever the tolerance) and
+every parameter's gradient (compare.gradient_failures), at
 tolerances derived from the formats compared (tests/gpu/compare.py), then the loss change over
 20 steps of the job. Run on a GPU node:  python -m pytest tests/gpu -v -rs   (docs/GPU.md).
 On a CPU host each test is skipped with the reason; the comparison logic runs on CPU in

@@ -1,6 +1,7 @@
-"""Per-level activation scales under recompute (issue 14, section 4): the loop sets the level
-of its core's quantizers itself, so a recomputed iteration (`recompute_loop_iterations`) replays
-its own level; Megatron's full recompute of the core is refused before any compute."""
+"""Per-level activation scales under recompute (issue 14 section 4, issue 21 item 7): whatever
+replays core modules in the backward (`recompute_loop_iterations`, Megatron's selective
+`recompute_modules` or its full recompute) replays them at their own level, so the gradients
+equal those of no recompute, parameter by parameter."""
 
 import pytest
 import torch
@@ -13,16 +14,28 @@ from tests.quantization.test_calibration import BATCH, SEQ, VOCAB, batches, forw
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
+RECOMPUTE = {
+    "loop-iterations": dict(recompute_loop_iterations=True),
+    # "mlp" replays the quantized fc1/fc2 (it needs add_bias_linear false, and "layernorm"
+    # Transformer Engine: SpiralConfig._check_recompute)
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 
-def debug_model(**overrides):
+
+def quantized_model(**runtime):
+    """The debug flavor without linear biases, fp8 with per-level scales, in training mode."""
     from megatron.core import tensor_parallel
 
     from spiral_megatron.conversion.megatron_io import build_megatron
+    from spiral_megatron.quantization import ptq
 
     tensor_parallel.model_parallel_cuda_manual_seed(7, inference_rng_tracker=True)
     torch.manual_seed(7)
-    args = ModelArgs.from_config(flavors.get("debug").config(**overrides), vocab_size=VOCAB, max_sequence_length=SEQ)
-    return build_megatron(args).eval()
+    config = flavors.get("debug").config(add_bias_linear=False)
+    args = ModelArgs.from_config(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    model = build_megatron(args, **runtime).eval()
+    return ptq.quantize(model, "fp8", forward_loop, per_level=True).train()
 
 
 def gradients(model) -> dict:
@@ -33,37 +46,34 @@ def gradients(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_recompute_loop_iterations_replays_each_level(megatron):
-    from spiral_megatron.quantization import ptq
+@pytest.fixture(scope="module")
+def no_recompute(megatron):
+    model = quantized_model()
+    return model, gradients(model)
 
-    model = ptq.quantize(debug_model(), "fp8", forward_loop, per_level=True).train()
-    want = gradients(model)
-    model.config.recompute_loop_iterations = True
-    try:
-        got = gradients(model)
-    finally:
-        model.config.recompute_loop_iterations = False
+
+@pytest.mark.parametrize("recompute", RECOMPUTE)
+def test_recompute_replays_each_level(no_recompute, recompute):
+    reference, want = no_recompute
+    model = quantized_model(**RECOMPUTE[recompute])
+    for name, value in reference.state_dict().items():  # the same weights and calibrated scales
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    got = gradients(model)
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
-    # The levels matter: every iteration at the last level's scales gives other gradients.
-    quantizers, model.loop.level_quantizers = model.loop.level_quantizers, []
-    for q in quantizers:
-        q.level = len(model.levels) - 1
-    wrong = gradients(model)
+
+
+def test_the_levels_matter(no_recompute):
+    """Every iteration at the last level's scales gives other gradients: what a recompute that
+    replays with the loop's current level would compute."""
+    reference, want = no_recompute
+    quantizers, reference.loop.level_quantizers = reference.loop.level_quantizers, []
+    try:
+        for q in quantizers:
+            q.level = len(reference.levels) - 1
+        wrong = gradients(reference)
+    finally:
+        reference.loop.level_quantizers = quantizers
     assert any(not torch.allclose(wrong[n], want[n]) for n in want)
-
-
-def test_full_recompute_of_the_core_is_refused_with_per_level_scales(megatron):
-    from spiral_megatron.quantization import levels, ptq
-
-    model = debug_model()
-    model.config.recompute_granularity = "full"  # what a training job's config sets
-    with pytest.raises(ValueError, match='recompute_granularity "full" cannot run per-level'):
-        ptq.quantize(model, "fp8", forward_loop, per_level=True)
-    ptq.quantize(model, "fp8", forward_loop)  # shared scales: no level to get wrong
-    # A per-level model that a fully recomputing job restores is refused too, before any compute.
-    model = ptq.quantize(debug_model(), "fp8", forward_loop, per_level=True)
-    model.config.recompute_granularity = "full"
-    with pytest.raises(ValueError, match='recompute_granularity "full"'):
-        levels.install_levels(model)

@@ -26,16 +26,22 @@ def test_tolerances_follow_the_unit_roundoff_of_the_formats():
     assert bf16 < tolerance(("bf16", "e4m3"), DEPTH)
 
 
-def result(seed: int = 0, scale: float = 0.0) -> dict:
-    """A worker result: logits and per-part gradients, perturbed by relative noise `scale`."""
+ROUTER = "loop.topology.write_router.weight"  # a small gradient next to a large one in its part
+
+
+def result(seed: int = 0, scale: float = 0.0, router_factor: float = 1.0) -> dict:
+    """A worker result: logits and gradients, perturbed by relative noise `scale`; the router's
+    gradient (1e-4 of the others) multiplied by `router_factor`."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 16, 32, generator=g)
     grads = {f"{part}weight": torch.randn(8, 8, generator=g) for part in PARTS}
+    grads[ROUTER] = 1e-4 * router_factor * torch.randn(4, 8, generator=g)
     noise = torch.Generator().manual_seed(seed)
     logits = logits * (1 + scale * torch.randn(logits.shape, generator=noise))
     grads = {n: t * (1 + scale * torch.randn(t.shape, generator=noise)) for n, t in grads.items()}
     norms = part_norms(grads)
-    return {"logits": logits, "group_norms": norms, "grad_norm": math.sqrt(sum(n * n for n in norms.values()))}
+    return {"logits": logits, "group_norms": norms, "grad_norm": math.sqrt(sum(n * n for n in norms.values())),
+            "grads": grads}
 
 
 def test_rounding_noise_of_the_format_passes():
@@ -48,6 +54,22 @@ def test_a_part_without_gradient_fails_whatever_the_tolerance():
     run["group_norms"]["loop.core."] = 0.0
     failures = forward_failures(result(), run, 1.0, 1.0)
     assert any("zero or not finite in ['loop.core.']" in f for f in failures), failures
+
+
+def test_one_wrong_parameter_gradient_fails_though_every_norm_holds():
+    """The router's gradient (1e-4 of the others) doubled moves its part's norm by 1e-8: only
+    the per-parameter comparison sees it, at its share of the total norm (fp32 vs fp32)."""
+    tol = tolerance(("fp32", "fp32"), DEPTH, passes=2)
+    ref = result()
+    failures = forward_failures(ref, result(router_factor=2.0), tol, tol)
+    assert len(failures) == 1 and failures[0].startswith(f"gradient of {ROUTER}: error "), failures
+    noise = result()  # noise at 1e-4 of the router's own norm (over tol), far under its share of the total
+    noise["grads"][ROUTER] = noise["grads"][ROUTER] * (1 + 1e-4 * torch.randn(4, 8, generator=torch.Generator().manual_seed(1)))
+    assert forward_failures(ref, noise, tol, tol) == []
+    missing = result()
+    del missing["grads"][ROUTER]
+    assert forward_failures(result(), missing, tol, tol) == [
+        f"gradients of different parameters: missing ['{ROUTER}'], unexpected []"]
 
 
 def test_non_finite_or_distant_values_fail():
@@ -99,4 +121,5 @@ def test_forward_worker_starts_every_run_from_the_shared_weights(tmp_path):
     assert sorted(ref["group_norms"]) == sorted(PARTS) and all(n > 0 for n in ref["group_norms"].values())
     tol = tolerance(("fp32", "fp32"), DEPTH)
     assert forward_failures(ref, run, tol, tol) == []
+    assert set(ref["grads"]) == set(run["grads"]) and all(g.norm() > 0 for g in ref["grads"].values())
     assert ref["logits"].shape == (2, 128, 512) and ref["loss"] == pytest.approx(math.log(512), rel=0.02)

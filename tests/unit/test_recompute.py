@@ -42,3 +42,18 @@ def test_recompute_gives_the_same_gradients_with_less_memory(megatron, topology)
             torch.testing.assert_close(grads_r[n], grads[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name} {n}: {m}")
         print(f"{topology} {name}: {kept_r / 2**10:.0f} KiB kept for backward vs {kept / 2**10:.0f} KiB")
         assert kept_r < kept, f"{name} keeps {kept_r} bytes, no less than {kept} without recompute"
+
+
+def test_selective_recompute_modules_that_megatron_cannot_run_are_refused():
+    """Megatron's MLP recompute returns linear_fc2's bias parameter out of its checkpoint, which
+    makes the parameter a non-leaf whose backward re-enters itself without end; its layernorm
+    recompute calls Transformer Engine even without fp8 (megatron-core 0.16.1 and 0.19.2, a plain
+    GPTModel too): each refused in one line, not a hang or a NameError at the first step."""
+    with pytest.raises(ValueError, match="recompute_modules 'mlp' with add_bias_linear true never finishes"):
+        tiny_config(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"])
+    tiny_config(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"], add_bias_linear=False)
+    from megatron.core.tensor_parallel.random import HAVE_TE
+
+    if not HAVE_TE:
+        with pytest.raises(ValueError, match="recompute_modules 'layernorm' needs Transformer Engine"):
+            tiny_config(recompute_granularity="selective", recompute_modules=["layernorm"])

@@ -8,6 +8,10 @@ it is at least 10x the largest value among the first 100 finite ones. [ours] Dur
 """
 
 import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
 
 SPIKY_LOSS_FACTOR = 10.0  # Megatron-LM's training.py
 REFERENCE_SAMPLES = 100  # Megatron's is_unexpectedly_large default
@@ -31,3 +35,24 @@ class LargeValueCheck:
 
     def describe(self) -> str:
         return f"{self.factor:g}x the largest of the first {self.count} steps ({self.max:.4g})"
+
+
+def largest_abs_weight(parameters: Iterable[torch.Tensor], group=None) -> float:
+    """max |w| over `parameters` on every rank of `group` (default: the world): NaN if any
+    entry on any rank is NaN, else inf if any is infinite. One reduction on the device, one
+    all-reduce and one host read, whatever the number of parameters.
+
+    NaN needs care twice: Python's `max` over tensors keeps a NaN only when it comes first, and
+    an all-reduce MAX (gloo's, NCCL's) may drop it too. So each rank sends [max |w| with NaN
+    as inf, "has a NaN"], both reduced by MAX.
+    """
+    tensors = [p.detach() for p in parameters]
+    device = tensors[0].device if tensors else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = torch.zeros((), device=device)
+    if tensors:  # one inf-norm per parameter in a few fused kernels; max propagates NaN
+        local = torch.stack([n.float() for n in torch._foreach_norm(tensors, math.inf)]).max()
+    has_nan = local.isnan()
+    flags = torch.stack([torch.where(has_nan, math.inf, local), has_nan.float()])  # [2]
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    largest, has_nan = flags.tolist()
+    return math.nan if has_nan else largest

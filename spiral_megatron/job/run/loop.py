@@ -262,12 +262,9 @@ class Trainer:
             self.background.finalize(blocking=True)
 
     def max_abs_weight(self) -> float:
-        """The largest |weight| over all ranks (what a diverged checkpoint shows first)."""
-        local = max((p.detach().abs().max().float() for p in self.parts.module.parameters()),
-                    default=torch.zeros(()))
-        local = local.reshape(1).to("cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        return local.item()
+        """The largest |weight| over all ranks (what a diverged checkpoint shows first); NaN
+        if any weight is NaN."""
+        return divergence.largest_abs_weight(self.parts.module.parameters())
 
     def stopped(self, what: str, iteration: int) -> str:
         """`what` happened at `iteration` (this one or the one before, see step.StepFlags): say
