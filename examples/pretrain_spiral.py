@@ -43,7 +43,7 @@ def main(argv) -> int:
 def _main(argv, quiet) -> int:
     from spiral_megatron.errors import ConfigError, SpiralError
     from spiral_megatron.job.checkpoint.checkpointing import SaveFailed
-    from spiral_megatron.job.run.loop import NonFiniteLoss
+    from spiral_megatron.job.run.trainer import NonFiniteLoss
     from spiral_megatron.job.settings.keys import TrainingConfig
 
     if "--help" in argv or "-h" in argv:

@@ -109,7 +109,7 @@ def _load_into_torch_adam(checkpointing) -> None:
     step (`state_dict`: `len(steps) == 1`), and torch's Adam keeps the dummy step count after
     the load. The project's job meets both the same way (job/checkpoint/checkpointing.py): Megatron's
     own dummy state before the load, the checkpoint's step counts after it."""
-    from spiral_megatron.job.checkpoint.checkpointing import prepare_state_for_loading, restore_adam_steps
+    from spiral_megatron.job.checkpoint.torch_adam import prepare_state_for_loading, restore_adam_steps
 
     generate_state_dict, load_from_path = checkpointing.generate_state_dict, checkpointing._load_checkpoint_from_path
 

@@ -36,7 +36,7 @@ from megatron.core import parallel_state as ps
 from spiral_megatron import parallel
 from spiral_megatron.parallel import pipeline
 from spiral_megatron import SpiralGPTModel
-from spiral_megatron.job.checkpoint import checkpointing
+from spiral_megatron.job.checkpoint import checkpointing, loading
 from spiral_megatron.job.build import Components, sync_params, wrap_in_ddp
 from spiral_megatron.parallel import grad_norm
 from spiral_megatron.job.settings.config import TrainingConfig
@@ -249,7 +249,7 @@ def resume(case, args, root, steps: int):
     """A fresh build at this layout, loaded from the job's checkpoint in `root`, trained to step
     `steps`: {"loss", "grad_norm", "params"} of the steps after the checkpoint."""
     module, model, optimizer = build(case, args)
-    restored = checkpointing.load(root, job_parts(module, model, optimizer), job_config(args))
+    restored = loading.load(root, job_parts(module, model, optimizer), job_config(args))
     data = local_batches(args)
     result = {"loss": [], "grad_norm": []}
     for step in range(restored.iteration, steps):

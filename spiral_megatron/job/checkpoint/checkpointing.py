@@ -12,14 +12,13 @@ A model-only checkpoint (what tools/convert_from_hf.py writes: `model` and model
 also loads: weights only, the optimizer and the LR schedule start fresh.
 
 Saves may run in the background (`async_save`, Megatron's AsyncCallsQueue): publishing then
-happens when every rank's write has finished.
+happens when every rank's write has finished. Restoring is in loading.py.
 """
 
 import os
 import random
 import shutil
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.job.checkpoint import checkpoint_files, extra_state
+from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, torch_adam
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
@@ -77,7 +76,7 @@ def parallel_layout() -> dict:
             "dp": ps.get_data_parallel_world_size()}
 
 
-def _rng_object(layout: dict, state=None):
+def rng_object(layout: dict, state=None):
     """This rank's RNG states as one ShardedObject of a (pp, tp, dp) grid."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -93,7 +92,7 @@ def _rng_object(layout: dict, state=None):
     )
 
 
-def _set_rng(state: dict) -> None:
+def set_rng(state: dict) -> None:
     random.setstate(state["random"])
     numpy.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -150,7 +149,7 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
         "model": model_sd,
         "optimizer": optimizer_state.sharded_state_dict(parts.optimizer, model_sd, metadata),
         "scheduler": parts.scheduler.state_dict(),
-        "rng": _rng_object(layout),
+        "rng": rng_object(layout),
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "layout": layout,
@@ -164,7 +163,7 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
         (staging / "config.yaml").write_text(cfg.to_yaml())
         if hasattr(tokenizer, "save"):
             tokenizer.save(staging / "tokenizer")
-    distributed = bool(_torch_adam_distributed(parts.optimizer, any_backend=True))
+    distributed = bool(torch_adam.distributed_optimizers(parts.optimizer, any_backend=True))
     marker = checkpoint_files.record(iteration, layout, {
         "distributed": distributed,
         "format": metadata["distrib_optim_sharding_type"] if distributed else None,
@@ -243,131 +242,6 @@ class BackgroundSaves:
 
     def close(self) -> None:
         self.queue.close()
-
-
-@dataclass
-class Restored:
-    """What `load` restored: the iteration, and the data position unless only weights were there."""
-
-    iteration: int
-    consumed_samples: Optional[int]
-    weights_only: bool
-    extra: Optional[dict] = None
-
-
-def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
-    """Restore the latest checkpoint under `root`, after checking it fits this run.
-
-    The model reshards to this run's TP/PP layout, as does the optimizer state (the plain
-    optimizer's and `fully_reshardable` state carry the model's keys; `dp_reshardable` state
-    was refused before this if the TP/PP layout changed: checkpoint_files.check_fits). RNG
-    states are restored only when the layout is the saved one. A model-only checkpoint (no
-    optimizer tensors, no scheduler) restores the weights and leaves the freshly built
-    optimizer and scheduler as they are; so does `no_load_optim` for the optimizer (Megatron-
-    LM's flag; our choice: the LR schedule and the data position still continue). Another
-    architecture, sequence length, tokenizer or LR schedule is refused first (resume_check).
-    """
-    from megatron.core import dist_checkpointing
-
-    from spiral_megatron.model.model_args import ModelArgs
-    from spiral_megatron.job.checkpoint import optimizer_state, resume_check
-
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise CheckpointError(f"load {str(root)!r}: no {TRACKER} (no complete checkpoint)")
-    folder = str(iteration_dir(root, iteration))
-    record = checkpoint_files.read_record(folder)
-    common = dist_checkpointing.load_common_state_dict(folder)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    weights_only = "scheduler" not in common
-    resume_check.check_model(Path(folder), ModelArgs.load(Path(folder) / "model_args.json"),
-                             parts.model_args, tokenizer, weights_only)
-    if not weights_only and cfg is not None:
-        for line in (resume_check.check_schedule(Path(folder), common["scheduler"], parts.scheduler, cfg),
-                     resume_check.other_differences(common.get("config"), cfg)):
-            if line and rank0:
-                print(line, flush=True)
-    load_optim = not weights_only and not (cfg is not None and cfg.no_load_optim)
-    model_sd = parts.module.sharded_state_dict()
-    request = {"model": model_sd}
-    if load_optim:
-        prepare_state_for_loading(parts.optimizer)
-        saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
-        request["optimizer"] = optimizer_state.sharded_state_dict(parts.optimizer, model_sd, saved, is_loading=True)
-    load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
-    if load_rng:
-        request["rng"] = _rng_object(common["layout"], state={})
-    state = dist_checkpointing.load(request, folder)
-    parts.module.load_state_dict(state["model"])
-    if weights_only:
-        return Restored(iteration, None, True)
-    if load_optim:
-        with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
-            _load_optimizer(parts.optimizer, state["optimizer"])
-        restore_adam_steps(parts.optimizer)
-    else:
-        parts.optimizer.reload_model_params()  # its main (fp32) copies from the loaded weights
-    parts.scheduler.load_state_dict(common["scheduler"])
-    if load_rng:
-        _set_rng(state["rng"])
-    return Restored(iteration, common["consumed_samples"], False, common.get("extra", {}))
-
-
-def _torch_adam_distributed(optimizer, any_backend: bool = False):
-    """The DistributedOptimizers of `optimizer` that run torch's Adam (no apex/TE, e.g. CPU);
-    all of them with `any_backend`."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE and not any_backend:
-        return []
-    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
-
-
-def _load_optimizer(optimizer, state) -> None:
-    """`optimizer.load_state_dict(state)`, except for `fully_reshardable` state on torch's Adam
-    (no apex/TE, e.g. CPU): there Megatron (0.16.1, 0.19.2) copies the loaded tensors into every
-    tensor of each parameter's Adam state, torch's step count included, which the checkpoint
-    keeps in the param groups instead: KeyError 'step'. The same public steps are taken with
-    the step counts set aside while the parameter state loads (then `restore_adam_steps`)."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    torch_adam = _torch_adam_distributed(optimizer)
-    states = [state] if len(chained) == 1 else (
-        [v for _, v in sorted(state.items())] if isinstance(state, dict) else list(state))
-    if (not torch_adam or len(torch_adam) != len(chained)
-            or any(s.get("param_state_sharding_type") != "fully_reshardable" for s in states)):
-        optimizer.load_state_dict(state)
-        return
-    for opt, opt_state in zip(chained, states):
-        param_state = opt_state.pop("param_state")
-        opt_state.pop("param_state_sharding_type")
-        opt.load_state_dict(opt_state)  # param groups, torch's per-parameter step counts
-        steps = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
-        opt.load_parameter_state_from_fully_reshardable(param_state)
-        for param, step in steps.items():
-            opt.optimizer.state[param]["step"] = step
-
-
-def prepare_state_for_loading(optimizer) -> None:
-    """Megatron 0.16's DistributedOptimizer over torch's Adam has no state to load into before
-    its first step: give it Megatron's own dummy state (a zero-gradient step; the parameters
-    it touches are overwritten by the load that follows)."""
-    for opt in _torch_adam_distributed(optimizer):
-        if not opt.optimizer.state:
-            with torch.no_grad():
-                opt._init_optimizer_states_with_dummy_values()
-
-
-def restore_adam_steps(optimizer) -> None:
-    """After loading, torch's Adam keeps the dummy step count (1) in its per-parameter state;
-    the checkpoint's count is in the param groups (Megatron stores it there): copy it back,
-    or the bias correction of the next step is wrong and the resume is not exact."""
-    for opt in _torch_adam_distributed(optimizer):
-        for group in opt.optimizer.param_groups:
-            if "step" in group:
-                for param in group["params"]:
-                    if param in opt.optimizer.state:
-                        opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def check_writable(root) -> None:

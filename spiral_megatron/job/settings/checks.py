@@ -2,7 +2,7 @@
 
 Run by resolve.py, each once: `check` on the keys alone, `check_heads` on the model's fields
 before its SpiralConfig is built, `check_model` on the built SpiralConfig; `check_world` once
-the world size is known (job/run/loop.py). All raise ConfigError.
+the world size is known (job/run/startup.py). All raise ConfigError.
 """
 
 import dataclasses

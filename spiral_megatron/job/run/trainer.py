@@ -1,0 +1,198 @@
+"""The run's state between steps (iteration, consumed samples, data position, checks, saves)
+and the loop over steps.
+
+Failure handling, as Megatron-LM's: a non-finite loss or gradient norm (and, when asked, a
+spiky loss or gradient norm: divergence.py) stops the run naming the iteration, before that
+step is saved; the message says what the latest checkpoint holds (its step's loss, gradient
+norm, largest weight) and whether its weights are the ones that just failed. Weights that are
+not finite are never saved. SIGTERM or SIGINT saves a checkpoint at the end of the current
+step and exits cleanly.
+"""
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+from spiral_megatron.errors import SpiralError
+from spiral_megatron.job.build import Components
+from spiral_megatron.job.checkpoint import checkpointing, loading
+from spiral_megatron.job.data import datasets as data
+from spiral_megatron.job.run import divergence, step
+from spiral_megatron.job.run.metrics import Logger
+from spiral_megatron.job.run.startup import Layout
+from spiral_megatron.job.settings.resolve import Resolved
+
+
+class NonFiniteLoss(SpiralError, RuntimeError):
+    """The loss, the gradient norm or the weights became NaN or inf (or spiked, when checked)."""
+
+
+class ExitSignal:
+    """Records SIGTERM/SIGINT; every rank learns of it at the same step (in the step's
+    all-reduce, step.StepFlags)."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+
+class Trainer:
+    """Holds the run's state between steps: iteration, consumed samples, data iterators."""
+
+    def __init__(self, job: Resolved, layout: Layout, parts: Components, tokenizer,
+                 datasets, logger: Logger):
+        cfg = job.keys
+        self.cfg, self.layout, self.parts, self.tokenizer, self.logger = cfg, layout, parts, tokenizer, logger
+        self.train_ds, self.valid_ds = datasets
+        self.seq_length = job.seq_length
+        self.num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * layout.dp_size)
+        self.iteration, self.consumed_samples, self.last_saved = 0, 0, None
+        self.last_stats, self.saved_stats = {}, {}  # iteration -> what its checkpoint was saved after
+        self.background = checkpointing.BackgroundSaves(layout.rank0) if cfg.async_save and cfg.save else None
+        self.spiky_loss = divergence.LargeValueCheck() if cfg.check_for_spiky_loss else None
+        self.large_grads = divergence.LargeValueCheck() if cfg.check_for_large_grads else None
+        self.flags = step.StepFlags(layout.dp_size)  # each step's loss and exit flag, read a step late
+        self.settled, self.exit_requested = None, False
+        self.skipped = 0  # steps the optimizer skipped since the last log line (fp16 overflows)
+
+    def batches(self, dataset, start: int):
+        return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
+                                  self.layout.dp_size, self.cfg.num_workers)
+
+    def resume(self) -> None:
+        restored = loading.load(self.cfg.load, self.parts, self.cfg, self.tokenizer)
+        self.iteration = restored.iteration
+        if restored.weights_only:
+            # No data position saved: assume Megatron's sampler order up to this iteration.
+            self.consumed_samples = restored.iteration * self.cfg.global_batch_size
+            if self.layout.rank0:
+                print(f"loaded model weights only from {self.cfg.load} (iteration {self.iteration}): "
+                      f"it holds no optimizer, LR scheduler or data position; the optimizer and the "
+                      f"LR schedule start fresh, data from sample {self.consumed_samples}", flush=True)
+            return
+        self.consumed_samples = restored.consumed_samples
+        self.saved_stats[self.iteration] = restored.extra or {}
+        if self.cfg.save and Path(self.cfg.save).resolve() == Path(self.cfg.load).resolve():
+            self.last_saved = self.iteration  # it is there already: never rewrite it
+        if self.layout.rank0:
+            print(f"resumed from {self.cfg.load} at iteration {self.iteration} "
+                  f"({self.consumed_samples} samples consumed)", flush=True)
+
+    def save(self) -> None:
+        if not self.cfg.save or self.last_saved == self.iteration:
+            return
+        stats = dict(self.last_stats, max_abs_weight=self.max_abs_weight())
+        if not math.isfinite(stats["max_abs_weight"]):
+            raise NonFiniteLoss(self.stopped(f"weights not finite ({stats['max_abs_weight']})", self.iteration))
+        folder = checkpointing.save(self.cfg.save, self.iteration, self.consumed_samples, self.parts,
+                                    self.cfg, self.tokenizer, self.background, stats)
+        self.last_saved, self.saved_stats[self.iteration] = self.iteration, stats
+        if self.layout.rank0 and self.background is None:
+            print(f"saved checkpoint {folder}", flush=True)
+
+    def finish_saves(self) -> None:
+        """Wait for background saves and publish them (a collective)."""
+        if self.background is not None:
+            self.background.finalize(blocking=True)
+
+    def max_abs_weight(self) -> float:
+        """The largest |weight| over all ranks (what a diverged checkpoint shows first); NaN
+        if any weight is NaN."""
+        return divergence.largest_abs_weight(self.parts.module.parameters())
+
+    def stopped(self, what: str, iteration: int) -> str:
+        """`what` happened at `iteration` (this one or the one before, see step.StepFlags): say
+        so, and what the latest checkpoint holds."""
+        self.finish_saves()
+        head = f"{what} at iteration {iteration}: stopping, this step is not saved"
+        if not self.cfg.save:
+            return head + " (no --save folder)"
+        latest = checkpointing.latest_iteration(self.cfg.save)
+        if latest is None:
+            return f"{head}; no checkpoint in {self.cfg.save}"
+        stats = self.saved_stats.get(latest)
+        held = "" if not stats else (
+            f" (saved after a step of loss {stats.get('loss', float('nan')):.4g}, grad norm "
+            f"{stats.get('grad_norm') or float('nan'):.3g}, largest |weight| {stats['max_abs_weight']:.3g})")
+        line = f"{head}; latest checkpoint: iteration {latest} in {self.cfg.save}{held}"
+        if latest == iteration - 1:  # this step's loss was computed on exactly those weights
+            earlier = sorted(int(p.name[5:]) for p in Path(self.cfg.save).glob("iter_*")
+                             if p.name[5:].isdigit() and int(p.name[5:]) < latest)
+            line += ("; its weights are the ones that gave this step's values, so it is not a good "
+                     "checkpoint; the one before it: "
+                     + (f"iteration {earlier[-1]}" if earlier else "none"))
+        return line
+
+    def evaluate(self) -> float:
+        return step.evaluate(self.parts, self.batches(self.valid_ds, 0), self.cfg.eval_iters,
+                             self.num_microbatches, self.seq_length, self.cfg.micro_batch_size)
+
+    def train_one(self, batches, signals: "ExitSignal") -> None:
+        """Queue one step; check the previous one, whose values reached the host meanwhile."""
+        loss, host_values = step.train_step(self.parts, batches, self.num_microbatches, self.seq_length,
+                                            self.cfg.micro_batch_size, self.cfg.global_batch_size)
+        self.iteration += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        self.check(self.flags.swap(self.iteration, loss, signals.received, host_values))
+
+    def settle(self) -> step.Settled:
+        """This step's values, checked (a host sync: for log lines, saves and the end)."""
+        self.check(self.flags.settle())
+        return self.settled
+
+    def check(self, settled: Optional[step.Settled]) -> None:
+        """Stop at a non-finite (or spiky, when checked) step; every rank reads the same values."""
+        if settled is None:
+            return
+        values = {"loss": settled.loss, "grad_norm": settled.grad_norm}
+        bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(self.stopped(' and '.join(f'{k} {values[k]}' for k in bad), settled.iteration))
+        for name, check in (("loss", self.spiky_loss), ("grad_norm", self.large_grads)):
+            if check is not None and values[name] is not None and check.check(values[name]):
+                raise NonFiniteLoss(self.stopped(f"spiky {name} {values[name]:.4g} (>= {check.describe()})",
+                                                 settled.iteration))
+        self.settled, self.last_stats = settled, values
+        self.skipped += settled.skipped
+        self.exit_requested = self.exit_requested or settled.exit_requested
+
+    def run(self, signals: ExitSignal) -> str:
+        """Train to exit_interval or train_iters; returns why it stopped."""
+        cfg, stop = self.cfg, self.cfg.exit_interval or self.cfg.train_iters
+        batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None
+        while self.iteration < stop:
+            if self.background is not None:
+                self.background.finalize(blocking=False)
+            started = time.time()
+            self.train_one(batches, signals)
+            last = self.iteration == stop
+            log = self.iteration % cfg.log_interval == 0 or last
+            save = bool(cfg.save_interval) and self.iteration % cfg.save_interval == 0
+            if log or save:  # never save (nor log) a step whose values are unchecked
+                self.settle()
+            self.logger.step_done(self.iteration, stop, time.time() - started)
+            evaluate = cfg.eval_interval and (self.iteration % cfg.eval_interval == 0 or last)
+            val_loss = self.evaluate() if evaluate else None
+            if log:
+                self.logger.log(self.iteration, self.consumed_samples,
+                                dict(vars(self.settled), skipped_iterations=self.skipped), val_loss)
+                self.skipped = 0
+            elif val_loss is not None:
+                self.logger.log_eval(self.iteration, val_loss)
+            if save:
+                self.save()
+            if self.exit_requested:  # seen one step late, by every rank at the same step
+                self.settle()
+                self.save()
+                self.finish_saves()
+                return f"exit signal received: stopped after iteration {self.iteration}"
+        self.settle()
+        self.save()
+        self.finish_saves()
+        return f"finished iteration {self.iteration}"
