@@ -62,7 +62,12 @@ JOB_TO_BRIDGE = {
     "adam_eps": "optimizer.adam_eps",
     "clip_grad": "optimizer.clip_grad",
     "precision": "mixed_precision (bf16_mixed, fp16_mixed), model.params_dtype, optimizer.bf16/fp16",
-    "loss_scale": "optimizer.loss_scale",
+    "loss_scale": "mixed_precision.loss_scale (Bridge writes it over optimizer.loss_scale)",
+    "initial_loss_scale": "mixed_precision.initial_loss_scale",
+    "min_loss_scale": "mixed_precision.min_loss_scale",
+    "loss_scale_window": "mixed_precision.loss_scale_window",
+    "hysteresis": "mixed_precision.hysteresis",
+    "ddp_bucket_size": "ddp.bucket_size",
     "fp8": "model.fp8",
     "fp8_recipe": "model.fp8_recipe",
     "use_distributed_optimizer": "optimizer.use_distributed_optimizer, ddp.use_distributed_optimizer",
@@ -140,8 +145,24 @@ def container(job: Resolved) -> ConfigContainer:
         rng=RNGConfig(seed=keys.seed),
         rerun_state_machine=RerunStateMachineConfig(check_for_spiky_loss=keys.check_for_spiky_loss),
         dist=DistributedInitConfig(distributed_backend=_backend(job)),
-        mixed_precision={"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(keys.precision),
+        mixed_precision=_mixed_precision(job),
     )
+
+
+def _mixed_precision(job: Resolved):
+    """Bridge's bf16_mixed / fp16_mixed with the job's loss scaling and gradient-reduce dtype:
+    Bridge's MixedPrecisionConfig.setup writes its own fields over the optimizer's and the DDP
+    config's (fp16_mixed would reduce gradients in fp16 and reset the loss scaler's keys)."""
+    from megatron.bridge.training.mixed_precision import get_mixed_precision_config
+
+    name = {"bf16": "bf16_mixed", "fp16": "fp16_mixed"}.get(job.keys.precision)
+    if name is None:
+        return None
+    opt = job.optimizer
+    return dataclasses.replace(get_mixed_precision_config(name), loss_scale=opt.loss_scale,
+                               initial_loss_scale=opt.initial_loss_scale, min_loss_scale=opt.min_loss_scale,
+                               loss_scale_window=opt.loss_scale_window, hysteresis=opt.hysteresis,
+                               grad_reduce_in_fp32=job.ddp.grad_reduce_in_fp32)
 
 
 def _model(job: Resolved) -> SpiralModelProvider:

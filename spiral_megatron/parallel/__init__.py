@@ -25,6 +25,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_on_a_free_port(backend: str, attempts: int = 5) -> None:
+    """A single process's own rendezvous. A port found free can be taken by another program
+    before the store binds it (jobs and tests starting side by side): then another port."""
+    for attempt in range(attempts):
+        os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            dist.init_process_group(backend=backend)
+            return
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e) or attempt == attempts - 1:
+                raise
+
+
 def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -45,13 +58,16 @@ def initialize(
     if backend == "gloo":
         cuda_on_cpu.enable()
     if not dist.is_initialized():
+        own_port = "RANK" not in os.environ and "MASTER_PORT" not in os.environ
         if "RANK" not in os.environ:  # a plain single process
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        if own_port:
+            _init_on_a_free_port(backend)
+        else:
+            dist.init_process_group(backend=backend)
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(

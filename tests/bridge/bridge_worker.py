@@ -73,8 +73,16 @@ def recipe_checks() -> dict:
             recipes.pretrain_config("debug", **{key: value})
         except ConfigError as e:
             refused[key] = str(e)
+    # fp16's loss-scaler keys survive Bridge's MixedPrecisionConfig.setup, which writes its own
+    # fields over the optimizer's and DDP's configs
+    fp16 = recipes.pretrain_config("debug", precision="fp16", initial_loss_scale=1024.0, min_loss_scale=2.0,
+                                   loss_scale_window=50, hysteresis=3, ddp_bucket_size=4000)
+    fp16.mixed_precision.setup(fp16.model, fp16.optimizer, fp16.ddp)
+    after_setup = {k: getattr(fp16.optimizer, k) for k in ("fp16", "loss_scale", "initial_loss_scale",
+                                                            "min_loss_scale", "loss_scale_window", "hysteresis")}
+    after_setup.update(grad_reduce_in_fp32=fp16.ddp.grad_reduce_in_fp32, bucket_size=fp16.ddp.bucket_size)
     return {"differ_from_yaml": differ, "containers": made, "mapped": sorted(recipes.JOB_TO_BRIDGE),
-            "job_only": sorted(recipes.JOB_ONLY), "refused": refused}
+            "job_only": sorted(recipes.JOB_ONLY), "refused": refused, "fp16_after_setup": after_setup}
 
 
 def pretrain_losses(cfg, forward_step=None) -> list:

@@ -92,6 +92,14 @@ def test_every_job_key_has_its_bridge_field(results):
     assert [k for k in mapped + job_only if f"`{k}`" not in doc] == []
 
 
+def test_fp16_loss_scaling_and_buckets_reach_megatron_through_bridge(results):
+    """The job's fp16 keys as Megatron gets them after Bridge's mixed-precision setup (which
+    writes its own defaults over the optimizer's: 2**32, 1, 1000, 2, fp16 gradient reduction)."""
+    assert results["recipes"]["fp16_after_setup"] == {
+        "fp16": True, "loss_scale": None, "initial_loss_scale": 1024.0, "min_loss_scale": 2.0,
+        "loss_scale_window": 50, "hysteresis": 3, "grad_reduce_in_fp32": True, "bucket_size": 4000}
+
+
 def test_job_only_keys_are_refused(results):
     assert results["recipes"]["refused"] == {
         "log-json": "log_json 'x.jsonl': a key of the project's own job, which Megatron-Bridge has no field for "
