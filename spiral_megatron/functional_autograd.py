@@ -112,6 +112,8 @@ class MeshStep(torch.autograd.Function):
     """`functional_spiral.mesh_step`: every token is a row, slots [N, B, h]; both routers in
     one matmul and one softmax; backward 4 bmm, 2 mm and one softmax backward (issue 15).
         slots' = slots + w u^T     h' = r^T slots'     (w, r) = softmax(h [W; R]^T)
+    u None: u = h (the transitional step writes the state its routers read); its two
+    gradients are then summed in the routers' matmul (an addmm), not by autograd's engine.
     """
 
     @staticmethod
@@ -121,8 +123,9 @@ class MeshStep(torch.autograd.Function):
         h2 = h.reshape(-1, d)  # [N, d]
         p32 = torch.softmax(torch.mm(h2, weight.t()).view(-1, 2, B), dim=-1, dtype=torch.float32)
         p = p32.to(h.dtype)  # [N, 2, B]: (write, read) weights
-        w, r = p[:, :1], p[:, 1:]  # [N, 1, B] each
-        u = u.reshape(-1, 1, d)  # [N, 1, d]
+        w, r = p.split(1, dim=1)  # [N, 1, B] each
+        ctx.writes_h = u is None
+        u = (h if u is None else u).reshape(-1, 1, d)  # [N, 1, d]
         new_slots = torch.baddbmm(slots, w.transpose(1, 2), u)  # [N, B, d]
         new_h = torch.bmm(r, new_slots)  # [N, 1, d]
         ctx.set_materialize_grads(False)  # the last step's slots get no gradient
@@ -147,5 +150,8 @@ class MeshStep(torch.autograd.Function):
         grad_u = torch.bmm(w, grad_new)  # [N, 1, d]
         grad_logits = _softmax_backward(grad_p, p32, -1, h2.dtype).view(-1, 2 * B)  # [N, 2B]
         grad_weight = torch.mm(grad_logits.t(), h2)  # [2B, d]
+        if ctx.writes_h:  # h's gradient as the write's plus the routers'
+            grad_h_in = torch.addmm(grad_u.view(h2.shape), grad_logits, weight).view(grad_h.shape)  # [.., d]
+            return (grad_new, None, grad_h_in, *grad_weight.split(B))
         grad_h_in = torch.mm(grad_logits, weight).view(grad_h.shape)  # [.., d]
         return (grad_new, grad_u.view(grad_h.shape), grad_h_in, *grad_weight.split(B))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spiral_megatron import functional_spiral as F
-from tests.gpu.compare import relative_error, tolerance
+from tests.formats import relative_error, tolerance
 
 n, G, B, D = 3, 4, 2, 16  # latents, chunk size, batch, width
 LOW = {torch.bfloat16: "bf16", torch.float16: "fp16"}
