@@ -10,9 +10,10 @@ for Hugging Face's [b, s, d]. Imports only torch, the standard library and its s
 model files import them relatively.
 
 Written for a launch-bound GPU (issues 15, 23): the shift back is a view of the up-scale's
-output here (one pad of it in eager mode, `functional_autograd.Allocate`), sqrt(g) scales the small allocation weights, not the token update, and MeSH
-keeps its slots as one row per token ([N, B, h]) so that a write is one fused multiply-add and
-a read one batched matrix-vector product, each touching the B slots once. The learned steps
+output here (one pad of it in eager mode, `functional_autograd.Allocate`), sqrt(g) scales the
+small allocation weights, not the token update, and MeSH keeps its slots as one row per token
+([N, B, h]) so that a write is one fused multiply-add and a read one batched matrix-vector
+product, each touching the B slots once. The learned steps
 (self-aggregation, allocation, the MeSH write-read) take their weights, not the outputs of
 their linears: in eager mode each runs as one autograd node with its linear inside and its
 backward written out (`functional_autograd.py`); under torch.compile the formulas here run.
