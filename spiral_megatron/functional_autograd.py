@@ -26,6 +26,11 @@ def _softmax_backward(grad: torch.Tensor, p32: torch.Tensor, dim: int, dtype: to
     return torch._softmax_backward_data(grad.float(), p32, dim, torch.float32).to(dtype)
 
 
+def _as(x: torch.Tensor, shape) -> torch.Tensor:
+    """x reshaped to `shape`; x itself where it has that shape already (no op dispatched)."""
+    return x if x.shape == shape else x.reshape(shape)
+
+
 def _pad(x: torch.Tensor, dim: int, front: int, back: int = 0) -> torch.Tensor:
     """Zeros added at the front and back of `dim` (a negative count drops entries instead)."""
     return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [front, back])
@@ -67,44 +72,50 @@ class Aggregate(torch.autograd.Function):
 class Allocate(torch.autograd.Function):
     """`functional_spiral.allocate` with its allocator: slot k of chunk j receives
     sqrt(g) beta_jk delta_j, beta_j = softmax(B y_j + b), shifted right by `shift` (0 <= shift
-    <= g) as a view: the product is written with one zero chunk in front.
+    <= g) in one pad of the product.
 
-    y, delta [.., n, .., h] (latent j at `dim`); weight B [g, h], bias b [g] or None.
+    y, delta [P.., n, Q.., h] (latent j at `dim`); weight B [g, h], bias b [g] or None. The
+    logits come out of one batched product per latent, [P*n, g, Q], already laid out like the
+    chunks (slot k after latent j), so the product with delta is written in the token order
+    without a transposing copy (the formula's movedim), and the shift is one pad of it.
     Backward, with U = dL/du shifted back left (zeros where the shift dropped tokens):
         dL/dbeta = sqrt(g) <U, delta>   dL/ddelta = sum_k beta_k U_k
-        dL/dl = softmax'(beta) dL/dbeta   dL/dy = dL/dl B   dL/dB = sum dL/dl^T y   dL/db = sum dL/dl
+        dL/dl = softmax'(beta) dL/dbeta   dL/dy = dL/dl^T B   dL/dB = sum dL/dl y   dL/db = sum dL/dl
     """
 
     @staticmethod
     def forward(ctx, y, delta, weight, bias, dim: int, shift: int):
-        g = weight.shape[0]
-        rows = y.reshape(-1, y.shape[-1])  # [M, h]
-        logits = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias, rows, weight.t())  # [M, g]
-        beta32 = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        g, h = weight.shape
+        batch = (math.prod(y.shape[: dim + 1]), math.prod(y.shape[dim + 1 : -1]), h)  # (P*n, Q, h)
+        latents = _as(y, batch)  # [P*n, Q, h]
+        weights = weight.expand(batch[0], g, h)  # [P*n, g, h]
+        if bias is None:
+            logits = torch.bmm(weights, latents.transpose(1, 2))  # [P*n, g, Q]
+        else:
+            logits = torch.baddbmm(bias.view(g, 1), weights, latents.transpose(1, 2))
+        beta32 = torch.softmax(logits, dim=1, dtype=torch.float32)
         beta = beta32.to(y.dtype) * math.sqrt(g)  # sqrt(g) on the small weights, not on the update
-        beta = beta.view(y.shape[:-1] + (g, 1)).movedim(-2, dim + 1)  # [.., n, g, .., 1]
+        beta = beta.view(y.shape[: dim + 1] + (g,) + y.shape[dim + 1 : -1] + (1,))  # [.., n, g, .., 1]
         delta = delta.unsqueeze(dim + 1)  # [.., n, 1, .., h]
         ctx.dim, ctx.shift, ctx.has_bias = dim, shift, bias is not None
-        ctx.save_for_backward(rows, weight, beta32, beta, delta)
-        if not shift:
-            return (beta * delta).flatten(dim, dim + 1)  # [.., n*g, .., h]
-        u = (_pad(beta, dim, 1) * _pad(delta, dim, 1)).flatten(dim, dim + 1)  # [.., (n+1)*g, .., h]
-        return u.narrow(dim, g - shift, u.shape[dim] - g)  # [.., n*g, .., h]
+        ctx.save_for_backward(latents, weights, beta32, beta, delta)
+        u = (beta * delta).flatten(dim, dim + 1)  # [.., n*g, .., h]
+        return _pad(u, dim, shift, -shift) if shift else u  # shifted right, the last `shift` dropped
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_u):
-        rows, weight, beta32, beta, delta = ctx.saved_tensors
-        dim, shift, g = ctx.dim, ctx.shift, weight.shape[0]
+        latents, weights, beta32, beta, delta = ctx.saved_tensors
+        dim, shift, g = ctx.dim, ctx.shift, weights.shape[1]
         if shift:  # the shift's gradient: back left by `shift`, zeros where it dropped tokens
             grad_u = _pad(grad_u, dim, -shift, shift)
         grad_u = grad_u.unflatten(dim, (-1, g))  # [.., n, g, .., h]
         grad_delta = (grad_u * beta).sum(dim + 1)  # [.., n, .., h]
-        grad_beta = (grad_u * delta).movedim(dim + 1, -2).sum(-1).view(-1, g)  # [M, g]
-        grad_logits = _softmax_backward(grad_beta * math.sqrt(g), beta32, -1, rows.dtype)  # [M, g]
-        grad_y = torch.mm(grad_logits, weight).view(grad_delta.shape)  # [.., n, .., h]
-        grad_weight = torch.mm(grad_logits.t(), rows)  # [g, h]
-        grad_bias = grad_logits.sum(0) if ctx.has_bias else None
+        grad_beta = _as((grad_u * delta).sum(-1), beta32.shape)  # [P*n, g, Q]
+        grad_logits = _softmax_backward(grad_beta * math.sqrt(g), beta32, 1, latents.dtype)  # [P*n, g, Q]
+        grad_y = _as(torch.bmm(grad_logits.transpose(1, 2), weights), grad_delta.shape)  # [.., n, .., h]
+        grad_weight = torch.bmm(grad_logits, latents).sum(0)  # [g, h]
+        grad_bias = grad_logits.sum((0, 2)) if ctx.has_bias else None
         return grad_y, grad_delta, grad_weight, grad_bias, None, None
 
 
@@ -112,6 +123,8 @@ class MeshStep(torch.autograd.Function):
     """`functional_spiral.mesh_step`: every token is a row, slots [N, B, h]; both routers in
     one matmul and one softmax; backward 4 bmm, 2 mm and one softmax backward (issue 15).
         slots' = slots + w u^T     h' = r^T slots'     (w, r) = softmax(h [W; R]^T)
+    u None: u = h (the transitional step writes the state its routers read); its two
+    gradients are then summed in the routers' matmul (an addmm), not by autograd's engine.
     """
 
     @staticmethod
@@ -121,8 +134,9 @@ class MeshStep(torch.autograd.Function):
         h2 = h.reshape(-1, d)  # [N, d]
         p32 = torch.softmax(torch.mm(h2, weight.t()).view(-1, 2, B), dim=-1, dtype=torch.float32)
         p = p32.to(h.dtype)  # [N, 2, B]: (write, read) weights
-        w, r = p[:, :1], p[:, 1:]  # [N, 1, B] each
-        u = u.reshape(-1, 1, d)  # [N, 1, d]
+        w, r = p.split(1, dim=1)  # [N, 1, B] each
+        ctx.writes_h = u is None
+        u = (h if u is None else u).reshape(-1, 1, d)  # [N, 1, d]
         new_slots = torch.baddbmm(slots, w.transpose(1, 2), u)  # [N, B, d]
         new_h = torch.bmm(r, new_slots)  # [N, 1, d]
         ctx.set_materialize_grads(False)  # the last step's slots get no gradient
@@ -147,5 +161,8 @@ class MeshStep(torch.autograd.Function):
         grad_u = torch.bmm(w, grad_new)  # [N, 1, d]
         grad_logits = _softmax_backward(grad_p, p32, -1, h2.dtype).view(-1, 2 * B)  # [N, 2B]
         grad_weight = torch.mm(grad_logits.t(), h2)  # [2B, d]
+        if ctx.writes_h:  # h's gradient as the write's plus the routers'
+            grad_h_in = torch.addmm(grad_u.view(h2.shape), grad_logits, weight).view(grad_h.shape)  # [.., d]
+            return (grad_new, None, grad_h_in, *grad_weight.split(B))
         grad_h_in = torch.mm(grad_logits, weight).view(grad_h.shape)  # [.., d]
         return (grad_new, grad_u.view(grad_h.shape), grad_h_in, *grad_weight.split(B))

@@ -10,9 +10,10 @@ for Hugging Face's [b, s, d]. Imports only torch, the standard library and its s
 model files import them relatively.
 
 Written for a launch-bound GPU (issues 15, 23): the shift back is a view of the up-scale's
-output (no copy), sqrt(g) scales the small allocation weights, not the token update, and MeSH
-keeps its slots as one row per token ([N, B, h]) so that a write is one fused multiply-add and
-a read one batched matrix-vector product, each touching the B slots once. The learned steps
+output here (one pad of it in eager mode, `functional_autograd.Allocate`), sqrt(g) scales the
+small allocation weights, not the token update, and MeSH keeps its slots as one row per token
+([N, B, h]) so that a write is one fused multiply-add and a read one batched matrix-vector
+product, each touching the B slots once. The learned steps
 (self-aggregation, allocation, the MeSH write-read) take their weights, not the outputs of
 their linears: in eager mode each runs as one autograd node with its linear inside and its
 backward written out (`functional_autograd.py`); under torch.compile the formulas here run.
@@ -255,11 +256,11 @@ def mesh_slots(embeddings: torch.Tensor, num_slots: int) -> torch.Tensor:
     return torch.nn.functional.pad(rows, (0, 0, 0, num_slots - 1))
 
 
-def mesh_step(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, write_weight: torch.Tensor,
+def mesh_step(slots: torch.Tensor, u: Optional[torch.Tensor], h: torch.Tensor, write_weight: torch.Tensor,
               read_weight: torch.Tensor) -> State:
     """One MeSH write-read (MeSH section 3.2): slots [N, B, h] (a row per token), u [.., h]
-    what is written, h [.., h] the state the routers read (N tokens); write_weight,
-    read_weight [B, h].
+    what is written (None: h itself, the transitional step), h [.., h] the state the routers
+    read (N tokens); write_weight, read_weight [B, h].
         slot_b += u * softmax_b(W h)        h' = sum_b slot_b * softmax_b(R h)
     Both routers run as one matmul and one softmax. -> (h', slots)
 
@@ -269,7 +270,8 @@ def mesh_step(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, write_weigh
     with it)."""
     if not torch.compiler.is_compiling():
         return MeshStep.apply(slots, u, h, write_weight, read_weight)
-    return mesh_step_routed(slots, u, torch.nn.functional.linear(h, torch.cat([write_weight, read_weight])))
+    return mesh_step_routed(slots, h if u is None else u,
+                            torch.nn.functional.linear(h, torch.cat([write_weight, read_weight])))
 
 
 def mesh_step_routed(slots: torch.Tensor, u: torch.Tensor, logits: torch.Tensor) -> State:
@@ -282,11 +284,11 @@ def mesh_step_routed(slots: torch.Tensor, u: torch.Tensor, logits: torch.Tensor)
     return torch.matmul(r.unsqueeze(-2), slots).view(u.shape), slots  # [.., h], [N, B, h]
 
 
-def _mesh(slots: torch.Tensor, u: torch.Tensor, h: torch.Tensor, routers) -> State:
-    """One MeSH write-read; routers: (write_weight, read_weight) [B, h] each, or a callable
-    h -> logits [.., 2B] (the routers called as modules)."""
+def _mesh(slots: torch.Tensor, u: Optional[torch.Tensor], h: torch.Tensor, routers) -> State:
+    """One MeSH write-read (u None: write h); routers: (write_weight, read_weight) [B, h] each,
+    or a callable h -> logits [.., 2B] (the routers called as modules)."""
     if callable(routers):
-        return mesh_step_routed(slots, u, routers(h))
+        return mesh_step_routed(slots, h if u is None else u, routers(h))
     return mesh_step(slots, u, h, *routers)
 
 
@@ -300,7 +302,7 @@ def init_state(topology: str, h0: torch.Tensor, embeddings: Optional[torch.Tenso
     if topology == "anchor":
         return (h0, h0)
     if topology == "mesh":
-        return _mesh(mesh_slots(embeddings, num_slots), h0, h0, mesh_weights)
+        return _mesh(mesh_slots(embeddings, num_slots), None, h0, mesh_weights)  # writes h0
     return (h0,)
 
 

@@ -135,6 +135,16 @@ def test_mesh_step_gradients_are_autograds():
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want)
 
+    # the transitional step writes the state its routers read (u None): h's two gradients summed
+    outs = []
+    for fn in (lambda s, h, w, r: F.mesh_step(s, None, h, w, r), lambda s, h, w, r: plain(s, h, h, w, r)):
+        leaves = [x.clone().requires_grad_() for x in (inputs[0], *inputs[2:])]
+        h, slots = fn(*leaves)
+        (h.sin().sum() + slots.cos().sum()).backward()
+        outs.append((h, slots, *[x.grad for x in leaves]))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want)
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mesh_step_backward_in_low_precision(dtype):
