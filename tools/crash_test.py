@@ -153,7 +153,10 @@ def main(argv=None) -> int:
                     help="the job's arguments instead of the built-in 12-step debug job (last option)")
     args = ap.parse_args(argv)
     job = tuple(args.job) if args.job else JOB
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # each launch makes its own rendezvous: a caller's torch.distributed variables (a test process
+    # that initialised in-process holds its MASTER_PORT) would send it to a port in use
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
