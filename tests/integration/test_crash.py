@@ -45,6 +45,14 @@ def names(folder) -> list:
     return sorted(p.name for p in Path(folder).iterdir())
 
 
+def finished(folder) -> bool:
+    """The folder of a finished job: its two checkpoints, tracker and config.yaml, nothing else
+    (besides warnings.log, written when the job held harmless warnings: megatron-core 0.19.2's
+    start-up has some, 0.16.1's none)."""
+    return [n for n in names(folder) if n != "warnings.log"] == sorted([TRACKER, "config.yaml", "iter_0000002",
+                                                                       "iter_0000004"])
+
+
 def assert_same_steps(reference, log) -> None:
     """Every step logged by every launch equals the uninterrupted run's (loss, lr: bitwise)."""
     records = crash_test.logged(log)
@@ -69,7 +77,7 @@ def test_killed_at_startup_in_a_save_and_at_teardown(reference, cache_dir, tmp_p
     assert (save / TRACKER).read_text() == "4" and LOCK in names(save)
     proc = launch(cache_dir, *args)
     assert "took over the lock" in proc.stdout and "pretrain_spiral: finished iteration 4" in proc.stdout
-    assert names(save) == sorted([TRACKER, "config.yaml", "iter_0000002", "iter_0000004", "warnings.log"])
+    assert finished(save)
     assert_same_steps(reference[1], log)
 
 
@@ -80,7 +88,7 @@ def test_killed_in_a_background_save(reference, cache_dir, tmp_path):
     assert not (save / TRACKER).exists()
     proc = launch(cache_dir, *args)
     assert "pretrain_spiral: finished iteration 4" in proc.stdout
-    assert names(save) == sorted([TRACKER, "config.yaml", "iter_0000002", "iter_0000004", "warnings.log"])
+    assert finished(save)
     assert_same_steps(reference[1], log)
 
 

@@ -85,6 +85,7 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = None
     try:
         builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(tokenizer.vocab_size))
         progress = _Progress()
@@ -100,6 +101,8 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output
             if Path(tmp + ext).exists():
                 os.replace(tmp + ext, prefix + ext)
     except BaseException:
+        if builder is not None:  # closed first: with multi-storage-client installed, megatron-core 0.16
+            builder.data_file.close()  # writes through msc.open, which creates the file only on close
         for ext in (".bin", ".idx", ".meta.json"):
             Path(tmp + ext).unlink(missing_ok=True)
         raise
