@@ -8,8 +8,8 @@ its jobs with the devices the user had (`GPU_ENV`).
 """
 
 import os
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,12 @@ def torchrun(script, nproc: int, *args, timeout: int = 600) -> str:
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(script), *map(str, args)]
+    from tests.jobs import Job
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=PYTHONPATH, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc.stdout
+    with tempfile.TemporaryDirectory() as folder, Job(cmd, env, folder) as job:
+        code = job.wait(timeout)  # past it: fails, every process of the job killed
+        out, err = job.stdout(), job.stderr()
+    if code != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {code}\n{out[-4000:]}\n{err[-8000:]}")
+    return out

@@ -25,7 +25,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Optional, Tuple
 
 import psutil
 
@@ -52,12 +54,35 @@ def job_processes(pid: int) -> list:
         return []
 
 
-def kill_job(pid: int) -> None:
+TAG = "SPIRAL_CRASH_TEST_JOB"  # set in a launch's environment: every process of it inherits it
+
+
+def tagged(env: dict) -> Tuple[dict, str]:
+    """`env` with a fresh tag that `kill_job` finds the launch's processes by."""
+    tag = uuid.uuid4().hex
+    return dict(env, **{TAG: tag}), tag
+
+
+def tagged_processes(tag: str) -> list:
+    """Every process whose environment carries `tag`: also those whose parent died first (a
+    worker's checkpoint writer, left to init when torchrun exited), which `job_processes` misses."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(TAG) == tag:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def kill_job(pid: int, tag: Optional[str] = None) -> None:
     """Stop every process of the job, then SIGKILL them all: no handler runs, as a scheduler's
-    hard kill or a lost node. Stopping first keeps a process from starting another meanwhile."""
+    hard kill or a lost node. Stopping first keeps a process from starting another meanwhile.
+    The job: `pid` and its descendants, and with `tag` every process carrying it (`tagged`)."""
     stopped = {}
     while True:
-        new = [p for p in job_processes(pid) if p.pid not in stopped]
+        new = [p for p in job_processes(pid) + (tagged_processes(tag) if tag else []) if p.pid not in stopped]
         if not new:
             break
         for p in new:
@@ -117,24 +142,32 @@ class Episode:
         self.final = int(job[list(job).index("--train-iters") + 1])
         self.launches, self.kills = 0, []
 
-    def launch(self, delay, env) -> bool:
-        """Launch, and kill after `delay` s (None: never); True once a launch has finished."""
+    def launch(self, delay, env, limit: float) -> bool:
+        """Launch, and kill after `delay` s (None: never); True once a launch has finished.
+        A launch not killed that runs past `limit` s is killed and raises: a hung relaunch is
+        a failure, not a wait."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.launches += 1
         out_path = self.folder / f"launch{self.launches:02d}.out"
+        env, tag = tagged(env)
         with open(out_path, "w") as out:
             job = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                    start_new_session=True)
             try:
-                code = job.wait(timeout=delay)
+                code = job.wait(timeout=limit if delay is None else delay)
             except subprocess.TimeoutExpired:
+                if delay is None:
+                    kill_job(job.pid, tag)
+                    job.wait()
+                    raise RuntimeError(f"{' '.join(self.command)} did not finish within {limit:.0f} s; see "
+                                       f"{out_path}:\n" + out_path.read_text()[-3000:]) from None
                 for p in job_processes(job.pid):  # freeze first: the phase is read from a still job
                     try:
                         p.send_signal(signal.SIGSTOP)
                     except psutil.NoSuchProcess:
                         pass
                 self.kills.append(phase(out_path.read_text(), self.save, self.final))
-                kill_job(job.pid)
+                kill_job(job.pid, tag)
                 job.wait()
                 return False
         if code != 0:
@@ -149,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seeds the kill delays")
     ap.add_argument("--nproc", type=int, default=2, help="processes per job (1: no torchrun)")
     ap.add_argument("--out", type=Path, default=Path("crash_test"), help="folder for the runs (default ./crash_test)")
+    ap.add_argument("--launch-timeout", type=float, default=900,
+                    help="seconds a launch that is not killed may run before it counts as hung (default 900)")
     ap.add_argument("--job", nargs=argparse.REMAINDER, default=None,
                     help="the job's arguments instead of the built-in 12-step debug job (last option)")
     args = ap.parse_args(argv)
@@ -162,7 +197,7 @@ def main(argv=None) -> int:
 
     reference = Episode(args.out, 0, args.nproc, False, job)
     started = time.monotonic()
-    reference.launch(None, env)
+    reference.launch(None, env, args.launch_timeout)
     window = time.monotonic() - started
     ref = {r["iteration"]: r for r in logged(reference.log)}
     iterations = max(ref)
@@ -174,12 +209,12 @@ def main(argv=None) -> int:
         episode = Episode(args.out, len(episodes) + 1, args.nproc, background=len(episodes) % 2 == 1, job=job)
         episodes.append(episode)
         while sum(len(e.kills) for e in episodes) < args.kills:
-            if episode.launch(rng.uniform(0, window), env):
+            if episode.launch(rng.uniform(0, window), env, args.launch_timeout):
                 break
             print(f"  kill {sum(len(e.kills) for e in episodes):3d}: episode {len(episodes)}, launch "
                   f"{episode.launches}, {episode.kills[-1]}", flush=True)
         else:
-            episode.launch(None, env)  # the last episode runs to its end
+            episode.launch(None, env, args.launch_timeout)  # the last episode runs to its end
         problems += [f"episode {len(episodes)}: {d}" for d in differences(ref, logged(episode.log), iterations)]
 
     phases = collections.Counter(kill for e in episodes for kill in e.kills)

@@ -8,11 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PYTHONPATH  # the repository, then the user's PYTHONPATH
+from tests.jobs import Job
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "pretrain_spiral.py"
@@ -57,9 +59,10 @@ def environment(cache_dir) -> dict:
 
 def launch(cache_dir, *args, nproc: int = 1, expect_rc: int = 0, timeout: int = 300, python: str = sys.executable):
     """Run the job (with `python`: another environment's); fail with its output when the exit
-    code is not `expect_rc`."""
-    proc = subprocess.run(command(nproc, args, python), capture_output=True, text=True, timeout=timeout,
-                          env=environment(cache_dir), cwd=ROOT)
+    code is not `expect_rc`, or when it runs past `timeout` s (every process of it killed)."""
+    with tempfile.TemporaryDirectory() as folder, Job(command(nproc, args, python), environment(cache_dir), folder) as job:
+        code = job.wait(timeout)
+        proc = subprocess.CompletedProcess(job.cmd, code, job.stdout(), job.stderr())
     if proc.returncode != expect_rc:
         pytest.fail(f"exit {proc.returncode} (expected {expect_rc}) for {args}\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

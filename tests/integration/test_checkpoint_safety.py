@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ import pytest
 from spiral_megatron.job.checkpoint import checkpointing
 from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from spiral_megatron.job.checkpoint.folder_lock import LOCK
-from tests.integration.conftest import ROOT, TINY, command, environment, launch
+from tests.integration.conftest import TINY, command, environment, launch
+from tests.jobs import Job
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
@@ -45,31 +45,21 @@ def test_sigterm_to_the_process_group_after_a_periodic_save(cache_dir, tmp_path)
     """SLURM preemption and scancel signal every process of the job: Megatron's checkpoint
     helper process used to die with it, and the exit save failed with BrokenPipeError."""
     save = tmp_path / "ckpt"
-    with open(tmp_path / "stderr", "w") as err:
-        job = subprocess.Popen(command(1, [*LONG, "--save-interval", 2, "--load", save, "--save", save]),
-                               stdout=subprocess.PIPE, stderr=err, text=True, env=environment(cache_dir),
-                               cwd=ROOT, start_new_session=True)
-        try:
-            head = []
-            for line in job.stdout:
-                head.append(line)
-                if line.startswith("saved checkpoint"):
-                    break
-            warnings = [line for line in head if "holds no checkpoint yet" in line]
-            assert len(warnings) == 1 and "starting from scratch" in warnings[0], "".join(head)[-3000:]
-            # A second job on the same folder is refused, naming the holder.
-            second = launch(cache_dir, *TINY, "--save", save, expect_rc=2)
-            assert f"in use by another job (pid {job.pid} on host {socket.gethostname()}" in second.stderr
-            os.killpg(job.pid, signal.SIGTERM)
-            rest = job.stdout.read()
-            assert job.wait(timeout=120) == 0, (tmp_path / "stderr").read_text()[-3000:]
-        finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
+    with Job(command(1, [*LONG, "--save-interval", 2, "--load", save, "--save", save]), environment(cache_dir),
+             tmp_path) as job:
+        job.wait_for(lambda line: line.startswith("saved checkpoint"))
+        warnings = [line for _, line in job.lines if "holds no checkpoint yet" in line]
+        assert len(warnings) == 1 and "starting from scratch" in warnings[0], job.stdout()[-3000:]
+        # A second job on the same folder is refused, naming the holder.
+        second = launch(cache_dir, *TINY, "--save", save, expect_rc=2)
+        assert f"in use by another job (pid {job.pid} on host {socket.gethostname()}" in second.stderr
+        os.killpg(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=120) == 0, job.stderr()[-3000:]
+    rest = job.stdout()
     stopped = int(re.search(r"stopped after iteration (\d+)", rest).group(1))
     assert stopped > 2 and (save / TRACKER).read_text() == str(stopped)
     assert (save / f"iter_{stopped:07d}" / "model_args.json").is_file()
-    assert "BrokenPipeError" not in (tmp_path / "stderr").read_text()
+    assert "BrokenPipeError" not in job.stderr()
     assert not (save / LOCK).exists() and hidden(save) == []
 
 

@@ -3,8 +3,6 @@
 at teardown, and at random moments (tools/crash_test.py); each relaunch of `--load X --save X`
 starts on its own and every step it logs equals the uninterrupted run's, bitwise."""
 
-import importlib.util
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,30 +13,24 @@ import pytest
 from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from spiral_megatron.job.checkpoint.folder_lock import LOCK
 from tests.integration.conftest import ROOT, TINY, environment, launch
+from tests.jobs import Job, crash_test
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
-
-spec = importlib.util.spec_from_file_location("crash_test", ROOT / "tools" / "crash_test.py")
-crash_test = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(crash_test)
 
 
 def killed(cache_dir, args, fault: str, timeout: float = 300) -> str:
     """Run the job with `fault` (a pause point of tests/integration/faulty_job.py), wait until
     it stops there, kill every process of it; returns what it printed."""
     env = dict(environment(cache_dir), SPIRAL_TEST_FAULT=fault)
-    job = subprocess.Popen([sys.executable, str(ROOT / "tests" / "integration" / "faulty_job.py"), *map(str, args)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                           start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
+    folder = Path(args[args.index("--save") + 1]).parent
+    with Job([sys.executable, ROOT / "tests" / "integration" / "faulty_job.py", *args], env, folder,
+             fault.replace(":", "-")) as job:
+        deadline = time.monotonic() + timeout
         while psutil.Process(job.pid).status() != psutil.STATUS_STOPPED:
-            assert job.poll() is None, f"exited {job.returncode} before {fault}:\n{job.stdout.read()[-3000:]}"
-            assert time.monotonic() < deadline, f"never reached {fault}"
+            assert job.proc.poll() is None, f"exited {job.proc.returncode} before {fault}:\n{job.stdout()[-3000:]}"
+            assert time.monotonic() < deadline, f"never reached {fault}:\n{job.stdout()[-3000:]}"
             time.sleep(0.05)
-    finally:
-        crash_test.kill_job(job.pid)
-    return job.stdout.read()
+    return job.stdout() + job.stderr()
 
 
 def names(folder) -> list:
@@ -97,6 +89,6 @@ def test_random_kills(cache_dir, tmp_path, monkeypatch, capsys):
     (the long run, 40 kills of the whole torchrun job, is the tool's command in docs/CHECKPOINTS.md)."""
     monkeypatch.setenv("SPIRAL_CACHE", str(cache_dir))
     code = crash_test.main(["--kills", "2", "--seed", "1", "--nproc", "1", "--out", str(tmp_path),
-                            "--job", *map(str, TINY)])
+                            "--launch-timeout", "240", "--job", *map(str, TINY)])
     out = capsys.readouterr().out
     assert code == 0 and "PASS: survived 2 of 2 kills" in out, out

@@ -3,14 +3,14 @@ another TP, the checkpoint layout the converters read, NaN stop, SIGTERM save, e
 
 import re
 import signal
-import subprocess
 
 import pytest
 import yaml
 
 from spiral_megatron.model.model_args import ModelArgs
 from spiral_megatron.job.checkpoint.checkpointing import TRACKER
-from tests.integration.conftest import TINY, command, environment, launch, logged, ROOT
+from tests.integration.conftest import TINY, command, environment, launch, logged
+from tests.jobs import Job
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
@@ -140,14 +140,11 @@ def test_sigterm_saves_then_exits_cleanly(cache_dir, tmp_path):
     save = tmp_path / "ckpt"
     args = [*TINY, "--train-iters", 100000, "--eval-interval", "null", "--save-interval", "null",
             "--save", save]
-    proc = subprocess.Popen(command(1, args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=environment(cache_dir), cwd=ROOT)
-    for line in proc.stdout:  # wait until training runs
-        if line.lstrip().startswith("iteration"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0
+    with Job(command(1, args), environment(cache_dir), tmp_path) as job:
+        job.wait_for(lambda line: line.lstrip().startswith("iteration"))  # training runs
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 0, job.stderr()[-3000:]
+    rest = job.stdout()
     stopped = int(re.search(r"stopped after iteration (\d+)", rest).group(1))
     assert (save / TRACKER).read_text() == str(stopped)
     assert (save / f"iter_{stopped:07d}" / "model_args.json").is_file()

@@ -9,24 +9,30 @@ job hung until torchrun was killed. So a failed worker never exits through Pytho
 
     run(main, argv): 0 -> a normal exit; anything else (a code, an exception, an exception in
     any thread) -> report it, flush, SIGKILL this process's helper processes (loader workers,
-    Megatron's save helper and forked writers), os._exit.
+    Megatron's save helper and forked writers, and their children), os._exit.
 
 The ranks still running then fail in their next collective (gloo: "Connection closed by peer")
 and take the same way out, and torchrun (polling every 0.1 s, its default) signals the rest.
 An error caused by a peer that died is not the root cause: it is one line without a traceback
-and no torchrun error file, so torchrun names the rank that failed first (errors.py).
+and no torchrun error file, and that rank exits PEER_EXIT_DELAY_S later, so torchrun names the
+rank that failed first (errors.py).
 """
 
 import faulthandler
-import multiprocessing
 import os
 import sys
 import threading
+import time
 import traceback
 from typing import Callable, NoReturn
 
 from spiral_megatron.job.run.errors import report
 
+# A rank stopped by another's failure exits this much later than it finds out: torchrun
+# (polling every 0.1 s) then sees the failing rank exit alone and names it the root cause. Had
+# both exited before its poll, it would pick by the error file's timestamp, in whole seconds,
+# where a rank without a file counts as failing at the poll: in the same second it names rank 0.
+PEER_EXIT_DELAY_S = 1.5
 # What gloo and the sockets under torch.distributed say when the other end of a collective died.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
              "remote worker crashing", "Socket Timeout")
@@ -59,23 +65,58 @@ def describe(error: BaseException, where: str = "") -> int:
     return 1
 
 
+def helpers() -> list:
+    """Every process below this one (loader workers, Megatron's save helper and background
+    writer, and the writer's own forked workers), except multiprocessing's resource tracker,
+    which cleans up their semaphores once they are gone."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
 def exit_now(code: int) -> NoReturn:
-    """Flush, kill this process's multiprocessing children, and exit with `code` at once."""
+    """Flush, kill every helper process of this one, and exit with `code` at once. The whole
+    tree, not only the direct children: a background writer's forked workers left behind wait
+    forever on a lock their dead parent held (seen with megatron-core 0.16.1's async save),
+    holding the job's stdout and the machine's memory."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    for child in multiprocessing.active_children():  # loader workers, save helper, async writer
-        child.kill()
+    try:
+        children = helpers()  # a snapshot before any dies: the tree is still whole
+    except Exception:  # noqa: BLE001 - nothing may stop the exit
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            pass
     os._exit(code)
+
+
+def fail(error: BaseException, where: str = "") -> NoReturn:
+    """Report `error` (`describe`) and end this process; a consequence of a peer's failure
+    leaves PEER_EXIT_DELAY_S later."""
+    code = describe(error, where)
+    if peer_failure(error):
+        time.sleep(PEER_EXIT_DELAY_S)
+    exit_now(code)
 
 
 def _thread_failed(args: threading.ExceptHookArgs) -> None:
     """threading.excepthook: an exception in any thread of a job ends the job."""
     if args.exc_type is SystemExit:
         return
-    exit_now(describe(args.exc_value, where=f" (thread {args.thread.name if args.thread else '?'})"))
+    fail(args.exc_value, where=f" (thread {args.thread.name if args.thread else '?'})")
 
 
 def stop(line: str, code: int = 1) -> NoReturn:
@@ -93,7 +134,7 @@ def run(main: Callable[[list], int], argv: list) -> NoReturn:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException as e:  # noqa: B036 - every error ends the job, KeyboardInterrupt included
-        code = describe(e)
+        fail(e)
     if code == 0:
         sys.exit(0)
     exit_now(code)
