@@ -51,21 +51,27 @@ def _main(argv, quiet) -> int:
 
         print(help_text(TrainingConfig))
         return 0
+    from spiral_megatron.job.run import fatal
     from spiral_megatron.job.run.errors import report
 
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         job = parse(argv)
-    except ConfigError as e:  # every rank parses the same command line: rank 0 says it
-        if rank0:
-            report(f"pretrain_spiral: error: {e}")
+    except ConfigError as e:  # every rank parses the same command line: rank 0 prints it
+        report(f"pretrain_spiral: error: {e}", echo=rank0)  # every rank records it for torchrun
+        if not rank0:
+            fatal.let_the_reporter_exit_first()
         return 2
     try:
         outcome = train(job, quiet)
     except SpiralError as e:  # the project's own: a refusal (config, data, checkpoint, folder), a failed save, a stop
-        if not getattr(e, "reported_elsewhere", False):  # every_rank: each raised the same; rank 0 prints it
-            report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}",
-                   echo=rank0 or not getattr(e, "every_rank", False))
+        # Printed once: by the rank that found it (reported_elsewhere: another did), rank 0 when
+        # each raised the same (every_rank); the others leave after it, so that torchrun names
+        # it. Every rank records it for torchrun all the same.
+        mine = not getattr(e, "reported_elsewhere", False) and (rank0 or not getattr(e, "every_rank", False))
+        report(f"pretrain_spiral: {'error: ' if isinstance(e, ConfigError) else ''}{e}", echo=mine)
+        if not mine:
+            fatal.let_the_reporter_exit_first()
         return 1 if isinstance(e, (SaveFailed, NonFiniteLoss)) else 2
     if rank0:
         print(f"pretrain_spiral: {outcome}", flush=True)

@@ -103,12 +103,18 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def let_the_reporter_exit_first() -> None:
+    """For a rank ending on an error another rank found (and prints): wait PEER_EXIT_DELAY_S, so
+    that torchrun sees that rank exit first, after its line is out, and names it."""
+    time.sleep(PEER_EXIT_DELAY_S)
+
+
 def fail(error: BaseException, where: str = "") -> NoReturn:
     """Report `error` (`describe`) and end this process; a consequence of a peer's failure
-    leaves PEER_EXIT_DELAY_S later."""
+    leaves after that peer (`let_the_reporter_exit_first`)."""
     code = describe(error, where)
     if peer_failure(error):
-        time.sleep(PEER_EXIT_DELAY_S)
+        let_the_reporter_exit_first()
     exit_now(code)
 
 
