@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.jobs import Job  # imports no torch: the device pin below still comes first
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 _USER_DEVICES = os.environ.get("SPIRAL_USER_CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -44,8 +46,6 @@ def torchrun(script, nproc: int, *args, timeout: int = 600) -> str:
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(script), *map(str, args)]
-    from tests.jobs import Job
-
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=PYTHONPATH, PYTHONWARNINGS="ignore")
     with tempfile.TemporaryDirectory() as folder, Job(cmd, env, folder) as job:
         code = job.wait(timeout)  # past it: fails, every process of the job killed

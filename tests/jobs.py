@@ -11,6 +11,8 @@ from typing import Optional
 import psutil
 import pytest
 
+from spiral_megatron.job.run import fatal
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("crash_test", ROOT / "tools" / "crash_test.py")
 crash_test = importlib.util.module_from_spec(_spec)
@@ -57,7 +59,7 @@ class Job:
                         left.append(" ".join(p.cmdline())[:200])
                 except psutil.Error:
                     pass
-            left = [c for c in left if "multiprocessing.resource_tracker" not in c]
+            left = [c for c in left if fatal.RESOURCE_TRACKER not in c]
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.2)

@@ -33,6 +33,9 @@ from spiral_megatron.job.run.errors import report
 # both exited before its poll, it would pick by the error file's timestamp, in whole seconds,
 # where a rank without a file counts as failing at the poll: in the same second it names rank 0.
 PEER_EXIT_DELAY_S = 1.5
+# multiprocessing's resource tracker, in a process's command line: it is left to exit on its own,
+# cleaning up the semaphores of the helpers killed around it
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
 # What gloo and the sockets under torch.distributed say when the other end of a collective died.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
              "remote worker crashing", "Socket Timeout")
@@ -74,7 +77,7 @@ def helpers() -> list:
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
+            if RESOURCE_TRACKER not in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.Error:  # gone meanwhile
             pass
