@@ -34,8 +34,10 @@ def main(argv) -> int:
     project's own errors (spiral_megatron.errors.SpiralError) are one line; any other exception
     propagates: `fatal.run` prints its traceback once, also into torchrun's error
     file, and ends the process at once (so that the whole job ends)."""
+    from spiral_megatron import parallel
     from spiral_megatron.job.run.console import HeldWarnings
 
+    parallel.default_cuda_connections()  # before anything starts CUDA
     with HeldWarnings() as quiet:  # from before Megatron's imports warn (issue 17)
         return _main(argv, quiet)
 

@@ -14,6 +14,20 @@ import torch.distributed as dist
 from spiral_megatron.parallel import cuda_on_cpu
 
 
+# Megatron-LM refuses tensor (or context) parallelism on GPUs before Blackwell unless this is 1:
+# the GPU then runs kernels in the order they were queued, so the TP all-reduce/all-gather that
+# Megatron queues before a GEMM runs beside it (megatron/training/arguments.py; megatron-core
+# warns "recommended ... for maximum speedup" otherwise).
+CUDA_CONNECTIONS = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def default_cuda_connections(environ=os.environ) -> Optional[str]:
+    """Set CUDA_DEVICE_MAX_CONNECTIONS to 1 where unset, as Megatron-LM's launch scripts do; a
+    value the user exported stays (Blackwell runs with NeMo's 32, for instance). Call before any
+    CUDA work: the driver reads it when it starts, a later change does nothing. -> the value"""
+    return environ.setdefault(CUDA_CONNECTIONS, "1")
+
+
 def default_backend() -> str:
     """"nccl" when CUDA is available, else "gloo"."""
     return "nccl" if torch.cuda.is_available() else "gloo"

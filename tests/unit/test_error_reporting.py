@@ -5,6 +5,7 @@ file; the checkpoint sentence belongs to a failed save only."""
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -102,3 +103,20 @@ def test_a_bug_while_resolving_keeps_its_traceback(monkeypatch, tmp_path, capsys
     callstack = recorded["extraInfo"]["py_callstack"]
     assert "Traceback" in callstack and where.lstrip("_") in callstack
     assert "pretrain_spiral: error" not in capsys.readouterr().err
+
+
+def test_the_job_sets_cuda_connections_before_it_starts_and_keeps_a_users_value(monkeypatch, tmp_path):
+    """Megatron-LM refuses TP on GPUs before Blackwell without CUDA_DEVICE_MAX_CONNECTIONS=1; the
+    job sets it where unset, before anything can start CUDA (here: before `train` runs)."""
+    seen = []
+    for exported, expected in ((None, "1"), ("32", "32")):
+        module = pretrain(monkeypatch, tmp_path, ConfigError("stop"))
+        if exported is None:
+            monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", exported)
+        parse = module.parse
+        monkeypatch.setattr(module, "parse", lambda argv: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"))
+                            or parse(argv))
+        assert module.main(["--train-iters", "1"]) == 2
+        assert seen[-1] == expected
