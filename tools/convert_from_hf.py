@@ -50,4 +50,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("convert_from_hf"):  # Megatron's known-harmless warnings counted in one line
+        sys.exit(main())

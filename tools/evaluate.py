@@ -73,4 +73,7 @@ if __name__ == "__main__":
     # cores are shared (other jobs, a laptop) spinning threads made scoring 10-100x slower.
     # Set before torch is imported (its thread pool reads it once), for the command only.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.exit(main())
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("evaluate"):  # Megatron's known-harmless warnings counted in one line
+        sys.exit(main())

@@ -1,4 +1,4 @@
-"""Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing is downloaded.
+r"""Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing is downloaded.
 
     python tools/preprocess_data.py --input a.jsonl b.txt --output-prefix data/my_text \
         [--tokenizer-model path/to/tokenizer_folder | --vocab-size 32000] [--json-key text] [--force]
@@ -41,4 +41,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("preprocess_data"):  # Megatron's known-harmless warnings counted in one line
+        sys.exit(main(sys.argv[1:]))

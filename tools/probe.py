@@ -81,4 +81,7 @@ def _run(argv) -> int:
 if __name__ == "__main__":
     # OpenMP threads that sleep while they wait, as tools/evaluate.py (before torch is imported).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.exit(main())
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("probe"):  # Megatron's known-harmless warnings counted in one line
+        sys.exit(main())

@@ -1,4 +1,4 @@
-"""Post-training quantization of a SpiralFormer checkpoint with NVIDIA Model Optimizer.
+r"""Post-training quantization of a SpiralFormer checkpoint with NVIDIA Model Optimizer.
 
     python tools/quantize.py --load checkpoints/debug                       # measure: table + JSON
         [--formats fp8,int8_sq,int4_awq] [--scales shared,per-level]
@@ -101,4 +101,7 @@ def export(args) -> int:
 
 
 if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this module
-    sys.exit(main())
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("quantize"):  # Megatron's known-harmless warnings counted in one line
+        sys.exit(main())

@@ -1,4 +1,4 @@
-"""Convert a SpiralForCausalLM folder (tools/convert_to_hf.py) through Megatron-Bridge's AutoBridge
+r"""Convert a SpiralForCausalLM folder (tools/convert_to_hf.py) through Megatron-Bridge's AutoBridge
 (docs/BRIDGE.md), as Bridge's own examples/conversion/convert_checkpoints.py does for its models.
 
     python examples/bridge/convert_checkpoints.py import --hf-model hf/mine --megatron-path checkpoints/mine-bridge

@@ -2,6 +2,7 @@
 third-party warnings held back (counted in one line, all in the save folder's log)."""
 
 import logging
+import sys
 import warnings
 
 from spiral_megatron.job.run import console
@@ -34,3 +35,18 @@ def test_harmless_warnings_are_held_and_counted_the_others_shown(tmp_path, capsy
     assert "Apex is not installed" in log and "async save is deprecated" in log
     assert quiet.report(str(tmp_path)) is None  # each warning is counted once
     assert "MCore" not in capsys.readouterr().err
+
+
+def test_a_tool_counts_harmless_warnings_in_one_line_unless_the_user_chose_with_dash_w(monkeypatch, capsys):
+    for warnoptions, expected in (([], ["yours"]), (["default"], ["Apex is not installed. Falling back", "yours"])):
+        monkeypatch.setattr(sys, "warnoptions", warnoptions)
+        shown = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *rest, **kw: shown.append(str(message))
+            with console.quiet_tool("mytool"):
+                warnings.warn("Apex is not installed. Falling back")
+                warnings.warn("yours")
+        assert shown == expected
+        err = capsys.readouterr().err
+        assert ("mytool: 1 known-harmless Megatron-Core/torch warning hidden" in err) == (not warnoptions), err

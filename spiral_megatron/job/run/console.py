@@ -7,7 +7,9 @@ warning matching HARMLESS is held back: counted on the console, written in full 
 folder's warnings.log. Any other warning is shown as usual.
 """
 
+import contextlib
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -88,6 +90,25 @@ class HeldWarnings(logging.Filter):
         return (f"{len(new)} known-harmless Megatron-Core warning{'s' if len(new) > 1 else ''} per rank "
                 f"hidden (optional Apex/Transformer Engine kernels missing, experimental or deprecated "
                 f"features; {where})")
+
+
+@contextlib.contextmanager
+def quiet_tool(name: str):
+    """A tool's run (tools/*.py) with the HARMLESS warnings held as the job holds them, and
+    counted in one line on stderr at its end. Warnings the user asked for with `python -W` or
+    PYTHONWARNINGS are all shown instead, these too."""
+    if sys.warnoptions:
+        yield
+        return
+    with HeldWarnings() as held:
+        try:
+            yield
+        finally:
+            if held.held:
+                n = len(held.held)
+                print(f"{name}: {n} known-harmless Megatron-Core/torch warning{'s' if n > 1 else ''} hidden "
+                      f"(optional Apex/Transformer Engine kernels missing, experimental or deprecated "
+                      f"features; `python -W default` shows them)", file=sys.stderr)
 
 
 def summary(job, layout, parts, source) -> List[str]:
