@@ -1,57 +1,100 @@
 """Pretrain a SpiralFormer through Megatron-Bridge's `pretrain()` (docs/BRIDGE.md).
 
     torchrun --nproc_per_node=2 examples/bridge/pretrain_spiral.py [--flavor debug]
-        [--config-file overrides.yaml] [KEY=VALUE ...]
+        [--data-path data/mine ...job flags] [--config-file overrides.yaml] [KEY=VALUE ...]
 
 The recipe (`spiral_megatron.bridge.recipes.pretrain_config`) holds the project's defaults for
-the flavor; Bridge's usual overrides follow, as in Bridge's own examples: a YAML file of
-ConfigContainer fields, then Hydra-style `train.train_iters=20 model.tensor_model_parallel_size=2
-checkpoint.save=DIR optimizer.lr=1e-3 model.hidden_size=128` on the command line. Run again with
-the same checkpoint.save to resume: checkpoint.load follows checkpoint.save unless given.
+the flavor, with the project's job flags over them (`--data-path data/mine`,
+`--tokenizer-model DIR`, `--split 98,2,0`, `--tensor-model-parallel-size 2`: the names, aliases
+and checks of examples/pretrain_spiral.py). Bridge's usual overrides follow, as in Bridge's own
+examples: a YAML file of ConfigContainer fields, then Hydra-style `train.train_iters=20
+model.tensor_model_parallel_size=2 checkpoint.save=DIR optimizer.lr=1e-3 model.hidden_size=128`.
+The data and its tokenizer come in through the job flags only: the recipe takes the tokenizer
+written beside the data and a split that fits it, so an override of dataset.blend,
+dataset.blend_per_split, dataset.split or tokenizer.* is refused, naming the flag to use. Run
+again with the same checkpoint.save to resume: checkpoint.load follows checkpoint.save unless given.
 """
 
 import argparse
+import os
+import re
 import sys
+
+# Bridge fields the recipe derives from the job's data flags (recipes._dataset, _tokenizer):
+# overridden alone they disagree with the rest (another tokenizer's token ids, a split of
+# another corpus: Megatron-Core then loops forever building an empty split).
+DATA_FIELDS = {"dataset.blend": "--data-path", "dataset.blend_per_split": "--train-data-path/--valid-data-path",
+               "dataset.split": "--split", "tokenizer": "--tokenizer-model"}
+_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_]\w*(\.\w+)*=")  # Hydra: section.field=value
 
 
 def parse_args(argv=None):
+    """(options, job flags as `--key value` tokens, Hydra overrides)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="debug", help="a flavor of spiral_megatron.config.flavors (default debug)")
     p.add_argument("--config-file", default=None, help="YAML of ConfigContainer fields, applied over the recipe")
-    return p.parse_known_args(argv)
+    args, rest = p.parse_known_args(argv)
+    flags, overrides = [], []
+    for i, token in enumerate(rest):
+        follows_flag = i > 0 and rest[i - 1].startswith("--") and "=" not in rest[i - 1]
+        if token.startswith("--") or (follows_flag and not _OVERRIDE.match(token)):
+            flags.append(token)
+        elif _OVERRIDE.match(token):
+            overrides.append(token)
+        else:
+            p.error(f"{token!r} is neither a --flag (with its value) nor a KEY=VALUE override")
+    return args, flags, overrides
 
 
-def make_config(flavor: str, config_file, overrides):
-    """The recipe's ConfigContainer with the YAML file's and the command line's overrides."""
+def make_config(flavor: str, config_file, overrides, flags=()):
+    """The recipe's ConfigContainer of the job `flags`, with the YAML file's and the command
+    line's Bridge overrides."""
     from megatron.bridge.training.utils.omegaconf_utils import (
         apply_overrides, create_omegaconf_dict_config, parse_hydra_overrides)
     from omegaconf import OmegaConf
 
     from spiral_megatron.bridge import recipes
+    from spiral_megatron.job.settings import config
 
-    cfg = recipes.pretrain_config(flavor)
+    cfg = recipes.pretrain_config(flavor, **config.parse_cli(list(flags)))
     recipe_load = cfg.checkpoint.load
     merged, excluded = create_omegaconf_dict_config(cfg)
+    data = {field: _value(merged, field) for field in DATA_FIELDS}
     if config_file:
         merged = OmegaConf.merge(merged, OmegaConf.load(config_file))
     if overrides:
         merged = parse_hydra_overrides(merged, overrides)
+    for field, flag in DATA_FIELDS.items():
+        if _value(merged, field) != data[field]:
+            raise config.ConfigError(f"{field}: set by the recipe from the job's data flags; give {flag} instead "
+                                     f"(the tokenizer beside the data and a split that fits it come with it)")
     apply_overrides(cfg, OmegaConf.to_container(merged, resolve=True), excluded)
     if cfg.checkpoint.load == recipe_load:  # not overridden: resume where this run saves
         cfg.checkpoint.load = cfg.checkpoint.save
     return cfg
 
 
+def _value(merged, field):
+    """The plain value of `field` in an OmegaConf tree (a copy: Hydra's overrides edit the tree)."""
+    from omegaconf import Container, OmegaConf
+
+    node = OmegaConf.select(merged, field)
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
+
+
 def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        print(f"error: {bad[0]!r} is neither --flavor, --config-file nor a KEY=VALUE override", file=sys.stderr)
-        return 2
+    args, flags, overrides = parse_args(argv)
     import spiral_megatron.bridge  # Megatron-Bridge, with the CPU shim where CUDA is absent
     from megatron.bridge.training.pretrain import pretrain
 
-    cfg = make_config(args.flavor, args.config_file, overrides)
+    from spiral_megatron.errors import SpiralError
+
+    try:
+        cfg = make_config(args.flavor, args.config_file, overrides, flags)
+    except SpiralError as e:  # the project's own refusals: one line (spiral_megatron/errors.py)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same
+            print(f"pretrain_spiral: error: {e}", file=sys.stderr)
+        return 2
     pretrain(cfg, spiral_megatron.bridge.forward_step)
     return 0
 

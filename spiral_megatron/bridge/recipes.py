@@ -9,8 +9,10 @@ trains, with the job's data, tokenizer, optimizer, schedule and seed.
 """
 
 import dataclasses
+import os
 from typing import Any, Dict
 
+import torch.distributed as dist
 from megatron.bridge.training.config import (
     CheckpointConfig, ConfigContainer, DistributedDataParallelConfig, DistributedInitConfig, GPTDatasetConfig,
     LoggerConfig, OptimizerConfig, RerunStateMachineConfig, RNGConfig, SchedulerConfig, TokenizerConfig,
@@ -18,7 +20,7 @@ from megatron.bridge.training.config import (
 
 from spiral_megatron.bridge.provider import SpiralModelProvider
 from spiral_megatron.config import flavors
-from spiral_megatron.job.data import datasets as data, default_data
+from spiral_megatron.job.data import dataset_check, datasets as data, default_data
 from spiral_megatron.job.settings import config, resolve
 from spiral_megatron.job.settings.keys import FIELDS, ConfigError
 from spiral_megatron.job.settings.resolve import Resolved
@@ -76,7 +78,8 @@ JOB_TO_BRIDGE = {
     "train_data_path": "dataset.blend_per_split[0]",
     "valid_data_path": "dataset.blend_per_split[1]",
     "mock_data": "dataset.blend None with tokenizer NullTokenizer",
-    "split": "dataset.split (None: the job's choice for the data, printed)",
+    "split": "dataset.split (None: the job's choice for the data, printed; a test part too small for one sample "
+             "goes to validation, printed)",
     "tokenizer": "tokenizer.tokenizer_model (HuggingFaceTokenizer)",
     "tokenizer_vocab_size": "tokenizer.vocab_size (mock data), the embedded corpus's BPE",
     "make_vocab_size_divisible_by": "model.make_vocab_size_divisible_by",
@@ -199,12 +202,34 @@ def _dataset(job: Resolved) -> GPTDatasetConfig:
     source = data.resolve(settings, build_default=True)
     split = None
     if not source.whole:
-        split = data.check(settings, source, data.load_tokenizer(source, settings.vocab_size))
+        tokenizer = data.load_tokenizer(source, settings.vocab_size)
+        split = _with_a_test_split(data.check(settings, source, tokenizer), source, tokenizer, job.seq_length)
     return GPTDatasetConfig(
         seq_length=job.seq_length, random_seed=settings.seed, blend=None if source.whole else source.train,
         blend_per_split=[source.train, source.valid, None] if source.whole else None, split=split,
         path_to_cache=str(default_data.cache_root(settings.cache_dir) / "indices"), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, num_workers=job.keys.num_workers, dataloader_type="single")
+
+
+def _with_a_test_split(split: str, source, tokenizer, seq_length: int) -> str:
+    """The job's split for Bridge, which also builds the test split (the job never does). A test
+    part too small for one sample hangs Megatron-Core (GPTDataset counts epochs of 0 tokens
+    without end), so it goes to validation instead, said in one line: the training documents
+    stay the job's. [ours]"""
+    train, valid, test = dataset_check.parse_split(split)
+    if not test:
+        return split
+    corpora = [dataset_check.open_corpus(prefix, tokenizer) for prefix in source.train[0]]
+    try:
+        dataset_check.check_splits(corpora, split, ["test"], seq_length + 1)
+        return split
+    except ConfigError as e:
+        ours = f"{train * 1000:.6g},{(valid + test) * 1000:.6g},0"
+        if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
+            print(f"split: {split} leaves {str(e).split(' leaves ', 1)[-1].split(';')[0]}; Megatron-Bridge builds a test "
+                  f"split (the job does not) and Megatron-Core cannot build an empty one: {ours} (validation "
+                  f"takes the test share, training keeps its documents)", flush=True)
+        return ours
 
 
 def _tokenizer(job: Resolved) -> TokenizerConfig:

@@ -4,7 +4,8 @@
 
 Bridge's `pretrain()` with the debug recipe: (A) 4 steps at DP 2 with the distributed optimizer,
 saving at 2 and 4; (C) the same resumed from A's step 2; (D) A's 4 steps at PP 2 (the core
-replicated on both stages). The provider at TP 2 + SP against the project's job build.
+replicated on both stages); (E) examples/bridge/pretrain_spiral.py's command line on data of a
+user's own. The provider at TP 2 + SP against the project's job build.
 AutoBridge at TP 1 and TP 2 on HF_FOLDER (made by tools/convert_to_hf.py's code): logits,
 exported tensors, the folder save_hf_pretrained writes, and import_ckpt to a Bridge checkpoint
 (the test converts it back with the project's converter). Rank 0 writes
@@ -38,6 +39,7 @@ def main() -> None:
     dist.barrier()
     results["recipes"] = recipe_checks()
     results["train"] = train_checks(out)
+    results["example"] = example_checks(out)
     results["weights_tp2_sp"] = provider_against_job()
     results["convert"] = {f"tp{tp}": conversion_checks(hf_folder, tp, out) for tp in (1, 2)}
     results["imported"] = import_checkpoint(hf_folder, out)
@@ -120,6 +122,44 @@ def train_checks(out: Path) -> dict:
     d = pretrain_losses(recipes.pretrain_config("debug", **TRAIN, use_distributed_optimizer=True, pipeline_parallel=2,
                                                 save=None, **split))
     return {"uninterrupted": a, "resumed": c, "pp2": d}
+
+
+def example_checks(out: Path) -> dict:
+    """examples/bridge/pretrain_spiral.py as a user runs it on data of their own (60 documents,
+    their own BPE of 300 tokens, so the default split leaves the test split empty, which Bridge
+    builds): the job's --data-path flag brings the tokenizer and the split; a Hydra override of
+    the data is refused; 2 steps train."""
+    import importlib.util
+    import random
+
+    from spiral_megatron.errors import ConfigError
+    from spiral_megatron.job.data.preprocess import preprocess
+
+    prefix = out / "mine" / "text"
+    if dist.get_rank() == 0:
+        rng, words = random.Random(0), "the loop runs its core over chunks of tokens coarse to fine".split()
+        docs = [f"Document {i}. " + " ".join(rng.choice(words) for _ in range(150)) for i in range(60)]
+        prefix.parent.mkdir(parents=True)
+        (prefix.parent / "mine.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        preprocess([str(prefix.parent / "mine.jsonl")], str(prefix), vocab_size=300)
+    dist.barrier()
+    spec = importlib.util.spec_from_file_location(
+        "bridge_example", Path(__file__).resolve().parents[2] / "examples" / "bridge" / "pretrain_spiral.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args, flags, overrides = example.parse_args(
+        ["--data-path", str(prefix), "--micro-batch-size", "4", "--eval-interval", "null", "train.train_iters=2",
+         "train.global_batch_size=8", f"checkpoint.save={out / 'E'}", "dataset.num_workers=0"])
+    cfg = example.make_config(args.flavor, args.config_file, overrides, flags)
+    refused = {}
+    for override in ("dataset.blend=[[/elsewhere/text],null]", "tokenizer.tokenizer_model=/elsewhere"):
+        try:
+            example.make_config(args.flavor, None, [override], flags)
+        except ConfigError as e:
+            refused[override] = str(e)
+    data = dict(blend=cfg.dataset.blend, split=cfg.dataset.split, tokenizer=cfg.tokenizer.tokenizer_model,
+                flags=flags, overrides=overrides)
+    return dict(data, refused=refused, losses=pretrain_losses(cfg), prefix=str(prefix))
 
 
 def _initialize(tp: int) -> None:
