@@ -34,13 +34,16 @@ def parse_args(argv=None):
     p.add_argument("--flavor", default="debug", help="a flavor of spiral_megatron.config.flavors (default debug)")
     p.add_argument("--config-file", default=None, help="YAML of ConfigContainer fields, applied over the recipe")
     args, rest = p.parse_known_args(argv)
-    flags, overrides = [], []
-    for i, token in enumerate(rest):
-        follows_flag = i > 0 and rest[i - 1].startswith("--") and "=" not in rest[i - 1]
-        if token.startswith("--") or (follows_flag and not _OVERRIDE.match(token)):
+    flags, overrides, takes_values = [], [], False
+    for token in rest:
+        if token.startswith("--"):
             flags.append(token)
+            takes_values = "=" not in token
         elif _OVERRIDE.match(token):
             overrides.append(token)
+            takes_values = False
+        elif takes_values:  # a value of the flag before it (several: `--data-path 0.7 a 0.3 b`)
+            flags.append(token)
         else:
             p.error(f"{token!r} is neither a --flag (with its value) nor a KEY=VALUE override")
     return args, flags, overrides

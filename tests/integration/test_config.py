@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from spiral_megatron.job.settings import checks
+from spiral_megatron.job.settings import checks, config
 from spiral_megatron.job.settings.config import ConfigError
 from spiral_megatron.job.settings.resolve import resolve
 
@@ -69,11 +69,21 @@ def test_every_shipped_config_resolves():
     (["--tensor-parallel", "2", "--sequence-parallel", "--seq-length", "72"], "seq_length 72"),
     (["--config", "nowhere.yaml"], "config: file 'nowhere.yaml' does not exist"),
     (["train"], "expected --key, got 'train'"),
+    (["--train-iters", "10", "20"], "train_iters: '10 20' is not of type int"),
 ])
 def test_errors_name_key_and_value(argv, message):
     with pytest.raises(ConfigError) as e:
         resolve(argv, CONFIGS / "debug-cpu.yaml")
     assert message in str(e.value)
+
+
+def test_a_list_flag_takes_several_values_as_megatron_lm_does():
+    """`--data-path 0.7 a 0.3 b`, Megatron-LM's blend (nargs), is the quoted `"0.7 a 0.3 b"`."""
+    default = CONFIGS / "debug-cpu.yaml"
+    unquoted = config.read(["--data-path", "0.7", "data/a", "0.3", "data/b", "--train-iters", "5"], default)
+    quoted = config.read(["--data-path", "0.7 data/a 0.3 data/b", "--train-iters", "5"], default)
+    assert unquoted.data_path == quoted.data_path == ["0.7", "data/a", "0.3", "data/b"]
+    assert unquoted.train_iters == 5
 
 
 def test_pipeline_overrides_reach_the_model():

@@ -41,7 +41,9 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
 def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
     """`--key value`, `--key=value` and bare `--flag` (= true) into an ordered mapping.
 
-    Values are read as YAML scalars (`8`, `true`, `[1, 2]`); types are enforced by `apply`.
+    Several values after a key are one value, joined by spaces, as Megatron-LM's list flags take
+    them (`--data-path 0.7 a 0.3 b` is `--data-path "0.7 a 0.3 b"`). Values are read as YAML
+    scalars (`8`, `true`, `[1, 2]`); types are enforced by `apply`.
     """
     out, i = {}, 0
     while i < len(argv):
@@ -50,10 +52,11 @@ def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
             raise ConfigError(f"expected --key, got {token!r}")
         key, eq, value = token[2:].partition("=")
         if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value, i = argv[i + 1], i + 1
-            else:
-                value = "true"
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            value = " ".join(values) if values else "true"
         try:
             out[key] = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
