@@ -86,6 +86,32 @@ def test_a_list_flag_takes_several_values_as_megatron_lm_does():
     assert unquoted.train_iters == 5
 
 
+def test_a_megatron_lm_launch_scripts_flags_are_taken_for_what_they_mean():
+    """Flags a Megatron-LM launch script carries: those that set fields set them; those for what
+    the job always does are taken with that value and refused with another, naming it."""
+    default = CONFIGS / "debug-cpu.yaml"
+    job = resolve(["--swiglu", "--disable-bias-linear", "--recompute-activations", "--overlap-grad-reduce",
+                   "--use-distributed-optimizer", "--overlap-param-gather", "--accumulate-allreduce-grads-in-fp32",
+                   "--untie-embeddings-and-output-weights", "--use-mcore-models", "--position-embedding-type", "rope",
+                   "--ckpt-format", "torch_dist", "--tokenizer-type", "HuggingFaceTokenizer"], default)
+    plain = resolve(["--use-distributed-optimizer"], default)
+    m = job.model
+    assert m.gated_linear_unit and m.activation_func.__name__ == "silu" and not m.add_bias_linear
+    assert m.recompute_granularity == "selective" and plain.model.recompute_granularity is None
+    assert job.ddp == plain.ddp and job.ddp.overlap_grad_reduce and job.ddp.overlap_param_gather
+    assert job.ddp.grad_reduce_in_fp32 and job.model_args.position_embedding_type == "rope"
+    assert not job.model_args.share_embeddings_and_output_weights
+    for argv, message in ((["--ckpt-format", "torch"], "--ckpt-format 'torch': the job always saves Megatron-Core's "
+                                                        "torch_dist checkpoints; the one value is 'torch_dist'"),
+                          (["--overlap-grad-reduce=false"], "--overlap-grad-reduce False: the job always overlaps "
+                                                             "the gradient reduction with the backward pass; leave it out"),
+                          (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+                          (["--swiglu", "x"], "--swiglu is a flag")):
+        with pytest.raises(ConfigError) as e:
+            resolve(argv, default)
+        assert message in str(e.value)
+
+
 def test_pipeline_overrides_reach_the_model():
     spiral = resolve(["--pipeline-parallel", "2", "--model.pipeline_split", "5,1"], CONFIGS / "debug-cpu.yaml").model
     assert spiral.pipeline_split == (5, 1) and spiral.pipeline_model_parallel_size == 2

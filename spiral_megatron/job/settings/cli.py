@@ -31,6 +31,28 @@ ALIASES: Dict[str, Tuple[str, Any]] = {
     "data_cache_path": ("cache_dir", None),
     "no_bias_gelu_fusion": ("model.bias_activation_fusion", False),
     "no_rope_fusion": ("model.apply_rope_fusion", False),
+    "disable_bias_linear": ("model.add_bias_linear", False),
+    "recompute_activations": ("model.recompute_granularity", "selective"),
+}
+# Megatron-LM flags that set several fields at once: flag -> the (key, value) pairs it means.
+FLAG_SETS: Dict[str, Tuple[Tuple[str, Any], ...]] = {
+    "swiglu": (("model.gated_linear_unit", True), ("model.activation_func", "silu")),
+}
+# Megatron-LM flags for what the job always does: flag -> (the one value it takes, what the job
+# does). Taken with that value (a launch script carries them over), refused with any other.
+# NEEDS: the key such a flag needs true, as Megatron-LM asserts (else the job would not do it).
+NEEDS = {"overlap_param_gather": "use_distributed_optimizer"}
+FIXED: Dict[str, Tuple[Any, str]] = {
+    "overlap_grad_reduce": (True, "overlaps the gradient reduction with the backward pass"),
+    "overlap_param_gather": (True, "overlaps the distributed optimizer's parameter all-gather with the forward "
+                                   "pass (with --use-distributed-optimizer)"),
+    "accumulate_allreduce_grads_in_fp32": (True, "reduces gradients in fp32"),
+    "untie_embeddings_and_output_weights": (True, "keeps the output layer apart from the word embeddings"),
+    "use_mcore_models": (True, "builds Megatron-Core models"),
+    "position_embedding_type": ("rope", "uses rotary position embeddings"),
+    "ckpt_format": ("torch_dist", "saves Megatron-Core's torch_dist checkpoints"),
+    "tokenizer_type": ("HuggingFaceTokenizer", "reads a Hugging Face tokenizer.json (--tokenizer-model DIR; "
+                                               "--mock-data for none)"),
 }
 
 # Help sections: (title, keys); every TrainingConfig key is in exactly one (a test checks).
@@ -85,6 +107,16 @@ def canonical(raw_key: str, value: Any, known) -> List[Tuple[str, Any]]:
     if key in ALIASES:
         target, fixed = ALIASES[key]
         return [(target, value if fixed is None else _flag(raw_key, value, fixed))]
+    if key in FLAG_SETS:
+        meaning = FLAG_SETS[key]
+        _flag(raw_key, value, ", ".join(f"{k} {v}" for k, v in meaning))
+        return list(meaning)
+    if key in FIXED:
+        only, does = FIXED[key]
+        if value != only and not (only is True and value == "true"):
+            raise ConfigError(f"--{raw_key} {value!r}: the job always {does}; "
+                              f"{'leave it out' if only is True else f'the one value is {only!r}'}")
+        return [(None, NEEDS.get(key))]  # means what the job does anyway (given the key it needs)
     if key in model_fields():
         return [(f"model.{key}", value)]
     bool_key = key[3:] if key.startswith("no_") else None  # Megatron-LM's --no-X-fusion style
@@ -103,7 +135,7 @@ def _flag(raw_key: str, value: Any, fixed: Any) -> Any:
 def unknown_key_message(raw_key: str, value: Any, known) -> str:
     """One line: the key is unknown, the closest known key, and where to find them all."""
     key = raw_key.replace("-", "_")
-    names = list(known) + list(ALIASES) + [f"model.{k}" for k in model_fields()]
+    names = list(known) + list(ALIASES) + list(FLAG_SETS) + list(FIXED) + [f"model.{k}" for k in model_fields()]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else ""
     return f"unknown config key {raw_key!r} (value {value!r}){hint} (--help lists every key)"
@@ -145,6 +177,12 @@ def help_text(cls) -> str:
             lines.append(f"      {docs.get(key, '')}")
         if title == "model":
             lines += model_help()
+    lines += ["", "Megatron-LM flags that set several fields:"]
+    lines += [f"  --{flag.replace('_', '-')} = " + ", ".join(f"--{k} {v}" for k, v in meaning)
+              for flag, meaning in FLAG_SETS.items()]
+    lines += ["", "Megatron-LM flags for what the job always does (taken with this value only):"]
+    lines += [f"  --{flag.replace('_', '-')}{'' if only is True else f' {only}'}: the job always {does}"
+              for flag, (only, does) in FIXED.items()]
     return "\n".join(lines)
 
 

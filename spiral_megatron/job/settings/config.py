@@ -21,12 +21,16 @@ from spiral_megatron.job.settings.keys import (  # noqa: F401 (the names callers
 
 def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
     """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
-    values = cfg.to_dict()
+    values, needs = cfg.to_dict(), {}
     for raw_key, raw_value in overrides.items():
         pairs = cli.canonical(raw_key, raw_value, FIELDS)
         if not pairs:
             raise ConfigError(cli.unknown_key_message(raw_key, raw_value, FIELDS))
         for key, value in pairs:
+            if key is None:  # a Megatron-LM flag for what the job always does (cli.FIXED)
+                if value is not None:
+                    needs[raw_key] = value
+                continue
             if key.startswith("model."):
                 values["model"] = {**values["model"], key[len("model."):]: value}
             elif key == "model" and isinstance(value, str):
@@ -35,6 +39,9 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
                 raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
             else:
                 values[key] = coerce(key, value, TYPES[key])
+    for raw_key, key in needs.items():
+        if not values[key]:
+            raise ConfigError(f"--{raw_key} needs --{key.replace('_', '-')} (as in Megatron-LM)")
     return TrainingConfig(**values)
 
 
