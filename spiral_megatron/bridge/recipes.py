@@ -45,6 +45,8 @@ FLAVOR_KEYS: Dict[str, Dict[str, Any]] = {
 JOB_TO_BRIDGE = {
     "model": "model.<field> (SpiralModelProvider: the flavor's SpiralConfig fields)",
     "seq_length": "model.seq_length, dataset.seq_length",
+    "rotary_base": "model.rotary_base",
+    "rotary_percent": "model.rotary_percent",
     "tensor_parallel": "model.tensor_model_parallel_size",
     "pipeline_parallel": "model.pipeline_model_parallel_size",
     "sequence_parallel": "model.sequence_parallel",
@@ -171,8 +173,10 @@ def _mixed_precision(job: Resolved):
 def _model(job: Resolved) -> SpiralModelProvider:
     """The arguments of the job's SpiralConfig (flavor | fusion defaults | model.<field> | its
     keys), validated by the provider's finalize() once Bridge's overrides are in."""
+    args = job.model_args
     return SpiralModelProvider(**job.model_kwargs, seq_length=job.seq_length, init_seed=job.keys.seed,
-                               make_vocab_size_divisible_by=job.keys.make_vocab_size_divisible_by)
+                               make_vocab_size_divisible_by=job.keys.make_vocab_size_divisible_by,
+                               rotary_base=args.rotary_base, rotary_percent=args.rotary_percent)
 
 
 def _same_fields(cls, megatron_config):

@@ -16,10 +16,10 @@ TP2_CONFIG = dict(num_query_groups=2, gated_linear_unit=True, chunk_offsets=[2, 
 
 
 def model_args(vocab_size: int = PADDED_VOCAB, tied: bool = False, rope: str = "rope", rotary_percent: float = 1.0,
-               **config) -> ModelArgs:
+               rotary_base: int = 10000, **config) -> ModelArgs:
     return ModelArgs(config={**BASE, **config}, vocab_size=vocab_size, max_sequence_length=SEQ,
                      share_embeddings_and_output_weights=tied, position_embedding_type=rope,
-                     rotary_percent=rotary_percent)
+                     rotary_percent=rotary_percent, rotary_base=rotary_base)
 
 
 def build(args: ModelArgs, seed: int = 0, std: float = 0.15):

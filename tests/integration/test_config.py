@@ -70,6 +70,8 @@ def test_every_shipped_config_resolves():
     (["--config", "nowhere.yaml"], "config: file 'nowhere.yaml' does not exist"),
     (["train"], "expected --key, got 'train'"),
     (["--train-iters", "10", "20"], "train_iters: '10 20' is not of type int"),
+    (["--rotary-percent", "0"], "rotary_percent 0.0 must be in (0, 1]"),
+    (["--rotary-base", "0"], "rotary_base 0 must be > 0"),
 ])
 def test_errors_name_key_and_value(argv, message):
     with pytest.raises(ConfigError) as e:

@@ -30,7 +30,9 @@ def check(cfg: TrainingConfig) -> None:
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
               "train_iters", "exit_interval", "lr", "lr_decay_iters", "log_interval", "eval_interval",
               "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
-              "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size")
+              "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size", "rotary_base")
+    if not 0 < cfg.rotary_percent <= 1:
+        raise ConfigError(f"rotary_percent {cfg.rotary_percent} must be in (0, 1]")
     for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:

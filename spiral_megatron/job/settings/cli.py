@@ -57,7 +57,7 @@ FIXED: Dict[str, Tuple[Any, str]] = {
 
 # Help sections: (title, keys); every TrainingConfig key is in exactly one (a test checks).
 GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("model", ("model", "seq_length", "make_vocab_size_divisible_by")),
+    ("model", ("model", "seq_length", "rotary_base", "rotary_percent", "make_vocab_size_divisible_by")),
     ("data", ("data_path", "split", "train_data_path", "valid_data_path", "mock_data", "tokenizer",
               "tokenizer_vocab_size", "cache_dir", "valid_seed", "num_workers")),
     ("training", ("micro_batch_size", "global_batch_size", "train_iters", "exit_interval", "lr",

@@ -32,6 +32,13 @@ class TrainingConfig:
     seq_length: Optional[int] = None
     """Tokens per sample; None = the flavor's."""
 
+    rotary_base: int = 10000
+    """RoPE base period (Megatron-LM's --rotary-base; recorded in model_args.json, rope_theta in
+    the Hugging Face config)."""
+
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that RoPE rotates, in (0, 1] (Megatron-LM's --rotary-percent)."""
+
     tensor_parallel: int = 1
     """Tensor model parallel size."""
 

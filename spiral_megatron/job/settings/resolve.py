@@ -104,7 +104,8 @@ def resolve_keys(keys: TrainingConfig, on_cpu: Optional[bool] = None) -> Resolve
     return Resolved(
         keys=keys, on_cpu=on_cpu, flavor=flavor.name, model=spiral, model_kwargs=kwargs, backend=backend,
         fusion_notes=tuple(notes),
-        model_args=ModelArgs.from_config(spiral, vocab_size=vocab, max_sequence_length=seq),
+        model_args=ModelArgs.from_config(spiral, vocab_size=vocab, max_sequence_length=seq,
+                                         rotary_base=keys.rotary_base, rotary_percent=keys.rotary_percent),
         seq_length=seq, dtype=model_config.DTYPES[keys.precision], ddp=training.ddp_config(keys),
         optimizer=training.optimizer_config(keys), schedule=training.schedule(keys), data=data_settings(keys, seq),
     )
