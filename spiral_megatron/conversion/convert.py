@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from spiral_megatron.conversion import hf_config, hf_io, mapping, megatron_io
+from spiral_megatron.conversion import hf_config, hf_io, mapping, megatron_io, model_card
 from spiral_megatron.model.model_args import ModelArgs
 
 SAMPLE_TEXT = "SpiralFormer runs a shared core coarse to fine over the sequence, then once more at full resolution."
@@ -66,7 +66,9 @@ def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, 
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     config.dtype = torch_dtype
     padding = mapping.vocab_padding(source, shapes)
-    hf_io.write_hf_folder(Path(out), config, state, tok_dir, padding, force, max_shard_bytes)
+    card = model_card.model_card(Path(out).name, config, sum(v.numel() for v in state.values()), str(folder),
+                                 iteration, bool(padding))
+    hf_io.write_hf_folder(Path(out), config, state, tok_dir, padding, force, max_shard_bytes, card)
     return {"args": args, "source": source, "config": config, "out": Path(out), "dtype": torch_dtype,
             "iteration": iteration, "tokenizer": tok_dir}
 

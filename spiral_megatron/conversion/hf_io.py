@@ -40,8 +40,9 @@ def prepare_output(out: Path, force: bool) -> None:
 
 def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tokenizer: Optional[Path] = None,
                     padding: Optional[StateDict] = None, force: bool = False,
-                    max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Everything is written into a temporary sibling folder, swapped in at the end (`_swap_in`)."""
+                    max_shard_bytes: int = 2 * 1024**3, card: Optional[str] = None) -> Path:
+    """Everything is written into a temporary sibling folder, swapped in at the end (`_swap_in`);
+    `card`: the README.md (the Hub's model card)."""
     out = Path(out)
     remove_stale_temporaries(out)
     prepare_output(out, force)
@@ -58,6 +59,8 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
         _write_weights(tmp, state, max_shard_bytes)
         if padding:
             save_file({k: v.contiguous() for k, v in padding.items()}, str(tmp / PADDING), metadata={"format": "pt"})
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         for f in tmp.iterdir():  # safetensors writes owner-only (0600) files; every file follows the umask
             os.chmod(f, 0o666 & ~_umask())
         _swap_in(tmp, out)

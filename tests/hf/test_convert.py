@@ -56,6 +56,21 @@ def test_folder_contents(hf_dir):
     assert not any(p.name.startswith(".") for p in hf_dir.parent.iterdir())  # temp folder renamed away
 
 
+def test_the_folder_has_a_model_card_the_hub_reads(hf_dir):
+    """README.md: the Hub's metadata (read by huggingface_hub's own parser), the architecture, and
+    the parameter count of the model transformers loads from the folder."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(hf_dir / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "custom_code" in card.data.tags
+    hf = _load(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert f"| parameters | {sum(p.numel() for p in hf.parameters()):,} |" in card.text
+    assert f"(chunk sizes {','.join(map(str, config['chunk_sizes']))})" in card.text
+    assert "trust_remote_code=True" in card.text and "megatron_vocab_padding.safetensors" in card.text
+
+
 def test_generate_cached_equals_uncached(hf_dir):
     from transformers import AutoTokenizer
 
