@@ -83,7 +83,9 @@ def recipe_checks() -> dict:
     after_setup = {k: getattr(fp16.optimizer, k) for k in ("fp16", "loss_scale", "initial_loss_scale",
                                                             "min_loss_scale", "loss_scale_window", "hysteresis")}
     after_setup.update(grad_reduce_in_fp32=fp16.ddp.grad_reduce_in_fp32, bucket_size=fp16.ddp.bucket_size)
-    return {"differ_from_yaml": differ, "containers": made, "mapped": sorted(recipes.JOB_TO_BRIDGE),
+    mock = recipes.pretrain_config("debug", mock_data=True)
+    return {"mock": [mock.dataset.blend, mock.dataset.split, mock.tokenizer.tokenizer_type],
+            "differ_from_yaml": differ, "containers": made, "mapped": sorted(recipes.JOB_TO_BRIDGE),
             "job_only": sorted(recipes.JOB_ONLY), "refused": refused, "fp16_after_setup": after_setup}
 
 

@@ -114,6 +114,7 @@ def test_recipes_match_the_project_configs(results):
     from spiral_megatron.config import flavors
 
     assert results["recipes"]["containers"] == list(flavors.names())
+    assert results["recipes"]["mock"] == [None, "969,30,1", "NullTokenizer"]  # --mock-data: no data, no tokenizer
 
 
 def test_pretrain_loss_falls(results):
