@@ -12,7 +12,6 @@ import dataclasses
 import os
 from typing import Any, Dict
 
-import torch.distributed as dist
 from megatron.bridge.training.config import (
     CheckpointConfig, ConfigContainer, DistributedDataParallelConfig, DistributedInitConfig, GPTDatasetConfig,
     LoggerConfig, OptimizerConfig, RerunStateMachineConfig, RNGConfig, SchedulerConfig, TokenizerConfig,
@@ -229,7 +228,7 @@ def _with_a_test_split(split: str, source, tokenizer, seq_length: int) -> str:
         return split
     except ConfigError as e:
         ours = f"{train * 1000:.6g},{(valid + test) * 1000:.6g},0"
-        if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0:
+        if os.environ.get("RANK", "0") == "0":  # every rank resolves the recipe
             print(f"split: {split} leaves {str(e).split(' leaves ', 1)[-1].split(';')[0]}; Megatron-Bridge builds a test "
                   f"split (the job does not) and Megatron-Core cannot build an empty one: {ours} (validation "
                   f"takes the test share, training keeps its documents)", flush=True)

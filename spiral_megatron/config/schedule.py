@@ -34,6 +34,14 @@ class Level:
         return 1.0 / self.chunk_size
 
 
+def depth_text(num_prelude: int, num_core: int, chunk_sizes: Sequence[int], num_coda: int) -> str:
+    """`1 prelude + 2 core x 4 loops (chunk sizes 8,4,2,1) + 1 coda`; `N layers` without a loop."""
+    if not chunk_sizes:
+        return f"{num_prelude + num_core + num_coda} layers"
+    return (f"{num_prelude} prelude + {num_core} core x {len(chunk_sizes)} loops "
+            f"(chunk sizes {','.join(map(str, chunk_sizes))}) + {num_coda} coda")
+
+
 def parse_ints(value: Union[str, int, Sequence[int]], what: str = "chunk sizes") -> Tuple[int, ...]:
     """"8,4,2,1", 8 or [8, 4, 2, 1] -> a tuple of ints. Empty string -> ()."""
     if isinstance(value, int):

@@ -3,14 +3,7 @@ reads, what the model is, where it came from, how to load it), written from the 
 
 from typing import Sequence
 
-
-def _shape(config) -> str:
-    """`1 prelude + 2 core layers x 4 iterations (chunk sizes 8,4,2,1) + 1 coda`, or a GPT's depth."""
-    if not config.chunk_sizes:
-        return f"{config.num_prelude_layers + config.num_coda_layers} layers (no loop: a plain GPT)"
-    sizes = ",".join(map(str, config.chunk_sizes))
-    return (f"{config.num_prelude_layers} prelude + {config.num_core_layers} core layers x "
-            f"{len(config.chunk_sizes)} iterations (chunk sizes {sizes}) + {config.num_coda_layers} coda")
+from spiral_megatron.config import schedule
 
 
 def _rows(rows: Sequence) -> str:
@@ -23,7 +16,8 @@ def model_card(name: str, config, parameters: int, source: str, iteration: int, 
     megatron_vocab_padding.safetensors."""
     loop = (f"topology {config.topology}, down-scale {config.downscale}, up-scale {config.upscale}, "
             f"shift {config.shift}" if config.chunk_sizes else "none")
-    rows = [("architecture", _shape(config)),
+    rows = [("architecture", schedule.depth_text(config.num_prelude_layers, config.num_core_layers,
+                                                 config.chunk_sizes or (), config.num_coda_layers)),
             ("width", f"hidden {config.hidden_size}, {config.num_attention_heads} heads "
                       f"({config.num_key_value_heads} key-value), MLP {config.intermediate_size}"
                       f"{' gated' if config.gated_linear_unit else ''} {config.hidden_act}, {config.normalization}"),

@@ -87,9 +87,7 @@ class HeldWarnings(logging.Filter):
             with open(path, "a") as f:
                 f.writelines(new)
             where = f"all in {path}"
-        return (f"{len(new)} known-harmless Megatron-Core warning{'s' if len(new) > 1 else ''} per rank "
-                f"hidden (optional Apex/Transformer Engine kernels missing, experimental or deprecated "
-                f"features; {where})")
+        return hidden_line(len(new), "Megatron-Core", " per rank", where)
 
 
 @contextlib.contextmanager
@@ -105,24 +103,26 @@ def quiet_tool(name: str):
             yield
         finally:
             if held.held:
-                n = len(held.held)
-                print(f"{name}: {n} known-harmless Megatron-Core/torch warning{'s' if n > 1 else ''} hidden "
-                      f"(optional Apex/Transformer Engine kernels missing, experimental or deprecated "
-                      f"features; `python -W default` shows them)", file=sys.stderr)
+                print(f"{name}: " + hidden_line(len(held.held), "Megatron-Core/torch", "",
+                                                "`python -W default` shows them"), file=sys.stderr)
+
+
+def hidden_line(n: int, whose: str, per: str, where: str) -> str:
+    """The one line that counts `n` held HARMLESS warnings and says `where` they are."""
+    return (f"{n} known-harmless {whose} warning{'s' if n > 1 else ''}{per} hidden (optional Apex/Transformer "
+            f"Engine kernels missing, experimental or deprecated features; {where})")
 
 
 def summary(job, layout, parts, source) -> List[str]:
     """The few lines that matter before the first step: model, parameters, layout, data,
     tokens per step, where checkpoints and the config go. `job`: the Resolved settings."""
-    from spiral_megatron.config import flops
+    from spiral_megatron.config import flops, schedule
 
     cfg, seq_length, c = job.keys, job.seq_length, parts.module.config
     tied = getattr(parts.module, "share_embeddings_and_output_weights", False)
     params = flops.unique_parameters(c, parts.model_args.vocab_size, tied)
     flavor = job.flavor
-    shape = (f"{c.num_prelude_layers} prelude + {c.num_core_layers} core x {len(c.chunk_sizes)} loops "
-             f"(chunk sizes {','.join(map(str, c.chunk_sizes))}) + {c.num_coda_layers} coda"
-             if c.chunk_sizes else f"{c.num_layers} layers")
+    shape = schedule.depth_text(c.num_prelude_layers, c.num_core_layers, c.chunk_sizes, c.num_coda_layers)
     micro = cfg.global_batch_size // (cfg.micro_batch_size * layout.dp_size)
     tokens = cfg.global_batch_size * seq_length
     steps = cfg.exit_interval or cfg.train_iters
