@@ -106,17 +106,18 @@ def _use_built_helpers(initialize) -> None:
 def _load_into_torch_adam(checkpointing) -> None:
     """`megatron.bridge.training.checkpointing`: resuming Megatron's DistributedOptimizer over
     torch's Adam (no apex or TE, so on the CPU) asserts on its empty state before the first
-    step (`state_dict`: `len(steps) == 1`), and torch's Adam keeps the dummy step count after
-    the load. The project's job meets both the same way (job/checkpoint/checkpointing.py): Megatron's
-    own dummy state before the load, the checkpoint's step counts after it."""
-    from spiral_megatron.job.checkpoint.torch_adam import prepare_state_for_loading, restore_adam_steps
+    step (`state_dict`: `len(steps) == 1`), and the step counts of the load stay in the param
+    groups. The project's job meets both the same way (job/checkpoint/loading.py): Adam's state
+    as its first step creates it before the load, the checkpoint's step counts after it."""
+    from spiral_megatron.job.build import create_adam_state
+    from spiral_megatron.job.checkpoint.torch_adam import restore_adam_steps
 
     generate_state_dict, load_from_path = checkpointing.generate_state_dict, checkpointing._load_checkpoint_from_path
 
     @functools.wraps(generate_state_dict)
     def generate_with_state(ckpt_cfg, model, optimizer, *args, **kwargs):
         if optimizer is not None and (kwargs.get("optim_sd_kwargs") or {}).get("is_loading"):
-            prepare_state_for_loading(optimizer)
+            create_adam_state(optimizer)
         return generate_state_dict(ckpt_cfg, model, optimizer, *args, **kwargs)
 
     @functools.wraps(load_from_path)

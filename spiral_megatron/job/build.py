@@ -68,6 +68,7 @@ def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = 
     model = wrap_in_ddp(job.ddp, config, module)
     # Megatron's optimizers, chained with a gradient norm that never reads the device (parallel/grad_norm.py)
     optimizer = grad_norm.fused_norm(get_megatron_optimizer(copy.copy(job.optimizer), [model]))
+    create_adam_state(optimizer)  # a checkpoint before fp16's first taken step has Adam's state
     scheduler = OptimizerParamScheduler(optimizer, **dataclasses.asdict(job.schedule))
     # The schedules find these hooks on the model config, as in Megatron-LM's training.py.
     # Ours wraps Megatron's and also sums the gradients of the core's replicas over stages.
@@ -75,6 +76,36 @@ def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = 
     config.no_sync_func = model.no_sync
     config.grad_scale_func = optimizer.scale_loss
     return Components(model, module, optimizer, scheduler, job.model_args)
+
+
+def create_adam_state(optimizer) -> None:
+    """Give every parameter of torch's Adam the state its first taken step would create (step 0,
+    zero moments, on the devices and in the dtypes torch picks), so that training is unchanged.
+
+    torch creates it lazily, and fp16's dynamic loss scale skips the first steps (Megatron's
+    initial 2^32 overflows the debug flavor's first 14): a checkpoint saved before the first
+    taken step had no Adam state. megatron-core (0.16.1, 0.19.2) then failed the save under the
+    distributed optimizer (`DistributedOptimizer.state_dict` asserts one step count over the
+    state) and the resume without it (its load template holds the moments: KeyError
+    optimizer.state.exp_avg). apex's and Transformer Engine's fused Adam are left as Megatron
+    builds them (not run here)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(opt, "optimizer", None)
+        if not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if state:
+                    continue
+                if group["capturable"] or group["fused"]:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                else:
+                    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                    state["step"] = torch.tensor(0.0, dtype=scalar, device="cpu")
+                moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+                for name in moments:
+                    state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def sync_params(model) -> None:

@@ -6,7 +6,9 @@ bf16 runs Megatron's distributed optimizer, fp16 its mixed-precision optimizer w
 dynamic grad scaler (Megatron-LM's loss-scale flags), so both of Megatron's optimizers for
 16-bit parameters run with fp32 main weights and gradients. The fp16 scaler starts low and
 grows every 2 steps until the scaled gradients overflow (a skipped step, the scale halved): the
-resumed run must restore that state to repeat the steps exactly.
+resumed run must restore that state to repeat the steps exactly. With Megatron's own initial
+scale (2^32) the first 14 steps overflow, before torch's Adam has any state: a checkpoint from
+then must resume too, with and without the distributed optimizer.
 """
 
 import pytest
@@ -17,14 +19,19 @@ from tests.integration.conftest import checkpoint_at, launch, logged
 
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
-STEPS = ("--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 6, "--lr-warmup-iters", 1,
-         "--log-interval", 1, "--eval-interval", "null", "--save-interval", 3)
+BASE = ("--micro-batch-size", 2, "--global-batch-size", 4, "--lr-warmup-iters", 1,
+        "--log-interval", 1, "--eval-interval", "null", "--save-interval", 3)
+STEPS = (*BASE, "--train-iters", 6)
 INITIAL_SCALE = 2.0 ** 17
 FORMATS = {
     "bf16": ("--bf16", "--use-distributed-optimizer", "true"),
     "fp16": ("--fp16", "--initial-loss-scale", INITIAL_SCALE, "--loss-scale-window", 2, "--hysteresis", 1,
              "--min-loss-scale", 1),
 }
+# Megatron's default loss scale: steps 1-14 overflow, 15-18 include the first taken ones
+EARLY = {"fp16 from 2^32": ("--fp16",), "fp16 from 2^32, distributed optimizer": ("--fp16", "--use-distributed-optimizer", "true")}
+RUNS = {**{fmt: (*STEPS, *flags) for fmt, flags in FORMATS.items()},
+        **{name: (*BASE, "--train-iters", 18, *flags) for name, flags in EARLY.items()}}
 _DEBUG = flavors.get("debug").model
 DEPTH = _DEBUG["num_prelude_layers"] + _DEBUG["num_core_layers"] * len(_DEBUG["chunk_sizes"]) + _DEBUG["num_coda_layers"]
 
@@ -38,13 +45,13 @@ def fp32(cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(cache_dir, tmp_path_factory):
-    """fmt -> (the uninterrupted run's log, the log of the run resumed from its step 3)."""
+    """name in RUNS -> (the uninterrupted run's log, the log of the run resumed from its step 3)."""
     done = {}
 
     def get(fmt):
         if fmt not in done:
-            out = tmp_path_factory.mktemp(fmt)
-            args = (*STEPS, *FORMATS[fmt])
+            out = tmp_path_factory.mktemp(fmt.replace(" ", "_").replace(",", ""))
+            args = RUNS[fmt]
             launch(cache_dir, *args, "--save", out / "full", "--log-json", out / "full.jsonl", nproc=2)
             resumed = checkpoint_at(out / "full", 3, out / "resumed")
             proc = launch(cache_dir, *args, "--load", resumed, "--save", resumed, "--log-json",
@@ -75,7 +82,26 @@ def test_loss_falls_as_in_fp32(fp32, runs, fmt):
 def test_resume_repeats_the_uninterrupted_steps_exactly(runs, fmt):
     full, resumed = runs(fmt)
     assert sorted(resumed) == [4, 5, 6]
-    keys = ("loss", "lr", "grad_norm") + (("loss_scale", "skipped_iterations") if fmt == "fp16" else ())
+    _assert_same_steps(full, resumed, fp16=fmt == "fp16")
+
+
+@pytest.mark.parametrize("name", list(EARLY))
+def test_fp16_resume_before_the_first_taken_step(runs, name):
+    """The step-3 checkpoint is saved before Adam's first step (steps 1-3 overflow at Megatron's
+    initial scale). It saved (the distributed optimizer asserted one step count over no state)
+    and it resumes (the load expected Adam's moments and a step count): steps 4-18, the first
+    taken ones among them, repeat the uninterrupted run's bit for bit."""
+    full, resumed = runs(name)
+    assert sorted(resumed) == list(range(4, 19))
+    assert all(full[i]["skipped_iterations"] for i in (1, 2, 3))
+    taken = [i for i in sorted(resumed) if full[i]["grad_norm"] is not None]
+    print(f"\n{name}: first taken steps {taken}; loss scale at step 18 {full[18]['loss_scale']}")
+    assert taken, "no step after the resume was taken: the test does not reach Adam's first step"
+    _assert_same_steps(full, resumed, fp16=True)
+
+
+def _assert_same_steps(full: dict, resumed: dict, fp16: bool) -> None:
+    keys = ("loss", "lr", "grad_norm") + (("loss_scale", "skipped_iterations") if fp16 else ())
     for it, record in resumed.items():
         for key in keys:
             assert record[key] == full[it][key], (it, key)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.job.build import Components
+from spiral_megatron.job.build import Components, create_adam_state
 from spiral_megatron.job.checkpoint import checkpoint_files, torch_adam
 from spiral_megatron.job.checkpoint.checkpoint_files import TRACKER, CheckpointError, iteration_dir, latest_iteration
 from spiral_megatron.job.checkpoint.checkpointing import parallel_layout, rng_object, set_rng
@@ -61,13 +61,22 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     model_sd = parts.module.sharded_state_dict()
     request = {"model": model_sd}
     if load_optim:
-        torch_adam.prepare_state_for_loading(parts.optimizer)
+        create_adam_state(parts.optimizer)  # where it was built elsewhere: state to load into
         saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
         request["optimizer"] = optimizer_state.sharded_state_dict(parts.optimizer, model_sd, saved, is_loading=True)
     load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
     if load_rng:
         request["rng"] = rng_object(common["layout"], state={})
-    state = dist_checkpointing.load(request, folder)
+    try:
+        state = dist_checkpointing.load(request, folder)
+    except BaseException as e:  # noqa: B036 - torch's CheckpointException is one; re-raised unless a tensor is missing
+        key = _missing_key(e)
+        if key is None:
+            raise
+        raise CheckpointError(f"load {folder!r}: it holds no {key}, which this run loads" + (
+            " (its optimizer has no Adam state: saved before fp16's first taken step by a spiral_megatron of "
+            "2026-12-04 or earlier; --no-load-optim resumes from its weights with a new optimizer)"
+            if key.startswith("optimizer.state.exp_avg") else "")) from None
     parts.module.load_state_dict(state["model"])
     if weights_only:
         return Restored(iteration, None, True)
@@ -81,3 +90,16 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     if load_rng:
         set_rng(state["rng"])
     return Restored(iteration, common["consumed_samples"], False, common.get("extra", {}))
+
+
+def _missing_key(error: BaseException) -> Optional[str]:
+    """The tensor key megatron-core's load found missing in the checkpoint (its KeyError "<key>
+    from model not in state dict: [every key there]", raised directly or in torch's
+    CheckpointException per rank); None for any other error."""
+    wrapped = getattr(error, "failures", {}).values()  # torch.distributed.checkpoint: rank -> (error, stack)
+    for e in (error, *(w[0] if isinstance(w, tuple) else w for w in wrapped)):
+        if isinstance(e, KeyError) and e.args:
+            key, found, _ = str(e.args[0]).partition(" from model not in state dict")
+            if found:
+                return key
+    return None

@@ -39,20 +39,11 @@ def load_optimizer(optimizer, state) -> None:
             opt.optimizer.state[param]["step"] = step
 
 
-def prepare_state_for_loading(optimizer) -> None:
-    """Megatron 0.16's DistributedOptimizer over torch's Adam has no state to load into before
-    its first step: give it Megatron's own dummy state (a zero-gradient step; the parameters
-    it touches are overwritten by the load that follows)."""
-    for opt in distributed_optimizers(optimizer):
-        if not opt.optimizer.state:
-            with torch.no_grad():
-                opt._init_optimizer_states_with_dummy_values()
-
-
 def restore_adam_steps(optimizer) -> None:
-    """After loading, torch's Adam keeps the dummy step count (1) in its per-parameter state;
-    the checkpoint's count is in the param groups (Megatron stores it there): copy it back,
-    or the bias correction of the next step is wrong and the resume is not exact."""
+    """After loading, torch's Adam keeps the step count it had before (0: build.create_adam_state)
+    in its per-parameter state; the checkpoint's count is in the param groups (Megatron stores it
+    there): copy it back, or the bias correction of the next step is wrong and the resume is not
+    exact."""
     for opt in distributed_optimizers(optimizer):
         for group in opt.optimizer.param_groups:
             if "step" in group:
