@@ -103,22 +103,31 @@ def _use_built_helpers(initialize) -> None:
     initialize.compile_helpers = compile_if_missing
 
 
-def _load_into_torch_adam(checkpointing) -> None:
-    """`megatron.bridge.training.checkpointing`: resuming Megatron's DistributedOptimizer over
-    torch's Adam (no apex or TE, so on the CPU) asserts on its empty state before the first
-    step (`state_dict`: `len(steps) == 1`), and the step counts of the load stay in the param
-    groups. The project's job meets both the same way (job/checkpoint/loading.py): Adam's state
-    as its first step creates it before the load, the checkpoint's step counts after it."""
+def _checkpoint_torch_adam(checkpointing) -> None:
+    """`megatron.bridge.training.checkpointing` over torch's Adam (no apex or TE, so on the CPU),
+    as the job does it (job/build.py `create_adam_state`, job/checkpoint/optimizer_state.py,
+    loading.py): Adam's state as its first step creates it, before a save or a load that comes
+    before that step (fp16's loss scale skips the first steps; Megatron's DistributedOptimizer
+    asserts on no state, its load template holds the moments); Adam's step count kept at 0
+    (megatron-core drops it); the checkpoint's step counts after a load (they stay in the
+    param groups)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     from spiral_megatron.job.build import create_adam_state
+    from spiral_megatron.job.checkpoint.optimizer_state import with_step_zero
     from spiral_megatron.job.checkpoint.torch_adam import restore_adam_steps
 
     generate_state_dict, load_from_path = checkpointing.generate_state_dict, checkpointing._load_checkpoint_from_path
 
     @functools.wraps(generate_state_dict)
     def generate_with_state(ckpt_cfg, model, optimizer, *args, **kwargs):
-        if optimizer is not None and (kwargs.get("optim_sd_kwargs") or {}).get("is_loading"):
+        if optimizer is not None:
             create_adam_state(optimizer)
-        return generate_state_dict(ckpt_cfg, model, optimizer, *args, **kwargs)
+        state = generate_state_dict(ckpt_cfg, model, optimizer, *args, **kwargs)
+        chained = getattr(optimizer, "chained_optimizers", [optimizer])
+        if "optimizer" in state and len(chained) == 1 and not isinstance(chained[0], DistributedOptimizer):
+            with_step_zero(chained[0], state["optimizer"])
+        return state
 
     @functools.wraps(load_from_path)
     def load_with_steps(load_dir, state, model, optimizer, *args, **kwargs):
@@ -134,7 +143,7 @@ def _load_into_torch_adam(checkpointing) -> None:
 AFTER_IMPORT = {
     "megatron.bridge.training.setup": _allow_no_cuda,
     "megatron.bridge.training.initialize": _seed_tracker,
-    "megatron.bridge.training.checkpointing": _load_into_torch_adam,
+    "megatron.bridge.training.checkpointing": _checkpoint_torch_adam,
 }
 
 

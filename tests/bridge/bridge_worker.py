@@ -89,8 +89,9 @@ def recipe_checks() -> dict:
             "job_only": sorted(recipes.JOB_ONLY), "refused": refused, "fp16_after_setup": after_setup}
 
 
-def pretrain_losses(cfg, forward_step=None) -> list:
-    """Bridge's pretrain() of `cfg`; the per-step training losses (from the last PP stage)."""
+def pretrain_losses(cfg, forward_step=None, lr: bool = False) -> list:
+    """Bridge's pretrain() of `cfg`; the per-step training losses (from the last PP stage), with
+    `lr` as [loss, learning rate] pairs."""
     from megatron.bridge.training.callbacks import Callback
     from megatron.bridge.training.pretrain import pretrain
 
@@ -102,7 +103,8 @@ def pretrain_losses(cfg, forward_step=None) -> list:
 
         def on_train_step_end(self, context):
             if context.loss_dict:
-                self.values.append(float(context.loss_dict["lm loss"]))
+                loss = float(context.loss_dict["lm loss"])
+                self.values.append([loss, context.optimizer.param_groups[0]["lr"]] if lr else loss)
 
     losses = Losses()
     pretrain(cfg, forward_step or bridge.forward_step, callbacks=[losses])
@@ -123,7 +125,25 @@ def train_checks(out: Path) -> dict:
     split = {"model.pipeline_split": "3,3"}  # prelude + 2 iterations | 2 iterations + coda: the core on both stages
     d = pretrain_losses(recipes.pretrain_config("debug", **TRAIN, use_distributed_optimizer=True, pipeline_parallel=2,
                                                 save=None, **split))
-    return {"uninterrupted": a, "resumed": c, "pp2": d}
+    return {"uninterrupted": a, "resumed": c, "pp2": d, "fp16_early": fp16_early_checks(out)}
+
+
+def fp16_early_checks(out: Path) -> dict:
+    """fp16 at Megatron's initial loss scale (2^32, whose first steps overflow before torch's
+    Adam has any state), with and without the distributed optimizer: 17 steps saving at 3, and
+    the same resumed from step 3; the steps taken (a learning rate above 0) of each."""
+    from spiral_megatron.bridge import recipes
+
+    steps = dict(TRAIN, train_iters=17)
+    runs = {}
+    for name, distributed in (("plain", False), ("distributed", True)):
+        full = pretrain_losses(recipes.pretrain_config("debug", **steps, precision="fp16", use_distributed_optimizer=distributed,
+                                                       save=str(out / f"F-{name}"), save_interval=3), lr=True)
+        resumed = recipes.pretrain_config("debug", **steps, precision="fp16", use_distributed_optimizer=distributed,
+                                          save=str(out / f"G-{name}"), load=str(out / f"F-{name}"))
+        resumed.checkpoint.ckpt_step = 3
+        runs[name] = {"uninterrupted": full, "resumed": pretrain_losses(resumed, lr=True)}
+    return runs
 
 
 def example_checks(out: Path) -> dict:

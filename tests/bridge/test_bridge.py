@@ -128,6 +128,21 @@ def test_resume_is_exact(results):
     assert results["train"]["resumed"] == results["train"]["uninterrupted"][2:]
 
 
+@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+def test_fp16_resume_before_the_first_taken_step(results, optimizer):
+    """fp16 at Megatron's initial scale 2^32: the checkpoint at step 3 comes before Adam's
+    first step (torch's Adam had no state: the distributed optimizer's save asserted, the plain
+    one's resume missed the moments). Resumed, the later steps, the first taken ones among them
+    (learning rate above 0), repeat the uninterrupted run's bit for bit."""
+    run = results["train"]["fp16_early"][optimizer]
+    full, resumed = run["uninterrupted"], run["resumed"]
+    print(f"\nfp16 {optimizer}: {len(full)} steps logged, resumed {len(resumed)}, "
+          f"taken after the resume {sum(lr > 0 for _, lr in resumed)}")
+    assert resumed and resumed == full[len(full) - len(resumed):]
+    assert any(lr > 0 for _, lr in resumed), "no step after the resume was taken: Adam's first step is not reached"
+    assert all(lr == 0 for _, lr in full[:3]), "the first 3 steps were taken: the checkpoint is not before Adam's first step"
+
+
 def test_pipeline_parallel_matches_data_parallel(results):
     """PP 2 (the core replicated on both stages, its gradients summed by the forward step's
     hook) from the same seed: the same 4 losses as DP 2 (the first update has lr 0 in warmup,

@@ -1,7 +1,7 @@
 """The optimizer's checkpoint state, in Megatron's formats, without three save bugs.
 
 Without the distributed optimizer this is Megatron's `sharded_state_dict`, with Adam's step
-count kept at 0 too (`_with_step_zero`). The distributed optimizer's is built here:
+count kept at 0 too (`with_step_zero`). The distributed optimizer's is built here:
 
 The job builds the optimizer's sharded state dict here instead of with
 `DistributedOptimizer.sharded_state_dict` (megatron-core 0.16.1 and 0.19.2): the same keys,
@@ -44,7 +44,7 @@ def sharded_state_dict(optimizer, model_sharded_state_dict: dict, metadata: dict
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     if not any(isinstance(opt, DistributedOptimizer) for opt in chained):
         state = optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
-        return _with_step_zero(chained[0], state) if len(chained) == 1 else state
+        return with_step_zero(chained[0], state) if len(chained) == 1 else state
     if len(chained) != 1:  # Megatron chains one per expert / layer-wise group; the job has neither
         raise ValueError(f"{len(chained)} chained optimizers: the job's checkpoints hold one distributed optimizer")
     opt, kind = chained[0], metadata["distrib_optim_sharding_type"]
@@ -61,7 +61,7 @@ def sharded_state_dict(optimizer, model_sharded_state_dict: dict, metadata: dict
     return state
 
 
-def _with_step_zero(opt, state: dict) -> dict:
+def with_step_zero(opt, state: dict) -> dict:
     """`state` with torch Adam's shared step count also where it is 0. megatron-core (0.16.1,
     0.19.2) writes it as `common_step` only `if step:`, so a checkpoint saved before the first
     taken step (fp16's loss scale skips the first ones) had none, and its load handed torch
