@@ -74,8 +74,9 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
         if key is None:
             raise
         raise CheckpointError(f"load {folder!r}: it holds no {key}, which this run loads" + (
-            " (its optimizer has no Adam state: saved before fp16's first taken step by a spiral_megatron of "
-            "2026-12-04 or earlier; --no-load-optim resumes from its weights with a new optimizer)"
+            " (its optimizer has no Adam state: saved before fp16's first taken step, by a spiral_megatron of "
+            "2026-12-04 or earlier or over apex's or Transformer Engine's Adam; --no-load-optim resumes from its "
+            "weights with a new optimizer)"
             if key.startswith("optimizer.state.exp_avg") else "")) from None
     parts.module.load_state_dict(state["model"])
     if weights_only:
