@@ -111,8 +111,6 @@ def _checkpoint_torch_adam(checkpointing) -> None:
     asserts on no state, its load template holds the moments); Adam's step count kept at 0
     (megatron-core drops it); the checkpoint's step counts after a load (they stay in the
     param groups)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     from spiral_megatron.job.build import create_adam_state
     from spiral_megatron.job.checkpoint.optimizer_state import with_step_zero
     from spiral_megatron.job.checkpoint.torch_adam import restore_adam_steps
@@ -124,9 +122,8 @@ def _checkpoint_torch_adam(checkpointing) -> None:
         if optimizer is not None:
             create_adam_state(optimizer)
         state = generate_state_dict(ckpt_cfg, model, optimizer, *args, **kwargs)
-        chained = getattr(optimizer, "chained_optimizers", [optimizer])
-        if "optimizer" in state and len(chained) == 1 and not isinstance(chained[0], DistributedOptimizer):
-            with_step_zero(chained[0], state["optimizer"])
+        if "optimizer" in state:
+            with_step_zero(optimizer, state["optimizer"])
         return state
 
     @functools.wraps(load_from_path)

@@ -44,7 +44,7 @@ def sharded_state_dict(optimizer, model_sharded_state_dict: dict, metadata: dict
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     if not any(isinstance(opt, DistributedOptimizer) for opt in chained):
         state = optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
-        return with_step_zero(chained[0], state) if len(chained) == 1 else state
+        return with_step_zero(optimizer, state)
     if len(chained) != 1:  # Megatron chains one per expert / layer-wise group; the job has neither
         raise ValueError(f"{len(chained)} chained optimizers: the job's checkpoints hold one distributed optimizer")
     opt, kind = chained[0], metadata["distrib_optim_sharding_type"]
@@ -61,14 +61,21 @@ def sharded_state_dict(optimizer, model_sharded_state_dict: dict, metadata: dict
     return state
 
 
-def with_step_zero(opt, state: dict) -> dict:
-    """`state` with torch Adam's shared step count also where it is 0. megatron-core (0.16.1,
-    0.19.2) writes it as `common_step` only `if step:`, so a checkpoint saved before the first
-    taken step (fp16's loss scale skips the first ones) had none, and its load handed torch
-    state without one (KeyError 'step')."""
-    inner = state["optimizer"] if "optimizer" in state else state  # fp16/bf16 main params, or fp32
-    steps = [s["step"] for s in opt.optimizer.state.values() if "step" in s]
-    if "common_step" not in inner["state"] and steps and all(float(step) == 0 for step in steps):
+def with_step_zero(optimizer, state: dict) -> dict:
+    """`state` (`optimizer.sharded_state_dict(...)`) with torch Adam's shared step count also
+    where it is 0. megatron-core (0.16.1, 0.19.2) writes it as `common_step` only `if step:`, so
+    a checkpoint saved before the first taken step (fp16's loss scale skips the first ones) had
+    none, and its load handed torch state without one (KeyError 'step'). Only Megatron's plain
+    optimizers keep per-parameter state there (the distributed one keeps its step in the param
+    groups; apex's and TE's Adam keep none per parameter): for any other `state` a no-op."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(chained) != 1 or isinstance(chained[0], DistributedOptimizer):
+        return state
+    inner = state.get("optimizer", state)  # fp16/bf16: beside the main params; fp32: the torch state dict
+    steps = [s["step"] for s in chained[0].optimizer.state.values() if "step" in s]
+    if steps and "common_step" not in inner["state"]:  # Megatron left out a step of 0
         inner["state"]["common_step"] = steps[0].clone()
     return state
 
