@@ -33,8 +33,9 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     was refused before this if the TP/PP layout changed: checkpoint_files.check_fits). RNG
     states are restored only when the layout is the saved one. A model-only checkpoint (no
     optimizer tensors, no scheduler) restores the weights and leaves the freshly built
-    optimizer and scheduler as they are; so does `no_load_optim` for the optimizer (Megatron-
-    LM's flag; our choice: the LR schedule and the data position still continue). Another
+    optimizer and scheduler as they are, the optimizer's main copies (bf16/fp16) taken from the
+    loaded weights; so does `no_load_optim` for the optimizer (Megatron-LM's flag; our choice:
+    the LR schedule and the data position still continue). Another
     architecture, sequence length, tokenizer or LR schedule is refused first (resume_check).
     """
     from megatron.core import dist_checkpointing
@@ -79,14 +80,14 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
             "weights with a new optimizer)"
             if key.startswith("optimizer.state.exp_avg") else "")) from None
     parts.module.load_state_dict(state["model"])
-    if weights_only:
-        return Restored(iteration, None, True)
     if load_optim:
         with torch.no_grad():  # fp32 training: the distributed optimizer's shards view the parameters
             torch_adam.load_optimizer(parts.optimizer, state["optimizer"])
         torch_adam.restore_adam_steps(parts.optimizer)
-    else:
-        parts.optimizer.reload_model_params()  # its main (fp32) copies from the loaded weights
+    else:  # bf16/fp16: the main (fp32) copies were made from the initial weights, the first step would put them back
+        parts.optimizer.reload_model_params()  # its main copies from the loaded weights
+    if weights_only:
+        return Restored(iteration, None, True)
     parts.scheduler.load_state_dict(common["scheduler"])
     if load_rng:
         set_rng(state["rng"])
