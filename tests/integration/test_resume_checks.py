@@ -37,3 +37,13 @@ def test_resume_with_another_lr_schedule_follows_megatron(reference, cache_dir, 
     proc = launch(cache_dir, *longer, "--override-opt-param-scheduler", "--log-json", tmp_path / "log.jsonl")
     assert "this run's values replace the checkpoint's" in proc.stdout
     assert sorted(logged(tmp_path / "log.jsonl")) == [5, 6]
+
+
+def test_resume_past_train_iters_says_no_step_ran(reference, cache_dir, tmp_path):
+    """A run whose --train-iters does not reach past the loaded iteration (it counts from 0, as
+    Megatron-LM's) ends at once and says so, rather than 'finished' with a copy of the checkpoint."""
+    proc = launch(cache_dir, *TINY, "--train-iters", 2, "--override-opt-param-scheduler",
+                  "--load", reference[0] / "ckpt", "--save", tmp_path / "new")
+    assert (f"finished iteration 4: no step to run, '{reference[0] / 'ckpt'}' holds iteration 4, past "
+            "--train-iters 2 (it counts from iteration 0: pass more than 4 to train on)") in proc.stdout
+    assert not list((tmp_path / "new").glob("iter_*"))

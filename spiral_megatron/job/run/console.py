@@ -19,7 +19,9 @@ from typing import List, Optional
 # defined at import, and a deprecation of Megatron's own default for a field we never set;
 # and torch's notes when megatron-core 0.19 loads a checkpoint: its common state read with
 # `load(no_dist=True)` (every rank reads it whole, as intended), `load`'s argument order, and
-# the ShardedTensor deprecation (megatron-core's own checkpoint format uses them).
+# the ShardedTensor deprecation (megatron-core's own checkpoint format uses them); and torch's
+# note when modelopt serializes a quantizer's extra state at a save (`torch.frombuffer` of the
+# bytes of its torch.save, only read).
 HARMLESS = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
@@ -28,6 +30,7 @@ HARMLESS = (
     "assuming the intent is to load in a single process",
     "The argument order of load has been changed",
     "we are deprecating ShardedTensor",
+    "The given buffer is not writable",
 )
 # Megatron-Core log records as harmless: logger name -> message. [ours] The "mcore" save
 # strategy is the one checkpointing.py chooses (its BackgroundSaves need it).

@@ -106,6 +106,16 @@ class Trainer:
         if any weight is NaN."""
         return divergence.largest_abs_weight(self.parts.module.parameters())
 
+    def nothing_to_train(self, stop: int) -> str:
+        """Why a run resumed at or past its last iteration ends without a step: a requeue of a
+        finished job, or a --train-iters that does not reach past the loaded checkpoint's
+        iteration (it counts from 0, as Megatron-LM's)."""
+        flag = "--exit-interval" if self.cfg.exit_interval else "--train-iters"
+        line = f"finished iteration {self.iteration}: no step to run, {self.cfg.load!r} holds iteration {self.iteration}"
+        if self.iteration == stop:
+            return line + f", the {flag} this run stops at"
+        return line + f", past {flag} {stop} (it counts from iteration 0: pass more than {self.iteration} to train on)"
+
     def stopped(self, what: str, iteration: int) -> str:
         """`what` happened at `iteration` (this one or the one before, see step.StepFlags): say
         so, and what the latest checkpoint holds."""
@@ -165,6 +175,8 @@ class Trainer:
     def run(self, signals: ExitSignal) -> str:
         """Train to exit_interval or train_iters; returns why it stopped."""
         cfg, stop = self.cfg, self.cfg.exit_interval or self.cfg.train_iters
+        if self.iteration >= stop:  # resumed at or past it: no step runs, nothing new to save
+            return self.nothing_to_train(stop)
         batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None
         while self.iteration < stop:
             if self.background is not None:
