@@ -20,13 +20,20 @@ def tool(cache_dir, name, *args):
     assert proc.returncode == 0, f"{name} {args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
+@pytest.fixture(scope="module")
+def converted(reference, cache_dir, tmp_path_factory):
+    """The reference's last checkpoint to Hugging Face and back: a model-only checkpoint."""
+    folder = tmp_path_factory.mktemp("converted")
+    tool(cache_dir, "convert_to_hf.py", "--load", reference[0] / "ckpt", "--out", folder / "hf")
+    tool(cache_dir, "convert_from_hf.py", "--load", folder / "hf", "--save", folder / "from_hf")
+    return folder / "from_hf"
+
+
 @pytest.mark.parametrize("precision", [(), ("--bf16",), ("--bf16", "--use-distributed-optimizer")],
                          ids=["fp32", "bf16", "bf16-distributed-optimizer"])
-def test_converted_hf_checkpoint_loads_weights_and_trains(reference, cache_dir, tmp_path, precision):
-    out, full, _ = reference
-    tool(cache_dir, "convert_to_hf.py", "--load", out / "ckpt", "--out", tmp_path / "hf")
-    tool(cache_dir, "convert_from_hf.py", "--load", tmp_path / "hf", "--save", tmp_path / "from_hf")
-    proc = launch(cache_dir, *TINY, "--train-iters", 2, "--eval-interval", 1, "--load", tmp_path / "from_hf",
+def test_converted_hf_checkpoint_loads_weights_and_trains(reference, converted, cache_dir, tmp_path, precision):
+    full = reference[1]
+    proc = launch(cache_dir, *TINY, "--train-iters", 2, "--eval-interval", 1, "--load", converted,
                   "--save", tmp_path / "ckpt", "--log-json", tmp_path / "log.jsonl", *precision)
     assert "loaded model weights only from" in proc.stdout and "start fresh" in proc.stdout
     log = logged(tmp_path / "log.jsonl")
