@@ -1,9 +1,9 @@
 r"""Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing is downloaded.
 
     python tools/preprocess_data.py --input a.jsonl b.txt --output-prefix data/my_text \
-        [--tokenizer-model path/to/tokenizer_folder | --vocab-size 32000] [--json-key text] [--force]
+        [--tokenizer-model path/to/tokenizer_folder | --vocab-size 32000] [--json-keys text] [--force]
 
-JSONL files give one document per line (text under --json-key); other files are one document
+JSONL files give one document per line (text under --json-keys); other files are one document
 each. Without --tokenizer-model a byte-level BPE is trained on the input and saved next to the
 data (<output-prefix>_tokenizer/), where the training job finds it. PREFIX.meta.json records
 which tokenizer made the data; the job refuses another. Train with: --data-path <output-prefix>
@@ -21,10 +21,16 @@ def parse_args(argv):
     p.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer",
                    help="a tokenizer.json or a folder holding one (Megatron-LM's name; --tokenizer is an alias)")
     p.add_argument("--vocab-size", type=int, default=512, help="vocabulary of a trained BPE")
-    p.add_argument("--json-key", default="text", help="the text field of JSONL records")
+    p.add_argument("--json-keys", "--json-key", dest="json_key", nargs="+", default=["text"], metavar="KEY",
+                   help="the text field of JSONL records (Megatron-LM's name, one key here; --json-key is an alias)")
     p.add_argument("--save-tokenizer", help="where a trained BPE goes (default PREFIX_tokenizer)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if len(args.json_key) > 1:  # Megatron-LM writes one dataset per key
+        p.error(f"--json-keys {' '.join(args.json_key)}: one key per run (each key's text is its own "
+                f"dataset: run once per key with its own --output-prefix)")
+    args.json_key = args.json_key[0]
+    return args
 
 
 def main(argv) -> int:
@@ -34,7 +40,7 @@ def main(argv) -> int:
     try:
         preprocess(args.input, args.output_prefix, args.tokenizer, args.vocab_size, args.json_key,
                    args.save_tokenizer, args.force)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,7 +32,7 @@ def test_tool_trains_a_tokenizer_and_writes_indexed_dataset(tmp_path, cache_dir)
     (tmp_path / "b.txt").write_text(texts[2])
     prefix = tmp_path / "out" / "text"
     cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", tmp_path / "a.jsonl",
-           tmp_path / "b.txt", "--output-prefix", prefix, "--json-key", "content", "--vocab-size", 300]
+           tmp_path / "b.txt", "--output-prefix", prefix, "--json-keys", "content", "--vocab-size", 300]
     env = {k: v for k, v in environment(cache_dir).items() if k != "PYTHONWARNINGS"}  # as a user runs it
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -47,3 +47,25 @@ def test_tool_trains_a_tokenizer_and_writes_indexed_dataset(tmp_path, cache_dir)
     missing = subprocess.run(list(map(str, cmd[:3] + [tmp_path / "nope.jsonl"] + cmd[5:])),
                              capture_output=True, text=True, env=environment(cache_dir))
     assert missing.returncode == 2 and "nope.jsonl' does not exist" in missing.stderr
+
+
+def test_a_record_without_the_text_key_is_named_with_its_keys(tmp_path):
+    import pytest
+
+    from spiral_megatron.job.data.preprocess import read_documents
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preprocess_data
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"content": "x", "id": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"a.jsonl:2: no text under key 'text' \(the record holds: content, id\)"):
+        list(read_documents([tmp_path / "a.jsonl"]))
+    # Megatron-LM's --json-keys, and --json-key, name the key; one key per run
+    base = ["--input", "a.jsonl", "--output-prefix", "p"]
+    assert preprocess_data.parse_args(base + ["--json-keys", "content"]).json_key == "content"
+    assert preprocess_data.parse_args(base + ["--json-key", "content"]).json_key == "content"
+    assert preprocess_data.parse_args(base).json_key == "text"
+    with pytest.raises(SystemExit):
+        preprocess_data.parse_args(base + ["--json-keys", "content", "id"])

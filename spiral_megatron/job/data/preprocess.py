@@ -36,9 +36,11 @@ def read_documents(paths: Sequence[Path], text_key: str = "text") -> Iterator[st
                             record = json.loads(line)
                         except ValueError as e:
                             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                        if text_key not in record:
-                            raise KeyError(f"{path}:{n} has no key {text_key!r}")
-                        yield record[text_key]
+                        text = record.get(text_key) if isinstance(record, dict) else None
+                        if not isinstance(text, str):
+                            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                            raise ValueError(f"{path}:{n}: no text under key {text_key!r} (the record holds: {keys})")
+                        yield text
         else:
             yield path.read_text(encoding="utf-8")
 
