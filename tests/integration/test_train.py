@@ -57,10 +57,14 @@ def test_exact_resume(reference, cache_dir, tmp_path):
     """2 steps + resume + 2 steps == 4 steps, the same loss at every step (bitwise on CPU)."""
     _, full, _ = reference
     save = tmp_path / "ckpt"
-    launch(cache_dir, *TINY, "--exit-interval", 2, "--save", save, "--log-json", tmp_path / "a.jsonl")
+    # the same command twice: --exit-interval stops at each multiple of it, as Megatron-LM's
+    args = (*TINY, "--exit-interval", 2, "--load", save, "--save", save)
+    proc = launch(cache_dir, *args, "--log-json", tmp_path / "a.jsonl")
     assert (save / TRACKER).read_text() == "2"
-    proc = launch(cache_dir, *TINY, "--load", save, "--save", save, "--log-json", tmp_path / "b.jsonl")
+    assert "pretrain_spiral: exit interval 2: stopped after iteration 2 of 4 (the same command resumes)" in proc.stdout
+    proc = launch(cache_dir, *args, "--log-json", tmp_path / "b.jsonl")
     assert "resumed from" in proc.stdout and "at iteration 2 (8 samples consumed)" in proc.stdout
+    assert "pretrain_spiral: finished iteration 4" in proc.stdout
     first, second = logged(tmp_path / "a.jsonl"), logged(tmp_path / "b.jsonl")
     assert sorted(first) == [1, 2] and sorted(second) == [3, 4]
     for it, record in {**first, **second}.items():

@@ -42,6 +42,15 @@ class ExitSignal:
         self.received = True
 
 
+def end_iteration(start: int, train_iters: int, exit_interval: Optional[int]) -> int:
+    """The iteration a run that starts at `start` stops after: train_iters, or before it the first
+    multiple of exit_interval after `start` (Megatron-LM's --exit-interval: a job requeued with the
+    same command trains exit_interval more steps each time)."""
+    if not exit_interval:
+        return train_iters
+    return min(train_iters, (start // exit_interval + 1) * exit_interval)
+
+
 class Trainer:
     """Holds the run's state between steps: iteration, consumed samples, data iterators."""
 
@@ -106,15 +115,15 @@ class Trainer:
         if any weight is NaN."""
         return divergence.largest_abs_weight(self.parts.module.parameters())
 
-    def nothing_to_train(self, stop: int) -> str:
-        """Why a run resumed at or past its last iteration ends without a step: a requeue of a
-        finished job, or a --train-iters that does not reach past the loaded checkpoint's
-        iteration (it counts from 0, as Megatron-LM's)."""
-        flag = "--exit-interval" if self.cfg.exit_interval else "--train-iters"
+    def nothing_to_train(self) -> str:
+        """Why a run resumed at or past train_iters ends without a step: a requeue of a finished
+        job, or a --train-iters that does not reach past the loaded checkpoint's iteration (it
+        counts from 0, as Megatron-LM's)."""
         line = f"finished iteration {self.iteration}: no step to run, {self.cfg.load!r} holds iteration {self.iteration}"
-        if self.iteration == stop:
-            return line + f", the {flag} this run stops at"
-        return line + f", past {flag} {stop} (it counts from iteration 0: pass more than {self.iteration} to train on)"
+        if self.iteration == self.cfg.train_iters:
+            return line + ", the --train-iters this run stops at"
+        return line + (f", past --train-iters {self.cfg.train_iters} (it counts from iteration 0: pass more than "
+                       f"{self.iteration} to train on)")
 
     def stopped(self, what: str, iteration: int) -> str:
         """`what` happened at `iteration` (this one or the one before, see step.StepFlags): say
@@ -173,10 +182,10 @@ class Trainer:
         self.exit_requested = self.exit_requested or settled.exit_requested
 
     def run(self, signals: ExitSignal) -> str:
-        """Train to exit_interval or train_iters; returns why it stopped."""
-        cfg, stop = self.cfg, self.cfg.exit_interval or self.cfg.train_iters
+        """Train to train_iters, or to the next multiple of exit_interval; returns why it stopped."""
+        cfg, stop = self.cfg, end_iteration(self.iteration, self.cfg.train_iters, self.cfg.exit_interval)
         if self.iteration >= stop:  # resumed at or past it: no step runs, nothing new to save
-            return self.nothing_to_train(stop)
+            return self.nothing_to_train()
         batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None
         while self.iteration < stop:
             if self.background is not None:
@@ -207,4 +216,7 @@ class Trainer:
         self.settle()
         self.save()
         self.finish_saves()
+        if self.iteration < cfg.train_iters:
+            return (f"exit interval {cfg.exit_interval}: stopped after iteration {self.iteration} of "
+                    f"{cfg.train_iters} (the same command resumes)")
         return f"finished iteration {self.iteration}"

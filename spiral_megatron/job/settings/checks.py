@@ -56,7 +56,7 @@ def check(cfg: TrainingConfig) -> None:
         raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
     _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
-        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}")
+        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}: it would never stop a run")
     _check_model_keys(cfg)
 
 

@@ -58,7 +58,8 @@ class TrainingConfig:
     """Optimizer steps to train for."""
 
     exit_interval: Optional[int] = None
-    """Save and stop after this iteration (the schedule still assumes train_iters)."""
+    """Save and stop after an iteration divisible by this (Megatron-LM's: the same command run
+    again trains that many more steps; the schedule still assumes train_iters)."""
 
     lr: float = 3e-3
     """Peak learning rate."""
