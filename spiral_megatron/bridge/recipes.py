@@ -53,6 +53,7 @@ JOB_TO_BRIDGE = {
     "global_batch_size": "train.global_batch_size",
     "train_iters": "train.train_iters",
     "exit_interval": "train.exit_interval",
+    "exit_duration_in_mins": "train.exit_duration_in_mins",
     "lr": "optimizer.lr",
     "min_lr": "optimizer.min_lr",
     "lr_warmup_iters": "scheduler.lr_warmup_iters",
@@ -133,7 +134,8 @@ def container(job: Resolved) -> ConfigContainer:
     return ConfigContainer(
         model=_model(job),
         train=TrainingConfig(train_iters=keys.train_iters, global_batch_size=keys.global_batch_size,
-                             micro_batch_size=keys.micro_batch_size, exit_interval=keys.exit_interval),
+                             micro_batch_size=keys.micro_batch_size, exit_interval=keys.exit_interval,
+                             exit_duration_in_mins=keys.exit_duration_in_mins),
         validation=ValidationConfig(eval_interval=keys.eval_interval,
                                     eval_iters=keys.eval_iters if keys.eval_interval else 0),
         optimizer=_same_fields(OptimizerConfig, job.optimizer),

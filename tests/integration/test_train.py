@@ -163,3 +163,13 @@ def test_sigterm_saves_then_exits_cleanly(cache_dir, tmp_path):
 def test_clear_errors_before_training(cache_dir, tmp_path, args, message):
     proc = launch(cache_dir, *TINY, "--save", tmp_path / "ckpt", *args, expect_rc=2)
     assert message in proc.stderr and "iteration" not in proc.stdout
+
+
+def test_exit_duration_saves_and_stops_every_rank_at_one_step(cache_dir, tmp_path):
+    """--exit-duration-in-mins (Megatron-LM's time limit): past it, every rank stops after the
+    same step, saved, exit 0; here a limit shorter than a step: after the first steps."""
+    save = tmp_path / "ckpt"
+    proc = launch(cache_dir, *TINY, "--train-iters", 8, "--exit-duration-in-mins", 1e-4, "--save", save, nproc=2)
+    stopped = int((save / TRACKER).read_text())
+    assert 1 <= stopped < 8 and "pretrain_spiral: exit duration 0.0001 min reached (" in proc.stdout
+    assert f"the same command resumes): stopped after iteration {stopped}" in proc.stdout

@@ -5,6 +5,7 @@ holds the run between steps (its failure handling, its saves). One job at a time
 folder (folder_lock.py).
 """
 
+import time
 from typing import Optional
 
 from spiral_megatron import parallel
@@ -23,6 +24,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
     """The whole job; raises ConfigError & co. before compute, NonFiniteLoss during it.
     `quiet`: the caller's harmless-warnings holder, reported once the save folder exists."""
     cfg = job.keys
+    started = time.monotonic()  # --exit-duration-in-mins counts from here, as Megatron-LM's from pretrain()
     layout = start(job)
     held, failed = Preflight(None, None), False
     try:
@@ -55,7 +57,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
             agreed(trainer.resume)  # its checks come before its collectives
         if cfg.save:
             checkpointing.start_save_helper()  # before ExitSignal: SIGTERM ignored in the helper
-        signals = ExitSignal()
+        signals = ExitSignal(cfg.exit_duration_in_mins, started)
         try:
             return trainer.run(signals)
         finally:

@@ -30,16 +30,36 @@ class NonFiniteLoss(SpiralError, RuntimeError):
 
 
 class ExitSignal:
-    """Records SIGTERM/SIGINT; every rank learns of it at the same step (in the step's
-    all-reduce, step.StepFlags)."""
+    """Records SIGTERM/SIGINT, and a time limit passed (Megatron-LM's --exit-duration-in-mins,
+    minutes since `started`, a time.monotonic()); every rank learns of either at the same step
+    (in the step's all-reduce, step.StepFlags), so all stop together."""
 
-    def __init__(self):
-        self.received = False
+    def __init__(self, limit_minutes: Optional[float] = None, started: Optional[float] = None):
+        self.signaled = False
+        self.limit_minutes, self.started = limit_minutes, started if started is not None else time.monotonic()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.signaled = True
+
+    def minutes(self) -> float:
+        return (time.monotonic() - self.started) / 60
+
+    @property
+    def time_up(self) -> bool:
+        return self.limit_minutes is not None and self.minutes() > self.limit_minutes
+
+    @property
+    def received(self) -> bool:
+        return self.signaled or self.time_up
+
+    def reason(self) -> str:
+        """Why the run stops (on this rank: another may have seen it first)."""
+        if self.time_up and not self.signaled:
+            return (f"exit duration {self.limit_minutes:g} min reached ({self.minutes():.1f} min since the job "
+                    f"started; the same command resumes)")
+        return "exit signal received"
 
 
 def end_iteration(start: int, train_iters: int, exit_interval: Optional[int]) -> int:
@@ -212,7 +232,7 @@ class Trainer:
                 self.settle()
                 self.save()
                 self.finish_saves()
-                return f"exit signal received: stopped after iteration {self.iteration}"
+                return f"{signals.reason()}: stopped after iteration {self.iteration}"
         self.settle()
         self.save()
         self.finish_saves()

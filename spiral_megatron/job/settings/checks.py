@@ -28,7 +28,7 @@ def _positive(cfg: TrainingConfig, *names: str) -> None:
 def check(cfg: TrainingConfig) -> None:
     """Refuse impossible keys and combinations of keys (the model's fields by name only)."""
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
-              "train_iters", "exit_interval", "lr", "lr_decay_iters", "log_interval", "eval_interval",
+              "train_iters", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters", "log_interval", "eval_interval",
               "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
               "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size", "rotary_base")
     if not 0 < cfg.rotary_percent <= 1:

@@ -60,7 +60,7 @@ GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("model", "seq_length", "rotary_base", "rotary_percent", "make_vocab_size_divisible_by")),
     ("data", ("data_path", "split", "train_data_path", "valid_data_path", "mock_data", "tokenizer",
               "tokenizer_vocab_size", "cache_dir", "valid_seed", "num_workers")),
-    ("training", ("micro_batch_size", "global_batch_size", "train_iters", "exit_interval", "lr",
+    ("training", ("micro_batch_size", "global_batch_size", "train_iters", "exit_interval", "exit_duration_in_mins", "lr",
                   "min_lr", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
                   "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                   "clip_grad", "precision", "loss_scale", "initial_loss_scale", "min_loss_scale",

@@ -61,6 +61,10 @@ class TrainingConfig:
     """Save and stop after an iteration divisible by this (Megatron-LM's: the same command run
     again trains that many more steps; the schedule still assumes train_iters)."""
 
+    exit_duration_in_mins: Optional[float] = None
+    """Save and stop after the first step that ends this many minutes after the job started
+    (Megatron-LM's: a cluster's time limit; every rank stops at the same step)."""
+
     lr: float = 3e-3
     """Peak learning rate."""
 
