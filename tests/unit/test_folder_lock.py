@@ -98,15 +98,16 @@ def test_another_machine_is_judged_by_its_lease(tmp_path):
     taken_over(tmp_path, "its lease of 3 s ran out")
 
 
-def race(folder, barrier, results):
+def race(folder, barrier, tried, results):
     barrier.wait()
     lock = FolderLock(folder)
     try:
         results.put(("won", lock.acquire()))
-        time.sleep(3)  # alive while the others judge it
+        tried.wait()  # alive until every racer has judged it (however slow a loaded machine is)
         lock.release()
     except FolderLocked as e:
         results.put(("refused", str(e)))
+        tried.wait()
 
 
 def test_racing_takeovers_leave_one_holder(tmp_path):
@@ -114,8 +115,8 @@ def test_racing_takeovers_leave_one_holder(tmp_path):
     dead.wait()
     write_lock(tmp_path, **here(dead.pid))
     ctx = multiprocessing.get_context("fork")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    racers = [ctx.Process(target=race, args=(tmp_path, barrier, results)) for _ in range(4)]
+    barrier, tried, results = ctx.Barrier(4), ctx.Barrier(4), ctx.Queue()
+    racers = [ctx.Process(target=race, args=(tmp_path, barrier, tried, results)) for _ in range(4)]
     for racer in racers:
         racer.start()
     outcomes = [results.get(timeout=60) for _ in racers]
@@ -126,19 +127,28 @@ def test_racing_takeovers_leave_one_holder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def eventually(condition, timeout: float = 30) -> bool:
+    """Whether `condition()` turns true within `timeout` s (a heartbeat of 0.2 s on a loaded machine)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_the_heartbeat_renews_recreates_notices_a_takeover_and_stops(tmp_path):
     lost = []
     lock = FolderLock(tmp_path, heartbeat_s=0.2, lease_s=2, on_lost=lost.append)
     lock.acquire()
     assert lock._beat.daemon and lock._beat.is_alive()
     before = os.stat(tmp_path / LOCK).st_mtime_ns
-    time.sleep(0.6)
-    assert os.stat(tmp_path / LOCK).st_mtime_ns > before  # renewed
+    assert eventually(lambda: os.stat(tmp_path / LOCK).st_mtime_ns > before)  # renewed
     (tmp_path / LOCK).unlink()  # deleted by a person: created again
-    time.sleep(0.6)
+    assert eventually(lambda: (tmp_path / LOCK).exists())
     assert json.loads((tmp_path / LOCK).read_text())["token"] == lock.token
     write_lock(tmp_path, host="node-17", pid=4242, token="theirs", lease_s=2)  # taken over meanwhile
-    time.sleep(0.6)
+    assert eventually(lambda: lost)
     assert len(lost) == 1 and "lost the lock" in lost[0] and "pid 4242 on host node-17" in lost[0]
     assert not lock._beat.is_alive()
     lock.release()
