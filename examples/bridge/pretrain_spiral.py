@@ -57,6 +57,7 @@ def make_config(flavor: str, config_file, overrides, flags=()):
     from omegaconf import OmegaConf
 
     from spiral_megatron.bridge import recipes
+    from spiral_megatron.job.checkpoint import checkpoint_files
     from spiral_megatron.job.settings import config
 
     cfg = recipes.pretrain_config(flavor, **config.parse_cli(list(flags)))
@@ -74,6 +75,13 @@ def make_config(flavor: str, config_file, overrides, flags=()):
     apply_overrides(cfg, OmegaConf.to_container(merged, resolve=True), excluded)
     if cfg.checkpoint.load == recipe_load:  # not overridden: resume where this run saves
         cfg.checkpoint.load = cfg.checkpoint.save
+    for field in ("load", "pretrained_checkpoint"):
+        folder = getattr(cfg.checkpoint, field)
+        if folder and checkpoint_files.holds_job_checkpoint(folder):  # Bridge: "Legacy checkpoint missing 'args'"
+            raise config.ConfigError(
+                f"checkpoint.{field} {folder!r} holds a checkpoint of examples/pretrain_spiral.py, which Bridge does "
+                f"not read: continue it with that job, or convert it (tools/convert_to_hf.py, then "
+                f"examples/bridge/convert_checkpoints.py import)")
     return cfg
 
 

@@ -92,6 +92,8 @@ JOB_TO_BRIDGE = {
     "save": "checkpoint.save",
     "save_interval": "checkpoint.save_interval",
     "load": "checkpoint.load",
+    "finetune": "checkpoint.pretrained_checkpoint (--load; checkpoint.load is then --save: Bridge loads the "
+                "pretrained weights only while --save holds no checkpoint)",
     "async_save": "checkpoint.async_save",
     "no_load_optim": "checkpoint.load_optim (negated)",
     "no_load_rng": "checkpoint.load_rng (negated)",
@@ -145,7 +147,8 @@ def container(job: Resolved) -> ConfigContainer:
         tokenizer=_tokenizer(job),
         logger=LoggerConfig(log_interval=keys.log_interval, tensorboard_dir=keys.tensorboard_dir),
         checkpoint=CheckpointConfig(
-            save=keys.save, load=keys.load if keys.load is not None else keys.save, save_interval=keys.save_interval,
+            save=keys.save, load=keys.save if keys.finetune or keys.load is None else keys.load,
+            pretrained_checkpoint=keys.load if keys.finetune else None, save_interval=keys.save_interval,
             ckpt_format="torch_dist", async_save=keys.async_save, load_optim=not keys.no_load_optim,
             load_rng=not keys.no_load_rng, dist_ckpt_optim_fully_reshardable=keys.dist_ckpt_optim_fully_reshardable),
         rng=RNGConfig(seed=keys.seed),

@@ -42,3 +42,20 @@ def test_converted_hf_checkpoint_loads_weights_and_trains(reference, converted, 
     # the reference's after its last step (same weights, same validation batches; bf16 rounds).
     assert log[1]["val_loss"] == pytest.approx(full[4]["val_loss"], abs=0.02 if precision else 1e-5)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+
+def test_finetune_starts_from_the_weights_at_iteration_0_then_resumes_its_own(reference, cache_dir, tmp_path):
+    """--finetune (Megatron-LM's) from a full checkpoint: its weights at iteration 0, the rest
+    fresh; the same command, requeued, resumes the fine-tuning run's own checkpoint in --save."""
+    full = reference[1]
+    args = (*TINY, "--train-iters", 2, "--exit-interval", 1, "--eval-interval", 1, "--finetune",
+            "--load", reference[0] / "ckpt", "--save", tmp_path / "ft", "--log-json", tmp_path / "log.jsonl")
+    first = launch(cache_dir, *args)
+    assert "starts at iteration 0 with a fresh optimizer" in first.stdout
+    # Warmup starts at lr 0: step 1 leaves the weights as loaded, the reference's after step 4.
+    assert logged(tmp_path / "log.jsonl")[1]["val_loss"] == pytest.approx(full[4]["val_loss"], abs=1e-5)
+    second = launch(cache_dir, *args)
+    assert "holds this fine-tuning run's checkpoint: resuming it" in second.stdout
+    assert "at iteration 1 (4 samples consumed)" in second.stdout and "finished iteration 2" in second.stdout
+    refused = launch(cache_dir, *TINY, "--finetune", "--load", tmp_path / "ft", "--save", tmp_path / "ft", expect_rc=2)
+    assert "fine-tuning starts from another run's checkpoint (--load) and saves its own in --save" in refused.stderr

@@ -81,6 +81,14 @@ def latest_iteration(root) -> Optional[int]:
     return int(text)
 
 
+def holds_job_checkpoint(root) -> bool:
+    """Whether `root`'s latest checkpoint is this project's job's (its model_args.json, no
+    Megatron-Bridge run_config.yaml): Bridge's pretrain() cannot read it."""
+    iteration = latest_iteration(root)
+    folder = iteration_dir(root, iteration) if iteration is not None else None
+    return folder is not None and (folder / "model_args.json").is_file() and not (folder / "run_config.yaml").exists()
+
+
 def publish(root, iteration: int, marker: dict) -> None:
     """Rank 0, once every rank has written the staging folder: write MARKER into it, rename it
     in, then move the tracker to `iteration`."""

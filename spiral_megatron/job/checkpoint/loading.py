@@ -25,7 +25,7 @@ class Restored:
     extra: Optional[dict] = None
 
 
-def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
+def load(root, parts: Components, cfg=None, tokenizer=None, finetune: bool = False) -> Restored:
     """Restore the latest checkpoint under `root`, after checking it fits this run.
 
     The model reshards to this run's TP/PP layout, as does the optimizer state (the plain
@@ -35,7 +35,8 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     optimizer tensors, no scheduler) restores the weights and leaves the freshly built
     optimizer and scheduler as they are, the optimizer's main copies (bf16/fp16) taken from the
     loaded weights; so does `no_load_optim` for the optimizer (Megatron-LM's flag; our choice:
-    the LR schedule and the data position still continue). Another
+    the LR schedule and the data position still continue). `finetune` (Megatron-LM's
+    --finetune): weights only, whatever the checkpoint holds. Another
     architecture, sequence length, tokenizer or LR schedule is refused first (resume_check).
     """
     from megatron.core import dist_checkpointing
@@ -50,7 +51,7 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
     record = checkpoint_files.read_record(folder)
     common = dist_checkpointing.load_common_state_dict(folder)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    weights_only = "scheduler" not in common
+    weights_only = finetune or "scheduler" not in common
     resume_check.check_model(Path(folder), ModelArgs.load(Path(folder) / "model_args.json"),
                              parts.model_args, tokenizer, weights_only)
     if not weights_only and cfg is not None:
@@ -65,7 +66,8 @@ def load(root, parts: Components, cfg=None, tokenizer=None) -> Restored:
         create_adam_state(parts.optimizer)  # where it was built elsewhere: state to load into
         saved = {"distrib_optim_sharding_type": (record["optimizer"] or {}).get("format") or "dp_reshardable"}
         request["optimizer"] = optimizer_state.sharded_state_dict(parts.optimizer, model_sd, saved, is_loading=True)
-    load_rng = common.get("layout") == parallel_layout() and not (cfg is not None and cfg.no_load_rng)
+    load_rng = (not weights_only and common.get("layout") == parallel_layout()
+                and not (cfg is not None and cfg.no_load_rng))
     if load_rng:
         request["rng"] = rng_object(common["layout"], state={})
     try:

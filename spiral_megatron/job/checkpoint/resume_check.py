@@ -21,7 +21,7 @@ RUN_KEYS = {"save", "load", "log_json", "tensorboard_dir", "log_interval", "eval
             "save_interval", "exit_interval", "exit_duration_in_mins", "cache_dir", "backend", "peak_tflops", "tensor_parallel",
             "pipeline_parallel", "sequence_parallel", "use_distributed_optimizer", "async_save",
             "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "model",
-            "check_for_spiky_loss", "spiky_loss_factor", "no_load_optim", "no_load_rng",
+            "check_for_spiky_loss", "spiky_loss_factor", "finetune", "no_load_optim", "no_load_rng",
             "dist_ckpt_optim_fully_reshardable", "ddp_bucket_size", "num_workers", "print_config"}
 
 # Megatron's OptimizerParamScheduler state -> the keys of this config that set it.

@@ -90,10 +90,13 @@ def _reported(error: ConfigError, by_me: bool) -> ConfigError:
 
 @dataclass
 class Preflight:
-    """What preflight found: the lock held on the save folder (rank 0), the iteration to resume."""
+    """What preflight found: the lock held on the save folder (rank 0), the iteration to resume,
+    the folder it is in, and whether only its weights start a fine-tuning run (--finetune)."""
 
     lock: Optional[FolderLock]
     resume_from: Optional[int]
+    resume_root: Optional[str] = None
+    finetune: bool = False
 
 
 def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
@@ -111,7 +114,9 @@ def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
             if line and layout.rank0:
                 print(line, flush=True)
     if cfg.load:
-        held.resume_from = on_rank0(layout, lambda: resumable(job, checkpointing.parallel_layout()))
+        held.resume_root, held.finetune = on_rank0(layout, lambda: resume_root(cfg, layout.rank0))
+        held.resume_from = on_rank0(layout, lambda: resumable(job, checkpointing.parallel_layout(),
+                                                              held.resume_root, held.finetune))
         if held.resume_from is None and layout.rank0:
             print(f"load {cfg.load!r} is the --save folder and holds no checkpoint yet: starting from "
                   f"scratch (the first launch of a job that requeues with the same command)", flush=True)
@@ -136,22 +141,39 @@ def every_rank_checks(cfg: TrainingConfig, layout: Layout) -> None:
         checkpointing.check_writable(cfg.save)
 
 
-def resumable(job: Resolved, layout: dict) -> Optional[int]:
-    """The iteration `--load` resumes from (None: from scratch), refused in one line before
+def resume_root(cfg: TrainingConfig, rank0: bool) -> tuple:
+    """(folder to load, fine-tune from its weights?). --finetune (Megatron-LM's) starts from
+    --load's weights at iteration 0, but only on the first launch: once --save holds this run's
+    own checkpoint, the same command resumes that instead (as Bridge's pretrained_checkpoint)."""
+    if not cfg.finetune:
+        return cfg.load, False
+    if cfg.save and Path(cfg.save).resolve() == Path(cfg.load).resolve():
+        raise ConfigError(f"finetune: --load {cfg.load!r} is the --save folder; fine-tuning starts from another "
+                          f"run's checkpoint (--load) and saves its own in --save")
+    if cfg.save and checkpointing.latest_iteration(cfg.save) is not None:
+        if rank0:
+            print(f"finetune: {cfg.save!r} holds this fine-tuning run's checkpoint: resuming it ({cfg.load!r} "
+                  f"gave the first launch its weights)", flush=True)
+        return cfg.save, False
+    return cfg.load, True
+
+
+def resumable(job: Resolved, layout: dict, root, finetune: bool) -> Optional[int]:
+    """The iteration `root` resumes from (None: from scratch), refused in one line before
     anything is built if this run cannot read it (checkpoint_files, bucket_layout)."""
     from spiral_megatron.job.checkpoint import bucket_layout, checkpoint_files
 
     cfg = job.keys
-
-    iteration = checkpoint_files.find_resumable(cfg.load, cfg.save, job_files(cfg))
+    load_optim = not (cfg.no_load_optim or finetune)
+    iteration = checkpoint_files.find_resumable(root, cfg.save, job_files(cfg))
     if iteration is not None:
-        record = checkpoint_files.check_fits(cfg.load, iteration, layout, cfg.use_distributed_optimizer,
-                                             load_optim=not cfg.no_load_optim)
+        record = checkpoint_files.check_fits(root, iteration, layout, cfg.use_distributed_optimizer,
+                                             load_optim=load_optim)
         if record.get("pre_marker"):
-            print(f"load {cfg.load!r}: iteration {iteration} was saved before {checkpoint_files.MARKER} "
+            print(f"load {str(root)!r}: iteration {iteration} was saved before {checkpoint_files.MARKER} "
                   f"existed; it is complete (Megatron's metadata, every shard, model_args.json)", flush=True)
-        if not cfg.no_load_optim:
-            bucket_layout.check(cfg.load, iteration, job, layout["dp"])
+        if load_optim:
+            bucket_layout.check(root, iteration, job, layout["dp"])
     return iteration
 
 

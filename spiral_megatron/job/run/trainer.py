@@ -82,6 +82,7 @@ class Trainer:
         self.seq_length = job.seq_length
         self.num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * layout.dp_size)
         self.iteration, self.consumed_samples, self.last_saved = 0, 0, None
+        self.loaded_from = None  # the folder resumed from (--load, or --save for a resumed fine-tuning run)
         self.last_stats, self.saved_stats = {}, {}  # iteration -> what its checkpoint was saved after
         self.background = checkpointing.BackgroundSaves(layout.rank0) if cfg.async_save and cfg.save else None
         self.spiky_loss = divergence.LargeValueCheck() if cfg.check_for_spiky_loss else None
@@ -94,23 +95,30 @@ class Trainer:
         return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
                                   self.layout.dp_size, self.cfg.num_workers)
 
-    def resume(self) -> None:
-        restored = loading.load(self.cfg.load, self.parts, self.cfg, self.tokenizer)
+    def resume(self, root: str, finetune: bool = False) -> None:
+        restored = loading.load(root, self.parts, self.cfg, self.tokenizer, finetune)
+        self.loaded_from = root
         self.iteration = restored.iteration
+        if finetune:
+            self.iteration = self.consumed_samples = 0
+            if self.layout.rank0:
+                print(f"finetune: loaded the model weights of {root} (iteration {restored.iteration}); this run "
+                      f"starts at iteration 0 with a fresh optimizer, LR schedule and data position", flush=True)
+            return
         if restored.weights_only:
             # No data position saved: assume Megatron's sampler order up to this iteration.
             self.consumed_samples = restored.iteration * self.cfg.global_batch_size
             if self.layout.rank0:
-                print(f"loaded model weights only from {self.cfg.load} (iteration {self.iteration}): "
+                print(f"loaded model weights only from {root} (iteration {self.iteration}): "
                       f"it holds no optimizer, LR scheduler or data position; the optimizer and the "
                       f"LR schedule start fresh, data from sample {self.consumed_samples}", flush=True)
             return
         self.consumed_samples = restored.consumed_samples
         self.saved_stats[self.iteration] = restored.extra or {}
-        if self.cfg.save and Path(self.cfg.save).resolve() == Path(self.cfg.load).resolve():
+        if self.cfg.save and Path(self.cfg.save).resolve() == Path(root).resolve():
             self.last_saved = self.iteration  # it is there already: never rewrite it
         if self.layout.rank0:
-            print(f"resumed from {self.cfg.load} at iteration {self.iteration} "
+            print(f"resumed from {root} at iteration {self.iteration} "
                   f"({self.consumed_samples} samples consumed)", flush=True)
 
     def save(self) -> None:
@@ -139,7 +147,7 @@ class Trainer:
         """Why a run resumed at or past train_iters ends without a step: a requeue of a finished
         job, or a --train-iters that does not reach past the loaded checkpoint's iteration (it
         counts from 0, as Megatron-LM's)."""
-        line = f"finished iteration {self.iteration}: no step to run, {self.cfg.load!r} holds iteration {self.iteration}"
+        line = f"finished iteration {self.iteration}: no step to run, {self.loaded_from!r} holds iteration {self.iteration}"
         if self.iteration == self.cfg.train_iters:
             return line + ", the --train-iters this run stops at"
         return line + (f", past --train-iters {self.cfg.train_iters} (it counts from iteration 0: pass more than "

@@ -57,6 +57,8 @@ def check(cfg: TrainingConfig) -> None:
     _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
         raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}: it would never stop a run")
+    if cfg.finetune and not cfg.load:
+        raise ConfigError("finetune needs --load: the checkpoint whose weights start the run")
     _check_model_keys(cfg)
 
 

@@ -191,6 +191,11 @@ class TrainingConfig:
     async_save: bool = False
     """Write checkpoints in a background process (Megatron's async save) while training goes on."""
 
+    finetune: bool = False
+    """Start from --load's model weights at iteration 0, with a fresh optimizer, LR schedule, RNG
+    and data position (Megatron-LM's flag); once --save holds this run's own checkpoint, the
+    same command resumes that instead."""
+
     no_load_optim: bool = False
     """On resume, start the optimizer fresh: load weights, LR schedule, data position (Megatron-LM's flag)."""
 
