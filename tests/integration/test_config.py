@@ -72,6 +72,7 @@ def test_every_shipped_config_resolves():
     (["--train-iters", "10", "20"], "train_iters: '10 20' is not of type int"),
     (["--rotary-percent", "0"], "rotary_percent 0.0 must be in (0, 1]"),
     (["--rotary-base", "0"], "rotary_base 0 must be > 0"),
+    (["--eval-iters", "-1"], "eval_iters -1 must be >= 0 (0: no evaluation, as in Megatron-LM)"),
 ])
 def test_errors_name_key_and_value(argv, message):
     with pytest.raises(ConfigError) as e:
@@ -86,6 +87,12 @@ def test_a_list_flag_takes_several_values_as_megatron_lm_does():
     quoted = config.read(["--data-path", "0.7 data/a 0.3 data/b", "--train-iters", "5"], default)
     assert unquoted.data_path == quoted.data_path == ["0.7", "data/a", "0.3", "data/b"]
     assert unquoted.train_iters == 5
+
+
+def test_eval_iters_0_turns_evaluation_off_as_in_megatron_lm():
+    default = CONFIGS / "debug-cpu.yaml"
+    assert resolve(["--eval-iters", "0"], default).keys.eval_interval is None
+    assert resolve([], default).keys.eval_interval == 100
 
 
 def test_a_megatron_lm_launch_scripts_flags_are_taken_for_what_they_mean():

@@ -29,8 +29,10 @@ def check(cfg: TrainingConfig) -> None:
     """Refuse impossible keys and combinations of keys (the model's fields by name only)."""
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
               "train_iters", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters", "log_interval", "eval_interval",
-              "eval_iters", "save_interval", "seq_length", "tokenizer_vocab_size",
+              "save_interval", "seq_length", "tokenizer_vocab_size",
               "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size", "rotary_base")
+    if cfg.eval_iters < 0:
+        raise ConfigError(f"eval_iters {cfg.eval_iters} must be >= 0 (0: no evaluation, as in Megatron-LM)")
     if not 0 < cfg.rotary_percent <= 1:
         raise ConfigError(f"rotary_percent {cfg.rotary_percent} must be in (0, 1]")
     for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):

@@ -86,6 +86,8 @@ def keys_of(data: Dict[str, Any], overrides: Dict[str, Any]) -> TrainingConfig:
     cfg = apply(TrainingConfig(), data)
     cfg = apply(cfg, _drop_excluded(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
+    if cfg.eval_iters == 0:  # Megatron-LM's way to turn evaluation off
+        cfg = dataclasses.replace(cfg, eval_interval=None)
     return dataclasses.replace(cfg, model=model_fields.typed(cfg.model))
 
 

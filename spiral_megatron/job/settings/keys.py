@@ -177,7 +177,7 @@ class TrainingConfig:
     """Evaluate every this many steps and at the end; None = never."""
 
     eval_iters: int = 10
-    """Validation batches per evaluation."""
+    """Validation batches per evaluation; 0 = no evaluation (Megatron-LM's), as eval_interval none."""
 
     save: Optional[str] = "checkpoints/debug"
     """Checkpoint folder; None = do not save."""
