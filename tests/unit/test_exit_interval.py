@@ -1,7 +1,7 @@
 """--exit-interval as Megatron-LM's: a run stops after the next iteration divisible by it
 (checked after every step), so a requeued run goes on; never past --train-iters."""
 
-from spiral_megatron.job.run.trainer import end_iteration
+from spiral_megatron.job.run.stopping import end_iteration
 
 
 def test_a_run_stops_at_the_next_multiple_of_the_exit_interval():

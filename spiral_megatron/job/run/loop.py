@@ -15,7 +15,8 @@ from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import console, memory
 from spiral_megatron.job.run.metrics import Logger, device_peak_tflops
 from spiral_megatron.job.run.startup import Preflight, agreed, prepare_data, preflight, start
-from spiral_megatron.job.run.trainer import ExitSignal, Trainer
+from spiral_megatron.job.run.stopping import ExitSignal
+from spiral_megatron.job.run.trainer import Trainer
 from spiral_megatron.job.settings.resolve import Resolved
 from spiral_megatron.parallel import pipeline_plan
 

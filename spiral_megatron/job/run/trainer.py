@@ -10,7 +10,6 @@ step and exits cleanly.
 """
 
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,53 +21,12 @@ from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import divergence, step
 from spiral_megatron.job.run.metrics import Logger
 from spiral_megatron.job.run.startup import Layout
+from spiral_megatron.job.run.stopping import ExitSignal, end_iteration
 from spiral_megatron.job.settings.resolve import Resolved
 
 
 class NonFiniteLoss(SpiralError, RuntimeError):
     """The loss, the gradient norm or the weights became NaN or inf (or spiked, when checked)."""
-
-
-class ExitSignal:
-    """Records SIGTERM/SIGINT, and a time limit passed (Megatron-LM's --exit-duration-in-mins,
-    minutes since `started`, a time.monotonic()); every rank learns of either at the same step
-    (in the step's all-reduce, step.StepFlags), so all stop together."""
-
-    def __init__(self, limit_minutes: Optional[float] = None, started: Optional[float] = None):
-        self.signaled = False
-        self.limit_minutes, self.started = limit_minutes, started if started is not None else time.monotonic()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signaled = True
-
-    def minutes(self) -> float:
-        return (time.monotonic() - self.started) / 60
-
-    @property
-    def time_up(self) -> bool:
-        return self.limit_minutes is not None and self.minutes() > self.limit_minutes
-
-    @property
-    def received(self) -> bool:
-        return self.signaled or self.time_up
-
-    def reason(self) -> str:
-        """Why the run stops (on this rank: another may have seen it first)."""
-        if self.time_up and not self.signaled:
-            return (f"exit duration {self.limit_minutes:g} min reached ({self.minutes():.1f} min since the job "
-                    f"started; the same command resumes)")
-        return "exit signal received"
-
-
-def end_iteration(start: int, train_iters: int, exit_interval: Optional[int]) -> int:
-    """The iteration a run that starts at `start` stops after: train_iters, or before it the first
-    multiple of exit_interval after `start` (Megatron-LM's --exit-interval: a job requeued with the
-    same command trains exit_interval more steps each time)."""
-    if not exit_interval:
-        return train_iters
-    return min(train_iters, (start // exit_interval + 1) * exit_interval)
 
 
 class Trainer:
@@ -180,7 +138,7 @@ class Trainer:
         return step.evaluate(self.parts, self.batches(self.valid_ds, 0), self.cfg.eval_iters,
                              self.num_microbatches, self.seq_length, self.cfg.micro_batch_size)
 
-    def train_one(self, batches, signals: "ExitSignal") -> None:
+    def train_one(self, batches, signals: ExitSignal) -> None:
         """Queue one step; check the previous one, whose values reached the host meanwhile."""
         loss, host_values = step.train_step(self.parts, batches, self.num_microbatches, self.seq_length,
                                             self.cfg.micro_batch_size, self.cfg.global_batch_size)
