@@ -163,3 +163,20 @@ def test_fp16_loss_scaling_keys_reach_megatrons_optimizer_config():
     assert (default.initial_loss_scale, default.min_loss_scale, default.loss_scale_window,
             default.hysteresis) == (2.0 ** 32, 1.0, 1000, 2)
     assert resolve(["--fp16", "--loss-scale", "128"], CONFIGS / "debug-cpu.yaml").optimizer.loss_scale == 128
+
+
+def test_a_blend_finds_the_tokenizer_beside_its_parts(tmp_path):
+    """tools/preprocess_data.py writes <prefix>_tokenizer/ beside its data: a blend whose parts
+    lie beside one tokenizer takes it (every part is then checked against it by its digest,
+    job/data/dataset_check.py); beside two, it is refused naming them."""
+    from spiral_megatron.job.data.tokenizer import Tokenizer
+
+    bpe = Tokenizer.train_bpe(["the loop runs coarse to fine"] * 3, 300)
+    bpe.save(tmp_path / "a_tokenizer")
+    blend = ["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")]
+    cfg = config.read(["--data-path", *blend])
+    assert cfg.tokenizer == str(tmp_path / "a_tokenizer") and cfg.tokenizer_vocab_size == bpe.vocab_size
+    Tokenizer.train_bpe(["another corpus, another tokenizer"] * 3, 100).save(tmp_path / "b_tokenizer")
+    with pytest.raises(ConfigError, match="its parts lie beside different tokenizers"):
+        config.read(["--data-path", *blend])
+    assert config.read(["--data-path", *blend, "--tokenizer-model", str(tmp_path / "b_tokenizer")]).tokenizer

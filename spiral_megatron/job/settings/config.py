@@ -121,17 +121,35 @@ def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str,
     return {**resets, **overrides}
 
 
+def tokenizers_beside(data: Sequence[str]) -> list:
+    """The distinct <prefix>_tokenizer folders (tools/preprocess_data.py's) beside the prefixes of
+    a data path or Megatron blend (`a`, or `0.7 a 0.3 b`); a blend Megatron cannot read has none."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    try:
+        prefixes = get_blend_from_list(list(data))[0]
+    except Exception:  # a bad weight: job/data/datasets.py refuses it in one line
+        return []
+    return sorted({Path(p + "_tokenizer") for p in prefixes if Path(p + "_tokenizer", "tokenizer.json").is_file()})
+
+
 def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConfig:
     """Fill `tokenizer` for data made by tools/preprocess_data.py (its tokenizer lies beside the
     data as <prefix>_tokenizer) and `tokenizer_vocab_size` from the tokenizer, so the resolved
     config shows what the model uses; a contradicting tokenizer_vocab_size is refused."""
     data = cfg.data_path or cfg.train_data_path
     if cfg.tokenizer is None and data and not cfg.mock_data:
-        beside = Path(data[-1] + "_tokenizer")
-        if len(data) == 1 and (beside / "tokenizer.json").is_file():
+        found = tokenizers_beside(data)
+        if len(found) > 1:
+            raise ConfigError(f"data_path {list(data)}: its parts lie beside different tokenizers "
+                              f"({', '.join(map(str, found))}): pass --tokenizer-model with the one the data was made with")
+        if found:
+            beside = found[0]
             cfg = dataclasses.replace(cfg, tokenizer=str(beside))
+            whose = str(beside)[: -len("_tokenizer")]
+            more = "; every part of the blend is checked against it" if len(data) > 1 else ""
             if os.environ.get("RANK", "0") == "0":  # every rank reads the keys
-                print(f"tokenizer: {beside} (written beside {data[-1]} by tools/preprocess_data.py)", flush=True)
+                print(f"tokenizer: {beside} (written beside {whose} by tools/preprocess_data.py{more})", flush=True)
     if cfg.tokenizer is None:
         return cfg
     try:
