@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy
+import pytest
 
 from spiral_megatron.job.data import corpus
 from spiral_megatron.job.data import default_data
@@ -50,8 +51,6 @@ def test_tool_trains_a_tokenizer_and_writes_indexed_dataset(tmp_path, cache_dir)
 
 
 def test_a_record_without_the_text_key_is_named_with_its_keys(tmp_path):
-    import pytest
-
     from spiral_megatron.job.data.preprocess import read_documents
 
     sys.path.insert(0, str(ROOT / "tools"))

@@ -85,8 +85,10 @@ def holds_job_checkpoint(root) -> bool:
     """Whether `root`'s latest checkpoint is this project's job's (its model_args.json, no
     Megatron-Bridge run_config.yaml): Bridge's pretrain() cannot read it."""
     iteration = latest_iteration(root)
-    folder = iteration_dir(root, iteration) if iteration is not None else None
-    return folder is not None and (folder / "model_args.json").is_file() and not (folder / "run_config.yaml").exists()
+    if iteration is None:
+        return False
+    folder = iteration_dir(root, iteration)
+    return (folder / "model_args.json").is_file() and not (folder / "run_config.yaml").exists()
 
 
 def publish(root, iteration: int, marker: dict) -> None:

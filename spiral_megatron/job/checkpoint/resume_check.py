@@ -18,8 +18,8 @@ from spiral_megatron.job.data.tokenizer import Tokenizer
 # Keys that may change between runs of one training without saying so: where it runs, how
 # it logs, when it saves and stops.
 RUN_KEYS = {"save", "load", "log_json", "tensorboard_dir", "log_interval", "eval_interval", "eval_iters",
-            "save_interval", "exit_interval", "exit_duration_in_mins", "cache_dir", "backend", "peak_tflops", "tensor_parallel",
-            "pipeline_parallel", "sequence_parallel", "use_distributed_optimizer", "async_save",
+            "save_interval", "exit_interval", "exit_duration_in_mins", "cache_dir", "backend", "peak_tflops",
+            "tensor_parallel", "pipeline_parallel", "sequence_parallel", "use_distributed_optimizer", "async_save",
             "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "model",
             "check_for_spiky_loss", "spiky_loss_factor", "finetune", "no_load_optim", "no_load_rng",
             "dist_ckpt_optim_fully_reshardable", "ddp_bucket_size", "num_workers", "print_config"}

@@ -129,6 +129,8 @@ def summary(job, layout, parts, source) -> List[str]:
     micro = cfg.global_batch_size // (cfg.micro_batch_size * layout.dp_size)
     tokens = cfg.global_batch_size * seq_length
     steps = cfg.train_iters
+    stops = (f"; each run stops at the next multiple of {cfg.exit_interval} (--exit-interval)"
+             if cfg.exit_interval else "")
     vocab = parts.model_args.vocab_size
     padded = f" (padded to {vocab})" if vocab != cfg.tokenizer_vocab_size else ""
     lines = [
@@ -138,8 +140,7 @@ def summary(job, layout, parts, source) -> List[str]:
         f"{'CPU' if layout.on_cpu else 'GPU'} {cfg.precision}; micro-batch {cfg.micro_batch_size} x "
         f"{micro} per rank, global batch {cfg.global_batch_size}",
         f"data: {_data_line(cfg, source)}, vocabulary {cfg.tokenizer_vocab_size}{padded}, seq {seq_length}",
-        f"tokens per step: {tokens:,}; {steps} steps = {tokens * steps:,} tokens"
-        + (f"; each run stops at the next multiple of {cfg.exit_interval} (--exit-interval)" if cfg.exit_interval else ""),
+        f"tokens per step: {tokens:,}; {steps} steps = {tokens * steps:,} tokens{stops}",
     ]
     if cfg.save:
         every = f"every {cfg.save_interval} steps and " if cfg.save_interval else ""

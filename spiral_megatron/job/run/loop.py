@@ -38,7 +38,8 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
         seq, gbs = job.seq_length, cfg.global_batch_size
         split = agreed(lambda: data.check(job.data, source, tokenizer))
         # A checkpoint from tools/quantize.py keeps its quantizers (QAT): restored before DDP wraps the module.
-        parts = build(job, prepare=lambda module: extra_state.restore(module, held.resume_root) if cfg.load else None)
+        parts = build(job, prepare=lambda module: extra_state.restore(module, held.resume_root)
+                      if cfg.load else None)
         if cfg.check_memory:
             memory.check(parts.module, seq, cfg.micro_batch_size, parts.model_args.vocab_size,
                          cfg.precision, layout.on_cpu)
@@ -55,7 +56,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
                         layout.rank0)
         trainer = Trainer(job, layout, parts, tokenizer, datasets, logger)
         if held.resume_from is not None:
-            agreed(lambda: trainer.resume(held.resume_root, held.finetune))  # its checks come before its collectives
+            agreed(lambda: trainer.resume(held.resume_root, held.finetune))  # checks before collectives
         if cfg.save:
             checkpointing.start_save_helper()  # before ExitSignal: SIGTERM ignored in the helper
         signals = ExitSignal(cfg.exit_duration_in_mins, started)

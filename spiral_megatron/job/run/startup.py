@@ -114,9 +114,8 @@ def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
             if line and layout.rank0:
                 print(line, flush=True)
     if cfg.load:
-        held.resume_root, held.finetune = on_rank0(layout, lambda: resume_root(cfg, layout.rank0))
-        held.resume_from = on_rank0(layout, lambda: resumable(job, checkpointing.parallel_layout(),
-                                                              held.resume_root, held.finetune))
+        held.resume_root, held.finetune, held.resume_from = on_rank0(
+            layout, lambda: resumable(job, checkpointing.parallel_layout()))
         if held.resume_from is None and layout.rank0:
             print(f"load {cfg.load!r} is the --save folder and holds no checkpoint yet: starting from "
                   f"scratch (the first launch of a job that requeues with the same command)", flush=True)
@@ -141,7 +140,7 @@ def every_rank_checks(cfg: TrainingConfig, layout: Layout) -> None:
         checkpointing.check_writable(cfg.save)
 
 
-def resume_root(cfg: TrainingConfig, rank0: bool) -> tuple:
+def resume_root(cfg: TrainingConfig) -> tuple:
     """(folder to load, fine-tune from its weights?). --finetune (Megatron-LM's) starts from
     --load's weights at iteration 0, but only on the first launch: once --save holds this run's
     own checkpoint, the same command resumes that instead (as Bridge's pretrained_checkpoint)."""
@@ -151,19 +150,20 @@ def resume_root(cfg: TrainingConfig, rank0: bool) -> tuple:
         raise ConfigError(f"finetune: --load {cfg.load!r} is the --save folder; fine-tuning starts from another "
                           f"run's checkpoint (--load) and saves its own in --save")
     if cfg.save and checkpointing.latest_iteration(cfg.save) is not None:
-        if rank0:
-            print(f"finetune: {cfg.save!r} holds this fine-tuning run's checkpoint: resuming it ({cfg.load!r} "
-                  f"gave the first launch its weights)", flush=True)
+        print(f"finetune: {cfg.save!r} holds this fine-tuning run's checkpoint: resuming it ({cfg.load!r} "
+              f"gave the first launch its weights)", flush=True)  # rank 0's (`resumable`)
         return cfg.save, False
     return cfg.load, True
 
 
-def resumable(job: Resolved, layout: dict, root, finetune: bool) -> Optional[int]:
-    """The iteration `root` resumes from (None: from scratch), refused in one line before
-    anything is built if this run cannot read it (checkpoint_files, bucket_layout)."""
+def resumable(job: Resolved, layout: dict) -> tuple:
+    """(folder, fine-tune from its weights?, the iteration it resumes from: None = from
+    scratch), on rank 0; refused in one line before anything is built if this run cannot read
+    it (checkpoint_files, bucket_layout)."""
     from spiral_megatron.job.checkpoint import bucket_layout, checkpoint_files
 
     cfg = job.keys
+    root, finetune = resume_root(cfg)
     load_optim = not (cfg.no_load_optim or finetune)
     iteration = checkpoint_files.find_resumable(root, cfg.save, job_files(cfg))
     if iteration is not None:
@@ -174,7 +174,7 @@ def resumable(job: Resolved, layout: dict, root, finetune: bool) -> Optional[int
                   f"existed; it is complete (Megatron's metadata, every shard, model_args.json)", flush=True)
         if load_optim:
             bucket_layout.check(root, iteration, job, layout["dp"])
-    return iteration
+    return root, finetune, iteration
 
 
 def job_files(cfg: TrainingConfig) -> tuple:

@@ -12,9 +12,8 @@ class ExitSignal:
     minutes since `started`, a time.monotonic()); every rank learns of either at the same step
     (in the step's all-reduce, step.StepFlags), so all stop together."""
 
-    def __init__(self, limit_minutes: Optional[float] = None, started: Optional[float] = None):
-        self.signaled = False
-        self.limit_minutes, self.started = limit_minutes, started if started is not None else time.monotonic()
+    def __init__(self, limit_minutes: Optional[float], started: float):
+        self.signaled, self.limit_minutes, self.started = False, limit_minutes, started
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 

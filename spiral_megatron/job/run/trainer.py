@@ -105,7 +105,8 @@ class Trainer:
         """Why a run resumed at or past train_iters ends without a step: a requeue of a finished
         job, or a --train-iters that does not reach past the loaded checkpoint's iteration (it
         counts from 0, as Megatron-LM's)."""
-        line = f"finished iteration {self.iteration}: no step to run, {self.loaded_from!r} holds iteration {self.iteration}"
+        line = (f"finished iteration {self.iteration}: no step to run, {self.loaded_from!r} holds iteration "
+                f"{self.iteration}")
         if self.iteration == self.cfg.train_iters:
             return line + ", the --train-iters this run stops at"
         return line + (f", past --train-iters {self.cfg.train_iters} (it counts from iteration 0: pass more than "

@@ -28,8 +28,8 @@ def _positive(cfg: TrainingConfig, *names: str) -> None:
 def check(cfg: TrainingConfig) -> None:
     """Refuse impossible keys and combinations of keys (the model's fields by name only)."""
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
-              "train_iters", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters", "log_interval", "eval_interval",
-              "save_interval", "seq_length", "tokenizer_vocab_size",
+              "train_iters", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters",
+              "log_interval", "eval_interval", "save_interval", "seq_length", "tokenizer_vocab_size",
               "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size", "rotary_base")
     if cfg.eval_iters < 0:
         raise ConfigError(f"eval_iters {cfg.eval_iters} must be >= 0 (0: no evaluation, as in Megatron-LM)")
@@ -58,7 +58,8 @@ def check(cfg: TrainingConfig) -> None:
         raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
     _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
-        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}: it would never stop a run")
+        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}: "
+                          "it would never stop a run")
     if cfg.finetune and not cfg.load:
         raise ConfigError("finetune needs --load: the checkpoint whose weights start the run")
     _check_model_keys(cfg)

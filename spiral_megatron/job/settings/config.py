@@ -142,7 +142,8 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
         found = tokenizers_beside(data)
         if len(found) > 1:
             raise ConfigError(f"data_path {list(data)}: its parts lie beside different tokenizers "
-                              f"({', '.join(map(str, found))}): pass --tokenizer-model with the one the data was made with")
+                              f"({', '.join(map(str, found))}): pass --tokenizer-model with the one the data "
+                              "was made with")
         if found:
             beside = found[0]
             cfg = dataclasses.replace(cfg, tokenizer=str(beside))
