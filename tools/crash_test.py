@@ -4,7 +4,8 @@ was never killed (issue 21, item 2).
     python tools/crash_test.py --kills 30 --seed 0 [--nproc 2] [--out DIR]
 
 First one uninterrupted run (the reference; its wall time is the kill window). Then, in a fresh
-folder, the same command `--load X --save X` is launched again and again; each launch is
+folder, the same command `--load X --save X` (a `--job` that names its own `--load`, a
+`--finetune` one, keeps it) is launched again and again; each launch is
 killed after a random delay drawn from the window (seeded), as a scheduler kills a job: every
 process of it (torchrun, its workers, their loader workers and checkpoint writers) is first
 stopped (SIGSTOP, so the snapshot is consistent), then SIGKILLed. A launch that finishes
@@ -137,7 +138,8 @@ class Episode:
     def __init__(self, out: Path, number: int, nproc: int, background: bool, job: tuple):
         self.folder = out / f"episode{number:02d}"
         self.save, self.log = self.folder / "ckpt", self.folder / "log.jsonl"
-        args = [*job, "--load", self.save, "--save", self.save, "--log-json", self.log]
+        load = () if "--load" in job else ("--load", self.save)  # a --finetune job names its own --load
+        args = [*job, *load, "--save", self.save, "--log-json", self.log]
         self.command = command(nproc, args + (["--async-save"] if background else []))
         self.final = int(job[list(job).index("--train-iters") + 1])
         self.launches, self.kills = 0, []
