@@ -51,7 +51,8 @@ JOB_TO_BRIDGE = {
     "sequence_parallel": "model.sequence_parallel",
     "micro_batch_size": "train.micro_batch_size",
     "global_batch_size": "train.global_batch_size",
-    "train_iters": "train.train_iters",
+    "train_iters": "train.train_iters (None with train_samples: Bridge derives it as the job does)",
+    "train_samples": "train.train_samples",
     "exit_interval": "train.exit_interval",
     "exit_duration_in_mins": "train.exit_duration_in_mins",
     "lr": "optimizer.lr",
@@ -59,6 +60,8 @@ JOB_TO_BRIDGE = {
     "lr_warmup_iters": "scheduler.lr_warmup_iters",
     "lr_warmup_fraction": "scheduler.lr_warmup_fraction (of the decay samples, not rounded to whole steps as the job's)",
     "lr_decay_iters": "scheduler.lr_decay_iters",
+    "lr_warmup_samples": "scheduler.lr_warmup_samples",
+    "lr_decay_samples": "scheduler.lr_decay_samples",
     "lr_decay_style": "scheduler.lr_decay_style",
     "weight_decay": "optimizer.weight_decay, scheduler.start_weight_decay, scheduler.end_weight_decay",
     "adam_beta1": "optimizer.adam_beta1",
@@ -135,7 +138,8 @@ def container(job: Resolved) -> ConfigContainer:
     keys = job.keys
     return ConfigContainer(
         model=_model(job),
-        train=TrainingConfig(train_iters=keys.train_iters, global_batch_size=keys.global_batch_size,
+        train=TrainingConfig(train_iters=None if keys.train_samples else keys.train_iters,
+                             train_samples=keys.train_samples, global_batch_size=keys.global_batch_size,
                              micro_batch_size=keys.micro_batch_size, exit_interval=keys.exit_interval,
                              exit_duration_in_mins=keys.exit_duration_in_mins),
         validation=ValidationConfig(eval_interval=keys.eval_interval,
@@ -190,16 +194,19 @@ def _same_fields(cls, megatron_config):
 
 def _scheduler(job: Resolved) -> SchedulerConfig:
     """The job's schedule (job/settings/training.py): linear warmup from 0 (a fraction of the
-    decay steps, so that it follows an overridden train.train_iters as the job's follows
-    --train-iters, or whole steps), decay over lr_decay_iters (None: train_iters, in both),
-    constant weight decay. Bridge does not round a warmup fraction to whole steps as the job
-    does: 0.0667 of 300 steps of 16 samples warms up over 320.16 samples, the job's over 320."""
+    decay, so that it follows an overridden train.train_iters as the job's follows
+    --train-iters, or whole steps or samples), decay over lr_decay_iters (None: train_iters, in
+    both) or with train_samples over lr_decay_samples (None: train_samples), constant weight
+    decay. Bridge does not round a warmup fraction of iterations to whole steps as the job does:
+    0.0667 of 300 steps of 16 samples warms up over 320.16 samples, the job's over 320."""
     s, keys = job.schedule, job.keys
+    fraction = keys.lr_warmup_fraction is not None
     return SchedulerConfig(
         lr_decay_style=s.lr_decay_style, lr_warmup_fraction=keys.lr_warmup_fraction,
-        lr_warmup_iters=0 if keys.lr_warmup_fraction is not None else keys.lr_warmup_iters,
-        lr_warmup_init=s.init_lr, lr_decay_iters=keys.lr_decay_iters, start_weight_decay=s.start_wd,
-        end_weight_decay=s.end_wd, weight_decay_incr_style=s.wd_incr_style,
+        lr_warmup_iters=0 if fraction else keys.lr_warmup_iters,
+        lr_warmup_samples=0 if fraction else keys.lr_warmup_samples,
+        lr_warmup_init=s.init_lr, lr_decay_iters=keys.lr_decay_iters, lr_decay_samples=keys.lr_decay_samples,
+        start_weight_decay=s.start_wd, end_weight_decay=s.end_wd, weight_decay_incr_style=s.wd_incr_style,
         override_opt_param_scheduler=s.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=s.use_checkpoint_opt_param_scheduler)
 

@@ -84,9 +84,28 @@ def recipe_checks() -> dict:
                                                             "min_loss_scale", "loss_scale_window", "hysteresis")}
     after_setup.update(grad_reduce_in_fp32=fp16.ddp.grad_reduce_in_fp32, bucket_size=fp16.ddp.bucket_size)
     mock = recipes.pretrain_config("debug", mock_data=True)
-    return {"mock": [mock.dataset.blend, mock.dataset.split, mock.tokenizer.tokenizer_type],
+    return {"mock": [mock.dataset.blend, mock.dataset.split, mock.tokenizer.tokenizer_type], "schedules": schedules(),
             "differ_from_yaml": differ, "containers": made, "mapped": sorted(recipes.JOB_TO_BRIDGE),
             "job_only": sorted(recipes.JOB_ONLY), "refused": refused, "fp16_after_setup": after_setup}
+
+
+def schedules() -> dict:
+    """The LR schedule's lengths (steps, warmup, decay, weight-decay samples) as Bridge's
+    validate() computes them from a recipe and as the job resolves them, in samples and in
+    iterations."""
+    from spiral_megatron.bridge import recipes
+
+    out = {}
+    for name, keys in (("samples", dict(train_samples=4808, lr_warmup_samples=160, lr_decay_samples=4000)),
+                       ("samples_fraction", dict(train_samples=4808, lr_warmup_fraction=0.05)),
+                       ("iters", dict(train_iters=30, lr_warmup_iters=3, lr_decay_iters=25))):
+        job = recipes.resolved_job("debug", mock_data=True, **keys)
+        cfg = recipes.container(job)
+        cfg.validate()
+        s, b = job.schedule, cfg.scheduler
+        out[name] = [[cfg.train.train_iters, b.lr_warmup_steps, b.lr_decay_steps, b.wd_incr_steps],
+                     [job.keys.train_iters, s.lr_warmup_steps, s.lr_decay_steps, s.wd_incr_steps]]
+    return out
 
 
 def pretrain_losses(cfg, forward_step=None, lr: bool = False) -> list:

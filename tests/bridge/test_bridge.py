@@ -117,6 +117,15 @@ def test_recipes_match_the_project_configs(results):
     assert results["recipes"]["mock"] == [None, "969,30,1", "NullTokenizer"]  # --mock-data: no data, no tokenizer
 
 
+def test_sample_based_schedules_are_the_jobs(results):
+    """--train-samples, --lr-warmup-samples, --lr-decay-samples (Megatron-LM's sample-based
+    training) give Bridge the job's steps and schedule, as iteration keys do."""
+    got = results["recipes"]["schedules"]
+    assert got["samples"] == [[300, 160, 4000, 4808]] * 2
+    assert got["samples_fraction"][0] == got["samples_fraction"][1] == [300, 0.05 * 4808, 4808, 4808]
+    assert got["iters"] == [[30, 48, 400, 480]] * 2
+
+
 def test_pretrain_loss_falls(results):
     losses = results["train"]["uninterrupted"]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses

@@ -2,10 +2,12 @@
 one-line errors for broken YAML and values."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from spiral_megatron.job.settings import cli
 from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
@@ -66,6 +68,29 @@ def test_a_lr_warmup_iters_on_the_command_line_replaces_the_yamls_fraction():
     assert resolve(["--train-iters", "20"], DEFAULT).keys.lr_warmup_fraction == pytest.approx(0.0667)
 
 
+def test_sample_based_training_as_megatron_lm(tmp_path):
+    """--train-samples N trains N // global batch steps (the YAML's train_iters gives way), and the
+    LR schedule counts samples: Megatron's scheduler stepped by the global batch follows the
+    cosine formula over lr_decay_samples, here not a whole number of steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    job = resolve(["--train-samples", "100", "--lr-warmup-samples", "20", "--lr-decay-samples", "90",
+                   "--lr", "1e-3", "--min-lr", "1e-4"], DEFAULT)
+    assert (job.keys.train_iters, job.data.train_samples) == (6, 100)  # 96 samples trained, 100 drawn
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = OptimizerParamScheduler(optimizer, **dataclasses.asdict(job.schedule))
+    lrs = []
+    for _ in range(job.keys.train_iters):
+        scheduler.step(increment=16)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    want = [1e-3 * 16 / 20] + [1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * min(n - 20, 70) / 70))
+                               for n in range(32, 97, 16)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+    recorded = tmp_path / "config.yaml"  # a checkpoint's record holds both train_iters and train_samples
+    recorded.write_text(job.keys.to_yaml())
+    assert resolve(["--config", str(recorded)]).keys == job.keys
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--micro-bach-size", "4"], "unknown config key 'micro-bach-size' (value 4); did you mean --micro-batch-size?"),
     (["--model.chunk_size", "4"], "did you mean --model.chunk-sizes?"),
@@ -73,6 +98,17 @@ def test_a_lr_warmup_iters_on_the_command_line_replaces_the_yamls_fraction():
     (["--split", "abc"], "split 'abc' must be up to 3 non-negative numbers"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "lr_warmup_fraction 0.1 and lr_warmup_iters 3 exclude each other"),
     (["--data-path", "a", "--valid-data-path", "b"], "data_path ['a'] and train_data_path/valid_data_path exclude each other"),
+    (["--train-samples", "800", "--train-iters", "20"], "train_iters 20 and train_samples 800 exclude each other (as in "
+     "Megatron-LM; train_samples takes train_samples // global_batch_size = 50 steps)"),
+    (["--train-samples", "8"], "train_samples 8 must be at least global_batch_size 16 (one step)"),
+    (["--train-samples", "800", "--lr-decay-iters", "40"], "lr_decay_iters 40 counts iterations, but train_samples "
+     "makes the run sample-based: give lr_decay_samples"),
+    (["--lr-warmup-samples", "64"], "lr_warmup_samples 64 counts samples, but the run counts iterations: give "
+     "lr_warmup_iters, or train_samples for a sample-based run"),
+    (["--train-samples", "800", "--lr-warmup-samples", "64", "--lr-warmup-fraction", "0.1"],
+     "lr_warmup_fraction 0.1 and lr_warmup_samples 64 exclude each other"),
+    (["--train-samples", "800", "--lr-warmup-samples", "700", "--lr-decay-samples", "640"],
+     "lr_warmup_samples 700 must be >= 0 and below lr_decay_samples (or train_samples) 640"),
 ])
 def test_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as e:

@@ -32,7 +32,7 @@ def test_resume_with_another_lr_schedule_follows_megatron(reference, cache_dir, 
     longer = (*TINY, "--train-iters", 6, "--load", ckpt, "--save", tmp_path / "new")
     refused = launch(cache_dir, *longer, expect_rc=2)
     assert "the LR schedule differs from the checkpoint's" in refused.stderr
-    assert "lr_decay_steps 16 -> 24 (lr_decay_iters/train_iters)" in refused.stderr
+    assert "lr_decay_steps 16 -> 24 (lr_decay_iters/train_iters (or _samples))" in refused.stderr
     assert "--override-opt-param-scheduler" in refused.stderr
     proc = launch(cache_dir, *longer, "--override-opt-param-scheduler", "--log-json", tmp_path / "log.jsonl")
     assert "this run's values replace the checkpoint's" in proc.stdout

@@ -25,9 +25,9 @@ RUN_KEYS = {"save", "load", "log_json", "tensorboard_dir", "log_interval", "eval
             "dist_ckpt_optim_fully_reshardable", "ddp_bucket_size", "num_workers", "print_config"}
 
 # Megatron's OptimizerParamScheduler state -> the keys of this config that set it.
-SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_warmup_iters",
-                   "lr_decay_steps": "lr_decay_iters/train_iters", "lr_decay_style": "lr_decay_style",
-                   "start_wd": "weight_decay", "end_wd": "weight_decay", "wd_incr_steps": "train_iters",
+SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_warmup_iters (or _samples, _fraction)",
+                   "lr_decay_steps": "lr_decay_iters/train_iters (or _samples)", "lr_decay_style": "lr_decay_style",
+                   "start_wd": "weight_decay", "end_wd": "weight_decay", "wd_incr_steps": "train_iters (or _samples)",
                    "wd_incr_style": "weight decay style"}
 
 
@@ -119,4 +119,5 @@ def other_differences(saved: Optional[Dict], cfg: TrainingConfig) -> Optional[st
 
 # Compared above (architecture, tokenizer, schedule), or may change freely (data seed).
 CHECKED_KEYS = {"lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "train_iters",
-                 "weight_decay", "seq_length", "tokenizer", "tokenizer_vocab_size"}
+                "train_samples", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "seq_length", "tokenizer",
+                "tokenizer_vocab_size"}

@@ -50,7 +50,7 @@ class DataSettings:
     """The job evaluates: a validation split is needed."""
 
     train_samples: int
-    """Samples the training run consumes (train_iters x global batch)."""
+    """Samples the training run draws from: train_samples, else train_iters x global batch (Megatron-LM's)."""
 
     valid_samples: int
     """Samples one evaluation consumes (eval_iters x global batch, at least 1)."""

@@ -131,6 +131,10 @@ def summary(job, layout, parts, source) -> List[str]:
     steps = cfg.train_iters
     stops = (f"; each run stops at the next multiple of {cfg.exit_interval} (--exit-interval)"
              if cfg.exit_interval else "")
+    if cfg.train_samples is not None:
+        left = cfg.train_samples - steps * cfg.global_batch_size
+        stops = (f" (--train-samples {cfg.train_samples}" + (f": the last {left} fill no global batch" if left else "")
+                 + ")" + stops)
     vocab = parts.model_args.vocab_size
     padded = f" (padded to {vocab})" if vocab != cfg.tokenizer_vocab_size else ""
     lines = [

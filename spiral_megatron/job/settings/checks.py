@@ -28,7 +28,8 @@ def _positive(cfg: TrainingConfig, *names: str) -> None:
 def check(cfg: TrainingConfig) -> None:
     """Refuse impossible keys and combinations of keys (the model's fields by name only)."""
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
-              "train_iters", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters",
+              "train_iters", "train_samples", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters",
+              "lr_decay_samples",
               "log_interval", "eval_interval", "save_interval", "seq_length", "tokenizer_vocab_size",
               "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size", "rotary_base")
     if cfg.eval_iters < 0:
@@ -87,16 +88,29 @@ def _check_loss_scale(cfg: TrainingConfig) -> None:
 
 
 def _check_warmup(cfg: TrainingConfig) -> None:
-    decay = cfg.lr_decay_iters or cfg.train_iters
+    """The schedule's lengths in the run's one unit (Megatron-LM's asserts): iterations with
+    train_iters, samples with train_samples; a warmup shorter than the decay."""
+    samples = cfg.train_samples is not None
+    unit = "samples" if samples else "iters"
+    for kind in ("decay", "warmup"):
+        iters, samples_key = f"lr_{kind}_iters", f"lr_{kind}_samples"
+        if samples and getattr(cfg, iters):
+            raise ConfigError(f"{iters} {getattr(cfg, iters)} counts iterations, but train_samples makes the run "
+                              f"sample-based: give {samples_key} (as in Megatron-LM)")
+        if not samples and getattr(cfg, samples_key):
+            raise ConfigError(f"{samples_key} {getattr(cfg, samples_key)} counts samples, but the run counts "
+                              f"iterations: give {iters}, or train_samples for a sample-based run (as in Megatron-LM)")
+    warmup = cfg.lr_warmup_samples if samples else cfg.lr_warmup_iters
+    decay = (cfg.lr_decay_samples or cfg.train_samples) if samples else (cfg.lr_decay_iters or cfg.train_iters)
     if cfg.lr_warmup_fraction is not None:
-        if cfg.lr_warmup_iters:
-            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} and lr_warmup_iters "
-                              f"{cfg.lr_warmup_iters} exclude each other (as in Megatron-LM)")
+        if warmup:
+            raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} and lr_warmup_{unit} "
+                              f"{warmup} exclude each other (as in Megatron-LM)")
         if not 0 <= cfg.lr_warmup_fraction < 1:
             raise ConfigError(f"lr_warmup_fraction {cfg.lr_warmup_fraction} must be in [0, 1)")
-    elif cfg.lr_warmup_iters < 0 or cfg.lr_warmup_iters >= decay:
-        raise ConfigError(f"lr_warmup_iters {cfg.lr_warmup_iters} must be >= 0 and below "
-                          f"lr_decay_iters (or train_iters) {decay}; or give lr_warmup_fraction")
+    elif warmup < 0 or warmup >= decay:
+        raise ConfigError(f"lr_warmup_{unit} {warmup} must be >= 0 and below lr_decay_{unit} (or "
+                          f"train_{unit}) {decay}; or give lr_warmup_fraction")
 
 
 def _check_data(cfg: TrainingConfig) -> None:

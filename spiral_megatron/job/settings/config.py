@@ -85,6 +85,7 @@ def keys_of(data: Dict[str, Any], overrides: Dict[str, Any]) -> TrainingConfig:
     a recipe's: spiral_megatron/bridge/recipes.py), typed, the data's tokenizer filled in."""
     cfg = apply(TrainingConfig(), data)
     cfg = apply(cfg, _drop_excluded(data, overrides))
+    cfg = sample_based(cfg, _given(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
     if cfg.eval_iters == 0:  # Megatron-LM's way to turn evaluation off
         cfg = dataclasses.replace(cfg, eval_interval=None)
@@ -110,7 +111,9 @@ def read_yaml(path: Path) -> Dict[str, Any]:
 
 
 # Keys of which one excludes the other: a command-line value of one drops the YAML's other.
-EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_data_path"))
+EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_data_path"),
+             ("train_iters", "train_samples"), ("lr_decay_iters", "lr_decay_samples"),
+             ("lr_warmup_iters", "lr_warmup_samples"), ("lr_warmup_samples", "lr_warmup_fraction"))
 
 
 def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -119,6 +122,30 @@ def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str,
     resets = {b: FIELDS[b].default for a, b in EXCLUSIVE if a in given and b in data and b not in given}
     resets.update({a: FIELDS[a].default for a, b in EXCLUSIVE if b in given and a in data and a not in given})
     return {**resets, **overrides}
+
+
+def _given(data: Dict[str, Any], overrides: Dict[str, Any]) -> set:
+    """The keys a config file or the command line sets (a YAML key the command line excludes
+    is not among them)."""
+    cli_keys = {k.replace("-", "_") for k in overrides}
+    dropped = {b for a, b in EXCLUSIVE if a in cli_keys} | {a for a, b in EXCLUSIVE if b in cli_keys}
+    return cli_keys | ({k.replace("-", "_") for k in data} - (dropped - cli_keys))
+
+
+def sample_based(cfg: TrainingConfig, given: set) -> TrainingConfig:
+    """Megatron-LM's sample-based training: train_samples sets train_iters, as
+    train_samples // global_batch_size; a train_iters also given must be that one (a recorded
+    config.yaml holds both)."""
+    if cfg.train_samples is None or cfg.global_batch_size < 1:  # checks.py refuses the batch size
+        return cfg
+    iters = cfg.train_samples // cfg.global_batch_size
+    if "train_iters" in given and cfg.train_iters != iters:
+        raise ConfigError(f"train_iters {cfg.train_iters} and train_samples {cfg.train_samples} exclude each other "
+                          f"(as in Megatron-LM; train_samples takes train_samples // global_batch_size = {iters} steps)")
+    if iters < 1:
+        raise ConfigError(f"train_samples {cfg.train_samples} must be at least global_batch_size "
+                          f"{cfg.global_batch_size} (one step)")
+    return dataclasses.replace(cfg, train_iters=iters)
 
 
 def tokenizers_beside(data: Sequence[str]) -> list:

@@ -55,7 +55,12 @@ class TrainingConfig:
     """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills it)."""
 
     train_iters: int = 300
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (or give train_samples)."""
+
+    train_samples: Optional[int] = None
+    """Samples to train on instead of train_iters (Megatron-LM's sample-based training): the run
+    takes train_samples // global_batch_size steps, and the LR schedule's lengths are samples
+    (lr_warmup_samples, lr_decay_samples) instead of iterations."""
 
     exit_interval: Optional[int] = None
     """Save and stop after an iteration divisible by this (Megatron-LM's: the same command run
@@ -75,11 +80,17 @@ class TrainingConfig:
     """Linear warmup steps from 0 to lr (excludes lr_warmup_fraction)."""
 
     lr_warmup_fraction: Optional[float] = None
-    """Warmup as a fraction of lr_decay_iters (or train_iters), as Megatron-LM's; None = use
-    lr_warmup_iters."""
+    """Warmup as a fraction of the decay (lr_decay_iters or train_iters; with train_samples,
+    lr_decay_samples or train_samples), as Megatron-LM's; None = lr_warmup_iters (or _samples)."""
 
     lr_decay_iters: Optional[int] = None
     """Steps over which lr decays to min_lr; None = train_iters."""
+
+    lr_warmup_samples: int = 0
+    """With train_samples: linear warmup over this many samples (excludes lr_warmup_fraction)."""
+
+    lr_decay_samples: Optional[int] = None
+    """With train_samples: samples over which lr decays to min_lr; None = train_samples."""
 
     lr_decay_style: str = "cosine"
     """One of LR_DECAY_STYLES."""

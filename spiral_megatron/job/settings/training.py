@@ -16,7 +16,7 @@ class Schedule:
     init_lr: float
     max_lr: float
     min_lr: float
-    lr_warmup_steps: int
+    lr_warmup_steps: float
     lr_decay_steps: int
     lr_decay_style: str
     start_wd: float
@@ -27,23 +27,24 @@ class Schedule:
     override_opt_param_scheduler: bool
 
 
-def warmup_iters(cfg: TrainingConfig) -> int:
-    """Warmup steps: lr_warmup_fraction of the decay steps (Megatron-LM), else lr_warmup_iters."""
-    if cfg.lr_warmup_fraction is not None:
-        return int(round(cfg.lr_warmup_fraction * (cfg.lr_decay_iters or cfg.train_iters)))
-    return cfg.lr_warmup_iters
-
-
 def schedule(cfg: TrainingConfig) -> Schedule:
-    """Linear warmup from 0 to lr, then decay to min_lr over lr_decay_iters (or train_iters);
-    constant weight decay."""
-    samples = cfg.global_batch_size
+    """Linear warmup from 0 to lr, then decay to min_lr; constant weight decay. Lengths in
+    samples, as Megatron-LM counts them: with train_samples, the sample keys (decay over
+    lr_decay_samples, else train_samples); else the iteration keys times the global batch (decay
+    over lr_decay_iters, else train_iters). lr_warmup_fraction is a fraction of the decay: of
+    its samples as Megatron-LM's, or with iterations rounded to whole steps [ours]."""
+    if cfg.train_samples is not None:
+        total, decay = cfg.train_samples, cfg.lr_decay_samples or cfg.train_samples
+        warmup = cfg.lr_warmup_samples if cfg.lr_warmup_fraction is None else cfg.lr_warmup_fraction * decay
+    else:
+        batch, decay_iters = cfg.global_batch_size, cfg.lr_decay_iters or cfg.train_iters
+        total, decay = cfg.train_iters * batch, decay_iters * batch
+        warmup = batch * (cfg.lr_warmup_iters if cfg.lr_warmup_fraction is None
+                          else int(round(cfg.lr_warmup_fraction * decay_iters)))
     return Schedule(
-        init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=warmup_iters(cfg) * samples,
-        lr_decay_steps=(cfg.lr_decay_iters or cfg.train_iters) * samples,
+        init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-        wd_incr_steps=cfg.train_iters * samples, wd_incr_style="constant",
+        wd_incr_steps=total, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )
