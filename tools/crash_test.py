@@ -135,13 +135,13 @@ def differences(reference: dict, records: list, iterations: int) -> list:
 class Episode:
     """One folder, one command, launched until a launch finishes."""
 
-    def __init__(self, out: Path, number: int, nproc: int, background: bool, job: tuple):
+    def __init__(self, out: Path, number: int, nproc: int, background: bool, job: tuple, final: int = 0):
         self.folder = out / f"episode{number:02d}"
         self.save, self.log = self.folder / "ckpt", self.folder / "log.jsonl"
         load = () if "--load" in job else ("--load", self.save)  # a --finetune job names its own --load
         args = [*job, *load, "--save", self.save, "--log-json", self.log]
         self.command = command(nproc, args + (["--async-save"] if background else []))
-        self.final = int(job[list(job).index("--train-iters") + 1])
+        self.final = final  # the job's last iteration (the reference run's): what a finished launch saves
         self.launches, self.kills = 0, []
 
     def launch(self, delay, env, limit: float) -> bool:
@@ -208,7 +208,8 @@ def main(argv=None) -> int:
 
     episodes, problems = [], []
     while sum(len(e.kills) for e in episodes) < args.kills:
-        episode = Episode(args.out, len(episodes) + 1, args.nproc, background=len(episodes) % 2 == 1, job=job)
+        episode = Episode(args.out, len(episodes) + 1, args.nproc, background=len(episodes) % 2 == 1, job=job,
+                          final=iterations)
         episodes.append(episode)
         while sum(len(e.kills) for e in episodes) < args.kills:
             if episode.launch(rng.uniform(0, window), env, args.launch_timeout):

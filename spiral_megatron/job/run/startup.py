@@ -113,6 +113,7 @@ def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
         for line in (warning, recovered):
             if line and layout.rank0:
                 print(line, flush=True)
+        on_rank0(layout, lambda: check_resumes_save(cfg))
     if cfg.load:
         held.resume_root, held.finetune, held.resume_from = on_rank0(
             layout, lambda: resumable(job, checkpointing.parallel_layout()))
@@ -154,6 +155,19 @@ def resume_root(cfg: TrainingConfig) -> tuple:
               f"gave the first launch its weights)", flush=True)  # rank 0's (`resumable`)
         return cfg.save, False
     return cfg.load, True
+
+
+def check_resumes_save(cfg: TrainingConfig) -> None:
+    """A --save folder that holds a checkpoint is resumed, never written over: a run that starts
+    elsewhere (no --load: a relaunch without it after a preemption; another --load) is refused
+    before anything is built. Megatron-LM resumes from --load only and would write its
+    iterations over the folder's."""
+    held = checkpointing.latest_iteration(cfg.save)
+    if held is None or cfg.finetune or (cfg.load and Path(cfg.load).resolve() == Path(cfg.save).resolve()):
+        return  # (--finetune resumes its --save folder once that holds a checkpoint: resume_root)
+    start = "from scratch (no --load)" if not cfg.load else f"from --load {cfg.load!r}"
+    raise ConfigError(f"save {cfg.save!r} holds iteration {held} of an earlier run, which this run, starting {start}, "
+                      f"would write over: pass --load {cfg.save} to resume it, or another --save folder")
 
 
 def resumable(job: Resolved, layout: dict) -> tuple:

@@ -4,6 +4,7 @@ of a signal or the time limit at the same step (the step's all-reduced flags, st
 
 import signal
 import time
+from pathlib import Path
 from typing import Optional
 
 
@@ -34,8 +35,7 @@ class ExitSignal:
     def reason(self) -> str:
         """Why the run stops (on this rank: another may have seen it first)."""
         if self.time_up and not self.signaled:
-            return (f"exit duration {self.limit_minutes:g} min reached ({self.minutes():.1f} min since the job "
-                    f"started; the same command resumes)")
+            return f"exit duration {self.limit_minutes:g} min reached ({self.minutes():.1f} min since the job started)"
         return "exit signal received"
 
 
@@ -46,3 +46,14 @@ def end_iteration(start: int, train_iters: int, exit_interval: Optional[int]) ->
     if not exit_interval:
         return train_iters
     return min(train_iters, (start // exit_interval + 1) * exit_interval)
+
+
+def resume_hint(save: Optional[str], load: Optional[str], finetune: bool) -> str:
+    """How a run stopped early goes on: the same command where it loads its --save folder
+    (a --finetune run does, once it saved), else naming the --load it needs (startup refuses to
+    write over a checkpoint it does not resume)."""
+    if not save:
+        return "no --save folder: nothing was saved"
+    if finetune or (load and Path(load).resolve() == Path(save).resolve()):
+        return "the same command resumes"
+    return f"add --load {save} to resume"

@@ -21,7 +21,7 @@ from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import divergence, step
 from spiral_megatron.job.run.metrics import Logger
 from spiral_megatron.job.run.startup import Layout
-from spiral_megatron.job.run.stopping import ExitSignal, end_iteration
+from spiral_megatron.job.run.stopping import ExitSignal, end_iteration, resume_hint
 from spiral_megatron.job.settings.resolve import Resolved
 
 
@@ -171,6 +171,7 @@ class Trainer:
     def run(self, signals: ExitSignal) -> str:
         """Train to train_iters, or to the next multiple of exit_interval; returns why it stopped."""
         cfg, stop = self.cfg, end_iteration(self.iteration, self.cfg.train_iters, self.cfg.exit_interval)
+        resumes = resume_hint(cfg.save, cfg.load, cfg.finetune)
         if self.iteration >= stop:  # resumed at or past it: no step runs, nothing new to save
             return self.nothing_to_train()
         batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None
@@ -199,11 +200,11 @@ class Trainer:
                 self.settle()
                 self.save()
                 self.finish_saves()
-                return f"{signals.reason()}: stopped after iteration {self.iteration}"
+                return f"{signals.reason()}: stopped after iteration {self.iteration} ({resumes})"
         self.settle()
         self.save()
         self.finish_saves()
         if self.iteration < cfg.train_iters:
             return (f"exit interval {cfg.exit_interval}: stopped after iteration {self.iteration} of "
-                    f"{cfg.train_iters} (the same command resumes)")
+                    f"{cfg.train_iters} ({resumes})")
         return f"finished iteration {self.iteration}"
