@@ -68,3 +68,32 @@ def test_a_record_without_the_text_key_is_named_with_its_keys(tmp_path):
     assert preprocess_data.parse_args(base).json_key == "text"
     with pytest.raises(SystemExit):
         preprocess_data.parse_args(base + ["--json-keys", "content", "id"])
+
+
+def test_workers_write_the_bytes_one_process_writes(tmp_path):
+    """--workers N (Megatron-LM's): N spawned processes tokenize, in order; the dataset is the
+    one a single process writes, byte for byte. Megatron-LM's --append-eod and --tokenizer-type
+    HuggingFaceTokenizer are taken (what the tool always does); another type is refused."""
+    from spiral_megatron.job.data.preprocess import preprocess
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preprocess_data
+    finally:
+        sys.path.pop(0)
+    texts = [f"document {i}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(i % 40)) for i in range(300)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess([str(tmp_path / "d.jsonl")], str(tmp_path / "one"), vocab_size=300)
+    for n, prefix in ((1, "again"), (3, "three")):
+        preprocess([str(tmp_path / "d.jsonl")], str(tmp_path / prefix), tokenizer=str(tmp_path / "one_tokenizer"),
+                   workers=n)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"three{ext}").read_bytes() == (tmp_path / f"again{ext}").read_bytes()
+    assert (tmp_path / "again.bin").read_bytes() == (tmp_path / "one.bin").read_bytes()
+    base = ["--input", "a.jsonl", "--output-prefix", "p"]
+    args = preprocess_data.parse_args(base + ["--append-eod", "--tokenizer-type", "HuggingFaceTokenizer",
+                                              "--workers", "4"])
+    assert args.workers == 4
+    for bad in (["--tokenizer-type", "GPT2BPETokenizer"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            preprocess_data.parse_args(base + bad)

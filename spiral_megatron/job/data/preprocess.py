@@ -7,10 +7,13 @@ as Megatron's `tools/preprocess_data.py --append-eod` does. Beside the two files
 the resume checks compare), so a run with another tokenizer is refused (dataset_check.py).
 
 Existing outputs are kept unless `force`; everything is written under temporary names and
-renamed into place at the end, and the temporary files are removed on any error.
+renamed into place at the end, and the temporary files are removed on any error. `workers`
+processes tokenize (Megatron-LM's `--workers`), in the documents' order: the output does not
+depend on their number.
 """
 
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -77,11 +80,37 @@ def meta_path(prefix: str) -> Path:
     return Path(f"{prefix}.meta.json")
 
 
+_worker_tokenizer = None  # a tokenizing worker's own (`_start_worker`)
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _worker_tokenizer = HFTokenizer.from_str(tokenizer_json)
+
+
+def _encode_in_worker(text: str) -> List[int]:
+    return _worker_tokenizer.encode(text, add_special_tokens=False).ids  # as Tokenizer.encode
+
+
+def encoded(documents: Iterable[str], tokenizer: Tokenizer, workers: int = 1) -> Iterator[List[int]]:
+    """The token ids of each document, in order; `workers` > 1 processes tokenize (spawned, each
+    with its own copy of the tokenizer, as Megatron-LM's tools/preprocess_data.py does)."""
+    if workers <= 1:
+        yield from map(tokenizer.encode, documents)
+        return
+    context = multiprocessing.get_context("spawn")  # a fork after the BPE's threads ran can deadlock
+    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer.hf.to_str(),)) as pool:
+        yield from pool.imap(_encode_in_worker, documents, chunksize=16)
+
+
 def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output_prefix: str,
-                          append_eod: bool = True, quiet: bool = False, tokenizer_name: Optional[str] = None) -> int:
-    """Tokenize `documents` into `output_prefix`.bin/.idx atomically; returns the token count.
-    A tokenizer with a content digest is recorded in PREFIX.meta.json, under `tokenizer_name`
-    (default: the folder it was loaded from)."""
+                          append_eod: bool = True, quiet: bool = False, tokenizer_name: Optional[str] = None,
+                          workers: int = 1) -> int:
+    """Tokenize `documents` into `output_prefix`.bin/.idx atomically (with `workers` processes);
+    returns the token count. A tokenizer with a content digest is recorded in PREFIX.meta.json,
+    under `tokenizer_name` (default: the folder it was loaded from)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(output_prefix)
@@ -91,8 +120,8 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output
     try:
         builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=token_dtype(tokenizer.vocab_size))
         progress = _Progress()
-        for text in documents:
-            ids = tokenizer.encode(text) + ([tokenizer.eod] if append_eod else [])
+        for ids in encoded(documents, tokenizer, workers):
+            ids = ids + ([tokenizer.eod] if append_eod else [])
             if ids:
                 builder.add_document(ids, [len(ids)])
                 progress.update(len(ids))
@@ -125,7 +154,7 @@ def _write_meta(path: Path, tokenizer, name: Optional[str]) -> None:
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[str] = None,
                vocab_size: int = 512, text_key: str = "text", save_tokenizer: Optional[str] = None,
-               force: bool = False) -> Tokenizer:
+               force: bool = False, workers: int = 1) -> Tokenizer:
     """The tool's work: load (or train a BPE on the inputs) a tokenizer, then write the dataset.
 
     A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`),
@@ -141,14 +170,15 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[st
         raise FileExistsError(f"{', '.join(existing)} already exist; pass --force to overwrite")
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
-        count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix, tokenizer_name=tokenizer)
+        count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix, tokenizer_name=tokenizer,
+                                      workers=workers)
     else:
         tok = Tokenizer.train_bpe(read_documents(inputs, text_key), vocab_size)
         staging = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         try:
             tok.save(staging)
             count = write_indexed_dataset(read_documents(inputs, text_key), tok, output_prefix,
-                                          tokenizer_name=str(folder))
+                                          tokenizer_name=str(folder), workers=workers)
             _replace_folder(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
