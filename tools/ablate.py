@@ -226,4 +226,7 @@ def _run(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("ablate"):  # Megatron's known-harmless warnings counted in one line
+        sys.exit(main())
