@@ -55,6 +55,15 @@ def test_megatron_lm_names(argv, field, value):
     assert getattr(resolve(argv, DEFAULT).keys, field) == value
 
 
+def test_megatron_lm_launch_script_flags_for_what_the_job_does():
+    """A Megatron-LM GPT script's flags that mean what the job does anyway are taken;
+    --group-query-attention applies --num-query-groups."""
+    job = resolve(["--group-query-attention", "--num-query-groups", "2", "--use-rotary-position-embeddings",
+                   "--no-position-embedding", "--dataloader-type", "single", "--log-throughput",
+                   "--no-create-attention-mask-in-dataloader", "--weight-decay-incr-style", "constant"], DEFAULT)
+    assert job.model.num_query_groups == 2 and job.model.num_attention_heads == 4
+
+
 def test_model_fields_at_the_top_level():
     cfg = resolve(["--hidden-size", "128", "--num-attention-heads", "8", "--no-masked-softmax-fusion",
                    "--no-bias-gelu-fusion"], DEFAULT).keys
@@ -98,6 +107,12 @@ def test_sample_based_training_as_megatron_lm(tmp_path):
     (["--split", "abc"], "split 'abc' must be up to 3 non-negative numbers"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "lr_warmup_fraction 0.1 and lr_warmup_iters 3 exclude each other"),
     (["--data-path", "a", "--valid-data-path", "b"], "data_path ['a'] and train_data_path/valid_data_path exclude each other"),
+    (["--num-layers", "24"], "--num-layers 24: depth is --model.num_prelude_layers + --model.num_core_layers x "
+     "len(chunk_sizes) + --model.num_coda_layers"),
+    (["--max-position-embeddings", "128"], "--max-position-embeddings 128: the model has rotary positions only"),
+    (["--group-query-attention"], "--group-query-attention needs --num-query-groups (Megatron-LM would take 1: "
+     "multi-query attention)"),
+    (["--dataloader-type", "cyclic"], "--dataloader-type 'cyclic': the job always reads samples in order"),
     (["--train-samples", "800", "--train-iters", "20"], "train_iters 20 and train_samples 800 exclude each other (as in "
      "Megatron-LM; train_samples takes train_samples // global_batch_size = 50 steps)"),
     (["--train-samples", "8"], "train_samples 8 must be at least global_batch_size 16 (one step)"),

@@ -40,8 +40,9 @@ FLAG_SETS: Dict[str, Tuple[Tuple[str, Any], ...]] = {
 }
 # Megatron-LM flags for what the job always does: flag -> (the one value it takes, what the job
 # does). Taken with that value (a launch script carries them over), refused with any other.
-# NEEDS: the key such a flag needs true, as Megatron-LM asserts (else the job would not do it).
-NEEDS = {"overlap_param_gather": "use_distributed_optimizer"}
+# NEEDS: the key such a flag needs set, and why (else the job would not do what the flag means).
+NEEDS = {"overlap_param_gather": ("use_distributed_optimizer", "as Megatron-LM asserts"),
+         "group_query_attention": ("model.num_query_groups", "Megatron-LM would take 1: multi-query attention")}
 FIXED: Dict[str, Tuple[Any, str]] = {
     "overlap_grad_reduce": (True, "overlaps the gradient reduction with the backward pass"),
     "overlap_param_gather": (True, "overlaps the distributed optimizer's parameter all-gather with the forward "
@@ -53,7 +54,28 @@ FIXED: Dict[str, Tuple[Any, str]] = {
     "ckpt_format": ("torch_dist", "saves Megatron-Core's torch_dist checkpoints"),
     "tokenizer_type": ("HuggingFaceTokenizer", "reads a Hugging Face tokenizer.json (--tokenizer-model DIR; "
                                                "--mock-data for none)"),
+    "use_rotary_position_embeddings": (True, "uses rotary position embeddings"),
+    "no_position_embedding": (True, "learns no position embeddings (rotary positions only)"),
+    "group_query_attention": (True, "applies --num-query-groups (grouped-query attention; Megatron-LM would "
+                                    "default it to 1, multi-query)"),
+    "dataloader_type": ("single", "reads samples in order from the consumed-sample position (Megatron's "
+                                  "pretraining sampler)"),
+    "no_create_attention_mask_in_dataloader": (True, "builds no attention mask (attention is causal without one)"),
+    "log_throughput": (True, "logs tokens/s and TFLOP/s at every log line"),
+    "weight_decay_incr_style": ("constant", "keeps the weight decay constant"),
 }
+# Megatron-LM flags the job has no equivalent for: flag -> what to do instead (refused in one line).
+INSTEAD: Dict[str, str] = {
+    "num_layers": "depth is --model.num_prelude_layers + --model.num_core_layers x len(chunk_sizes) + "
+                  "--model.num_coda_layers (leave --num-layers out)",
+    "max_position_embeddings": "the model has rotary positions only, no table of them: its length is "
+                               "--seq-length (leave --max-position-embeddings out)",
+    "vocab_file": "GPT2BPETokenizer's vocab and merges files are not read: pass --tokenizer-model with a Hugging "
+                  "Face tokenizer.json (tokenizers' ByteLevelBPETokenizer(VOCAB, MERGES).save('DIR/tokenizer.json') "
+                  "writes the same tokenizer)",
+    "rampup_batch_size": "batch-size ramp-up is not built: train at the full --global-batch-size",
+}
+INSTEAD["merge_file"] = INSTEAD["vocab_file"]
 
 # Help sections: (title, keys); every TrainingConfig key is in exactly one (a test checks).
 GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
@@ -112,6 +134,8 @@ def canonical(raw_key: str, value: Any, known) -> List[Tuple[str, Any]]:
         meaning = FLAG_SETS[key]
         _flag(raw_key, value, ", ".join(f"{k} {v}" for k, v in meaning))
         return list(meaning)
+    if key in INSTEAD:
+        raise ConfigError(f"--{raw_key} {value!r}: {INSTEAD[key]}")
     if key in FIXED:
         only, does = FIXED[key]
         if value != only and not (only is True and value == "true"):
@@ -184,6 +208,8 @@ def help_text(cls) -> str:
     lines += ["", "Megatron-LM flags for what the job always does (taken with this value only):"]
     lines += [f"  --{flag.replace('_', '-')}{'' if only is True else f' {only}'}: the job always {does}"
               for flag, (only, does) in FIXED.items()]
+    lines += ["", "Megatron-LM flags with no equivalent (refused, saying what to do):"]
+    lines += [f"  --{flag.replace('_', '-')}: {instead}" for flag, instead in INSTEAD.items()]
     return "\n".join(lines)
 
 

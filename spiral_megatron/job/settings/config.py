@@ -39,9 +39,10 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
                 raise ConfigError(f"model: {value!r} must be a flavor name or a mapping of fields")
             else:
                 values[key] = coerce(key, value, TYPES[key])
-    for raw_key, key in needs.items():
-        if not values[key]:
-            raise ConfigError(f"--{raw_key} needs --{key.replace('_', '-')} (as in Megatron-LM)")
+    for raw_key, (key, why) in needs.items():
+        field = key[len("model."):] if key.startswith("model.") else None
+        if not (values["model"].get(field) if field else values[key]):
+            raise ConfigError(f"--{raw_key} needs --{(field or key).replace('_', '-')} ({why})")
     return TrainingConfig(**values)
 
 
