@@ -67,7 +67,7 @@ def recipe_checks() -> dict:
                               ("spiral-1.4b", "spiral-1.4b")):
         ours = recipes.resolved_job(flavor).keys.to_dict()
         theirs = config.read(["--config", str(root / f"{yaml_name}.yaml")]).to_dict()
-        differ[flavor] = sorted(k for k in ours if k != "save" and ours[k] != theirs[k])
+        differ[flavor] = sorted(k for k in ours if k not in ("save", "load") and ours[k] != theirs[k])
     made = [name for name in flavors.names() if recipes.pretrain_config(name).model.hidden_size]
     refused = {}
     for key, value in (("log-json", "x.jsonl"), ("valid_seed", 7)):  # a Megatron-LM alias, a job key

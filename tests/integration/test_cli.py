@@ -64,6 +64,15 @@ def test_megatron_lm_launch_script_flags_for_what_the_job_does():
     assert job.model.num_query_groups == 2 and job.model.num_attention_heads == 4
 
 
+def test_the_configs_load_what_they_save_and_follow_another_save():
+    """examples/configs/*.yaml resume themselves (load = save): the same command resumes, and a
+    command-line --save moves the load along (not the file's folder); an explicit --load wins."""
+    assert resolve([], DEFAULT).keys.load == resolve([], DEFAULT).keys.save == "checkpoints/debug"
+    assert resolve(["--save", "ckpt/mine"], DEFAULT).keys.load == "ckpt/mine"
+    assert resolve(["--save", "ckpt/mine", "--load", "ckpt/other"], DEFAULT).keys.load == "ckpt/other"
+    assert resolve(["--save", "null"], DEFAULT).keys.load is None
+
+
 def test_model_fields_at_the_top_level():
     cfg = resolve(["--hidden-size", "128", "--num-attention-heads", "8", "--no-masked-softmax-fusion",
                    "--no-bias-gelu-fusion"], DEFAULT).keys

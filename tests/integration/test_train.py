@@ -169,12 +169,14 @@ def test_exit_duration_saves_and_stops_every_rank_at_one_step(cache_dir, tmp_pat
     """--exit-duration-in-mins (Megatron-LM's time limit): past it, every rank stops after the
     same step, saved, exit 0; here a limit shorter than a step: after the first steps."""
     save = tmp_path / "ckpt"
-    proc = launch(cache_dir, *TINY, "--train-iters", 8, "--exit-duration-in-mins", 1e-4, "--save", save, nproc=2)
+    no_load = ("--load", "null")  # (the config would load what it saves)
+    proc = launch(cache_dir, *TINY, "--train-iters", 8, "--exit-duration-in-mins", 1e-4, "--save", save, *no_load,
+                  nproc=2)
     stopped = int((save / TRACKER).read_text())
     assert 1 <= stopped < 8 and "pretrain_spiral: exit duration 0.0001 min reached (" in proc.stdout
     assert f"started): stopped after iteration {stopped} (add --load {save} to resume)" in proc.stdout
     # relaunched without --load, it would write over the checkpoint from scratch: refused
-    proc = launch(cache_dir, *TINY, "--train-iters", 8, "--save", save, expect_rc=2)
+    proc = launch(cache_dir, *TINY, "--train-iters", 8, "--save", save, *no_load, expect_rc=2)
     assert (f"save '{save}' holds iteration {stopped} of an earlier run, which this run, starting from scratch "
             f"(no --load), would write over: pass --load {save} to resume it, or another --save folder") in proc.stderr
     assert (save / TRACKER).read_text() == str(stopped)

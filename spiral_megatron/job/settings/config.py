@@ -85,7 +85,7 @@ def keys_of(data: Dict[str, Any], overrides: Dict[str, Any]) -> TrainingConfig:
     """The keys of a config file's mapping `data` with `overrides` over it (a command line's, or
     a recipe's: spiral_megatron/bridge/recipes.py), typed, the data's tokenizer filled in."""
     cfg = apply(TrainingConfig(), data)
-    cfg = apply(cfg, _drop_excluded(data, overrides))
+    cfg = apply(cfg, _load_follows_save(data, _drop_excluded(data, overrides)))
     cfg = sample_based(cfg, _given(data, overrides))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
     if cfg.eval_iters == 0:  # Megatron-LM's way to turn evaluation off
@@ -125,6 +125,17 @@ def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str,
     return {**resets, **overrides}
 
 
+def _load_follows_save(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """`overrides`, plus a config file's `load` moved to the command line's --save where the
+    file loads what it saves (a job that resumes itself, as examples/configs/*.yaml): another
+    --save then resumes its own folder, not the file's."""
+    given = {k.replace("-", "_"): v for k, v in overrides.items()}
+    resumes_itself = data.get("load") is not None and data.get("load") == data.get("save")
+    if resumes_itself and "save" in given and "load" not in given:
+        return {**overrides, "load": given["save"]}
+    return overrides
+
+
 def _given(data: Dict[str, Any], overrides: Dict[str, Any]) -> set:
     """The keys a config file or the command line sets (a YAML key the command line excludes
     is not among them)."""
@@ -141,8 +152,8 @@ def sample_based(cfg: TrainingConfig, given: set) -> TrainingConfig:
         return cfg
     iters = cfg.train_samples // cfg.global_batch_size
     if "train_iters" in given and cfg.train_iters != iters:
-        raise ConfigError(f"train_iters {cfg.train_iters} and train_samples {cfg.train_samples} exclude each other "
-                          f"(as in Megatron-LM; train_samples takes train_samples // global_batch_size = {iters} steps)")
+        raise ConfigError(f"train_iters {cfg.train_iters} and train_samples {cfg.train_samples} exclude each other (as "
+                          f"in Megatron-LM; train_samples takes train_samples // global_batch_size = {iters} steps)")
     if iters < 1:
         raise ConfigError(f"train_samples {cfg.train_samples} must be at least global_batch_size "
                           f"{cfg.global_batch_size} (one step)")
