@@ -59,7 +59,8 @@ def check(cfg: TrainingConfig) -> None:
         raise ConfigError(f"fp8 {cfg.fp8!r} needs precision bf16 or fp16, got fp32")
     _check_data(cfg)
     if cfg.exit_interval is not None and cfg.exit_interval > cfg.train_iters:
-        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}: "
+        steps = "" if cfg.train_samples is None else f" (train_samples {cfg.train_samples} // global_batch_size)"
+        raise ConfigError(f"exit_interval {cfg.exit_interval} is after train_iters {cfg.train_iters}{steps}: "
                           "it would never stop a run")
     if cfg.finetune and not cfg.load:
         raise ConfigError("finetune needs --load: the checkpoint whose weights start the run")
