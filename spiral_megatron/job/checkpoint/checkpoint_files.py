@@ -70,6 +70,11 @@ def read_record(folder) -> dict:
         raise CheckpointError(f"{str(Path(folder) / MARKER)!r} cannot be read ({e}): damaged checkpoint") from None
 
 
+def same_folder(a, b) -> bool:
+    """Whether paths `a` and `b` name one folder (--load and --save spelled differently)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def latest_iteration(root) -> Optional[int]:
     """The iteration in the tracker file, or None where there is no complete checkpoint."""
     tracker = Path(root) / TRACKER
@@ -190,7 +195,7 @@ def find_resumable(load, save, job_files=()) -> Optional[int]:
     iteration = latest_iteration(root)
     if iteration is None:
         contents = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
-        is_save = save is not None and Path(save).resolve() == root.resolve()
+        is_save = save is not None and same_folder(save, root)
         if is_save and all(ITERATION.fullmatch(name) or name in job_files for name in contents):
             return None  # never saved into, or killed before the tracker first moved
         raise CheckpointError(_not_a_checkpoint(load, root, contents))

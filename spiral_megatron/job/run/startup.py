@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from spiral_megatron import parallel
 from spiral_megatron.job.checkpoint import checkpointing
+from spiral_megatron.job.checkpoint.checkpoint_files import same_folder
 from spiral_megatron.job.checkpoint.folder_lock import FolderLock
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import console, fatal
@@ -147,7 +148,7 @@ def resume_root(cfg: TrainingConfig) -> tuple:
     own checkpoint, the same command resumes that instead (as Bridge's pretrained_checkpoint)."""
     if not cfg.finetune:
         return cfg.load, False
-    if cfg.save and Path(cfg.save).resolve() == Path(cfg.load).resolve():
+    if cfg.save and same_folder(cfg.save, cfg.load):
         raise ConfigError(f"finetune: --load {cfg.load!r} is the --save folder; fine-tuning starts from another "
                           f"run's checkpoint (--load) and saves its own in --save")
     if cfg.save and checkpointing.latest_iteration(cfg.save) is not None:
@@ -157,14 +158,20 @@ def resume_root(cfg: TrainingConfig) -> tuple:
     return cfg.load, True
 
 
+def resumes_save(cfg: TrainingConfig) -> bool:
+    """Whether the command resumes its --save folder once that holds a checkpoint: it loads it,
+    or fine-tunes (resume_root)."""
+    return bool(cfg.save) and (cfg.finetune or (cfg.load is not None and same_folder(cfg.load, cfg.save)))
+
+
 def check_resumes_save(cfg: TrainingConfig) -> None:
     """A --save folder that holds a checkpoint is resumed, never written over: a run that starts
     elsewhere (no --load: a relaunch without it after a preemption; another --load) is refused
     before anything is built. Megatron-LM resumes from --load only and would write its
     iterations over the folder's."""
     held = checkpointing.latest_iteration(cfg.save)
-    if held is None or cfg.finetune or (cfg.load and Path(cfg.load).resolve() == Path(cfg.save).resolve()):
-        return  # (--finetune resumes its --save folder once that holds a checkpoint: resume_root)
+    if held is None or resumes_save(cfg):
+        return
     start = "from scratch (no --load)" if not cfg.load else f"from --load {cfg.load!r}"
     raise ConfigError(f"save {cfg.save!r} holds iteration {held} of an earlier run, which this run, starting {start}, "
                       f"would write over: pass --load {cfg.save} to resume it, or another --save folder")

@@ -4,7 +4,6 @@ of a signal or the time limit at the same step (the step's all-reduced flags, st
 
 import signal
 import time
-from pathlib import Path
 from typing import Optional
 
 
@@ -48,12 +47,12 @@ def end_iteration(start: int, train_iters: int, exit_interval: Optional[int]) ->
     return min(train_iters, (start // exit_interval + 1) * exit_interval)
 
 
-def resume_hint(save: Optional[str], load: Optional[str], finetune: bool) -> str:
-    """How a run stopped early goes on: the same command where it loads its --save folder
-    (a --finetune run does, once it saved), else naming the --load it needs (startup refuses to
-    write over a checkpoint it does not resume)."""
+def resume_hint(save: Optional[str], resumes_save: bool) -> str:
+    """How a run stopped early goes on: the same command where it resumes its --save folder
+    (startup.resumes_save), else naming the --load it needs (startup refuses to write over a
+    checkpoint it does not resume)."""
     if not save:
         return "no --save folder: nothing was saved"
-    if finetune or (load and Path(load).resolve() == Path(save).resolve()):
+    if resumes_save:
         return "the same command resumes"
     return f"add --load {save} to resume"

@@ -20,7 +20,8 @@ from spiral_megatron.job.checkpoint import checkpointing, loading
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import divergence, step
 from spiral_megatron.job.run.metrics import Logger
-from spiral_megatron.job.run.startup import Layout
+from spiral_megatron.job.checkpoint.checkpoint_files import same_folder
+from spiral_megatron.job.run.startup import Layout, resumes_save
 from spiral_megatron.job.run.stopping import ExitSignal, end_iteration, resume_hint
 from spiral_megatron.job.settings.resolve import Resolved
 
@@ -73,7 +74,7 @@ class Trainer:
             return
         self.consumed_samples = restored.consumed_samples
         self.saved_stats[self.iteration] = restored.extra or {}
-        if self.cfg.save and Path(self.cfg.save).resolve() == Path(root).resolve():
+        if self.cfg.save and same_folder(self.cfg.save, root):
             self.last_saved = self.iteration  # it is there already: never rewrite it
         if self.layout.rank0:
             print(f"resumed from {root} at iteration {self.iteration} "
@@ -171,7 +172,7 @@ class Trainer:
     def run(self, signals: ExitSignal) -> str:
         """Train to train_iters, or to the next multiple of exit_interval; returns why it stopped."""
         cfg, stop = self.cfg, end_iteration(self.iteration, self.cfg.train_iters, self.cfg.exit_interval)
-        resumes = resume_hint(cfg.save, cfg.load, cfg.finetune)
+        resumes = resume_hint(cfg.save, resumes_save(cfg))
         if self.iteration >= stop:  # resumed at or past it: no step runs, nothing new to save
             return self.nothing_to_train()
         batches, val_loss = self.batches(self.train_ds, self.consumed_samples), None

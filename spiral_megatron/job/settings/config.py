@@ -85,8 +85,10 @@ def keys_of(data: Dict[str, Any], overrides: Dict[str, Any]) -> TrainingConfig:
     """The keys of a config file's mapping `data` with `overrides` over it (a command line's, or
     a recipe's: spiral_megatron/bridge/recipes.py), typed, the data's tokenizer filled in."""
     cfg = apply(TrainingConfig(), data)
-    cfg = apply(cfg, _load_follows_save(data, _drop_excluded(data, overrides)))
-    cfg = sample_based(cfg, _given(data, overrides))
+    with_resets = _drop_excluded(data, overrides)
+    cfg = apply(cfg, _load_follows_save(data, with_resets))
+    resets = set(with_resets) - set(overrides)  # the file's keys the command line excludes
+    cfg = sample_based(cfg, given={k.replace("-", "_") for k in overrides} | (set(data) - resets))
     cfg = resolve_tokenizer(cfg, explicit_vocab="tokenizer_vocab_size" in {**overrides, **data})
     if cfg.eval_iters == 0:  # Megatron-LM's way to turn evaluation off
         cfg = dataclasses.replace(cfg, eval_interval=None)
@@ -134,14 +136,6 @@ def _load_follows_save(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[
     if resumes_itself and "save" in given and "load" not in given:
         return {**overrides, "load": given["save"]}
     return overrides
-
-
-def _given(data: Dict[str, Any], overrides: Dict[str, Any]) -> set:
-    """The keys a config file or the command line sets (a YAML key the command line excludes
-    is not among them)."""
-    cli_keys = {k.replace("-", "_") for k in overrides}
-    dropped = {b for a, b in EXCLUSIVE if a in cli_keys} | {a for a, b in EXCLUSIVE if b in cli_keys}
-    return cli_keys | ({k.replace("-", "_") for k in data} - (dropped - cli_keys))
 
 
 def sample_based(cfg: TrainingConfig, given: set) -> TrainingConfig:
