@@ -50,3 +50,16 @@ def test_a_tool_counts_harmless_warnings_in_one_line_unless_the_user_chose_with_
         assert shown == expected
         err = capsys.readouterr().err
         assert ("mytool: 1 known-harmless Megatron-Core/torch warning hidden" in err) == (not warnoptions), err
+
+
+def test_modelopt_notes_that_hold_in_one_process_are_held_by_a_tool_and_shown_by_the_job(monkeypatch):
+    monkeypatch.setattr(sys, "warnoptions", [])
+    note = ("Found block-quantized padded weight_quantizer for linear_fc1, amax will not be synced correctly.")
+    for held_by, expected in ((lambda: console.quiet_tool("quantize"), []), (console.HeldWarnings, [note])):
+        shown = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *rest, **kw: shown.append(str(message))
+            with held_by():
+                warnings.warn(note)
+        assert shown == expected

@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 # [ours] Messages of Megatron-Core warnings that say nothing about this job: optional fused
 # kernels missing (torch fallbacks are used: docs/MEGATRON-ON-CPU.md), an experimental class
@@ -32,6 +32,16 @@ HARMLESS = (
     "we are deprecating ShardedTensor",
     "The given buffer is not writable",
 )
+# [ours] Model Optimizer's notes that hold in a tool's one process (tools/*.py read any layout
+# into one process), not in a torchrun job, where they are shown: the TP sync of a padded INT4
+# block quantizer (TP 1: nothing to sync), the default parallel state of a restored quantizer's
+# module (no TP group to set), and its untested-transformers note (tests/quantization cover the
+# versions setup.py pins).
+ONE_PROCESS_HARMLESS = (
+    "amax will not be synced correctly",
+    "no parallel_state is set for",
+    "is not tested with current version of modelopt",
+)
 # Megatron-Core log records as harmless: logger name -> message. [ours] The "mcore" save
 # strategy is the one checkpointing.py chooses (its BackgroundSaves need it).
 HARMLESS_LOGS = {
@@ -44,11 +54,12 @@ CONFIG_FILE = "config.yaml"
 
 
 class HeldWarnings(logging.Filter):
-    """Within `with`: warnings matching HARMLESS, and log records matching HARMLESS_LOGS, are
-    kept in `held` instead of shown."""
+    """Within `with`: warnings matching `harmless` (HARMLESS), and log records matching
+    HARMLESS_LOGS, are kept in `held` instead of shown."""
 
-    def __init__(self):
+    def __init__(self, harmless: Tuple[str, ...] = HARMLESS):
         super().__init__()
+        self.harmless = harmless
         self.held: List[str] = []
         self._shown = 0  # how many of `held` were counted on the console already
 
@@ -72,7 +83,7 @@ class HeldWarnings(logging.Filter):
         return True
 
     def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
-        if any(text in str(message) for text in HARMLESS):
+        if any(text in str(message) for text in self.harmless):
             self.held.append(warnings.formatwarning(message, category, filename, lineno, line))
         else:
             self._previous(message, category, filename, lineno, file, line)
@@ -101,7 +112,7 @@ def quiet_tool(name: str):
     if sys.warnoptions:
         yield
         return
-    with HeldWarnings() as held:
+    with HeldWarnings(HARMLESS + ONE_PROCESS_HARMLESS) as held:
         try:
             yield
         finally:
