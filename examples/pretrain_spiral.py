@@ -13,8 +13,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "debug-cpu.yaml"
 
 
 def parse(argv):
-    """The job of the command line, resolved and checked before anything starts."""
-    from spiral_megatron.job.settings.resolve import resolve
+    """The job of the command line, resolved and checked before anything starts (the model
+    taken from --load's checkpoint with --use-checkpoint-args)."""
+    from spiral_megatron.job.checkpoint.checkpoint_args import resolve
 
     return resolve(argv, DEFAULT_CONFIG)
 

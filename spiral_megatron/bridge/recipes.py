@@ -108,8 +108,10 @@ JOB_TO_BRIDGE = {
     "backend": "dist.distributed_backend",
     "num_workers": "dataset.num_workers",
 }
-# Job keys with no Bridge field: the job's own console, checks and files.
-JOB_ONLY = ("valid_seed", "check_for_large_grads", "log_json", "peak_tflops", "check_memory", "print_config")
+# Job keys with no Bridge field: the job's own console, checks and files; use_checkpoint_args
+# reads a job checkpoint's model_args.json, and Bridge loads no job checkpoint (docs/BRIDGE.md).
+JOB_ONLY = ("valid_seed", "check_for_large_grads", "log_json", "peak_tflops", "check_memory", "print_config",
+            "use_checkpoint_args")
 
 
 def resolved_job(flavor: str = "debug", **keys) -> Resolved:

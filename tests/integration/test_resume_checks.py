@@ -47,3 +47,35 @@ def test_resume_past_train_iters_says_no_step_ran(reference, cache_dir, tmp_path
     assert (f"finished iteration 4: no step to run, '{reference[0] / 'ckpt'}' holds iteration 4, past "
             "--train-iters 2 (it counts from iteration 0: pass more than 4 to train on)") in proc.stdout
     assert not list((tmp_path / "new").glob("iter_*"))
+
+
+def test_use_checkpoint_args_takes_the_checkpoints_model_and_refuses_a_contradiction(reference, tmp_path):
+    """Megatron-LM's --use-checkpoint-args: a run whose config names another model (as a
+    fine-tune of a converted model would, from the default config) builds the checkpoint's,
+    compared with the record the checkpoint was saved with; a command-line field that
+    contradicts it is refused, not dropped."""
+    from spiral_megatron.errors import ConfigError
+    from spiral_megatron.job.checkpoint import checkpoint_args
+    from spiral_megatron.job.checkpoint.resume_check import architecture_differences
+    from spiral_megatron.model.model_args import ModelArgs
+
+    ckpt = reference[0] / "ckpt"
+    saved = ModelArgs.load(ckpt / "iter_0000004" / "model_args.json")
+    other = tmp_path / "other.yaml"
+    other.write_text("model: {flavor: debug, hidden_size: 32, num_attention_heads: 2, chunk_sizes: '4,1'}\n"
+                     "seq_length: 64\nrotary_base: 500\nmock_data: true\n")
+    argv = ["--config", other, "--load", ckpt, "--save", tmp_path / "new", "--finetune"]
+    plain = checkpoint_args.resolve(list(map(str, argv)))
+    assert architecture_differences(saved, plain.model_args, weights_only=False)  # the config's model
+    job = checkpoint_args.resolve(list(map(str, argv + ["--use-checkpoint-args"])))
+    assert architecture_differences(saved, job.model_args, weights_only=False) == []
+    assert job.model_args == saved and job.seq_length == saved.max_sequence_length == 128
+    assert checkpoint_args.resolve(list(map(str, argv + ["--use-checkpoint-args", "--seq-length", 32]))).seq_length == 32
+    agreeing = ["--use-checkpoint-args", "--model.chunk_sizes", "8,4,2,1", "--hidden-size", 64]
+    assert checkpoint_args.resolve(list(map(str, argv + agreeing))).model_args == saved
+    for extra, named in ((["--model.hidden_size", 48], "--model.hidden_size 48 (the checkpoint's: 64)"),
+                         (["--rotary-base", 500], "--rotary-base 500 (the checkpoint's: 10000)")):
+        with pytest.raises(ConfigError, match="contradicts " + named.replace("(", r"\(").replace(")", r"\)")):
+            checkpoint_args.resolve(list(map(str, argv + ["--use-checkpoint-args", *extra])))
+    with pytest.raises(ConfigError, match="holds no checkpoint to take the model from .the folder is missing"):
+        checkpoint_args.resolve(["--config", str(other), "--load", str(tmp_path / "nothing"), "--use-checkpoint-args"])

@@ -22,7 +22,8 @@ RUN_KEYS = {"save", "load", "log_json", "tensorboard_dir", "log_interval", "eval
             "tensor_parallel", "pipeline_parallel", "sequence_parallel", "use_distributed_optimizer", "async_save",
             "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "model",
             "check_for_spiky_loss", "spiky_loss_factor", "finetune", "no_load_optim", "no_load_rng",
-            "dist_ckpt_optim_fully_reshardable", "ddp_bucket_size", "num_workers", "print_config"}
+            "dist_ckpt_optim_fully_reshardable", "ddp_bucket_size", "num_workers", "print_config",
+            "use_checkpoint_args"}
 
 # Megatron's OptimizerParamScheduler state -> the keys of this config that set it.
 SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_warmup_iters (or _samples, _fraction)",
@@ -76,8 +77,10 @@ def check_model(folder: Path, saved_args: ModelArgs, new_args: ModelArgs, tokeni
     if tok:
         diffs.append(tok)
     if diffs:
+        take = " or pass --use-checkpoint-args to take the checkpoint's model" if len(diffs) > bool(tok) else ""
         raise ResumeMismatch(f"load {str(folder)!r}: the checkpoint differs from this run in "
-                             f"{'; '.join(diffs)} (start a new --save folder, or change these back)")
+                             f"{'; '.join(diffs)} (change these back{take}; a new model needs a new --save "
+                             f"folder)")
 
 
 def schedule_differences(saved: Dict, scheduler) -> List[str]:

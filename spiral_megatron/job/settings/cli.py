@@ -92,8 +92,8 @@ GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
     ("parallelism", ("tensor_parallel", "pipeline_parallel", "sequence_parallel",
                      "use_distributed_optimizer", "ddp_bucket_size", "backend", "check_memory")),
     ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
-                       "use_checkpoint_opt_param_scheduler", "finetune", "no_load_optim", "no_load_rng",
-                       "dist_ckpt_optim_fully_reshardable")),
+                       "use_checkpoint_opt_param_scheduler", "finetune", "use_checkpoint_args", "no_load_optim",
+                       "no_load_rng", "dist_ckpt_optim_fully_reshardable")),
     ("logging", ("log_interval", "eval_interval", "eval_iters", "log_json", "tensorboard_dir",
                  "peak_tflops", "print_config")),
 ]

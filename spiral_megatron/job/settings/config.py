@@ -46,6 +46,19 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
+def given(overrides: Dict[str, Any]) -> set:
+    """The keys a command line's (or a recipe's) `overrides` set, by their canonical names
+    ("seq_length", "model.hidden_size"; a `model` mapping's fields each as "model.<field>")."""
+    out = set()
+    for raw_key, raw_value in overrides.items():
+        for key, value in cli.canonical(raw_key, raw_value, FIELDS):
+            if key == "model" and isinstance(value, dict):
+                out.update(f"model.{k}" for k in value if k != "flavor")
+            elif key is not None:
+                out.add(key)
+    return out
+
+
 def parse_cli(argv: Sequence[str]) -> Dict[str, Any]:
     """`--key value`, `--key=value` and bare `--flag` (= true) into an ordered mapping.
 

@@ -207,6 +207,12 @@ class TrainingConfig:
     and data position (Megatron-LM's flag); once --save holds this run's own checkpoint, the
     same command resumes that instead."""
 
+    use_checkpoint_args: bool = False
+    """Take the model from the --load checkpoint (its model_args.json: every field of the model's
+    function, its rotary settings, and its sequence length unless --seq-length is given), as
+    Megatron-LM's flag does: to fine-tune a converted model without restating its shape. A
+    command-line model field that contradicts the checkpoint is refused."""
+
     no_load_optim: bool = False
     """On resume, start the optimizer fresh: load weights, LR schedule, data position (Megatron-LM's flag)."""
 
