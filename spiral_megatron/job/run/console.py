@@ -21,7 +21,10 @@ from typing import List, Optional, Tuple
 # `load(no_dist=True)` (every rank reads it whole, as intended), `load`'s argument order, and
 # the ShardedTensor deprecation (megatron-core's own checkpoint format uses them); and torch's
 # note when modelopt serializes a quantizer's extra state at a save (`torch.frombuffer` of the
-# bytes of its torch.save, only read).
+# bytes of its torch.save, only read); torch 2.13's deprecation of the two collectives
+# Megatron's distributed optimizer calls (the calls are Megatron's; they work as before); and
+# torch's note when that optimizer's zero_grad reads `.grad` of its fp32 shards, which are views
+# (megatron/core/optimizer/distrib_optimizer.py marks the line "throws grad-access warning").
 HARMLESS = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
@@ -31,6 +34,9 @@ HARMLESS = (
     "The argument order of load has been changed",
     "we are deprecating ShardedTensor",
     "The given buffer is not writable",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 # [ours] Model Optimizer's notes that hold in a tool's one process (tools/*.py read any layout
 # into one process), not in a torchrun job, where they are shown: the TP sync of a padded INT4
@@ -48,6 +54,10 @@ HARMLESS_LOGS = {
     "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
     # megatron-core 0.19 reading the common.pt of a 0.16 checkpoint (docs/CHECKPOINTS.md: supported)
     "megatron.core.dist_checkpointing.strategies.common": "load_common is deprecated",
+    # megatron-core 0.19's DDP computing the distributed optimizer's parameter layout itself, with
+    # the function and arguments its callers would (DistributedOptimizer.compute_full_param_layout;
+    # kept for callers such as this job, which also runs on 0.16, where DDP takes no layout)
+    "megatron.core.distributed.distributed_data_parallel": "full_param_layout not provided",
 }
 WARNINGS_LOG = "warnings.log"
 CONFIG_FILE = "config.yaml"
