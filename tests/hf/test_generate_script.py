@@ -1,0 +1,50 @@
+"""examples/generate.py: several prompts as one left-padded batch, beam search and sampling
+through its options, against transformers' generate on each prompt alone without a cache."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("generate_example", ROOT / "examples" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("options", [[], ["--num-beams", "3", "--num-return-sequences", "2"],
+                                     ["--do-sample", "--temperature", "0.7", "--top-p", "0.9"]])
+def test_a_batch_of_prompts_generates_what_each_prompt_alone_does_without_a_cache(folder, options):
+    gen = script()
+    args = gen.parse_args(["--model", str(folder), "--prompt", "ab", "a longer prompt", "--max-new-tokens", "6",
+                           *options])
+    tokenizer, model = gen.load(args.model)
+    torch.manual_seed(0)
+    batch = gen.generate(tokenizer, model, args.prompt, **gen.generation_kwargs(args))
+    alone = []
+    for prompt in args.prompt:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        kwargs = dict(gen.generation_kwargs(args), use_cache=False)
+        if args.do_sample:  # the batch's draws: one prompt's rows come from the batch's random stream
+            continue
+        out = model.generate(ids, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        alone += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    assert len(batch) == len(args.prompt) * args.num_return_sequences
+    if not args.do_sample:
+        assert batch == alone
+    else:  # sampling: the same seed gives the same batch, another seed another
+        torch.manual_seed(0)
+        assert gen.generate(tokenizer, model, args.prompt, **gen.generation_kwargs(args)) == batch
+        torch.manual_seed(1)
+        assert gen.generate(tokenizer, model, args.prompt, **gen.generation_kwargs(args)) != batch
+
+
+def test_a_combination_transformers_refuses_is_one_line(folder, capsys):
+    assert script().main(["--model", str(folder), "--num-return-sequences", "3", "--max-new-tokens", "2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("generate.py: error: ") and "num_return_sequences" in last
