@@ -133,6 +133,11 @@ def test_sample_based_training_as_megatron_lm(tmp_path):
      "lr_warmup_fraction 0.1 and lr_warmup_samples 64 exclude each other"),
     (["--train-samples", "800", "--lr-warmup-samples", "700", "--lr-decay-samples", "640"],
      "lr_warmup_samples 700 must be >= 0 and below lr_decay_samples (or train_samples) 640"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 both set precision ('bf16', 'fp16'): pass one"),
+    (["--tensor-parallel", "1", "--tensor-model-parallel-size", "2"],
+     "--tensor-parallel and --tensor-model-parallel-size both set tensor_parallel (1, 2): pass one"),
+    (["--swiglu", "--model.activation_func", "gelu"],
+     "--swiglu and --model.activation_func both set model.activation_func ('silu', 'gelu')"),
 ])
 def test_one_line_errors(argv, message):
     with pytest.raises(ConfigError) as e:

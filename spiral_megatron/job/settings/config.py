@@ -21,12 +21,13 @@ from spiral_megatron.job.settings.keys import (  # noqa: F401 (the names callers
 
 def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
     """`cfg` with `overrides` applied; `model.<field>` keys go into the model mapping."""
-    values, needs = cfg.to_dict(), {}
+    values, needs, setters = cfg.to_dict(), {}, {}
     for raw_key, raw_value in overrides.items():
         pairs = cli.canonical(raw_key, raw_value, FIELDS)
         if not pairs:
             raise ConfigError(cli.unknown_key_message(raw_key, raw_value, FIELDS))
         for key, value in pairs:
+            _check_one_value(setters, key, raw_key, value)
             if key is None:  # a Megatron-LM flag for what the job always does (cli.FIXED)
                 if value is not None:
                     needs[raw_key] = value
@@ -44,6 +45,17 @@ def apply(cfg: TrainingConfig, overrides: Dict[str, Any]) -> TrainingConfig:
         if not (values["model"].get(field) if field else values[key]):
             raise ConfigError(f"--{raw_key} needs --{(field or key).replace('_', '-')} ({why})")
     return TrainingConfig(**values)
+
+
+def _check_one_value(setters: Dict[str, Any], key: Optional[str], raw_key: str, value: Any) -> None:
+    """Refuse two flags that set one key to different values (`--bf16 --fp16`, `--tensor-parallel 2
+    --tensor-model-parallel-size 4`), as Megatron-LM asserts for its precisions, rather than
+    keep the last. `setters`: key -> (flag, value) so far."""
+    if key is None:
+        return
+    first = setters.setdefault(key, (raw_key, value))
+    if first[0] != raw_key and first[1] != value:
+        raise ConfigError(f"--{first[0]} and --{raw_key} both set {key} ({first[1]!r}, {value!r}): pass one")
 
 
 def given(overrides: Dict[str, Any]) -> set:
