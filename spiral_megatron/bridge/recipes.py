@@ -106,6 +106,7 @@ JOB_TO_BRIDGE = {
     "check_for_spiky_loss": "rerun_state_machine.check_for_spiky_loss",
     "tensorboard_dir": "logger.tensorboard_dir",
     "backend": "dist.distributed_backend",
+    "distributed_timeout_minutes": "dist.distributed_timeout_minutes",
     "num_workers": "dataset.num_workers",
 }
 # Job keys with no Bridge field: the job's own console, checks and files; use_checkpoint_args
@@ -159,7 +160,8 @@ def container(job: Resolved) -> ConfigContainer:
             load_rng=not keys.no_load_rng, dist_ckpt_optim_fully_reshardable=keys.dist_ckpt_optim_fully_reshardable),
         rng=RNGConfig(seed=keys.seed),
         rerun_state_machine=RerunStateMachineConfig(check_for_spiky_loss=keys.check_for_spiky_loss),
-        dist=DistributedInitConfig(distributed_backend=_backend(job)),
+        dist=DistributedInitConfig(distributed_backend=_backend(job),
+                                   distributed_timeout_minutes=keys.distributed_timeout_minutes),
         mixed_precision=_mixed_precision(job),
     )
 

@@ -6,6 +6,7 @@ NCCL on GPUs; gloo plus the CPU path (`cuda_on_cpu`) where CUDA is absent. Works
 
 import os
 import socket
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -39,13 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_on_a_free_port(backend: str, attempts: int = 5) -> None:
+def _init_on_a_free_port(backend: str, timeout: Optional[timedelta], attempts: int = 5) -> None:
     """A single process's own rendezvous. A port found free can be taken by another program
     before the store binds it (jobs and tests starting side by side): then another port."""
     for attempt in range(attempts):
         os.environ["MASTER_PORT"] = str(_free_port())
         try:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
             return
         except dist.DistNetworkError as e:
             if "EADDRINUSE" not in str(e) or attempt == attempts - 1:
@@ -57,13 +58,16 @@ def initialize(
     pipeline_parallel: int = 1,
     seed: int = 1234,
     backend: Optional[str] = None,
+    timeout_minutes: Optional[int] = None,
     **model_parallel_kwargs,
 ) -> None:
     """Init torch.distributed (if needed) and Megatron's parallel_state, then seed every RNG.
 
     Seeds: the CPU generator gets `seed` on every rank (Megatron's CPU initialisation builds
     full weights from it, so every layout starts from the same model); Megatron's tracker
-    gets its TP-aware seeds from `model_parallel_cuda_manual_seed`.
+    gets its TP-aware seeds from `model_parallel_cuda_manual_seed`. `timeout_minutes`: how long
+    a collective of the process group and of Megatron's groups waits (None: torch's and
+    megatron-core's defaults).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -78,10 +82,11 @@ def initialize(
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = timedelta(minutes=timeout_minutes) if timeout_minutes else None
         if own_port:
-            _init_on_a_free_port(backend)
+            _init_on_a_free_port(backend, timeout)
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(
@@ -93,6 +98,7 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        **({"distributed_timeout_minutes": timeout_minutes} if timeout_minutes else {}),
         **model_parallel_kwargs,
     )
     torch.manual_seed(seed)

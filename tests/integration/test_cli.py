@@ -133,6 +133,10 @@ def test_sample_based_training_as_megatron_lm(tmp_path):
      "lr_warmup_fraction 0.1 and lr_warmup_samples 64 exclude each other"),
     (["--train-samples", "800", "--lr-warmup-samples", "700", "--lr-decay-samples", "640"],
      "lr_warmup_samples 700 must be >= 0 and below lr_decay_samples (or train_samples) 640"),
+    (["--wandb-project", "p"], "--wandb-project 'p': Weights & Biases logging is not built: the job logs to "
+     "--tensorboard-dir and --log-json"),
+    (["--use-flash-attn"], "--use-flash-attn True: the attention kernel is --attention-backend's"),
+    (["--distributed-timeout-minutes", "0"], "distributed_timeout_minutes 0 must be > 0"),
     (["--bf16", "--fp16"], "--bf16 and --fp16 both set precision ('bf16', 'fp16'): pass one"),
     (["--tensor-parallel", "1", "--tensor-model-parallel-size", "2"],
      "--tensor-parallel and --tensor-model-parallel-size both set tensor_parallel (1, 2): pass one"),

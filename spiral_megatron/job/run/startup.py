@@ -44,7 +44,8 @@ def start(job: Resolved) -> Layout:
         checks.check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before Megatron asserts on it
     except ConfigError as e:
         raise _reported(e, by_me=os.environ.get("RANK", "0") == "0")
-    parallel.initialize(cfg.tensor_parallel, cfg.pipeline_parallel, seed=cfg.seed, backend=backend)
+    parallel.initialize(cfg.tensor_parallel, cfg.pipeline_parallel, seed=cfg.seed, backend=backend,
+                        timeout_minutes=cfg.distributed_timeout_minutes)
     dp = checks.check_world(cfg, dist.get_world_size())
     return Layout(dist.get_rank() == 0, dist.get_world_size(), dp,
                   parallel_state.get_data_parallel_rank(), on_cpu)

@@ -29,7 +29,7 @@ def check(cfg: TrainingConfig) -> None:
     """Refuse impossible keys and combinations of keys (the model's fields by name only)."""
     _positive(cfg, "tensor_parallel", "pipeline_parallel", "micro_batch_size", "global_batch_size",
               "train_iters", "train_samples", "exit_interval", "exit_duration_in_mins", "lr", "lr_decay_iters",
-              "lr_decay_samples",
+              "lr_decay_samples", "distributed_timeout_minutes",
               "log_interval", "eval_interval", "save_interval", "seq_length", "tokenizer_vocab_size",
               "make_vocab_size_divisible_by", "peak_tflops", "ddp_bucket_size", "rotary_base")
     if cfg.eval_iters < 0:

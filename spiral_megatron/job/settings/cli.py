@@ -74,8 +74,14 @@ INSTEAD: Dict[str, str] = {
                   "Face tokenizer.json (tokenizers' ByteLevelBPETokenizer(VOCAB, MERGES).save('DIR/tokenizer.json') "
                   "writes the same tokenizer)",
     "rampup_batch_size": "batch-size ramp-up is not built: train at the full --global-batch-size",
+    "use_flash_attn": "the attention kernel is --attention-backend's (auto: Transformer Engine's flash or fused "
+                      "attention where it is installed, else torch's scaled_dot_product_attention, which runs "
+                      "flash kernels on GPUs)",
+    "wandb_project": "Weights & Biases logging is not built: the job logs to --tensorboard-dir and --log-json "
+                     "(one JSON line per logged step)",
 }
 INSTEAD["merge_file"] = INSTEAD["vocab_file"]
+INSTEAD["wandb_exp_name"] = INSTEAD["wandb_save_dir"] = INSTEAD["wandb_project"]
 
 # Help sections: (title, keys); every TrainingConfig key is in exactly one (a test checks).
 GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
@@ -90,7 +96,8 @@ GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
                   "loss_scale_window", "hysteresis", "fp8", "fp8_recipe", "seed",
                   "check_for_spiky_loss", "check_for_large_grads")),
     ("parallelism", ("tensor_parallel", "pipeline_parallel", "sequence_parallel",
-                     "use_distributed_optimizer", "ddp_bucket_size", "backend", "check_memory")),
+                     "use_distributed_optimizer", "ddp_bucket_size", "backend", "distributed_timeout_minutes",
+                     "check_memory")),
     ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
                        "use_checkpoint_opt_param_scheduler", "finetune", "use_checkpoint_args", "no_load_optim",
                        "no_load_rng", "dist_ckpt_optim_fully_reshardable")),

@@ -251,6 +251,10 @@ class TrainingConfig:
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl"."""
 
+    distributed_timeout_minutes: int = 10
+    """How long a collective waits for the other ranks before the job fails, for the process group
+    and Megatron's groups (Megatron-LM's flag and default)."""
+
     num_workers: int = 2
     """Data loader processes per rank that prepare batches off the training thread, into pinned
     memory on GPUs (Megatron-LM's --num-workers); 0 = in the training thread."""
