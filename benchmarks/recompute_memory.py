@@ -13,6 +13,16 @@ import argparse
 
 import torch
 
+import contextlib
+
+from spiral_megatron.job.run.console import quiet_tool
+
+# Megatron's known-harmless import warnings held from here and counted in one line at the end (as
+# the tools do), when run as a script.
+QUIET = contextlib.ExitStack()
+if __name__ == "__main__":
+    QUIET.enter_context(quiet_tool("recompute_memory"))
+
 from spiral_megatron import SpiralConfig, SpiralGPTModel, parallel
 from spiral_megatron.model.activation_memory import saved_for_backward
 
@@ -69,4 +79,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with QUIET:
+        main()

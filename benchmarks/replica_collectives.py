@@ -13,6 +13,16 @@ import argparse
 
 import torch
 
+import contextlib
+
+from spiral_megatron.job.run.console import quiet_tool
+
+# Megatron's known-harmless import warnings held from here and counted in one line at the end (as
+# the tools do), when run as a script.
+QUIET = contextlib.ExitStack()
+if __name__ == "__main__":
+    QUIET.enter_context(quiet_tool("replica_collectives"))
+
 from spiral_megatron.config import flavors
 from spiral_megatron import parallel
 from spiral_megatron.parallel import pipeline_plan
@@ -70,4 +80,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with QUIET:
+        main()

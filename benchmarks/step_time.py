@@ -24,6 +24,16 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import contextlib
+
+from spiral_megatron.job.run.console import quiet_tool
+
+# Megatron's known-harmless import warnings held from here and counted in one line at the end (as
+# the tools do), when run as a script.
+QUIET = contextlib.ExitStack()
+if __name__ == "__main__":
+    QUIET.enter_context(quiet_tool("step_time"))
+
 from spiral_megatron import SpiralConfig, SpiralGPTModel, parallel
 from spiral_megatron.config import flavors, flops
 from spiral_megatron.model.activation_memory import saved_for_backward
@@ -148,4 +158,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with QUIET:
+        main()
