@@ -5,7 +5,8 @@ r"""Text -> Megatron indexed dataset (.bin/.idx) for pretrain_spiral.py. Nothing
         [--workers 8] [--force]
 
 JSONL files give one document per line (text under --json-keys); other files are one document
-each. Without --tokenizer-model a byte-level BPE is trained on the input and saved next to the
+each. A folder stands for every file under it, a quoted pattern ('src/**/*.py') for the files it
+matches, in sorted order. Without --tokenizer-model a byte-level BPE is trained on the input and saved next to the
 data (<output-prefix>_tokenizer/), where the training job finds it. PREFIX.meta.json records
 which tokenizer made the data; the job refuses another. Train with: --data-path <output-prefix>
 (and --tokenizer-model DIR for data made with a given tokenizer).
@@ -17,7 +18,8 @@ import sys
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="JSONL or plain text files")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL or plain text files, folders (every file under them) or quoted patterns ('src/**/*.py')")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer",
                    help="a tokenizer.json or a folder holding one (Megatron-LM's name; --tokenizer is an alias)")

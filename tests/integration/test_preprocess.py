@@ -97,3 +97,30 @@ def test_workers_write_the_bytes_one_process_writes(tmp_path):
     for bad in (["--tokenizer-type", "GPT2BPETokenizer"], ["--workers", "0"]):
         with pytest.raises(SystemExit):
             preprocess_data.parse_args(base + bad)
+
+
+def test_a_folder_or_a_quoted_pattern_is_its_files_and_a_binary_file_is_named(tmp_path):
+    """A folder is every file under it (hidden ones skipped), a pattern the files it matches,
+    both sorted: the same bytes as the files named one by one."""
+    from spiral_megatron.job.data.preprocess import input_files, preprocess
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / ".hidden").mkdir()
+    for name, text in (("b.py", "def b(): pass\n"), ("a.txt", "alpha beta\n"), ("sub/c.py", "import os\n"),
+                       (".hidden/d.py", "secret\n"), (".e.py", "hidden too\n")):
+        (src / name).write_text(text)
+    assert input_files([src]) == [src / "a.txt", src / "b.py", src / "sub" / "c.py"]
+    assert input_files([f"{src}/**/*.py"]) == [src / "b.py", src / "sub" / "c.py"]
+    named = [str(src / "a.txt"), str(src / "b.py"), str(src / "sub" / "c.py")]
+    tok = preprocess(named, str(tmp_path / "named"), vocab_size=300)
+    preprocess([str(src)], str(tmp_path / "folder"), tokenizer=str(tmp_path / "named_tokenizer"))
+    assert tok.vocab_size <= 300
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"folder{suffix}").read_bytes() == (tmp_path / f"named{suffix}").read_bytes()
+    for bad, message in ((f"{src}/*.rs", "matches no file"), (str(tmp_path / "none"), "does not exist")):
+        with pytest.raises(FileNotFoundError, match=message):
+            input_files([bad])
+    (src / "sub" / "x.pyc").write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(ValueError, match=r"x.pyc' is not UTF-8 text \(byte 1\)"):
+        preprocess([str(src)], str(tmp_path / "binary"), vocab_size=300)

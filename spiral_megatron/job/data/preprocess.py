@@ -15,6 +15,7 @@ depend on their number.
 import json
 import multiprocessing
 import os
+import glob
 import shutil
 import sys
 import time
@@ -26,26 +27,58 @@ import numpy
 from spiral_megatron.job.data.tokenizer import Tokenizer
 
 
+def input_files(inputs: Sequence[str]) -> List[Path]:
+    """The files `inputs` name, in order: a file, itself; a folder, every file under it (sorted,
+    hidden ones skipped); a pattern with * ? or [ that the shell left alone (quoted), the files it
+    matches (sorted; ** goes into subfolders). Anything else is a FileNotFoundError naming it."""
+    files: List[Path] = []
+    for name in map(str, inputs):
+        path = Path(name)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif any(c in name for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(name, recursive=True) if Path(p).is_file())
+        else:
+            raise FileNotFoundError(f"input {name!r} does not exist")
+        if not found:
+            raise FileNotFoundError(f"input {name!r} {'holds' if path.is_dir() else 'matches'} no file")
+        files += found
+    return files
+
+
 def read_documents(paths: Sequence[Path], text_key: str = "text") -> Iterator[str]:
-    """Documents of JSONL (`*.jsonl`, `*.json`) and plain text files, in the given order."""
+    """Documents of JSONL (`*.jsonl`, `*.json`) and plain text files, in the given order; a
+    file that is not UTF-8 text is a ValueError naming it."""
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"input {str(path)!r} does not exist")
-        if path.suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            record = json.loads(line)
-                        except ValueError as e:
-                            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                        text = record.get(text_key) if isinstance(record, dict) else None
-                        if not isinstance(text, str):
-                            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                            raise ValueError(f"{path}:{n}: no text under key {text_key!r} (the record holds: {keys})")
-                        yield text
-        else:
-            yield path.read_text(encoding="utf-8")
+        try:
+            yield from _documents(path, text_key)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"input {str(path)!r} is not UTF-8 text (byte {e.start}): pass text or JSONL files "
+                             "(a quoted pattern such as 'src/**/*.py' picks them out of a folder)") from None
+
+
+def _documents(path: Path, text_key: str) -> Iterator[str]:
+    """The documents of one file (see read_documents)."""
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError as e:
+                        raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                    text = record.get(text_key) if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                        raise ValueError(f"{path}:{n}: no text under key {text_key!r} (the record holds: {keys})")
+                    yield text
+    else:
+        yield path.read_text(encoding="utf-8")
 
 
 def token_dtype(vocab_size: int):
@@ -160,9 +193,10 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[st
     A trained tokenizer is saved to `save_tokenizer` (default: `<output_prefix>_tokenizer/`),
     renamed into place after the dataset is complete. Existing outputs are refused unless `force`.
     """
-    for path in map(Path, inputs):  # a missing input first: it matters more than existing outputs
-        if not path.is_file():
-            raise FileNotFoundError(f"input {str(path)!r} does not exist")
+    named = list(map(str, inputs))
+    inputs = input_files(named)  # a missing input first: it matters more than existing outputs
+    if len(inputs) != len(named):
+        print(f"input: {len(inputs)} files from {', '.join(named)}", flush=True)
     folder = None if tokenizer is not None else Path(save_tokenizer or f"{output_prefix}_tokenizer")
     outputs = [Path(f"{output_prefix}.bin"), Path(f"{output_prefix}.idx")] + ([folder] if folder else [])
     existing = [str(p) for p in outputs if p.exists()]
