@@ -22,18 +22,21 @@ def token_documents(paths: Sequence[str], tokenizer=None, text_key: str = "text"
     """Token ids per document, in order. Indexed prefixes are read as they are (their
     documents already end with the end-of-document id); text/JSONL files need `tokenizer`
     (spiral_megatron.job.data.tokenizer.Tokenizer) and get its eod id appended."""
-    from spiral_megatron.job.data.preprocess import read_documents, read_indexed_dataset
+    from spiral_megatron.job.data.preprocess import input_files, read_documents, read_indexed_dataset
 
     for path in paths:
         if is_indexed_prefix(path):
             yield from (np.asarray(doc, dtype=np.int64) for doc in read_indexed_dataset(str(path)))
-        elif Path(path).is_file():
-            if tokenizer is None:
-                raise ValueError(f"{path}: text and JSONL files need a tokenizer")
-            for text in read_documents([Path(path)], text_key):
-                yield np.asarray(tokenizer.encode(text) + [tokenizer.eod], dtype=np.int64)
-        else:
-            raise FileNotFoundError(f"{path!r} is neither a file nor an indexed dataset prefix (.bin/.idx)")
+            continue
+        try:
+            files = input_files([path])  # a file, a folder's files, a quoted pattern's
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path!r} is neither a file, a folder or pattern of files, nor an indexed "
+                                    "dataset prefix (.bin/.idx)") from None
+        if tokenizer is None:
+            raise ValueError(f"{path}: text and JSONL files need a tokenizer")
+        for text in read_documents(files, text_key):
+            yield np.asarray(tokenizer.encode(text) + [tokenizer.eod], dtype=np.int64)
 
 
 def sequences(documents: Iterator[np.ndarray], seq_length: int, max_sequences: Optional[int] = None) -> torch.Tensor:

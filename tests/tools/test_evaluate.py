@@ -55,6 +55,12 @@ def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus,
     assert evaluate_tool.main(["--model", str(hf_folder), "--data", prefix, "--seq-length", "20",
                                "--out", str(tmp_path / "i.json")]) == 0
     assert json.loads((tmp_path / "i.json").read_text())["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    # a folder holding the file, as the file
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / corpus.name).write_bytes(corpus.read_bytes())
+    assert evaluate_tool.main(["--model", str(hf_folder), *common[2:], "--data", str(tmp_path / "held"),
+                               "--out", str(tmp_path / "f.json")]) == 0
+    assert json.loads((tmp_path / "f.json").read_text())["loss"] == b["loss"]
 
 
 def test_evaluate_errors(hf_folder, tmp_path, capsys):
