@@ -107,3 +107,25 @@ def test_a_tokenizer_of_another_vocabulary_than_the_resolved_one_is_refused():
     with pytest.raises(ConfigError, match="tokenizer_vocab_size 100: the tokenizer 'None' has 257 tokens"):
         datasets.check(settings, source, bpe)
     datasets.check(settings, source, Vocab(100))  # mock data: nothing to read, the size agrees
+
+
+def test_a_data_path_that_is_no_dataset_prefix_says_what_to_pass(tmp_path):
+    """A text file, a prefix with its .bin, a folder of datasets, an empty folder: each named
+    with what to pass instead (the commands it shows work as written: tests/integration/test_preprocess.py)."""
+    from spiral_megatron.job.data.dataset_check import not_a_dataset
+
+    (tmp_path / "d.bin").write_bytes(b"")
+    (tmp_path / "d.idx").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("text\n")
+    (tmp_path / "empty").mkdir()
+    d, notes = str(tmp_path / "d"), str(tmp_path / "notes.txt")
+    assert not_a_dataset("data_path", d) is None
+    assert not_a_dataset("data_path", d + ".bin") == f"data_path '{d}.bin': pass the dataset's prefix, without .bin: '{d}'"
+    assert not_a_dataset("train_data_path", notes) == (
+        f"train_data_path '{notes}' is a text file, not a Megatron dataset (PREFIX.bin + PREFIX.idx): make one with "
+        f"`python tools/preprocess_data.py --input {notes} --output-prefix data/notes`, then pass --train-data-path "
+        "data/notes")
+    assert not_a_dataset("data_path", str(tmp_path)) == (f"data_path '{tmp_path}' is a folder: pass a dataset prefix "
+                                                         f"in it ({d}), or a blend")
+    assert "is a folder holding no Megatron dataset" in not_a_dataset("data_path", str(tmp_path / "empty"))
+    assert not_a_dataset("data_path", d + "x") == f"data_path: '{d}x.bin' does not exist (make it with tools/preprocess_data.py)"

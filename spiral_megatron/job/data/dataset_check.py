@@ -77,6 +77,27 @@ def check_tokenizer(prefix: str, tokenizer) -> None:
             f"with tools/preprocess_data.py --tokenizer-model {getattr(tokenizer, 'path', None) or 'FOLDER'}")
 
 
+def not_a_dataset(key: str, prefix: str) -> Optional[str]:
+    """Why `prefix` (of data key `key`) is not a Megatron dataset prefix (PREFIX.bin and
+    PREFIX.idx), saying what to pass instead; None when it is one."""
+    missing = [prefix + ext for ext in (".bin", ".idx") if not Path(prefix + ext).is_file()]
+    if not missing:
+        return None
+    path = Path(prefix)
+    make = (f"make one with `python tools/preprocess_data.py --input {prefix} --output-prefix data/{path.stem or 'mine'}`,"
+            f" then pass --{key.replace('_', '-')} data/{path.stem or 'mine'}")
+    if path.suffix in (".bin", ".idx") and not not_a_dataset(key, prefix[: -len(path.suffix)]):
+        return f"{key} {prefix!r}: pass the dataset's prefix, without {path.suffix}: {prefix[: -len(path.suffix)]!r}"
+    if path.is_file():
+        return f"{key} {prefix!r} is a text file, not a Megatron dataset (PREFIX.bin + PREFIX.idx): {make}"
+    if path.is_dir():
+        inside = sorted(str(p.with_suffix("")) for p in path.glob("*.idx") if p.with_suffix(".bin").is_file())
+        if inside:
+            return f"{key} {prefix!r} is a folder: pass a dataset prefix in it ({', '.join(inside[:4])}), or a blend"
+        return f"{key} {prefix!r} is a folder holding no Megatron dataset (PREFIX.bin + PREFIX.idx): {make}"
+    return f"{key}: {missing[0]!r} does not exist (make it with tools/preprocess_data.py)"
+
+
 def open_corpus(prefix: str, tokenizer) -> Corpus:
     """Read `prefix`.idx/.bin; ConfigError naming the file when either is not a whole dataset or
     does not fit `tokenizer` (the run's: its `vocab_size`, digest and path where known; None
@@ -84,9 +105,9 @@ def open_corpus(prefix: str, tokenizer) -> Corpus:
     from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
     idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
-    for path in (bin_, idx):
-        if not path.is_file():
-            raise ConfigError(f"data_path: {str(path)!r} does not exist (make it with tools/preprocess_data.py)")
+    why = not_a_dataset("data_path", prefix)
+    if why:
+        raise ConfigError(why)
     if bin_.stat().st_size == 0:
         raise ConfigError(f"data_path {prefix!r} holds no tokens ({str(bin_)!r} is empty)")
     with open(idx, "rb") as f:

@@ -49,17 +49,19 @@ def resolve(cfg: DataSettings, build_default: bool) -> DataSource:
 
     tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else None
     if cfg.data_path or cfg.train_data_path:
+        from spiral_megatron.job.data.dataset_check import not_a_dataset
+
         if cfg.data_path:
             train = valid = _blend("data_path", list(cfg.data_path))
         else:
             train = _blend("train_data_path", list(cfg.train_data_path))
             valid = _blend("valid_data_path", list(cfg.valid_data_path)) if cfg.valid_data_path else None
-        for blend in (train, valid):
+        keys = ("data_path", "data_path") if cfg.data_path else ("train_data_path", "valid_data_path")
+        for key, blend in zip(keys, (train, valid)):
             for prefix in blend[0] if blend else ():
-                for ext in (".bin", ".idx"):
-                    if not Path(prefix + ext).is_file():
-                        raise ConfigError(f"data_path: {prefix + ext!r} does not exist "
-                                          "(make it with tools/preprocess_data.py)")
+                why = not_a_dataset(key, prefix)
+                if why:
+                    raise ConfigError(why)
         if tokenizer is None:
             raise ConfigError(f"data_path {list(cfg.data_path or cfg.train_data_path)} needs a tokenizer "
                               "(the one the data was made with): --tokenizer FOLDER")
