@@ -12,7 +12,7 @@ from spiral_megatron.job.data.preprocess import write_indexed_dataset
 class Ids:
     """A stand-in tokenizer: text is a space-separated list of ids."""
 
-    eod, vocab_size = 0, 100
+    eod, vocab_size, unique_identifiers = 0, 100, {"class": "Ids"}
 
     def encode(self, text):
         return [int(t) for t in text.split()]
@@ -129,3 +129,26 @@ def test_a_data_path_that_is_no_dataset_prefix_says_what_to_pass(tmp_path):
                                                          f"in it ({d}), or a blend")
     assert "is a folder holding no Megatron dataset" in not_a_dataset("data_path", str(tmp_path / "empty"))
     assert not_a_dataset("data_path", d + "x") == f"data_path: '{d}x.bin' does not exist (make it with tools/preprocess_data.py)"
+
+
+@pytest.mark.parametrize("train_samples", [3, 40, 400])
+def test_epochs_are_megatrons(tmp_path, train_samples):
+    """The job's count of how often a run reads its train split, against the epochs of the
+    document index Megatron's GPTDataset builds for that run (its whole number of epochs)."""
+    import math
+
+    from spiral_megatron.job.data import datasets
+    from spiral_megatron.job.data.data_settings import DataSettings
+    from spiral_megatron.job.data.dataset_check import epochs
+
+    prefix = dataset(tmp_path, [[5 + i % 7] * (20 + 9 * i) for i in range(10)])
+    settings = DataSettings(data_path=(prefix,), train_data_path=None, valid_data_path=None, mock_data=False,
+                            split="8,2,0", tokenizer=None, vocab_size=100, cache_dir=str(tmp_path / "cache"),
+                            seq_length=16, seed=1, valid_seed=2, evaluate=False, train_samples=train_samples,
+                            valid_samples=1)
+    source = datasets.DataSource(train=([prefix], None), valid=([prefix], None), split="8,2,0", whole=False,
+                                 tokenizer_path=None)
+    built = datasets._build(settings, source, Ids(), "8,2,0", 0, train_samples, 1)
+    megatron_epochs = len(built.document_index) // len(built.indices)
+    (times,) = epochs([open_corpus(prefix, Vocab(100))], None, "8,2,0", train_samples, 16)
+    assert math.ceil(times) == megatron_epochs and (times > 1) == (megatron_epochs > 1)

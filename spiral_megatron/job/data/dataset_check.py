@@ -193,6 +193,24 @@ def _advice(corpora: Sequence[Corpus], sample_tokens: int) -> str:
             "lower --seq-length, or give a separate --valid-data-path")
 
 
+def epochs(corpora: Sequence[Corpus], weights: Optional[Sequence[float]], split: Optional[str],
+           num_samples: int, seq_length: int) -> List[float]:
+    """How many times a run of `num_samples` train samples reads each corpus's train split (the
+    whole corpus for `split` None), as Megatron's GPTDataset counts: the tokens it asks for,
+    samples x seq_length + 1, over the split's tokens. A blend asks each part for its weight's
+    share plus Megatron's 0.5% surplus (BlendedMegatronDatasetBuilder)."""
+    if weights is not None and len(corpora) > 1:
+        total = sum(weights)
+        asked = [math.ceil(math.ceil(num_samples * w / total) * 1.005) for w in weights]
+    else:
+        asked = [num_samples] * len(corpora)
+    out = []
+    for c, n in zip(corpora, asked):
+        beg, end = split_ranges(c.lengths.size, parse_split(split))[0] if split else (0, c.lengths.size)
+        out.append((n * seq_length + 1) / max(int(c.lengths[beg:end].sum()), 1))
+    return out
+
+
 def choose_split(corpora: Sequence[Corpus], split: Optional[str], needed: Sequence[str],
                  sample_tokens: int) -> Tuple[str, Optional[str]]:
     """(the split to use, a line saying why when it is not the one asked for). `split` None is

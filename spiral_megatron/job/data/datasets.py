@@ -104,17 +104,31 @@ def check(cfg: DataSettings, source: DataSource, tokenizer) -> str:
                           f"{tokenizer.vocab_size}")
     seq_length = cfg.seq_length
     split = source.split or dataset_check.DEFAULT_SPLIT
+    train = None  # the train blend's corpora
     if source.whole:
         for name, blend in (("train", source.train), ("valid", source.valid)):
             if name in cfg.needed():
                 corpora = [dataset_check.open_corpus(p, tokenizer) for p in blend[0]]
                 dataset_check.check_splits(corpora, None, [name], seq_length + 1)
+                train = corpora if name == "train" else train
     elif source.train is not None:
-        corpora = [dataset_check.open_corpus(p, tokenizer) for p in source.train[0]]
-        split, note = dataset_check.choose_split(corpora, source.split, list(cfg.needed()), seq_length + 1)
-        if note and (not dist.is_initialized() or dist.get_rank() == 0):
-            print(note, flush=True)
+        train = [dataset_check.open_corpus(p, tokenizer) for p in source.train[0]]
+        split, note = dataset_check.choose_split(train, source.split, list(cfg.needed()), seq_length + 1)
+        _say(note)
+    if train:
+        times = dataset_check.epochs(train, source.train[1], None if source.whole else split, cfg.train_samples,
+                                     seq_length)
+        if max(times) > 1:
+            parts = f" ({', '.join(f'{c.prefix} {t:.1f}' for c, t in zip(train, times))})" if len(train) > 1 else ""
+            _say(f"epochs: this run reads its train split {max(times):.1f} times{parts}: Megatron repeats the data, "
+                 "reshuffled each epoch")
     return split
+
+
+def _say(line: Optional[str]) -> None:
+    """Print `line` once (rank 0)."""
+    if line and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(line, flush=True)
 
 
 def build_datasets(cfg: DataSettings, source: DataSource, tokenizer, split: str):
