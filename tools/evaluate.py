@@ -44,8 +44,6 @@ def main(argv=None) -> int:
 def _run(argv) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    import torch
-
     from spiral_megatron.analysis import evaluate, models
 
     try:

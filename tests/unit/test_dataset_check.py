@@ -1,6 +1,5 @@
 """dataset_check: damaged, empty and too-small indexed datasets are refused in one line."""
 
-import numpy as np
 import pytest
 
 from spiral_megatron.job.settings.config import ConfigError
@@ -86,8 +85,8 @@ def test_data_of_another_tokenizer_is_refused_by_name(tmp_path):
     mine, other = Tokenizer.load(tmp_path / "a_tokenizer"), Tokenizer.load(tmp_path / "b_tokenizer")
     assert mine.vocab_size == other.vocab_size
     assert open_corpus(str(tmp_path / "a"), mine).lengths.size == 1
-    with pytest.raises(ConfigError, match=rf"data_path '.*b' was made with the tokenizer '.*b_tokenizer' \(270 tokens, "
-                                          rf"sha256 \w+\), not this run's '.*a_tokenizer' .* pass --tokenizer-model .*b_tokenizer"):
+    with pytest.raises(ConfigError, match=r"data_path '.*b' was made with the tokenizer '.*b_tokenizer' \(270 tokens, "
+                                          r"sha256 \w+\), not this run's '.*a_tokenizer' .* pass --tokenizer-model .*b_tokenizer"):
         open_corpus(str(tmp_path / "b"), mine)
     preprocess([str(texts[1])], str(tmp_path / "b"), tokenizer=str(tmp_path / "a_tokenizer"), force=True)
     assert open_corpus(str(tmp_path / "b"), mine).lengths.size == 1  # remade with the run's: accepted
