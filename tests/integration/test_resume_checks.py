@@ -63,7 +63,7 @@ def test_use_checkpoint_args_takes_the_checkpoints_model_and_refuses_a_contradic
     saved = ModelArgs.load(ckpt / "iter_0000004" / "model_args.json")
     other = tmp_path / "other.yaml"
     other.write_text("model: {flavor: debug, hidden_size: 32, num_attention_heads: 2, chunk_sizes: '4,1'}\n"
-                     "seq_length: 64\nrotary_base: 500\nmock_data: true\n")
+                     "seq_length: 64\nrotary_base: 500\nmock_data: true\nmake_vocab_size_divisible_by: 1000\n")
     argv = ["--config", other, "--load", ckpt, "--save", tmp_path / "new", "--finetune"]
     plain = checkpoint_args.resolve(list(map(str, argv)))
     assert architecture_differences(saved, plain.model_args, weights_only=False)  # the config's model
@@ -71,6 +71,8 @@ def test_use_checkpoint_args_takes_the_checkpoints_model_and_refuses_a_contradic
     assert architecture_differences(saved, job.model_args, weights_only=False) == []
     assert job.model_args == saved and job.seq_length == saved.max_sequence_length == 128
     assert checkpoint_args.resolve(list(map(str, argv + ["--use-checkpoint-args", "--seq-length", 32]))).seq_length == 32
+    tp2 = checkpoint_args.resolve(list(map(str, argv + ["--use-checkpoint-args", "--tensor-parallel", 2])))
+    assert tp2.padded_vocab_size == saved.vocab_size == 512  # the embedding rows at another TP size
     agreeing = ["--use-checkpoint-args", "--model.chunk_sizes", "8,4,2,1", "--hidden-size", 64]
     assert checkpoint_args.resolve(list(map(str, argv + agreeing))).model_args == saved
     for extra, named in ((["--model.hidden_size", 48], "--model.hidden_size 48 (the checkpoint's: 64)"),

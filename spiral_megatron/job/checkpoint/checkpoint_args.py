@@ -4,7 +4,9 @@ Fine-tuning a converted model (tools/convert_from_hf.py) or another run's checkp
 architecture. With `use_checkpoint_args` the model the checkpoint recorded (model_args.json:
 every field of its function, the activation, its rotary settings) replaces the flavor's and
 the config file's, as Megatron-LM's `load_args_from_checkpoint` forces them; its sequence
-length applies unless the command line gives one (Megatron-LM's rule for --seq-length). A
+length applies unless the command line gives one (Megatron-LM's rule for --seq-length), and
+its embedding rows (padded vocabulary) through make_vocab_size_divisible_by, which another TP
+size would otherwise pad differently. A
 command-line value that contradicts the checkpoint is refused, where Megatron-LM drops it.
 The job then resolves these keys as any others (job/settings/resolve.py), and the resume
 check compares the result with the checkpoint as usual.
@@ -50,6 +52,9 @@ def apply(keys: TrainingConfig, given: Collection[str]) -> TrainingConfig:
     recorded_keys = {"rotary_base": args.rotary_base, "rotary_percent": args.rotary_percent}
     if "seq_length" not in given:
         recorded_keys["seq_length"] = args.max_sequence_length
+    if "make_vocab_size_divisible_by" not in given and args.vocab_size % keys.tensor_parallel == 0:
+        # the checkpoint's embedding rows at this TP (Megatron-LM takes its padded_vocab_size)
+        recorded_keys["make_vocab_size_divisible_by"] = args.vocab_size // keys.tensor_parallel
     clashes = [f"--{k.replace('_', '-')} {getattr(keys, k)!r} (the checkpoint's: {v!r})"
                for k, v in recorded_keys.items() if k in given and not _same(getattr(keys, k), v)]
     clashes += [f"--model.{k} {keys.model[k]!r} (the checkpoint's: {v!r})" for k, v in recorded.items()

@@ -209,7 +209,8 @@ class TrainingConfig:
 
     use_checkpoint_args: bool = False
     """Take the model from the --load checkpoint (its model_args.json: every field of the model's
-    function, its rotary settings, and its sequence length unless --seq-length is given), as
+    function, its rotary settings and embedding rows, and its sequence length unless --seq-length
+    is given), as
     Megatron-LM's flag does: to fine-tune a converted model without restating its shape. A
     command-line model field that contradicts the checkpoint is refused."""
 
