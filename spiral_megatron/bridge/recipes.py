@@ -108,6 +108,16 @@ JOB_TO_BRIDGE = {
     "backend": "dist.distributed_backend",
     "distributed_timeout_minutes": "dist.distributed_timeout_minutes",
     "num_workers": "dataset.num_workers",
+    "eod_mask_loss": "dataset.eod_mask_loss",
+    "mmap_bin_files": "dataset.mmap_bin_files",
+    "lr_warmup_init": "scheduler.lr_warmup_init",
+    "manual_gc": "train.manual_gc",
+    "manual_gc_interval": "train.manual_gc_interval",
+    "manual_gc_eval": "train.manual_gc_eval",
+    "empty_unused_memory_level": "train.empty_unused_memory_level",
+    "exit_on_missing_checkpoint": "checkpoint.exit_on_missing_checkpoint",
+    "log_params_norm": "logger.log_params_norm",
+    "log_num_zeros_in_grad": "optimizer.log_num_zeros_in_grad",
 }
 # Job keys with no Bridge field: the job's own console, checks and files; use_checkpoint_args
 # reads a job checkpoint's model_args.json, and Bridge loads no job checkpoint (docs/BRIDGE.md).
@@ -144,7 +154,9 @@ def container(job: Resolved) -> ConfigContainer:
         train=TrainingConfig(train_iters=None if keys.train_samples else keys.train_iters,
                              train_samples=keys.train_samples, global_batch_size=keys.global_batch_size,
                              micro_batch_size=keys.micro_batch_size, exit_interval=keys.exit_interval,
-                             exit_duration_in_mins=keys.exit_duration_in_mins),
+                             exit_duration_in_mins=keys.exit_duration_in_mins, manual_gc=keys.manual_gc,
+                             manual_gc_interval=keys.manual_gc_interval, manual_gc_eval=keys.manual_gc_eval,
+                             empty_unused_memory_level=keys.empty_unused_memory_level),
         validation=ValidationConfig(eval_interval=keys.eval_interval,
                                     eval_iters=keys.eval_iters if keys.eval_interval else 0),
         optimizer=_same_fields(OptimizerConfig, job.optimizer),
@@ -152,12 +164,14 @@ def container(job: Resolved) -> ConfigContainer:
         ddp=_same_fields(DistributedDataParallelConfig, job.ddp),
         dataset=_dataset(job),
         tokenizer=_tokenizer(job),
-        logger=LoggerConfig(log_interval=keys.log_interval, tensorboard_dir=keys.tensorboard_dir),
+        logger=LoggerConfig(log_interval=keys.log_interval, tensorboard_dir=keys.tensorboard_dir,
+                            log_params_norm=keys.log_params_norm),
         checkpoint=CheckpointConfig(
             save=keys.save, load=keys.save if keys.finetune or keys.load is None else keys.load,
             pretrained_checkpoint=keys.load if keys.finetune else None, save_interval=keys.save_interval,
             ckpt_format="torch_dist", async_save=keys.async_save, load_optim=not keys.no_load_optim,
-            load_rng=not keys.no_load_rng, dist_ckpt_optim_fully_reshardable=keys.dist_ckpt_optim_fully_reshardable),
+            load_rng=not keys.no_load_rng, dist_ckpt_optim_fully_reshardable=keys.dist_ckpt_optim_fully_reshardable,
+            exit_on_missing_checkpoint=keys.exit_on_missing_checkpoint),
         rng=RNGConfig(seed=keys.seed),
         rerun_state_machine=RerunStateMachineConfig(check_for_spiky_loss=keys.check_for_spiky_loss),
         dist=DistributedInitConfig(distributed_backend=_backend(job),
@@ -197,7 +211,7 @@ def _same_fields(cls, megatron_config):
 
 
 def _scheduler(job: Resolved) -> SchedulerConfig:
-    """The job's schedule (job/settings/training.py): linear warmup from 0 (a fraction of the
+    """The job's schedule (job/settings/training.py): linear warmup from lr_warmup_init (a fraction of the
     decay, so that it follows an overridden train.train_iters as the job's follows
     --train-iters, or whole steps or samples), decay over lr_decay_iters (None: train_iters, in
     both) or with train_samples over lr_decay_samples (None: train_samples), constant weight
@@ -227,7 +241,8 @@ def _dataset(job: Resolved) -> GPTDatasetConfig:
         seq_length=job.seq_length, random_seed=settings.seed, blend=None if source.whole else source.train,
         blend_per_split=[source.train, source.valid, None] if source.whole else None, split=split,
         path_to_cache=str(default_data.cache_root(settings.cache_dir) / "indices"), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, num_workers=job.keys.num_workers, dataloader_type="single")
+        reset_attention_mask=False, eod_mask_loss=settings.eod_mask_loss, mmap_bin_files=settings.mmap_bin_files,
+        num_workers=job.keys.num_workers, dataloader_type="single")
 
 
 def _with_a_test_split(split: str, source, tokenizer, seq_length: int) -> str:

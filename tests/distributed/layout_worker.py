@@ -39,6 +39,7 @@ from spiral_megatron import SpiralGPTModel
 from spiral_megatron.job.checkpoint import checkpointing, loading
 from spiral_megatron.job.build import Components, sync_params, wrap_in_ddp
 from spiral_megatron.parallel import grad_norm
+from spiral_megatron.parallel.params_norm import params_norm
 from spiral_megatron.job.settings.config import TrainingConfig
 from spiral_megatron.job.settings.training import ddp_config
 from tests.tiny import VOCAB, tiny_config
@@ -224,6 +225,7 @@ def train(case, args, save_at=None):
             result["live_optimizer"] = save(case, args, module, model, optimizer, step + 1)
     sync_params(model)  # overlap_param_gather defers the all-gather of the updated weights
     result["params"] = full_tensors(module, list(module.parameters()))
+    result["params_norm"] = params_norm(module)  # the job's --log-params-norm, over this layout's ranks
     result["token_losses"] = token_losses(model)
     if args.save_final:  # for the resharding check: loaded elsewhere at another layout
         final = Path(args.save_final) / case
@@ -256,6 +258,7 @@ def resume(case, args, root, steps: int):
         train_step(model, optimizer, args, data[step], result)
     sync_params(model)
     result["params"] = full_tensors(module, list(module.parameters()))
+    result["params_norm"] = params_norm(module)  # the job's --log-params-norm, over this layout's ranks
     if args.resume_from:  # what the checkpoint holds of the optimizer, to compare with the live state
         folder = checkpointing.iteration_dir(root, restored.iteration)
         result["saved_optimizer"] = {k: v for k, v in dist_checkpointing.load_plain_tensors(str(folder)).items()

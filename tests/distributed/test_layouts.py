@@ -118,6 +118,12 @@ def case_failures(layout: str, case: str, got: dict, want: dict) -> list:
     for step, (norm, ref_norm) in enumerate(zip(got["grad_norm"], want["grad_norm"])):
         if norm != pytest.approx(ref_norm, rel=1e-4):
             failures.append(f"{layout} {case} step {step}: grad norm {norm} vs one process {ref_norm}")
+    if "params_norm" in got:  # the job's --log-params-norm: each weight once, whatever the layout
+        plain = torch.linalg.vector_norm(torch.cat([t.flatten().double() for t in got["params"].values()])).item()
+        if got["params_norm"] != pytest.approx(plain, rel=1e-5) or got["params_norm"] != pytest.approx(
+                want["params_norm"], rel=1e-4):
+            failures.append(f"{layout} {case}: params norm {got['params_norm']} vs {plain} of its weights and "
+                            f"{want['params_norm']} in one process")
     fused_norms = got.get("fused_grad_norm")  # a resumed run logs Megatron's norm only
     for step, (fused, norm) in enumerate(zip(fused_norms or [], got["grad_norm"] if fused_norms else [], strict=True)):
         if fused != pytest.approx(norm, rel=1e-6):

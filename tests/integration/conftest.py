@@ -36,7 +36,8 @@ def reference(cache_dir, tmp_path_factory):
     Returns (folder, {iteration: logged record}, stdout); the checkpoints are in folder/ckpt.
     """
     out = tmp_path_factory.mktemp("reference")
-    proc = launch(cache_dir, *TINY, "--save", out / "ckpt", "--log-json", out / "log.jsonl")
+    proc = launch(cache_dir, *TINY, "--save", out / "ckpt", "--log-json", out / "log.jsonl", "--log-params-norm",
+                  "--log-num-zeros-in-grad")
     return out, logged(out / "log.jsonl"), proc.stdout
 
 

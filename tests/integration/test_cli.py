@@ -80,6 +80,88 @@ def test_model_fields_at_the_top_level():
     assert cfg.model["masked_softmax_fusion"] is False and cfg.model["bias_activation_fusion"] is False
 
 
+@pytest.mark.parametrize("argv, key, value", [
+    (["--norm-epsilon", "1e-6"], "model.layernorm_epsilon", 1e-6),
+    (["--apply-layernorm-1p"], "model.layernorm_zero_centered_gamma", True),
+    (["--no-bias-swiglu-fusion"], "model.bias_activation_fusion", False),
+    (["--fp8-param-gather"], "model.fp8_param", True),
+    (["--no-mmap-bin-files"], "mmap_bin_files", False),
+    (["--manual-gc", "--no-manual-gc-eval"], "manual_gc_eval", False),
+    (["--manual-gc", "--manual-gc-interval", "5"], "manual_gc_interval", 5),
+    (["--eod-mask-loss"], "eod_mask_loss", True),
+    (["--lr-warmup-init", "1e-4"], "lr_warmup_init", 1e-4),
+    (["--empty-unused-memory-level", "1"], "empty_unused_memory_level", 1),
+    (["--log-params-norm", "--log-num-zeros-in-grad"], "log_num_zeros_in_grad", True),
+    (["--exit-on-missing-checkpoint"], "exit_on_missing_checkpoint", True),
+])
+def test_more_megatron_lm_flags(argv, key, value):
+    """Flags of Megatron-LM's launch scripts, read into the key they mean (model fields unchecked
+    here: some need a GPU's Transformer Engine)."""
+    from spiral_megatron.job.settings import config
+
+    parsed = config.read(argv, DEFAULT)
+    got = parsed.model.get(key[6:]) if key.startswith("model.") else getattr(parsed, key)
+    assert got == value
+
+
+# Every flag of Megatron-LM's GPT-3 175B and Llama 3 8B FP8 pretraining scripts
+# (examples/gpt3/train_gpt3_175b_distributed.sh, examples/llama/train_llama3_8b_h100_fp8.sh),
+# with a value where it takes one.
+MEGATRON_LM_SCRIPT_FLAGS = [
+    "--num-layers 96", "--hidden-size 128", "--num-attention-heads 4", "--seq-length 128",
+    "--max-position-embeddings 2048", "--attention-backend auto", "--micro-batch-size 1", "--global-batch-size 16",
+    "--step-batch-size-schedule 0:16", "--train-iters 20", "--weight-decay 0.1", "--adam-beta1 0.9",
+    "--adam-beta2 0.95", "--init-method-std 0.006", "--clip-grad 1.0", "--fp16", "--lr 6.0e-5",
+    "--lr-decay-style cosine", "--min-lr 6.0e-6", "--lr-warmup-fraction .001", "--lr-decay-iters 20",
+    "--tensor-model-parallel-size 1", "--pipeline-model-parallel-size 1", "--data-path x", "--vocab-file v",
+    "--merge-file m", "--split 949,50,1", "--log-interval 100", "--save-interval 10000", "--eval-interval 1000",
+    "--save x", "--load x", "--eval-iters 10", "--tensorboard-dir tb",
+    "--use-mcore-models", "--ffn-hidden-size 256", "--group-query-attention", "--num-query-groups 2",
+    "--kv-channels 32", "--position-embedding-type rope", "--rotary-base 1000000", "--rotary-percent 1.0",
+    "--attention-dropout 0.0", "--hidden-dropout 0.0", "--swiglu", "--normalization RMSNorm",
+    "--apply-layernorm-1p", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+    "--train-samples 1600", "--lr-decay-samples 1600", "--lr-warmup-samples 16", "--decoupled-lr 5.0e-4",
+    "--decoupled-min-lr 4.5e-5", "--bf16", "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion",
+    "--calculate-per-token-loss", "--manual-gc", "--empty-unused-memory-level 1", "--exit-duration-in-mins 235",
+    "--fp8-format hybrid", "--fp8-amax-history-len 1024", "--fp8-amax-compute-algo max", "--fp8-param-gather",
+    "--context-parallel-size 1", "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce",
+    "--overlap-param-gather", "--mock-data", "--tokenizer-type HuggingFaceTokenizer", "--data-cache-path c",
+    "--no-create-attention-mask-in-dataloader", "--no-mmap-bin-files", "--num-workers 1",
+    "--tokenizer-model t", "--vocab-size 128256", "--log-throughput", "--profile", "--profile-step-start 4", "--profile-step-end 6",
+    "--ckpt-format torch_dist", "--distributed-timeout-minutes 60",
+]
+
+
+@pytest.mark.parametrize("flag", MEGATRON_LM_SCRIPT_FLAGS)
+def test_every_flag_of_megatron_lms_gpt_scripts_is_known(flag):
+    """Each is taken, or refused in one line that says what the job does or what to pass: none is
+    an unknown key (a launch script carried over gets an answer for every line)."""
+    from spiral_megatron.job.settings import config
+
+    raw, *value = flag[2:].split(" ", 1)
+    try:
+        pairs = cli.canonical(raw, value[0] if value else True, config.FIELDS)
+    except ConfigError as e:
+        assert "\n" not in str(e) and "unknown" not in str(e)
+        return
+    assert pairs, f"{flag} is unknown"
+
+
+def test_lr_warmup_init_starts_the_warmup():
+    """--lr-warmup-init (Megatron-LM's): Megatron's scheduler rises linearly from it to lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    job = resolve(["--lr-warmup-init", "1e-4", "--lr-warmup-iters", "4", "--lr", "1e-3", "--lr-decay-style",
+                   "constant", "--min-lr", "1e-3"], DEFAULT)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = OptimizerParamScheduler(optimizer, **dataclasses.asdict(job.schedule))
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(5):
+        scheduler.step(increment=16)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-4 + 0.9e-3 * k / 4 for k in range(5)] + [1e-3], rel=1e-12)
+
+
 def test_a_lr_warmup_iters_on_the_command_line_replaces_the_yamls_fraction():
     cfg = resolve(["--lr-warmup-iters", "3"], DEFAULT).keys
     assert (cfg.lr_warmup_iters, cfg.lr_warmup_fraction) == (3, None)
@@ -137,6 +219,13 @@ def test_sample_based_training_as_megatron_lm(tmp_path):
      "--tensorboard-dir and --log-json"),
     (["--use-flash-attn"], "--use-flash-attn True: the attention kernel is --attention-backend's"),
     (["--distributed-timeout-minutes", "0"], "distributed_timeout_minutes 0 must be > 0"),
+    (["--lr-warmup-init", "0.5"], "lr_warmup_init 0.5 must be in [0, lr 0.003]"),
+    (["--manual-gc-interval", "5"], "manual_gc_interval and manual_gc_eval mean something with manual_gc only"),
+    (["--empty-unused-memory-level", "3"], "empty_unused_memory_level 3 must be 0, 1 or 2"),
+    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 True: the job reduces gradients in fp32"),
+    (["--reset-position-ids"], "--reset-position-ids True: a sample's documents are not separated"),
+    (["--no-save-optim"], "--no-save-optim True: every checkpoint holds what resuming needs"),
+    (["--optimizer", "sgd"], "--optimizer 'sgd': the job always uses Megatron's Adam"),
     (["--bf16", "--fp16"], "--bf16 and --fp16 both set precision ('bf16', 'fp16'): pass one"),
     (["--tensor-parallel", "1", "--tensor-model-parallel-size", "2"],
      "--tensor-parallel and --tensor-model-parallel-size both set tensor_parallel (1, 2): pass one"),

@@ -124,3 +124,35 @@ def test_a_folder_or_a_quoted_pattern_is_its_files_and_a_binary_file_is_named(tm
     (src / "sub" / "x.pyc").write_bytes(b"\x00\xff\xfe binary")
     with pytest.raises(ValueError, match=r"x.pyc' is not UTF-8 text \(byte 1\)"):
         preprocess([str(src)], str(tmp_path / "binary"), vocab_size=300)
+
+
+def test_eod_mask_loss_and_file_reads_as_megatron_lm(tmp_path, cache_dir):
+    """--eod-mask-loss leaves out of the loss exactly the positions whose input token is the
+    end-of-document token (Megatron-LM's GPTDataset rule, computed here from the tokens); without
+    it every position counts. --no-mmap-bin-files reads the same samples with file reads."""
+    from spiral_megatron.job.data import datasets as data
+    from spiral_megatron.job.data.preprocess import preprocess
+    from spiral_megatron.job.settings.resolve import resolve
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"document {i}: " + "word " * (i % 7)}) for i in range(60)) + "\n")
+    prefix = str(tmp_path / "docs")
+    preprocess([str(docs)], prefix, vocab_size=300)
+
+    def samples(*flags):
+        job = resolve(["--data-path", prefix, "--seq-length", "16", "--train-iters", "2", "--eval-interval", "none",
+                       "--cache-dir", str(cache_dir), *flags], ROOT / "examples" / "configs" / "debug-cpu.yaml")
+        source = data.resolve(job.data, build_default=False)
+        tokenizer = data.load_tokenizer(source, job.data.vocab_size)
+        train, _ = data.build_datasets(job.data, source, tokenizer, data.check(job.data, source, tokenizer))
+        return tokenizer, [train[i] for i in range(12)]
+
+    tokenizer, masked = samples("--eod-mask-loss")
+    _, plain = samples()
+    _, read = samples("--eod-mask-loss", "--no-mmap-bin-files")
+    assert sum(int((s["tokens"] == tokenizer.eod).sum()) for s in masked) > 10  # documents end inside samples
+    for m, p, r in zip(masked, plain, read):
+        assert numpy.array_equal(m["tokens"], p["tokens"]) and numpy.array_equal(m["tokens"], r["tokens"])
+        assert numpy.array_equal(numpy.asarray(m["loss_mask"]), (numpy.asarray(m["tokens"]) != tokenizer.eod).astype(numpy.float32))
+        assert numpy.asarray(p["loss_mask"]).min() == 1.0
+        assert numpy.array_equal(numpy.asarray(r["loss_mask"]), numpy.asarray(m["loss_mask"]))

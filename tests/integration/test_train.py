@@ -5,6 +5,7 @@ import re
 import signal
 
 import pytest
+import torch
 import yaml
 
 from spiral_megatron.model.model_args import ModelArgs
@@ -51,6 +52,11 @@ def test_checkpoint_layout_for_the_converters(reference, megatron):
         assert tuple(tensors[v.key].shape) == tuple(v.global_shape), v.key
     assert tensors["embedding.word_embeddings.weight"].shape == (512, 64)
     assert any(k.startswith("optimizer.state.exp_avg.") for k in tensors)
+    # --log-params-norm: the norm of exactly these weights, logged after the step they were saved at
+    weights = [tensors[key] for key in {v.key for v in expected}]  # a core layer stack is one key for its layers
+    plain = torch.linalg.vector_norm(torch.cat([t.flatten().double() for t in weights])).item()
+    assert reference[1][4]["params_norm"] == pytest.approx(plain, rel=1e-6)
+    assert 0 < reference[1][4]["num_zeros"] < sum(t.numel() for t in weights)
 
 
 def test_exact_resume(reference, cache_dir, tmp_path):
@@ -93,7 +99,7 @@ def tp2_then_tp1(cache_dir, tmp_path_factory):
     more resumed at TP=1 on one process."""
     out = tmp_path_factory.mktemp("tp2")
     save = out / "ckpt"
-    launch(cache_dir, *TINY, "--tensor-parallel", 2, "--sequence-parallel",
+    launch(cache_dir, *TINY, "--tensor-parallel", 2, "--sequence-parallel", "--log-params-norm", "--log-num-zeros-in-grad",
            "--exit-interval", 2, "--save", save, "--log-json", out / "tp2.jsonl", nproc=2)
     proc = launch(cache_dir, *TINY, "--load", save, "--save", save, "--log-json", out / "tp1.jsonl")
     return save, {**logged(out / "tp2.jsonl"), **logged(out / "tp1.jsonl")}, proc.stdout
@@ -111,6 +117,10 @@ def test_tensor_parallel_losses_match_single_process(reference, tp2_then_tp1):
     _, full, _ = reference
     for it, record in tp2_then_tp1[1].items():
         assert record["loss"] == pytest.approx(full[it]["loss"], rel=1e-4), it
+    for it in (1, 2):  # --log-params-norm and --log-num-zeros-in-grad count each weight once at TP2 too
+        record = tp2_then_tp1[1][it]
+        assert record["params_norm"] == pytest.approx(full[it]["params_norm"], rel=1e-5), it
+        assert record["num_zeros"] == full[it]["num_zeros"], it
 
 
 def test_nan_loss_stops_naming_the_iteration(cache_dir, tmp_path):

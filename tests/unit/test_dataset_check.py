@@ -143,8 +143,8 @@ def test_epochs_are_megatrons(tmp_path, train_samples):
     prefix = dataset(tmp_path, [[5 + i % 7] * (20 + 9 * i) for i in range(10)])
     settings = DataSettings(data_path=(prefix,), train_data_path=None, valid_data_path=None, mock_data=False,
                             split="8,2,0", tokenizer=None, vocab_size=100, cache_dir=str(tmp_path / "cache"),
-                            seq_length=16, seed=1, valid_seed=2, evaluate=False, train_samples=train_samples,
-                            valid_samples=1)
+                            seq_length=16, eod_mask_loss=False, mmap_bin_files=True, seed=1, valid_seed=2,
+                            evaluate=False, train_samples=train_samples, valid_samples=1)
     source = datasets.DataSource(train=([prefix], None), valid=([prefix], None), split="8,2,0", whole=False,
                                  tokenizer_path=None)
     built = datasets._build(settings, source, Ids(), "8,2,0", 0, train_samples, 1)

@@ -40,6 +40,12 @@ class DataSettings:
     seq_length: int
     """Tokens per sample."""
 
+    eod_mask_loss: bool
+    """Predictions made from an end-of-document token are left out of the loss (Megatron-LM's)."""
+
+    mmap_bin_files: bool
+    """The .bin files are read through a memory map (else with file reads)."""
+
     seed: int
     """Order of the training samples."""
 

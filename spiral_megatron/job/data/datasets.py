@@ -160,7 +160,8 @@ def _build(cfg: DataSettings, source: DataSource, tokenizer, split: str, index: 
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=cfg.eod_mask_loss,
+        mmap_bin_files=cfg.mmap_bin_files,
         create_attention_mask=False,  # the model's attention is causal without a mask
     )
     if not whole:  # build this split only: Megatron would also build (and loop on) the others

@@ -61,7 +61,8 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
             checkpointing.start_save_helper()  # before ExitSignal: SIGTERM ignored in the helper
         signals = ExitSignal(cfg.exit_duration_in_mins, started)
         try:
-            return trainer.run(signals)
+            with trainer.gc:  # --manual-gc: automatic collection off while training
+                return trainer.run(signals)
         finally:
             logger.close()
             late = quiet.report(cfg.save) if quiet is not None and layout.rank0 else None

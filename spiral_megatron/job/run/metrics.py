@@ -83,6 +83,9 @@ class Logger:
         }
         if stats.get("loss_scale") is not None:  # fp16, as Megatron-LM logs it
             record.update(loss_scale=stats["loss_scale"], skipped_iterations=stats.get("skipped_iterations", 0))
+        for key in ("params_norm", "num_zeros"):  # --log-params-norm, --log-num-zeros-in-grad
+            if stats.get(key) is not None:
+                record[key] = stats[key]
         if val_loss is not None:
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         self.train_time, self.steps = 0.0, 0
@@ -133,6 +136,10 @@ def format_record(r: Dict) -> str:
             f"TFLOP/s {r['tflops']:.3f} | MFU {mfu} | mem {r['memory_gib']:.2f} GiB")
     if "loss_scale" in r:
         line += f" | loss scale {r['loss_scale']:g} | skipped {r['skipped_iterations']}"
+    if "params_norm" in r:
+        line += f" | params norm {r['params_norm']:.3f}"
+    if "num_zeros" in r:
+        line += f" | num zeros {r['num_zeros']:.0f}"
     if "val_loss" in r:
         line += f" | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.2f}"
     if r.get("eta_s") is not None:

@@ -119,6 +119,9 @@ def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
     if cfg.load:
         held.resume_root, held.finetune, held.resume_from = on_rank0(
             layout, lambda: resumable(job, checkpointing.parallel_layout()))
+        if held.resume_from is None and cfg.exit_on_missing_checkpoint:
+            raise ConfigError(f"exit_on_missing_checkpoint: load {cfg.load!r} holds no checkpoint (nothing to resume; "
+                              f"leave the flag out to start from scratch)")
         if held.resume_from is None and layout.rank0:
             print(f"load {cfg.load!r} is the --save folder and holds no checkpoint yet: starting from "
                   f"scratch (the first launch of a job that requeues with the same command)", flush=True)

@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from spiral_megatron.job.build import Components
+from spiral_megatron.job.run.housekeeping import release_unused_memory
 
 
 def _device() -> str:
@@ -63,6 +64,7 @@ class Settled:
     skipped: bool  # the optimizer skipped the step (fp16: the scaled gradients overflowed)
     exit_requested: bool  # some rank had received SIGTERM/SIGINT when the step was reduced
     loss_scale: Optional[float] = None  # fp16: the grad scaler's scale after the step
+    num_zeros: Optional[float] = None  # with log_num_zeros_in_grad: zero gradient entries
 
 
 class StepFlags:
@@ -118,7 +120,8 @@ class StepFlags:
 
 
 def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, global_batch_size: int) -> Tuple[torch.Tensor, dict]:
+               micro_batch_size: int, global_batch_size: int, empty_unused_memory_level: int = 0
+               ) -> Tuple[torch.Tensor, dict]:
     """Forward and backward over `num_microbatches`, one optimizer and scheduler step; returns
     this rank's loss share on the device (`_local_loss`) and the step's other values (the
     gradient norm on the device).
@@ -135,14 +138,18 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
         num_microbatches=num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=False,
     )
-    success, grad_norm, _ = parts.optimizer.step()
+    release_unused_memory(empty_unused_memory_level, 1)
+    success, grad_norm, num_zeros = parts.optimizer.step()
     if success:
         parts.scheduler.step(increment=global_batch_size)
+    release_unused_memory(empty_unused_memory_level, 2)
     host = {
         "grad_norm": grad_norm,  # on the device (parallel/grad_norm.py), read with the loss a step later
         "lr": parts.optimizer.param_groups[0]["lr"],
         "skipped": not success,
     }
+    if parts.optimizer.config.log_num_zeros_in_grad:  # counted on the host when asked (Megatron's count_zeros)
+        host["num_zeros"] = num_zeros
     if parts.module.config.fp16:  # Megatron's step read its overflow flag already: no added wait
         host["loss_scale"] = parts.optimizer.get_loss_scale().item()
     return _local_loss(losses, num_microbatches), host
@@ -150,7 +157,7 @@ def train_step(parts: Components, data_iterator: Iterator, num_microbatches: int
 
 @torch.no_grad()
 def evaluate(parts: Components, data_iterator: Iterator, eval_iters: int, num_microbatches: int,
-             seq_length: int, micro_batch_size: int) -> float:
+             seq_length: int, micro_batch_size: int, empty_unused_memory_level: int = 0) -> float:
     """Mean validation loss over `eval_iters` global batches, the same on every rank: one
     all-reduce and one host read for the whole evaluation."""
     from megatron.core import parallel_state
@@ -165,6 +172,7 @@ def evaluate(parts: Components, data_iterator: Iterator, eval_iters: int, num_mi
             micro_batch_size=micro_batch_size, forward_only=True,
         )
         total += _local_loss(losses, num_microbatches)
+        release_unused_memory(empty_unused_memory_level, 1)
     torch.distributed.all_reduce(total)
     parts.model.train()
     return total.item() / (eval_iters * parallel_state.get_data_parallel_world_size())

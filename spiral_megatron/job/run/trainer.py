@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Optional
 
 from spiral_megatron.errors import SpiralError
-from spiral_megatron.job.build import Components
+from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint import checkpointing, loading
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import divergence, step
+from spiral_megatron.job.run.housekeeping import ManualGC
 from spiral_megatron.job.run.metrics import Logger
 from spiral_megatron.job.checkpoint.checkpoint_files import same_folder
 from spiral_megatron.job.run.startup import Layout, resumes_save
 from spiral_megatron.job.run.stopping import ExitSignal, end_iteration, resume_hint
 from spiral_megatron.job.settings.resolve import Resolved
+from spiral_megatron.parallel.params_norm import params_norm
 
 
 class NonFiniteLoss(SpiralError, RuntimeError):
@@ -49,6 +51,7 @@ class Trainer:
         self.flags = step.StepFlags(layout.dp_size)  # each step's loss and exit flag, read a step late
         self.settled, self.exit_requested = None, False
         self.skipped = 0  # steps the optimizer skipped since the last log line (fp16 overflows)
+        self.gc = ManualGC(cfg.manual_gc, cfg.manual_gc_interval, cfg.manual_gc_eval)  # --manual-gc
 
     def batches(self, dataset, start: int):
         return data.micro_batches(dataset, start, self.cfg.micro_batch_size, self.layout.dp_rank,
@@ -137,13 +140,25 @@ class Trainer:
         return line
 
     def evaluate(self) -> float:
-        return step.evaluate(self.parts, self.batches(self.valid_ds, 0), self.cfg.eval_iters,
-                             self.num_microbatches, self.seq_length, self.cfg.micro_batch_size)
+        self.gc.evaluation()
+        loss = step.evaluate(self.parts, self.batches(self.valid_ds, 0), self.cfg.eval_iters, self.num_microbatches,
+                             self.seq_length, self.cfg.micro_batch_size, self.cfg.empty_unused_memory_level)
+        self.gc.evaluation()
+        return loss
+
+    def params_norm(self) -> Optional[float]:
+        """--log-params-norm: the weights' global norm after this step (their deferred all-gather
+        finished first), else None."""
+        if not self.cfg.log_params_norm:
+            return None
+        sync_params(self.parts.model)
+        return params_norm(self.parts.module)
 
     def train_one(self, batches, signals: ExitSignal) -> None:
         """Queue one step; check the previous one, whose values reached the host meanwhile."""
         loss, host_values = step.train_step(self.parts, batches, self.num_microbatches, self.seq_length,
-                                            self.cfg.micro_batch_size, self.cfg.global_batch_size)
+                                            self.cfg.micro_batch_size, self.cfg.global_batch_size,
+                                            self.cfg.empty_unused_memory_level)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
         self.check(self.flags.swap(self.iteration, loss, signals.received, host_values))
@@ -181,6 +196,7 @@ class Trainer:
                 self.background.finalize(blocking=False)
             started = time.time()
             self.train_one(batches, signals)
+            self.gc.after_step(self.iteration)
             last = self.iteration == stop
             log = self.iteration % cfg.log_interval == 0 or last
             save = bool(cfg.save_interval) and self.iteration % cfg.save_interval == 0
@@ -191,7 +207,8 @@ class Trainer:
             val_loss = self.evaluate() if evaluate else None
             if log:
                 self.logger.log(self.iteration, self.consumed_samples,
-                                dict(vars(self.settled), skipped_iterations=self.skipped), val_loss)
+                                dict(vars(self.settled), skipped_iterations=self.skipped,
+                                     params_norm=self.params_norm()), val_loss)
                 self.skipped = 0
             elif val_loss is not None:
                 self.logger.log_eval(self.iteration, val_loss)

@@ -33,6 +33,12 @@ ALIASES: Dict[str, Tuple[str, Any]] = {
     "no_rope_fusion": ("model.apply_rope_fusion", False),
     "disable_bias_linear": ("model.add_bias_linear", False),
     "recompute_activations": ("model.recompute_granularity", "selective"),
+    "norm_epsilon": ("model.layernorm_epsilon", None),
+    "apply_layernorm_1p": ("model.layernorm_zero_centered_gamma", True),
+    "no_bias_swiglu_fusion": ("model.bias_activation_fusion", False),
+    "fp8_param_gather": ("model.fp8_param", True),
+    "no_mmap_bin_files": ("mmap_bin_files", False),
+    "no_manual_gc_eval": ("manual_gc_eval", False),
 }
 # Megatron-LM flags that set several fields at once: flag -> the (key, value) pairs it means.
 FLAG_SETS: Dict[str, Tuple[Tuple[str, Any], ...]] = {
@@ -63,6 +69,14 @@ FIXED: Dict[str, Tuple[Any, str]] = {
     "no_create_attention_mask_in_dataloader": (True, "builds no attention mask (attention is causal without one)"),
     "log_throughput": (True, "logs tokens/s and TFLOP/s at every log line"),
     "weight_decay_incr_style": ("constant", "keeps the weight decay constant"),
+    "optimizer": ("adam", "uses Megatron's Adam with decoupled weight decay (AdamW)"),
+    "exit_signal_handler": (True, "saves a checkpoint and exits at the end of the step in which SIGTERM or SIGINT "
+                                  "arrives"),
+    "check_for_nan_in_loss_and_grad": (True, "stops at a non-finite loss or gradient norm, before that step is "
+                                             "saved"),
+    "log_memory_to_tensorboard": (True, "logs memory (memory_gib) with every log line, to --tensorboard-dir too"),
+    "log_validation_ppl_to_tensorboard": (True, "logs the validation loss and perplexity, to --tensorboard-dir too"),
+    "log_loss_scale_to_tensorboard": (True, "logs fp16's loss scale with every log line, to --tensorboard-dir too"),
 }
 # Megatron-LM flags the job has no equivalent for: flag -> what to do instead (refused in one line).
 INSTEAD: Dict[str, str] = {
@@ -80,28 +94,75 @@ INSTEAD: Dict[str, str] = {
     "wandb_project": "Weights & Biases logging is not built: the job logs to --tensorboard-dir and --log-json "
                      "(one JSON line per logged step)",
 }
+INSTEAD.update({
+    "no_check_for_nan_in_loss_and_grad": "the job always stops at a non-finite loss or gradient norm, before that "
+                                         "step is saved (leave it out)",
+    "grad_reduce_in_bf16": "the job reduces gradients in fp32 (Megatron-LM's --accumulate-allreduce-grads-in-fp32)",
+    "decoupled_lr": "one learning rate schedule for every parameter: a separate one for the embedding and output "
+                    "layer is not built (leave --decoupled-lr and --decoupled-min-lr out)",
+    "reset_attention_mask": "a sample's documents are not separated: attention and the loop's chunks run over the "
+                            "whole sample (--eod-mask-loss leaves the predictions across a document boundary out "
+                            "of the loss)",
+    "step_batch_size_schedule": "batch-size ramp-up is not built: train at the full --global-batch-size",
+    "use_precision_aware_optimizer": "needs Transformer Engine's FusedAdam: the job runs Megatron's Adam on fp32 "
+                                     "main weights",
+    "decoder_first_pipeline_num_layers": "pipeline stages are sized by --model.pipeline_split (layers per stage) "
+                                         "and --model.loop_placement",
+    "num_layers_per_virtual_pipeline_stage": "the interleaved (virtual) pipeline schedule is not supported",
+    "timing_log_level": "Megatron's timers are not built: each log line has the mean step time (step_time_s in "
+                        "--log-json), and benchmarks/step_time.py times a step",
+    "use_rope_scaling": "Llama 3.1's RoPE scaling is not built: rotary positions take --rotary-base and "
+                        "--rotary-percent",
+    "squared_relu": "the MLP's activations are gelu, gelu_tanh, silu (--swiglu) and relu "
+                    "(--model.activation_func relu)",
+    "disable_gloo_process_groups": "the job keeps Megatron's gloo groups (on CPUs they carry every collective)",
+    "profile": "profiling is not built into the job: run benchmarks/step_time.py (one step's time) under nsys "
+               "or torch.profiler",
+    "no_save_optim": "every checkpoint holds what resuming needs (optimizer, RNG, data position); "
+                     "tools/convert_to_hf.py writes the weights alone",
+    "ckpt_fully_parallel_save": "the job saves with Megatron-Core's torch_dist strategy as it is (each shard "
+                                "written by its main replica): the fully parallel wrappers are not built",
+    "use_torch_fsdp2": "FSDP is not built: --use-distributed-optimizer shards the optimizer state over "
+                       "data-parallel ranks (ZeRO-1)",
+    "tensorboard_log_interval": "--tensorboard-dir gets every log line: --log-interval sets both",
+    "vocab_size": "the vocabulary is the tokenizer's; with --mock-data it is --tokenizer-vocab-size (Megatron-LM's "
+                  "NullTokenizer adds one for its end-of-document token: pass N + 1)",
+})
 INSTEAD["merge_file"] = INSTEAD["vocab_file"]
 INSTEAD["wandb_exp_name"] = INSTEAD["wandb_save_dir"] = INSTEAD["wandb_project"]
+INSTEAD["decoupled_min_lr"] = INSTEAD["decoupled_lr"]
+INSTEAD["reset_position_ids"] = INSTEAD["reset_attention_mask"]
+INSTEAD["decoder_last_pipeline_num_layers"] = INSTEAD["decoder_first_pipeline_num_layers"]
+INSTEAD["timing_log_option"] = INSTEAD["log_timers_to_tensorboard"] = INSTEAD["timing_log_level"]
+INSTEAD["rope_scaling_factor"] = INSTEAD["use_rope_scaling"]
+INSTEAD["use_pytorch_profiler"] = INSTEAD["profile_step_start"] = INSTEAD["profile_step_end"] = \
+    INSTEAD["profile_ranks"] = INSTEAD["profile"]
+INSTEAD["no_save_rng"] = INSTEAD["no_save_optim"]
+INSTEAD["ckpt_fully_parallel_load"] = INSTEAD["ckpt_fully_parallel_save"]
+INSTEAD["use_megatron_fsdp"] = INSTEAD["use_torch_fsdp2"]
 
 # Help sections: (title, keys); every TrainingConfig key is in exactly one (a test checks).
 GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("model", "seq_length", "rotary_base", "rotary_percent", "make_vocab_size_divisible_by")),
-    ("data", ("data_path", "split", "train_data_path", "valid_data_path", "mock_data", "tokenizer",
+    ("data", ("data_path", "split", "train_data_path", "valid_data_path", "mock_data", "eod_mask_loss",
+              "mmap_bin_files", "tokenizer",
               "tokenizer_vocab_size", "cache_dir", "valid_seed", "num_workers")),
     ("training", ("micro_batch_size", "global_batch_size", "train_iters", "train_samples", "exit_interval",
                   "exit_duration_in_mins", "lr", "min_lr", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
-                  "lr_warmup_samples", "lr_decay_samples", "lr_decay_style", "weight_decay", "adam_beta1",
+                  "lr_warmup_samples", "lr_warmup_init", "lr_decay_samples", "lr_decay_style", "weight_decay", "adam_beta1",
                   "adam_beta2", "adam_eps",
                   "clip_grad", "precision", "loss_scale", "initial_loss_scale", "min_loss_scale",
-                  "loss_scale_window", "hysteresis", "fp8", "fp8_recipe", "seed",
+                  "loss_scale_window", "hysteresis", "fp8", "fp8_recipe", "seed", "manual_gc", "manual_gc_interval",
+                  "manual_gc_eval", "empty_unused_memory_level",
                   "check_for_spiky_loss", "check_for_large_grads")),
     ("parallelism", ("tensor_parallel", "pipeline_parallel", "sequence_parallel",
                      "use_distributed_optimizer", "ddp_bucket_size", "backend", "distributed_timeout_minutes",
                      "check_memory")),
     ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
                        "use_checkpoint_opt_param_scheduler", "finetune", "use_checkpoint_args", "no_load_optim",
-                       "no_load_rng", "dist_ckpt_optim_fully_reshardable")),
-    ("logging", ("log_interval", "eval_interval", "eval_iters", "log_json", "tensorboard_dir",
+                       "no_load_rng", "exit_on_missing_checkpoint", "dist_ckpt_optim_fully_reshardable")),
+    ("logging", ("log_interval", "eval_interval", "eval_iters", "log_json", "log_params_norm",
+                 "log_num_zeros_in_grad", "tensorboard_dir",
                  "peak_tflops", "print_config")),
 ]
 

@@ -89,6 +89,9 @@ class TrainingConfig:
     lr_warmup_samples: int = 0
     """With train_samples: linear warmup over this many samples (excludes lr_warmup_fraction)."""
 
+    lr_warmup_init: float = 0.0
+    """The learning rate the linear warmup starts from (Megatron-LM's --lr-warmup-init)."""
+
     lr_decay_samples: Optional[int] = None
     """With train_samples: samples over which lr decays to min_lr; None = train_samples."""
 
@@ -128,6 +131,22 @@ class TrainingConfig:
     hysteresis: int = 2
     """fp16, dynamic scaling: overflows in a row before the scale halves (Megatron-LM's --hysteresis)."""
 
+    manual_gc: bool = False
+    """Turn Python's automatic garbage collection off during training and collect at known points
+    instead (every manual_gc_interval steps, around evaluations), so that ranks do not stall
+    one another at random collections (Megatron-LM's --manual-gc)."""
+
+    manual_gc_interval: int = 0
+    """With manual_gc: collect every this many steps; 0 = only at the start and around evaluations."""
+
+    manual_gc_eval: bool = True
+    """With manual_gc: collect before and after each evaluation (--no-manual-gc-eval: not)."""
+
+    empty_unused_memory_level: int = 0
+    """Return the CUDA caching allocator's unused blocks to the device: 1 after each step's
+    forward-backward, 2 also after its optimizer step and each evaluation; 0 = never
+    (Megatron-LM's; costs time, helps against fragmentation)."""
+
     fp8: Optional[str] = None
     """Transformer Engine FP8 format ("e4m3" or "hybrid"); None = off. Needs GPUs and TE."""
 
@@ -161,6 +180,14 @@ class TrainingConfig:
 
     mock_data: bool = False
     """Train on Megatron's MockGPTDataset (random tokens) instead of text."""
+
+    eod_mask_loss: bool = False
+    """Leave out of the loss the predictions made from an end-of-document token (the first token of
+    the next document), as Megatron-LM's --eod-mask-loss."""
+
+    mmap_bin_files: bool = True
+    """Read the datasets' .bin files through a memory map; false (--no-mmap-bin-files) reads
+    them with file reads instead, for file systems where a memory map is slow (Megatron-LM's)."""
 
     split: Optional[str] = None
     """Train/valid/test split of data_path's documents, as Megatron's --split (the test part is
@@ -220,6 +247,10 @@ class TrainingConfig:
     no_load_rng: bool = False
     """On resume, keep this run's RNG states instead of the checkpoint's (Megatron-LM's flag)."""
 
+    exit_on_missing_checkpoint: bool = False
+    """Refuse to start when --load holds no checkpoint, instead of training from scratch
+    (Megatron-LM's flag)."""
+
     dist_ckpt_optim_fully_reshardable: bool = False
     """Save distributed-optimizer state in a format that reloads at any TP/PP layout; the default
     reloads at the saved TP/PP only but writes without gathering (Megatron-LM's flag)."""
@@ -238,6 +269,13 @@ class TrainingConfig:
 
     log_json: Optional[str] = None
     """Append one JSON object per logged step to this file."""
+
+    log_params_norm: bool = False
+    """Log the global 2-norm of the weights (params_norm) at each log line (Megatron-LM's flag; with
+    --overlap-param-gather it finishes the deferred all-gather of the weights first)."""
+
+    log_num_zeros_in_grad: bool = False
+    """Log how many gradient entries are zero (num_zeros) at each log line (Megatron-LM's flag)."""
 
     tensorboard_dir: Optional[str] = None
     """TensorBoard event folder (needs the `tensorboard` package)."""

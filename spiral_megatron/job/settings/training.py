@@ -28,7 +28,7 @@ class Schedule:
 
 
 def schedule(cfg: TrainingConfig) -> Schedule:
-    """Linear warmup from 0 to lr, then decay to min_lr; constant weight decay. Lengths in
+    """Linear warmup from lr_warmup_init to lr, then decay to min_lr; constant weight decay. Lengths in
     samples, as Megatron-LM counts them: with train_samples, the sample keys (decay over
     lr_decay_samples, else train_samples); else the iteration keys times the global batch (decay
     over lr_decay_iters, else train_iters). lr_warmup_fraction is a fraction of the decay: of
@@ -42,7 +42,7 @@ def schedule(cfg: TrainingConfig) -> Schedule:
         warmup = batch * (cfg.lr_warmup_iters if cfg.lr_warmup_fraction is None
                           else int(round(cfg.lr_warmup_fraction * decay_iters)))
     return Schedule(
-        init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
+        init_lr=cfg.lr_warmup_init, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=total, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
@@ -84,4 +84,5 @@ def optimizer_config(cfg: TrainingConfig):
         initial_loss_scale=cfg.initial_loss_scale, min_loss_scale=cfg.min_loss_scale,
         loss_scale_window=cfg.loss_scale_window, hysteresis=cfg.hysteresis,
         params_dtype=DTYPES[cfg.precision], use_distributed_optimizer=cfg.use_distributed_optimizer,
+        log_num_zeros_in_grad=cfg.log_num_zeros_in_grad,
     )
