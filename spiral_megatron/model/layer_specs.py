@@ -80,10 +80,17 @@ def _sp_aware(norm):
 
 def get_spiral_layer_local_spec(normalization: str = "LayerNorm", qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron's local GPT layer; its torch-norm fallback replaced by one that also works under
-    sequence parallelism."""
+    sequence parallelism, the query and key norms' too (`qk_layernorm`: Megatron sums their
+    gradients over the TP group by name, with or without sequence parallelism)."""
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    attention = spec.submodules.self_attention
+    heads = attention.submodules
+    if qk_layernorm:
+        heads = dataclasses.replace(heads, q_layernorm=_sp_aware(heads.q_layernorm),
+                                    k_layernorm=_sp_aware(heads.k_layernorm))
     sub = dataclasses.replace(spec.submodules, input_layernorm=_sp_aware(spec.submodules.input_layernorm),
-                              pre_mlp_layernorm=_sp_aware(spec.submodules.pre_mlp_layernorm))
+                              pre_mlp_layernorm=_sp_aware(spec.submodules.pre_mlp_layernorm),
+                              self_attention=dataclasses.replace(attention, submodules=heads))
     return dataclasses.replace(spec, submodules=sub)
 
 

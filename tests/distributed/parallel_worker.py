@@ -5,7 +5,8 @@ Megatron's attention.
 For each tiny config: build it at TP=1 (every rank, the single-process reference) and at
 TP=2 from the same seed (CPU initialisation gives identical full weights), run forward and
 backward on the same batch, gather TP-split gradients to full tensors, sum the gradients of
-sequence-parallel replicated parameters over TP (what Megatron's finalize_model_grads does),
+sequence-parallel replicated parameters and of the query/key norms over TP (what Megatron's
+finalize_model_grads does),
 and compare loss and every gradient. Prints one line per case and layout; rank 0 prints
 "OK <n>" (n cases, each at every layout).
 """
@@ -32,6 +33,7 @@ CASES = {
     "fine-to-coarse-index": dict(chunk_sizes=(1, 2, 4, 8), latent_positions="index"),
     "all-ones": dict(chunk_sizes=(1, 1, 1, 1)),
     "mesh-gqa": dict(num_query_groups=2),
+    "qk-layernorm-rmsnorm": dict(qk_layernorm=True, normalization="RMSNorm"),
 }
 
 
@@ -65,7 +67,8 @@ def full_grads(model, tp, sequence_parallel):
             parts = [torch.empty_like(grad) for _ in range(tp)]
             dist.all_gather(parts, grad.contiguous(), group=group)
             grad = torch.cat(parts, dim=p.partition_dim)
-        elif tp > 1 and sequence_parallel and getattr(p, "sequence_parallel", False):
+        elif tp > 1 and ((sequence_parallel and getattr(p, "sequence_parallel", False))
+                         or "q_layernorm" in name or "k_layernorm" in name):  # as finalize_model_grads sums them
             dist.all_reduce(grad, group=group)
         grads[name] = grad
     return grads

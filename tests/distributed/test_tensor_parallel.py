@@ -11,6 +11,6 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 def test_tensor_parallel_layouts_match_single_process():
     out = torchrun(WORKER, 2)
     print(out)
-    assert "OK 7" in out
+    assert "OK 8" in out
     for layout in ("sp=False unfused", "sp=True unfused", "sp=True flash"):
-        assert out.count(layout) == 7, layout
+        assert out.count(layout) == 8, layout
