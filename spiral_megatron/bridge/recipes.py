@@ -122,7 +122,7 @@ JOB_TO_BRIDGE = {
 # Job keys with no Bridge field: the job's own console, checks and files; use_checkpoint_args
 # reads a job checkpoint's model_args.json, and Bridge loads no job checkpoint (docs/BRIDGE.md).
 JOB_ONLY = ("valid_seed", "check_for_large_grads", "log_json", "peak_tflops", "check_memory", "print_config",
-            "use_checkpoint_args")
+            "use_checkpoint_args", "use_tokenizer_model_from_checkpoint_args")
 
 
 def resolved_job(flavor: str = "debug", **keys) -> Resolved:

@@ -156,3 +156,23 @@ def test_eod_mask_loss_and_file_reads_as_megatron_lm(tmp_path, cache_dir):
         assert numpy.array_equal(numpy.asarray(m["loss_mask"]), (numpy.asarray(m["tokens"]) != tokenizer.eod).astype(numpy.float32))
         assert numpy.asarray(p["loss_mask"]).min() == 1.0
         assert numpy.array_equal(numpy.asarray(r["loss_mask"]), numpy.asarray(m["loss_mask"]))
+
+
+def test_data_made_with_a_tokenizer_elsewhere_finds_it_through_its_record(tmp_path, monkeypatch):
+    """Data made with --tokenizer-model DIR has no tokenizer beside it: the job takes the one its
+    .meta.json names when that folder is there, and otherwise names it in the refusal."""
+    from spiral_megatron.errors import ConfigError
+    from spiral_megatron.job.data import datasets as data
+    from spiral_megatron.job.data.preprocess import preprocess
+    from spiral_megatron.job.settings.resolve import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("alpha beta gamma delta " * 20)
+    preprocess([str(tmp_path / "a.txt")], "first/a", vocab_size=300)  # trains first/a_tokenizer
+    preprocess([str(tmp_path / "a.txt")], "second/b", tokenizer="first/a_tokenizer")
+    job = resolve(["--data-path", "second/b", "--train-iters", "2"], ROOT / "examples" / "configs" / "debug-cpu.yaml")
+    assert job.keys.tokenizer == "first/a_tokenizer" and job.keys.tokenizer_vocab_size > 256
+    (tmp_path / "first").rename(tmp_path / "moved")
+    job = resolve(["--data-path", "second/b", "--train-iters", "2"], ROOT / "examples" / "configs" / "debug-cpu.yaml")
+    with pytest.raises(ConfigError, match="second/b.meta.json says it was made with 'first/a_tokenizer', not found"):
+        data.resolve(job.data, build_default=False)

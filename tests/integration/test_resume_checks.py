@@ -79,5 +79,13 @@ def test_use_checkpoint_args_takes_the_checkpoints_model_and_refuses_a_contradic
                          (["--rotary-base", 500], "--rotary-base 500 (the checkpoint's: 10000)")):
         with pytest.raises(ConfigError, match="contradicts " + named.replace("(", r"\(").replace(")", r"\)")):
             checkpoint_args.resolve(list(map(str, argv + ["--use-checkpoint-args", *extra])))
+    # the checkpoint's tokenizer where none is given nor lies beside the data (Megatron-LM's
+    # use_tokenizer_model_from_checkpoint_args), unless --no-use-tokenizer-model-from-checkpoint-args
+    text = tmp_path / "text.yaml"
+    text.write_text(other.read_text().replace("mock_data: true", "mock_data: false"))
+    argv = ["--config", text, "--load", ckpt, "--save", tmp_path / "new", "--finetune", "--use-checkpoint-args"]
+    assert checkpoint_args.resolve(list(map(str, argv))).keys.tokenizer == str(ckpt / "iter_0000004" / "tokenizer")
+    assert checkpoint_args.resolve(list(map(str, argv + ["--no-use-tokenizer-model-from-checkpoint-args"]))
+                                   ).keys.tokenizer is None
     with pytest.raises(ConfigError, match="holds no checkpoint to take the model from .the folder is missing"):
         checkpoint_args.resolve(["--config", str(other), "--load", str(tmp_path / "nothing"), "--use-checkpoint-args"])

@@ -4,9 +4,10 @@ Fine-tuning a converted model (tools/convert_from_hf.py) or another run's checkp
 architecture. With `use_checkpoint_args` the model the checkpoint recorded (model_args.json:
 every field of its function, the activation, its rotary settings) replaces the flavor's and
 the config file's, as Megatron-LM's `load_args_from_checkpoint` forces them; its sequence
-length applies unless the command line gives one (Megatron-LM's rule for --seq-length), and
-its embedding rows (padded vocabulary) through make_vocab_size_divisible_by, which another TP
-size would otherwise pad differently. A
+length applies unless the command line gives one (Megatron-LM's rule for --seq-length), its
+embedding rows (padded vocabulary) through make_vocab_size_divisible_by, which another TP
+size would otherwise pad differently, and its tokenizer unless one is given (Megatron-LM's
+use_tokenizer_model_from_checkpoint_args; the data's own record is checked against it). A
 command-line value that contradicts the checkpoint is refused, where Megatron-LM drops it.
 The job then resolves these keys as any others (job/settings/resolve.py), and the resume
 check compares the result with the checkpoint as usual.
@@ -52,6 +53,10 @@ def apply(keys: TrainingConfig, given: Collection[str]) -> TrainingConfig:
     recorded_keys = {"rotary_base": args.rotary_base, "rotary_percent": args.rotary_percent}
     if "seq_length" not in given:
         recorded_keys["seq_length"] = args.max_sequence_length
+    tokenizer = folder / "tokenizer"
+    if (keys.tokenizer is None and not keys.mock_data and keys.use_tokenizer_model_from_checkpoint_args
+            and (tokenizer / "tokenizer.json").is_file()):
+        recorded_keys["tokenizer"] = str(tokenizer)  # Megatron-LM takes the checkpoint's tokenizer model too
     if "make_vocab_size_divisible_by" not in given and args.vocab_size % keys.tensor_parallel == 0:
         # the checkpoint's embedding rows at this TP (Megatron-LM takes its padded_vocab_size)
         recorded_keys["make_vocab_size_divisible_by"] = args.vocab_size // keys.tensor_parallel
@@ -64,7 +69,8 @@ def apply(keys: TrainingConfig, given: Collection[str]) -> TrainingConfig:
                           f"{'; '.join(clashes)}: leave them out")
     if os.environ.get("RANK", "0") == "0":  # every rank reads the keys
         seq = "" if "seq_length" in given else f", seq_length {args.max_sequence_length}"
-        print(f"model: the architecture of {folder} (use_checkpoint_args: its model_args.json{seq})", flush=True)
+        tok = f", its tokenizer {recorded_keys['tokenizer']}" if "tokenizer" in recorded_keys else ""
+        print(f"model: the architecture of {folder} (use_checkpoint_args: its model_args.json{seq}{tok})", flush=True)
     model = {**keys.model, **recorded}
     return dataclasses.replace(keys, model=model_fields.typed(model), **recorded_keys)
 

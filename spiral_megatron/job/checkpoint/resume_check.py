@@ -25,7 +25,7 @@ RUN_KEYS = {"save", "load", "log_json", "tensorboard_dir", "log_interval", "eval
             "dist_ckpt_optim_fully_reshardable", "ddp_bucket_size", "num_workers", "print_config",
             "use_checkpoint_args", "distributed_timeout_minutes", "manual_gc", "manual_gc_interval", "manual_gc_eval",
             "empty_unused_memory_level", "exit_on_missing_checkpoint", "log_params_norm", "log_num_zeros_in_grad",
-            "mmap_bin_files"}
+            "mmap_bin_files", "use_tokenizer_model_from_checkpoint_args"}
 
 # Megatron's OptimizerParamScheduler state -> the keys of this config that set it.
 SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_warmup_iters (or _samples, _fraction)",

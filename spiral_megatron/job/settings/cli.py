@@ -39,6 +39,7 @@ ALIASES: Dict[str, Tuple[str, Any]] = {
     "fp8_param_gather": ("model.fp8_param", True),
     "no_mmap_bin_files": ("mmap_bin_files", False),
     "no_manual_gc_eval": ("manual_gc_eval", False),
+    "no_use_tokenizer_model_from_checkpoint_args": ("use_tokenizer_model_from_checkpoint_args", False),
 }
 # Megatron-LM flags that set several fields at once: flag -> the (key, value) pairs it means.
 FLAG_SETS: Dict[str, Tuple[Tuple[str, Any], ...]] = {
@@ -159,7 +160,8 @@ GROUPS: List[Tuple[str, Tuple[str, ...]]] = [
                      "use_distributed_optimizer", "ddp_bucket_size", "backend", "distributed_timeout_minutes",
                      "check_memory")),
     ("checkpointing", ("save", "save_interval", "load", "async_save", "override_opt_param_scheduler",
-                       "use_checkpoint_opt_param_scheduler", "finetune", "use_checkpoint_args", "no_load_optim",
+                       "use_checkpoint_opt_param_scheduler", "finetune", "use_checkpoint_args",
+                       "use_tokenizer_model_from_checkpoint_args", "no_load_optim",
                        "no_load_rng", "exit_on_missing_checkpoint", "dist_ckpt_optim_fully_reshardable")),
     ("logging", ("log_interval", "eval_interval", "eval_iters", "log_json", "log_params_norm",
                  "log_num_zeros_in_grad", "tensorboard_dir",

@@ -7,6 +7,7 @@ and checks them (checks.py). ConfigError and TrainingConfig are importable from 
 """
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -182,13 +183,30 @@ def sample_based(cfg: TrainingConfig, given: set) -> TrainingConfig:
 def tokenizers_beside(data: Sequence[str]) -> list:
     """The distinct <prefix>_tokenizer folders (tools/preprocess_data.py's) beside the prefixes of
     a data path or Megatron blend (`a`, or `0.7 a 0.3 b`); a blend Megatron cannot read has none."""
+    return sorted({Path(p + "_tokenizer") for p in _prefixes(data) if Path(p + "_tokenizer", "tokenizer.json").is_file()})
+
+
+def tokenizers_recorded(data: Sequence[str]) -> list:
+    """The distinct tokenizer folders that the prefixes' PREFIX.meta.json name (the --tokenizer-model
+    tools/preprocess_data.py was given, as typed), those that hold a tokenizer.json from here."""
+    from spiral_megatron.job.data.preprocess import meta_path
+
+    named = set()
+    for prefix in _prefixes(data):
+        if meta_path(prefix).is_file():
+            name = json.loads(meta_path(prefix).read_text()).get("tokenizer")
+            if name and (Path(name) / "tokenizer.json").is_file():
+                named.add(Path(name))
+    return sorted(named)
+
+
+def _prefixes(data: Sequence[str]) -> list:
     from megatron.core.datasets.utils import get_blend_from_list
 
     try:
-        prefixes = get_blend_from_list(list(data))[0]
+        return get_blend_from_list(list(data))[0]
     except Exception:  # a bad weight: job/data/datasets.py refuses it in one line
         return []
-    return sorted({Path(p + "_tokenizer") for p in prefixes if Path(p + "_tokenizer", "tokenizer.json").is_file()})
 
 
 def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConfig:
@@ -197,7 +215,9 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
     config shows what the model uses; a contradicting tokenizer_vocab_size is refused."""
     data = cfg.data_path or cfg.train_data_path
     if cfg.tokenizer is None and data and not cfg.mock_data:
-        found = tokenizers_beside(data)
+        found, recorded = tokenizers_beside(data), False
+        if not found:
+            found, recorded = tokenizers_recorded(data), True
         if len(found) > 1:
             raise ConfigError(f"data_path {list(data)}: its parts lie beside different tokenizers "
                               f"({', '.join(map(str, found))}): pass --tokenizer-model with the one the data "
@@ -207,8 +227,10 @@ def resolve_tokenizer(cfg: TrainingConfig, explicit_vocab: bool) -> TrainingConf
             cfg = dataclasses.replace(cfg, tokenizer=str(beside))
             whose = str(beside)[: -len("_tokenizer")]
             more = "; every part of the blend is checked against it" if len(data) > 1 else ""
+            how = ("the one the data's .meta.json names" if recorded
+                   else f"written beside {whose} by tools/preprocess_data.py")
             if os.environ.get("RANK", "0") == "0":  # every rank reads the keys
-                print(f"tokenizer: {beside} (written beside {whose} by tools/preprocess_data.py{more})", flush=True)
+                print(f"tokenizer: {beside} ({how}{more})", flush=True)
     if cfg.tokenizer is None:
         return cfg
     try:

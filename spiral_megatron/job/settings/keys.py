@@ -241,6 +241,10 @@ class TrainingConfig:
     Megatron-LM's flag does: to fine-tune a converted model without restating its shape. A
     command-line model field that contradicts the checkpoint is refused."""
 
+    use_tokenizer_model_from_checkpoint_args: bool = True
+    """With use_checkpoint_args and no tokenizer given: the checkpoint's tokenizer (Megatron-LM's;
+    --no-use-tokenizer-model-from-checkpoint-args: the data's, as without use_checkpoint_args)."""
+
     no_load_optim: bool = False
     """On resume, start the optimizer fresh: load weights, LR schedule, data position (Megatron-LM's flag)."""
 
