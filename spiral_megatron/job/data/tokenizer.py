@@ -12,6 +12,10 @@ from typing import Iterable, List, Union
 
 EOD_TOKEN = "<|endoftext|>"
 EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+# Parts of a tokenizer.json that do not decide what an id means: a session's truncation and padding
+# (transformers saves the ones last used), and the post-processor, which only adds special tokens
+# (the job encodes without them). The digest leaves them out.
+NOT_THE_VOCABULARY = ("truncation", "padding", "post_processor")
 
 
 class Tokenizer:
@@ -19,6 +23,8 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer, path: Union[str, Path, None] = None):
         self.hf = hf_tokenizer
+        self.hf.no_truncation()  # documents are encoded whole: a saved session's truncation never applies
+        self.hf.no_padding()
         self.path = None if path is None else str(path)  # where it was loaded from, for messages
         self.eod = self._find_eod()
 
@@ -32,8 +38,18 @@ class Tokenizer:
     @property
     def unique_identifiers(self) -> dict:
         """What Megatron's datasets hash into their cache names (the vocabulary's digest)."""
-        digest = hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
-        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "sha256": digest}
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "sha256": self.digests[0]}
+
+    @property
+    def digests(self) -> tuple:
+        """(the digest of what maps ids to text: the tokenizer.json without NOT_THE_VOCABULARY, as
+        canonical JSON; the digest of the whole serialization, which data and checkpoints made
+        before recorded). The same tokenizer saved again by transformers keeps the first."""
+        content = json.loads(self.hf.to_str())
+        for key in NOT_THE_VOCABULARY:
+            content.pop(key, None)
+        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
+        return tuple(hashlib.sha256(text.encode()).hexdigest()[:16] for text in (canonical, self.hf.to_str()))
 
     @property
     def vocab_size(self) -> int:
