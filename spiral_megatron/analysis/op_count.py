@@ -137,4 +137,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from spiral_megatron.job.run.console import quiet_tool
+
+    with quiet_tool("op_count"):  # Megatron's known-harmless import warnings, counted in one line
+        main()
