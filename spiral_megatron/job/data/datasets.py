@@ -6,7 +6,6 @@ next micro_batch x dp of them and data-parallel rank r keeps its slice. So the d
 is one number, `consumed_samples`, which the checkpoint stores.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -64,10 +63,10 @@ def resolve(cfg: DataSettings, build_default: bool) -> DataSource:
                 if why:
                     raise ConfigError(why)
         if tokenizer is None:
-            from spiral_megatron.job.data.preprocess import meta_path
+            from spiral_megatron.job.data.preprocess import recorded_tokenizer
 
             first = (train or valid)[0][0]
-            named = json.loads(meta_path(first).read_text()).get("tokenizer") if meta_path(first).is_file() else None
+            named = recorded_tokenizer(first)
             made = f"; {first}.meta.json says it was made with {named!r}, not found from here" if named else ""
             raise ConfigError(f"data_path {list(cfg.data_path or cfg.train_data_path)} needs a tokenizer "
                               f"(the one the data was made with): --tokenizer-model FOLDER{made}")

@@ -113,6 +113,12 @@ def meta_path(prefix: str) -> Path:
     return Path(f"{prefix}.meta.json")
 
 
+def recorded_tokenizer(prefix: str) -> Optional[str]:
+    """The tokenizer PREFIX.meta.json names (as tools/preprocess_data.py was given it), or None."""
+    path = meta_path(prefix)
+    return json.loads(path.read_text()).get("tokenizer") if path.is_file() else None
+
+
 _worker_tokenizer = None  # a tokenizing worker's own (`_start_worker`)
 
 

@@ -45,11 +45,10 @@ class Tokenizer:
         """(the digest of what maps ids to text: the tokenizer.json without NOT_THE_VOCABULARY, as
         canonical JSON; the digest of the whole serialization, which data and checkpoints made
         before recorded). The same tokenizer saved again by transformers keeps the first."""
-        content = json.loads(self.hf.to_str())
-        for key in NOT_THE_VOCABULARY:
-            content.pop(key, None)
+        whole = self.hf.to_str()
+        content = {k: v for k, v in json.loads(whole).items() if k not in NOT_THE_VOCABULARY}
         canonical = json.dumps(content, sort_keys=True, ensure_ascii=False)
-        return tuple(hashlib.sha256(text.encode()).hexdigest()[:16] for text in (canonical, self.hf.to_str()))
+        return tuple(hashlib.sha256(text.encode()).hexdigest()[:16] for text in (canonical, whole))
 
     @property
     def vocab_size(self) -> int:

@@ -19,9 +19,10 @@ class ManualGC:
 
     def __init__(self, enabled: bool, interval: int = 0, around_eval: bool = True):
         self.enabled, self.interval, self.around_eval = enabled, interval, around_eval
-        self.was_enabled = gc.isenabled()
+        self.was_enabled = True
 
     def __enter__(self) -> "ManualGC":
+        self.was_enabled = gc.isenabled()
         if self.enabled:
             gc.disable()
             gc.collect()

@@ -43,9 +43,11 @@ def check(cfg: TrainingConfig) -> None:
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"min_lr {cfg.min_lr} must be <= lr {cfg.lr}")
     if not 0 <= cfg.lr_warmup_init <= cfg.lr:
-        raise ConfigError(f"lr_warmup_init {cfg.lr_warmup_init} must be in [0, lr {cfg.lr}]: the warmup rises from it to lr")
+        raise ConfigError(f"lr_warmup_init {cfg.lr_warmup_init} must be in [0, lr {cfg.lr}]: the warmup rises "
+                          "from it to lr")
     if cfg.manual_gc_interval < 0:
-        raise ConfigError(f"manual_gc_interval {cfg.manual_gc_interval} must be >= 0 (0: collect only around evaluations)")
+        raise ConfigError(f"manual_gc_interval {cfg.manual_gc_interval} must be >= 0 (0: collect only around "
+                          "evaluations)")
     if (cfg.manual_gc_interval or not cfg.manual_gc_eval) and not cfg.manual_gc:
         raise ConfigError("manual_gc_interval and manual_gc_eval mean something with manual_gc only: pass --manual-gc")
     if cfg.empty_unused_memory_level not in (0, 1, 2):

@@ -7,7 +7,6 @@ and checks them (checks.py). ConfigError and TrainingConfig are importable from 
 """
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -183,21 +182,17 @@ def sample_based(cfg: TrainingConfig, given: set) -> TrainingConfig:
 def tokenizers_beside(data: Sequence[str]) -> list:
     """The distinct <prefix>_tokenizer folders (tools/preprocess_data.py's) beside the prefixes of
     a data path or Megatron blend (`a`, or `0.7 a 0.3 b`); a blend Megatron cannot read has none."""
-    return sorted({Path(p + "_tokenizer") for p in _prefixes(data) if Path(p + "_tokenizer", "tokenizer.json").is_file()})
+    return sorted({Path(p + "_tokenizer") for p in _prefixes(data)
+                   if Path(p + "_tokenizer", "tokenizer.json").is_file()})
 
 
 def tokenizers_recorded(data: Sequence[str]) -> list:
     """The distinct tokenizer folders that the prefixes' PREFIX.meta.json name (the --tokenizer-model
     tools/preprocess_data.py was given, as typed), those that hold a tokenizer.json from here."""
-    from spiral_megatron.job.data.preprocess import meta_path
+    from spiral_megatron.job.data.preprocess import recorded_tokenizer
 
-    named = set()
-    for prefix in _prefixes(data):
-        if meta_path(prefix).is_file():
-            name = json.loads(meta_path(prefix).read_text()).get("tokenizer")
-            if name and (Path(name) / "tokenizer.json").is_file():
-                named.add(Path(name))
-    return sorted(named)
+    named = (recorded_tokenizer(prefix) for prefix in _prefixes(data))
+    return sorted({Path(name) for name in named if name and (Path(name) / "tokenizer.json").is_file()})
 
 
 def _prefixes(data: Sequence[str]) -> list:

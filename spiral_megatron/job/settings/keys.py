@@ -144,7 +144,7 @@ class TrainingConfig:
 
     empty_unused_memory_level: int = 0
     """Return the CUDA caching allocator's unused blocks to the device: 1 after each step's
-    forward-backward, 2 also after its optimizer step and each evaluation; 0 = never
+    forward-backward and each evaluation batch, 2 also after the optimizer step; 0 = never
     (Megatron-LM's; costs time, helps against fragmentation)."""
 
     fp8: Optional[str] = None

@@ -126,7 +126,8 @@ def data_settings(keys: TrainingConfig, seq: int) -> DataSettings:
         data_path=paths(keys.data_path), train_data_path=paths(keys.train_data_path),
         valid_data_path=paths(keys.valid_data_path), mock_data=keys.mock_data, split=keys.split,
         tokenizer=keys.tokenizer, vocab_size=keys.tokenizer_vocab_size, cache_dir=keys.cache_dir,
-        seq_length=seq, eod_mask_loss=keys.eod_mask_loss, mmap_bin_files=keys.mmap_bin_files, seed=keys.seed, valid_seed=keys.valid_seed, evaluate=bool(keys.eval_interval),
+        seq_length=seq, eod_mask_loss=keys.eod_mask_loss, mmap_bin_files=keys.mmap_bin_files, seed=keys.seed,
+        valid_seed=keys.valid_seed, evaluate=bool(keys.eval_interval),
         train_samples=keys.train_samples or keys.train_iters * keys.global_batch_size,
         valid_samples=max(keys.eval_iters * keys.global_batch_size, 1),
     )
