@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from spiral_megatron.errors import ConfigError
 from spiral_megatron.quantization import checkpoint, ptq
 from spiral_megatron.quantization.formats import quantizes_activations
 
@@ -55,16 +56,31 @@ def build(source: Source, device: str = "cpu") -> torch.nn.Module:
 
 
 def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List[Dict[str, torch.Tensor]]:
-    """The first `num_samples` validation samples of the job's data, as [b, s] batches."""
+    """The first `num_samples` validation samples of the job's data, as [b, s] batches, each
+    sample once: ConfigError when the validation data holds fewer (Megatron would repeat them)."""
     from spiral_megatron.job.data import datasets as data
+    from spiral_megatron.job.data import dataset_check
     from spiral_megatron.job.settings.resolve import resolve
 
     job = resolve(["--config", str(folder / "config.yaml")])
     settings = dataclasses.replace(job.data, evaluate=True, train_samples=1, valid_samples=num_samples)
     source = data.resolve(settings, build_default=True)
     tokenizer = data.load_tokenizer(source, settings.vocab_size)
-    _, valid = data.build_datasets(settings, source, tokenizer, data.check(settings, source, tokenizer))
-    samples = [valid[i % len(valid)] for i in range(num_samples)]
+    split = data.check(settings, source, tokenizer)
+    blend = source.valid if source.whole else source.train  # None: mock data, never repeats
+    if blend is not None:
+        corpora = [dataset_check.open_corpus(prefix, tokenizer) for prefix in blend[0]]
+        times = dataset_check.epochs(corpora, blend[1], None if source.whole else split, num_samples,
+                                     settings.seq_length, part=1)
+        if max(times) > 1:
+            seq = settings.seq_length
+            tokens = round((num_samples * seq + 1) / times[0])  # the one corpus's validation tokens
+            fits = f"{(tokens - 1) // seq}" if len(corpora) == 1 else f"1/{max(times):.2f} of them"
+            where = ", ".join(blend[0]) + ("" if source.whole else f" (split {split})")
+            raise ConfigError(f"{num_samples} validation samples of {seq} tokens would repeat samples: the "
+                              f"validation data of {where} holds {fits}")
+    _, valid = data.build_datasets(settings, source, tokenizer, split)
+    samples = [valid[i] for i in range(num_samples)]
     return [data._collate(samples[i:i + micro_batch]) for i in range(0, num_samples, micro_batch)]
 
 

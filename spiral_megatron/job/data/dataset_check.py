@@ -194,11 +194,12 @@ def _advice(corpora: Sequence[Corpus], sample_tokens: int) -> str:
 
 
 def epochs(corpora: Sequence[Corpus], weights: Optional[Sequence[float]], split: Optional[str],
-           num_samples: int, seq_length: int) -> List[float]:
-    """How many times a run of `num_samples` train samples reads each corpus's train split (the
-    whole corpus for `split` None), as Megatron's GPTDataset counts: the tokens it asks for,
-    samples x seq_length + 1, over the split's tokens. A blend asks each part for its weight's
-    share plus Megatron's 0.5% surplus (BlendedMegatronDatasetBuilder)."""
+           num_samples: int, seq_length: int, part: int = 0) -> List[float]:
+    """How many times `num_samples` samples of split `part` (0 train, 1 valid) read each corpus's
+    part (the whole corpus for `split` None), as Megatron's GPTDataset counts: the tokens it asks
+    for, samples x seq_length + 1, over the part's tokens (above 1, it repeats samples). A blend
+    asks each corpus for its weight's share plus Megatron's 0.5% surplus
+    (BlendedMegatronDatasetBuilder)."""
     if weights is not None and len(corpora) > 1:
         total = sum(weights)
         asked = [math.ceil(math.ceil(num_samples * w / total) * 1.005) for w in weights]
@@ -206,7 +207,7 @@ def epochs(corpora: Sequence[Corpus], weights: Optional[Sequence[float]], split:
         asked = [num_samples] * len(corpora)
     out = []
     for c, n in zip(corpora, asked):
-        beg, end = split_ranges(c.lengths.size, parse_split(split))[0] if split else (0, c.lengths.size)
+        beg, end = split_ranges(c.lengths.size, parse_split(split))[part] if split else (0, c.lengths.size)
         out.append((n * seq_length + 1) / max(int(c.lengths[beg:end].sum()), 1))
     return out
 
