@@ -34,9 +34,13 @@ SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_wa
                    "wd_incr_style": "weight decay style"}
 
 
-# What to set for a recorded field whose name is not a key.
-NOTES = {"activation_func_name": " (Megatron's fused bias-GeLU is the tanh approximation 'gelu_tanh': "
-                                 "set model.bias_activation_fusion to match the checkpoint)"}
+def _note(field: str, saved, new) -> str:
+    """What to set where a recorded field is not a key: GeLU and its tanh approximation differ
+    only by Megatron's fused bias-GeLU (bias_activation_fusion)."""
+    if field == "activation_func_name" and {saved, new} == {"gelu", "gelu_tanh"}:
+        return (" (Megatron's fused bias-GeLU is the tanh approximation 'gelu_tanh': set "
+                "model.bias_activation_fusion to match the checkpoint)")
+    return ""
 
 
 class ResumeMismatch(ConfigError):
@@ -47,7 +51,7 @@ def architecture_differences(saved: ModelArgs, new: ModelArgs, weights_only: boo
     """`field saved -> new` for every difference in the model's function (each recorded FUNCTION
     field, spiral_megatron/config/fields.py), vocabulary and sequence length (which may change when
     only weights are loaded)."""
-    diffs = [f"model.{k} {saved.config.get(k)!r} -> {new.config.get(k)!r}{NOTES.get(k, '')}"
+    diffs = [f"model.{k} {saved.config.get(k)!r} -> {new.config.get(k)!r}{_note(k, saved.config.get(k), new.config.get(k))}"
              for k in sorted(set(saved.config) | set(new.config)) if saved.config.get(k) != new.config.get(k)]
     if saved.vocab_size != new.vocab_size:
         diffs.append(f"padded vocab_size {saved.vocab_size} -> {new.vocab_size}")
