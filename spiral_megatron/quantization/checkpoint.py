@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from spiral_megatron.quantization import levels
+from spiral_megatron.quantization import levels, swiglu_scales
 from spiral_megatron.quantization.ptq import QuantRecipe
 from spiral_megatron.job.checkpoint.checkpointing import iteration_dir, latest_iteration
 from spiral_megatron.job.checkpoint.extra_state import ExtraState
@@ -77,6 +77,7 @@ def restore_state(model: torch.nn.Module, folder) -> Optional[QuantRecipe]:
     # Megatron-LM's loader does this step too: quantizer settings (and buffer shapes) from the
     # `_extra_state` entries, before the full load fills the values.
     _load_extra_state_from_sharded_checkpoint(model, str(folder), prefix="")
+    swiglu_scales.shard_like_weight(model)
     model.spiral_quant_recipe = recipe  # what save_for_training writes back
     return recipe
 
