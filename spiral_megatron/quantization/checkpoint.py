@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from spiral_megatron.errors import ConfigError
 from spiral_megatron.quantization import levels, swiglu_scales
 from spiral_megatron.quantization.ptq import QuantRecipe
 from spiral_megatron.job.checkpoint.checkpointing import iteration_dir, latest_iteration
@@ -78,8 +79,21 @@ def restore_state(model: torch.nn.Module, folder) -> Optional[QuantRecipe]:
     # `_extra_state` entries, before the full load fills the values.
     _load_extra_state_from_sharded_checkpoint(model, str(folder), prefix="")
     swiglu_scales.shard_like_weight(model)
+    _check_blocks(model, recipe)
     model.spiral_quant_recipe = recipe  # what save_for_training writes back
     return recipe
+
+
+def _check_blocks(model: torch.nn.Module, recipe: QuantRecipe) -> None:
+    """Refuse a tensor-parallel size at which a row-parallel layer's weight blocks (int4 AWQ's
+    128 inputs per scale) would straddle two ranks: its scales then do not fit the checkpoint's."""
+    for name, module in model.named_modules():
+        sizes = getattr(getattr(module, "weight_quantizer", None), "block_sizes", None) or {}
+        block, local = sizes.get(-1), getattr(module, "input_size_per_partition", None)
+        if block and local and local != module.input_size and local % block:
+            raise ConfigError(f"{recipe.format}: {name} has {local} of its {module.input_size} input features per "
+                              f"tensor-parallel rank, not a multiple of the weight blocks of {block}; load this "
+                              f"checkpoint at a tensor-parallel size that gives each rank a multiple of {block}")
 
 
 # ---- the training job's two hooks (quantization-aware training), registered as TRAINING_HOOK ----

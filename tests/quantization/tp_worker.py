@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node=2 tp_worker.py FOLDER...: each quantized checkpoint FOLDER (saved at
 TP1 with FOLDER/model_args.json and FOLDER/ids.pt) restored at TP2; prints `LOSS <folder>
-<max abs difference>` of its per-token loss from FOLDER/expected.pt (the TP1 model's)."""
+<max abs difference>` of its per-token loss from FOLDER/expected.pt (the TP1 model's),
+or `REFUSED <folder> <message>`."""
 
 import sys
 
@@ -13,6 +14,7 @@ def main(folders):
 
     from spiral_megatron import parallel
     from spiral_megatron.conversion.megatron_io import build_megatron
+    from spiral_megatron.errors import ConfigError
     from spiral_megatron.model.model_args import ModelArgs
     from spiral_megatron.quantization import checkpoint
 
@@ -20,7 +22,12 @@ def main(folders):
     for folder in folders:
         tensor_parallel.model_parallel_cuda_manual_seed(7, inference_rng_tracker=True)
         model = build_megatron(ModelArgs.load(f"{folder}/model_args.json")).eval()
-        checkpoint.restore_state(model, folder)
+        try:
+            checkpoint.restore_state(model, folder)
+        except ConfigError as e:
+            if dist.get_rank() == 0:
+                print(f"REFUSED {folder} {e}", flush=True)
+            continue
         model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, folder)["model"])
         ids = torch.load(f"{folder}/ids.pt")  # [b, s]
         pos = torch.arange(ids.shape[1])[None].expand_as(ids)
