@@ -4,7 +4,7 @@
     python tools/evaluate.py --model hf/debug --data valid.jsonl notes.txt --out result.json
 
 --model: a checkpoint folder (any TP/PP layout; --iteration picks one) or an HF folder.
---data: Megatron indexed dataset prefixes (.bin/.idx) and/or JSONL (`text` key) / text files
+--data: Megatron indexed dataset prefixes (.bin/.idx) and/or JSONL (`text` key, or --json-keys KEY) / text files
 (or folders of them, or quoted patterns), tokenized with the model's tokenizer (or --tokenizer). Documents are joined with the
 end-of-document id and cut into consecutive windows (no seed: the same data every time); the
 first --max-sequences of them are scored (default 256; 0 = all), --batch-size at a time.

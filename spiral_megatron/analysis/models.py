@@ -90,10 +90,12 @@ def load_with_sequences(model: str, data_paths, iteration: Optional[int] = None,
 
 
 def add_source_arguments(parser) -> None:
-    """--model, --iteration, --data, --tokenizer, --text-key, --seq-length (both CLI tools)."""
+    """--model, --iteration, --data, --tokenizer, --json-keys, --seq-length (both CLI tools)."""
     parser.add_argument("--model", required=True, help="checkpoint folder (any TP/PP layout) or converted HF folder")
     parser.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
     parser.add_argument("--data", nargs="+", required=True, help="indexed dataset prefixes, .jsonl or .txt files")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
-    parser.add_argument("--text-key", default="text", help="JSONL key holding the text")
+    parser.add_argument("--json-keys", "--json-key", "--text-key", dest="text_key", default="text", metavar="KEY",
+                        help="JSONL key holding the text (tools/preprocess_data.py's and Megatron-LM's name; "
+                             "--json-key and --text-key are aliases)")
     parser.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default: the model's maximum)")

@@ -59,7 +59,7 @@ def test_a_record_without_the_text_key_is_named_with_its_keys(tmp_path):
     finally:
         sys.path.pop(0)
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"content": "x", "id": 2}) + "\n")
-    with pytest.raises(ValueError, match=r"a.jsonl:2: no text under key 'text' \(the record holds: content, id\)"):
+    with pytest.raises(ValueError, match=r"a.jsonl:2: no text under key 'text' \(the record holds: content, id; --json-keys KEY names the key\)"):
         list(read_documents([tmp_path / "a.jsonl"]))
     # Megatron-LM's --json-keys, and --json-key, name the key; one key per run
     base = ["--input", "a.jsonl", "--output-prefix", "p"]

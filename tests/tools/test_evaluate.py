@@ -61,6 +61,12 @@ def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus,
     assert evaluate_tool.main(["--model", str(hf_folder), *common[2:], "--data", str(tmp_path / "held"),
                                "--out", str(tmp_path / "f.json")]) == 0
     assert json.loads((tmp_path / "f.json").read_text())["loss"] == b["loss"]
+    # records with their text under another key, named with --json-keys as in preprocess_data.py
+    (tmp_path / "content.jsonl").write_text("".join(json.dumps({"content": json.loads(line)["text"], "id": 1}) + "\n"
+                                                    for line in corpus.read_text().splitlines() if line.strip()))
+    assert evaluate_tool.main(["--model", str(hf_folder), *common[2:], "--data", str(tmp_path / "content.jsonl"),
+                               "--json-keys", "content", "--out", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["loss"] == b["loss"]
 
 
 def test_evaluate_errors(hf_folder, tmp_path, capsys):

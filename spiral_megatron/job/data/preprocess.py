@@ -75,7 +75,8 @@ def _documents(path: Path, text_key: str) -> Iterator[str]:
                     text = record.get(text_key) if isinstance(record, dict) else None
                     if not isinstance(text, str):
                         keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                        raise ValueError(f"{path}:{n}: no text under key {text_key!r} (the record holds: {keys})")
+                        raise ValueError(f"{path}:{n}: no text under key {text_key!r} (the record holds: {keys}; "
+                                         "--json-keys KEY names the key)")
                     yield text
     else:
         yield path.read_text(encoding="utf-8")
