@@ -10,6 +10,7 @@ trains, with the job's data, tokenizer, optimizer, schedule and seed.
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Dict
 
 from megatron.bridge.training.config import (
@@ -127,9 +128,12 @@ JOB_ONLY = ("valid_seed", "check_for_large_grads", "log_json", "peak_tflops", "c
 
 def resolved_job(flavor: str = "debug", **keys) -> Resolved:
     """The project's job of `flavor` (its FLAVOR_KEYS) with `keys` (job keys or their
-    Megatron-LM aliases) over them, resolved and checked as the job resolves it."""
+    Megatron-LM aliases) over them, resolved and checked as the job resolves it. `config`: a
+    job config file (examples/pretrain_spiral.py's --config), its keys over the flavor's."""
     flavors.get(flavor)  # a ValueError lists the known flavors
-    defaults = {"model": flavor, "save": f"checkpoints/bridge-{flavor}", **FLAVOR_KEYS[flavor]}
+    path = keys.pop("config", None)
+    defaults = config.layered({"model": flavor, "save": f"checkpoints/bridge-{flavor}", **FLAVOR_KEYS[flavor]},
+                              config.read_yaml(Path(path)) if path else {})
     resolved = config.keys_of(defaults, keys)
     for key in JOB_ONLY:  # read after the aliases are resolved
         if getattr(resolved, key) != FIELDS[key].default:

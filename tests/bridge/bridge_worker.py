@@ -198,9 +198,40 @@ def example_checks(out: Path) -> dict:
             example.make_config(args.flavor, None, [override], flags)
         except ConfigError as e:
             refused[override] = str(e)
+    for override in ("train.train_iterz=3", "train.train_iters=abc"):
+        try:
+            example.make_config(args.flavor, None, [override], flags)
+        except ConfigError as e:
+            refused[override] = str(e)
     data = dict(blend=cfg.dataset.blend, split=cfg.dataset.split, tokenizer=cfg.tokenizer.tokenizer_model,
                 flags=flags, overrides=overrides)
-    return dict(data, refused=refused, losses=pretrain_losses(cfg), prefix=str(prefix))
+    return dict(data, refused=refused, files=config_files(example, out, flags), losses=pretrain_losses(cfg),
+                prefix=str(prefix))
+
+
+def config_files(example, out: Path, flags) -> dict:
+    """--config FILE (the job's keys, as examples/pretrain_spiral.py takes them) and
+    --config-file FILE (Bridge's ConfigContainer fields; a job file there is refused, naming
+    its keys, where Bridge would warn and train without them)."""
+    from spiral_megatron.errors import ConfigError
+
+    job_file, bridge_file = out / "job.yaml", out / "bridge.yaml"
+    if dist.get_rank() == 0:
+        job_file.write_text("model: {flavor: debug, hidden_size: 96, num_attention_heads: 6}\n"
+                            "lr: 0.002\nlr_warmup_iters: 3\nmicro_batch_size: 2\n")
+        bridge_file.write_text("train: {train_iters: 7}\noptimizer: {lr: 0.004}\n")
+    dist.barrier()
+    args, job_flags, overrides = example.parse_args(["--config", str(job_file), *flags])
+    job = example.make_config(args.flavor, args.config_file, overrides, job_flags)
+    args, _, _ = example.parse_args(["--config-file", str(bridge_file), *flags])
+    bridge = example.make_config(args.flavor, args.config_file, [], flags)
+    try:
+        example.make_config("debug", str(job_file), [], flags)
+        refused = None
+    except ConfigError as e:
+        refused = str(e).replace(str(job_file), "JOB")
+    return dict(job=[job.model.hidden_size, job.optimizer.lr, job.scheduler.lr_warmup_iters, job.train.micro_batch_size],
+                bridge=[bridge.train.train_iters, bridge.optimizer.lr], refused=refused)
 
 
 def _initialize(tp: int) -> None:

@@ -174,7 +174,21 @@ def test_the_example_trains_on_data_of_your_own(results):
         "dataset.blend=[[/elsewhere/text],null]": "dataset.blend: set by the recipe from the job's data flags; give "
         "--data-path instead (the tokenizer beside the data and a split that fits it come with it)",
         "tokenizer.tokenizer_model=/elsewhere": "tokenizer: set by the recipe from the job's data flags; give "
-        "--tokenizer-model instead (the tokenizer beside the data and a split that fits it come with it)"}
+        "--tokenizer-model instead (the tokenizer beside the data and a split that fits it come with it)",
+        "train.train_iterz=3": "Could not override 'train.train_iterz'. (Key 'train_iterz' is not in struct)",
+        "train.train_iters=abc": "train.train_iters=abc: train.train_iters takes an integer (300 in the recipe)"}
+
+
+def test_the_example_takes_a_job_config_and_refuses_a_job_file_as_bridge_fields(results):
+    """--config is the job's config file (argparse took it for --config-file, and Bridge then
+    warned and trained without every key of it); --config-file holds ConfigContainer fields."""
+    files = results["example"]["files"]
+    # the file's keys over the recipe's (its lr_warmup_iters replaces the recipe's warmup fraction),
+    # the command line's over the file's (--micro-batch-size 4 over its 2)
+    assert files["job"] == [96, 0.002, 3, 4]
+    assert files["bridge"] == [7, 0.004]
+    assert files["refused"] == ("--config-file JOB: model.flavor, lr, lr_warmup_iters, micro_batch_size: not a field "
+                                "of Bridge's ConfigContainer (a config file of the job's keys goes in --config)")
 
 
 def test_builder_weights_equal_the_job_build(results):

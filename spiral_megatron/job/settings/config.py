@@ -144,6 +144,14 @@ EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_dat
              ("lr_warmup_iters", "lr_warmup_samples"), ("lr_warmup_samples", "lr_warmup_fraction"))
 
 
+def layered(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    """Config mapping `top` over `base`, without the keys of `base` that a key of `top`
+    excludes (a file's lr_warmup_iters over defaults holding lr_warmup_fraction)."""
+    given = {k.replace("-", "_") for k in top}
+    dropped = {b for a, b in EXCLUSIVE if a in given} | {a for a, b in EXCLUSIVE if b in given}
+    return {**{k: v for k, v in base.items() if k.replace("-", "_") not in dropped - given}, **top}
+
+
 def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """`overrides`, plus a reset to the default of each YAML key the command line excludes."""
     given = {k.replace("-", "_") for k in overrides}
