@@ -11,7 +11,8 @@ final checkpoint is scored with spiral_megatron.analysis.evaluate.
 
 Data: by default the bundled corpus, every 10th document held out [ours]: OUT/data holds the
 train indexed dataset, valid.jsonl and the tokenizer. Or give --train-data PREFIX
---valid-data FILES --tokenizer DIR.
+--valid-data FILES --tokenizer DIR (--json-keys KEY: the text key of JSONL files). Relative paths are
+the caller's: the training runs start in the folder ablate.py was started in.
 
 Runs go seed by seed (every variant at the first seed, then the next seed). Resumable: a run whose OUT/runs/<variant>/lr<lr>-seed<seed>/result.json exists is not rerun
 (an unfinished one restarts from scratch). At the end OUT/table.md, OUT/results.json and
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--train-data", default=None, help="indexed dataset prefix to train on")
     p.add_argument("--valid-data", nargs="*", default=None, help="held-out .jsonl/.txt files or indexed prefixes")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder of --train-data")
+    p.add_argument("--json-keys", "--json-key", "--text-key", dest="text_key", default="text", metavar="KEY",
+                   help="JSONL key holding --valid-data's text (as tools/preprocess_data.py takes it)")
     p.add_argument("--valid-sequences", type=int, default=None, help="cap on validation sequences")
     p.add_argument("--train-arg", action="append", default=[],
                    help="extra argument passed to the training job (repeatable), e.g. --train-arg=--weight-decay=0.0")
@@ -127,7 +130,8 @@ def run_one(args, flavor, variant, lr, seed, data, valid_rows, vocab_size) -> di
     print(f"[ablate] {vdir}/{rdir}: training ({variant.about})", flush=True)
     started = time.time()
     with open(run_dir / "train.log", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=args.timeout).returncode
+        # in the caller's folder: --out, the data and --train-arg paths mean what the user meant
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=args.timeout).returncode
     wall = time.time() - started
     if rc != 0:
         tail = (run_dir / "train.log").read_text()[-3000:]
@@ -183,14 +187,15 @@ def main(argv=None) -> int:
 def _run(argv) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    import torch
-
     from spiral_megatron.analysis import ablation, data as adata
     from spiral_megatron.job.data.tokenizer import Tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = 512  # the bundled tokenizer's, padded to 128 (for the FLOPs matching only)
+    from spiral_megatron.job.settings.resolve import padded_vocab
+
+    # the tokenizer's vocabulary as the job pads it (for the FLOPs matching only); 512: the bundled one's
+    vocab = padded_vocab(Tokenizer.load(args.tokenizer).vocab_size if args.tokenizer else 512)
     try:
         chosen = ablation.select(ablation.variants(args.flavor, args.seq_length, vocab),
                                  args.variants.split(",") if args.variants else None)
@@ -212,7 +217,12 @@ def _run(argv) -> int:
     else:
         data = bundled_data(out)
     tok = Tokenizer.load(data[2])
-    valid_rows = adata.sequences(adata.token_documents(data[1], tok), args.seq_length, args.valid_sequences)
+    try:
+        valid_rows = adata.sequences(adata.token_documents(data[1], tok, args.text_key), args.seq_length,
+                                     args.valid_sequences)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ablate: error: --valid-data: {e}", file=sys.stderr)
+        return 2
     print(f"[ablate] {len(chosen)} variants x {len(lrs)} lr x {len(seeds)} seeds; validation: "
           f"{valid_rows.shape[0]} sequences of {args.seq_length} tokens from {data[1]}", flush=True)
     results = []

@@ -75,19 +75,39 @@ def test_finished_runs_are_not_rerun(tmp_path, monkeypatch):
 
 def test_tiny_ablation_end_to_end(tmp_path):
     """Two variants, one seed, 2 steps each through examples/pretrain_spiral.py; then a rerun
-    that trains nothing. (Seconds of training; most of the time is process start-up.)"""
-    cmd = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--out", str(tmp_path), "--variants", "spiral-c2f,gpt",
+    that trains nothing. (Seconds of training; most of the time is process start-up.) Run from
+    a folder of the user's with a relative --out: the training runs see the paths as the user
+    gave them (they ran in the repository root: saved elsewhere, found no data)."""
+    cmd = [sys.executable, str(ROOT / "tools" / "ablate.py"), "--out", "sweep", "--variants", "spiral-c2f,gpt",
            "--seeds", "1", "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "2",
            "--seq-length", "32", "--valid-sequences", "4"]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    out = tmp_path / "sweep"
+    results = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in results["rows"]] == ["spiral-c2f", "gpt"]
     assert all(r["val_loss"] > 0 and r["tokens"] == 2 * 2 * 32 for r in results["runs"])
     assert results["runs"][1]["chunk_sizes"] == [] and results["runs"][0]["train_flops"] > results["runs"][1]["train_flops"]
-    assert "| spiral-c2f |" in (tmp_path / "table.md").read_text()
-    assert (tmp_path / "val_loss_vs_flops.png").stat().st_size > 0
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert "| spiral-c2f |" in (out / "table.md").read_text()
+    assert (out / "val_loss_vs_flops.png").stat().st_size > 0
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert second.returncode == 0 and second.stdout.count("not rerun") == 2
+
+
+def test_own_validation_records_name_their_key(tmp_path, capsys):
+    """--valid-data JSONL with its text under another key: --json-keys names it (as in
+    tools/preprocess_data.py); without it, one line names the key the records hold."""
+    from spiral_megatron.job.data.preprocess import preprocess
+
+    (tmp_path / "train.txt").write_text("alpha beta gamma delta epsilon " * 40)
+    preprocess([str(tmp_path / "train.txt")], str(tmp_path / "train"), vocab_size=300)
+    (tmp_path / "valid.jsonl").write_text(json.dumps({"content": "alpha beta " * 30}) + "\n")
+    common = ["--out", str(tmp_path / "out"), "--train-data", str(tmp_path / "train"), "--valid-data",
+              str(tmp_path / "valid.jsonl"), "--tokenizer", str(tmp_path / "train_tokenizer"), "--seq-length", "8",
+              "--variants", "gpt", "--seeds", "1"]
+    assert ablate.main(common) == 2
+    assert capsys.readouterr().err.strip() == (f"ablate: error: --valid-data: {tmp_path / 'valid.jsonl'}:1: no text "
+                                               "under key 'text' (the record holds: content; --json-keys KEY names the key)")
+    assert ablate.parse_args(common + ["--json-keys", "content"]).text_key == "content"

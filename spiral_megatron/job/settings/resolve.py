@@ -112,8 +112,12 @@ def resolve_keys(keys: TrainingConfig, on_cpu: Optional[bool] = None) -> Resolve
 
 
 def _padded(vocab_size: int, keys: TrainingConfig) -> int:
+    return padded_vocab(vocab_size, keys.make_vocab_size_divisible_by, keys.tensor_parallel)
+
+
+def padded_vocab(vocab_size: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
     """Embedding rows: `vocab_size` padded to a multiple of make_vocab_size_divisible_by x TP (Megatron's)."""
-    multiple = keys.make_vocab_size_divisible_by * keys.tensor_parallel
+    multiple = divisible_by * tensor_parallel
     return -(-vocab_size // multiple) * multiple
 
 
