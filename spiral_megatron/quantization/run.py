@@ -75,7 +75,8 @@ def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List
         if max(times) > 1:
             seq = settings.seq_length
             tokens = round((num_samples * seq + 1) / times[0])  # the one corpus's validation tokens
-            fits = f"{(tokens - 1) // seq}" if len(corpora) == 1 else f"1/{max(times):.2f} of them"
+            fits = (f"{(tokens - 1) // seq}" if len(corpora) == 1
+                    else f"about {int(num_samples / max(times))} in the blend's proportions")
             where = ", ".join(blend[0]) + ("" if source.whole else f" (split {split})")
             raise ConfigError(f"{num_samples} validation samples of {seq} tokens would repeat samples: the "
                               f"validation data of {where} holds {fits}")
