@@ -34,14 +34,18 @@ def memory_gib() -> float:
 
 def tensorboard_writer(folder: Optional[str]):
     """A SummaryWriter, or None; a clear ImportError when tensorboard is missing."""
-    if folder is None:
-        return None
+    return None if folder is None else summary_writer_class(folder)(log_dir=folder)
+
+
+def summary_writer_class(folder: str):
+    """torch's SummaryWriter (which needs the `tensorboard` package), checked before a run
+    starts without writing into `folder` (a writer opens an event file at once)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ImportError(f"tensorboard_dir {folder!r} needs the `tensorboard` package "
                           "(pip install tensorboard)") from None
-    return SummaryWriter(log_dir=folder)
+    return SummaryWriter
 
 
 class Logger:

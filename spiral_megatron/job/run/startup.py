@@ -15,7 +15,7 @@ from spiral_megatron.job.checkpoint.checkpoint_files import same_folder
 from spiral_megatron.job.checkpoint.folder_lock import FolderLock
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import console, fatal
-from spiral_megatron.job.run.metrics import tensorboard_writer
+from spiral_megatron.job.run.metrics import summary_writer_class
 from spiral_megatron.job.settings import checks
 from spiral_megatron.job.settings.config import ConfigError, TrainingConfig
 from spiral_megatron.job.settings.resolve import Resolved
@@ -127,7 +127,7 @@ def preflight(job: Resolved, layout: Layout, held: Preflight) -> None:
                   f"scratch (the first launch of a job that requeues with the same command)", flush=True)
     if layout.rank0 and cfg.tensorboard_dir:
         try:
-            tensorboard_writer(cfg.tensorboard_dir).close()
+            summary_writer_class(cfg.tensorboard_dir)
         except ImportError as e:  # the message says what to install
             raise ConfigError(str(e)) from None
 
