@@ -4,6 +4,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -58,6 +59,8 @@ class Logger:
         self.rank0, self.world_size, self.peak = rank0, world_size, peak_tflops
         self.seq_length, self.tokens_per_step = seq_length, global_batch_size * seq_length
         self.flops_per_step = flops.training_flops(model_config, seq_length, vocab_size) * global_batch_size
+        if rank0 and log_json:
+            Path(log_json).parent.mkdir(parents=True, exist_ok=True)  # as a --tensorboard-dir is made
         self.json = open(log_json, "a") if rank0 and log_json else None
         self.tb = tensorboard_writer(tensorboard_dir) if rank0 else None
         self.tty = rank0 and sys.stdout.isatty()
