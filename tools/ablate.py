@@ -189,11 +189,10 @@ def _run(argv) -> int:
     args = parse_args(argv)
     from spiral_megatron.analysis import ablation, data as adata
     from spiral_megatron.job.data.tokenizer import Tokenizer
+    from spiral_megatron.job.settings.resolve import padded_vocab
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from spiral_megatron.job.settings.resolve import padded_vocab
-
     # the tokenizer's vocabulary as the job pads it (for the FLOPs matching only); 512: the bundled one's
     vocab = padded_vocab(Tokenizer.load(args.tokenizer).vocab_size if args.tokenizer else 512)
     try:

@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.conversion.megatron_io import CheckpointError
-    from spiral_megatron.errors import ConfigError
     from spiral_megatron.quantization import run
     from spiral_megatron.quantization.formats import check_format
     from spiral_megatron.quantization.ptq import QuantRecipe
@@ -72,8 +71,8 @@ def main(argv=None) -> int:
         source = run.read_source(args.load, args.iteration)
         try:
             batches = run.validation_batches(source.folder, args.calib_samples + args.eval_samples, args.micro_batch)
-        except ConfigError as e:  # the evaluation would score samples the calibration saw
-            raise ConfigError(f"--calib-samples {args.calib_samples} + --eval-samples {args.eval_samples}: {e}; "
+        except run.TooFewSamples as e:  # the evaluation would score samples the calibration saw
+            raise run.TooFewSamples(f"--calib-samples {args.calib_samples} + --eval-samples {args.eval_samples}: {e}; "
                               "pass fewer") from None
         cut = args.calib_samples // args.micro_batch
         calib, evals = batches[:cut], batches[cut:]

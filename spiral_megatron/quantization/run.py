@@ -55,9 +55,13 @@ def build(source: Source, device: str = "cpu") -> torch.nn.Module:
     return model.to(device).eval()
 
 
+class TooFewSamples(ConfigError):
+    """The validation data holds fewer samples than asked for (Megatron would repeat them)."""
+
+
 def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List[Dict[str, torch.Tensor]]:
     """The first `num_samples` validation samples of the job's data, as [b, s] batches, each
-    sample once: ConfigError when the validation data holds fewer (Megatron would repeat them)."""
+    sample once: TooFewSamples when the validation data holds fewer (Megatron would repeat them)."""
     from spiral_megatron.job.data import datasets as data
     from spiral_megatron.job.data import dataset_check
     from spiral_megatron.job.settings.resolve import resolve
@@ -70,16 +74,15 @@ def validation_batches(folder: Path, num_samples: int, micro_batch: int) -> List
     blend = source.valid if source.whole else source.train  # None: mock data, never repeats
     if blend is not None:
         corpora = [dataset_check.open_corpus(prefix, tokenizer) for prefix in blend[0]]
-        times = dataset_check.epochs(corpora, blend[1], None if source.whole else split, num_samples,
-                                     settings.seq_length, part=1)
+        parts = None if source.whole else split
+        seq = settings.seq_length
+        times = dataset_check.epochs(corpora, blend[1], parts, num_samples, seq, part=1)
         if max(times) > 1:
-            seq = settings.seq_length
-            tokens = round((num_samples * seq + 1) / times[0])  # the one corpus's validation tokens
-            fits = (f"{(tokens - 1) // seq}" if len(corpora) == 1
+            fits = (f"{(dataset_check.part_tokens(corpora[0], parts, 1) - 1) // seq}" if len(corpora) == 1
                     else f"about {int(num_samples / max(times))} in the blend's proportions")
             where = ", ".join(blend[0]) + ("" if source.whole else f" (split {split})")
-            raise ConfigError(f"{num_samples} validation samples of {seq} tokens would repeat samples: the "
-                              f"validation data of {where} holds {fits}")
+            raise TooFewSamples(f"{num_samples} validation samples of {seq} tokens would repeat samples: the "
+                                f"validation data of {where} holds {fits}")
     _, valid = data.build_datasets(settings, source, tokenizer, split)
     samples = [valid[i] for i in range(num_samples)]
     return [data._collate(samples[i:i + micro_batch]) for i in range(0, num_samples, micro_batch)]

@@ -205,11 +205,13 @@ def epochs(corpora: Sequence[Corpus], weights: Optional[Sequence[float]], split:
         asked = [math.ceil(math.ceil(num_samples * w / total) * 1.005) for w in weights]
     else:
         asked = [num_samples] * len(corpora)
-    out = []
-    for c, n in zip(corpora, asked):
-        beg, end = split_ranges(c.lengths.size, parse_split(split))[part] if split else (0, c.lengths.size)
-        out.append((n * seq_length + 1) / max(int(c.lengths[beg:end].sum()), 1))
-    return out
+    return [(n * seq_length + 1) / max(part_tokens(c, split, part), 1) for c, n in zip(corpora, asked)]
+
+
+def part_tokens(corpus: Corpus, split: Optional[str], part: int) -> int:
+    """The tokens of split `part` (0 train, 1 valid) of `corpus` (all of it for `split` None)."""
+    beg, end = split_ranges(corpus.lengths.size, parse_split(split))[part] if split else (0, corpus.lengths.size)
+    return int(corpus.lengths[beg:end].sum())
 
 
 def choose_split(corpora: Sequence[Corpus], split: Optional[str], needed: Sequence[str],

@@ -144,20 +144,22 @@ EXCLUSIVE = (("lr_warmup_iters", "lr_warmup_fraction"), ("data_path", "train_dat
              ("lr_warmup_iters", "lr_warmup_samples"), ("lr_warmup_samples", "lr_warmup_fraction"))
 
 
+def _excluded(top: Dict[str, Any]) -> set:
+    """The keys that the keys of mapping `top` exclude (EXCLUSIVE), other than its own."""
+    given = {k.replace("-", "_") for k in top}
+    return ({b for a, b in EXCLUSIVE if a in given} | {a for a, b in EXCLUSIVE if b in given}) - given
+
+
 def layered(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     """Config mapping `top` over `base`, without the keys of `base` that a key of `top`
     excludes (a file's lr_warmup_iters over defaults holding lr_warmup_fraction)."""
-    given = {k.replace("-", "_") for k in top}
-    dropped = {b for a, b in EXCLUSIVE if a in given} | {a for a, b in EXCLUSIVE if b in given}
-    return {**{k: v for k, v in base.items() if k.replace("-", "_") not in dropped - given}, **top}
+    dropped = _excluded(top)
+    return {**{k: v for k, v in base.items() if k.replace("-", "_") not in dropped}, **top}
 
 
 def _drop_excluded(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     """`overrides`, plus a reset to the default of each YAML key the command line excludes."""
-    given = {k.replace("-", "_") for k in overrides}
-    resets = {b: FIELDS[b].default for a, b in EXCLUSIVE if a in given and b in data and b not in given}
-    resets.update({a: FIELDS[a].default for a, b in EXCLUSIVE if b in given and a in data and a not in given})
-    return {**resets, **overrides}
+    return {**{k: FIELDS[k].default for k in _excluded(overrides) if k in data}, **overrides}
 
 
 def _load_follows_save(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:

@@ -99,7 +99,7 @@ def resolve_keys(keys: TrainingConfig, on_cpu: Optional[bool] = None) -> Resolve
     kwargs = MappingProxyType({**flavor.model, **fused, **overrides,
                                **model_config.job_fields(keys, on_cpu, backend)})
     spiral = model_config.build(keys, kwargs)
-    vocab = _padded(keys.tokenizer_vocab_size, keys)
+    vocab = padded_vocab(keys.tokenizer_vocab_size, keys.make_vocab_size_divisible_by, keys.tensor_parallel)
     checks.check_model(keys, spiral, seq, vocab)
     return Resolved(
         keys=keys, on_cpu=on_cpu, flavor=flavor.name, model=spiral, model_kwargs=kwargs, backend=backend,
@@ -109,10 +109,6 @@ def resolve_keys(keys: TrainingConfig, on_cpu: Optional[bool] = None) -> Resolve
         seq_length=seq, dtype=model_config.DTYPES[keys.precision], ddp=training.ddp_config(keys),
         optimizer=training.optimizer_config(keys), schedule=training.schedule(keys), data=data_settings(keys, seq),
     )
-
-
-def _padded(vocab_size: int, keys: TrainingConfig) -> int:
-    return padded_vocab(vocab_size, keys.make_vocab_size_divisible_by, keys.tensor_parallel)
 
 
 def padded_vocab(vocab_size: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
