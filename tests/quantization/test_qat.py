@@ -1,6 +1,8 @@
 """tools/quantize.py on a checkpoint of the training job, then quantization-aware training:
 the job `--load`s the quantized checkpoint, keeps its quantizers, trains on with fake
-quantization, and saves a checkpoint that is still quantized."""
+quantization, and saves a checkpoint that is still quantized. At PP2 (the loop across both
+stages, each with its own copy of the core and of its per-level scales) the same QAT steps give
+the one-process run's losses and gradient norms."""
 
 import json
 import subprocess
@@ -65,13 +67,26 @@ def test_quantize_tool_then_qat(reference, cache_dir, tmp_path, megatron):  # no
     log = logged(tmp_path / "qat.jsonl")
     assert sorted(log) == [5, 6, 7, 8]
     assert log[8]["loss"] < log[5]["loss"]
+    launch(cache_dir, *TINY, "--train-iters", 8, "--load", quantized, "--save", tmp_path / "qat-pp2",
+           "--pipeline-model-parallel-size", 2, "--log-json", tmp_path / "qat-pp2.jsonl", nproc=2)
+    pp2 = logged(tmp_path / "qat-pp2.jsonl")
+    assert sorted(pp2) == [5, 6, 7, 8]
+    print("\nQAT losses, PP2 vs one process:", [(pp2[i]["loss"], log[i]["loss"]) for i in sorted(log)])
+    for it in pp2:  # the tolerances of tests/distributed/test_layouts.py
+        assert pp2[it]["loss"] == pytest.approx(log[it]["loss"], rel=1e-5), (it, pp2[it]["loss"], log[it]["loss"])
+        assert pp2[it]["grad_norm"] == pytest.approx(log[it]["grad_norm"], rel=1e-4), it
 
-    before, after = restored(folder, megatron_io, checkpoint), restored(trained / "iter_0000008", megatron_io, checkpoint)
-    assert levels.has_levels(after), "the per-level quantizers survive training and saving"
-    scales_before, scales_after = amaxes(before), amaxes(after)
-    assert scales_before.keys() == scales_after.keys() and len(scales_before) > 0
-    for name in scales_before:  # QAT trains the weights with the calibrated scales fixed
-        torch.testing.assert_close(scales_after[name], scales_before[name], rtol=0, atol=0)
+    before = restored(folder, megatron_io, checkpoint)
+    scales_before = amaxes(before)
+    assert len(scales_before) > 0
+    for run in (trained, tmp_path / "qat-pp2"):
+        after = restored(run / "iter_0000008", megatron_io, checkpoint)
+        assert levels.has_levels(after), f"{run.name}: the per-level quantizers survive training and saving"
+        scales_after = amaxes(after)
+        assert scales_before.keys() == scales_after.keys(), run.name
+        for name in scales_before:  # QAT trains the weights with the calibrated scales fixed
+            torch.testing.assert_close(scales_after[name], scales_before[name], rtol=0, atol=0, msg=f"{run.name}: {name}")
+    after = restored(trained / "iter_0000008", megatron_io, checkpoint)
     w = "loop.core.layers.0.mlp.linear_fc1.weight"
     assert not torch.equal(before.state_dict()[w], after.state_dict()[w])
 
