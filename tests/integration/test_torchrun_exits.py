@@ -44,16 +44,20 @@ def test_sigterm_to_the_process_group_under_torchrun(cache_dir, tmp_path):
     assert "exitcode" not in stderr  # no worker failed: torchrun reports none
 
 
-@pytest.mark.parametrize("fault", ["raise:step:1:3", "raise:save:1", "raise:writer:1"])
+@pytest.mark.parametrize("fault", ["raise:step:1:3", "raise:save:1", "raise:writer:1", "raise:writer:1 sync"])
 def test_a_rank_that_raises_ends_the_job_within_seconds(cache_dir, tmp_path, fault):
     """Issue 21, item 9: rank 1 raises in its third step, or as the first save starts writing
-    (rank 0 then waits in the save's collectives), or in Megatron's forked background writer
-    (`--async-save`). The job ends within 30 s of the error, which is printed once and is
+    (rank 0 then waits in the save's collectives), or in its checkpoint writer: Megatron's forked
+    background writer (`--async-save`), or the writer a synchronous save runs (as a full disk
+    fails it). The job ends within 30 s of the error, which is printed once and is
     torchrun's root cause; rank 0 says in one line that another rank failed. Before, a failed
     rank's exit hung on its loader workers and the job never ended; a failed background writer
     ended the job at its next finalize with `CheckpointException ranks:dict_keys([])` as the
-    root cause (rank 1's: only Megatron's coordinator, rank 0, holds the failures)."""
-    args = [*TINY, "--train-iters", 6, "--save", tmp_path / "ckpt"] + (["--async-save"] if "writer" in fault else [])
+    root cause (rank 1's: only Megatron's coordinator, rank 0, holds the failures), and a failed
+    synchronous writer with rank 0's `CheckpointException ranks:dict_keys([1])` and a traceback."""
+    fault, sync = fault.split(" ")[0], fault.endswith(" sync")
+    async_save = "writer" in fault and not sync
+    args = [*TINY, "--train-iters", 6, "--save", tmp_path / "ckpt"] + (["--async-save"] if async_save else [])
     env = dict(environment(cache_dir), SPIRAL_TEST_FAULT=fault)
     cmd = command(2, args)
     cmd[cmd.index(str(ROOT / "examples" / "pretrain_spiral.py"))] = str(ROOT / "tests" / "integration" / "faulty_job.py")
@@ -73,11 +77,14 @@ def test_a_rank_that_raises_ends_the_job_within_seconds(cache_dir, tmp_path, fau
     assert code == 1 and ended_after < 30, (code, ended_after, out[-4000:])
     root_cause = out[out.index("Root Cause"):]
     if "writer" in fault:  # every rank raised it; rank 0 printed it, with what Megatron's coordinator knows
-        error = ("pretrain_spiral: error: the background save of "
-                 f"{tmp_path / 'ckpt' / 'iter_0000002'} failed (rank 1: RuntimeError: Worker failure")
+        what = (f"the background save of {tmp_path / 'ckpt' / 'iter_0000002'}" if async_save
+                else f"saving iteration 2 to {tmp_path / 'ckpt'}")
+        error = f"pretrain_spiral: error: {what} failed (rank 1: RuntimeError: Worker failure"
         printed = [line for _, line in lines if line.startswith(error)]  # not torchrun's summary of it
         assert len(printed) == 1 and error in root_cause, out[-4000:]
         assert "the latest: none in" in root_cause and not (tmp_path / "ckpt" / TRACKER).exists(), root_cause
+        assert re.search(r"MiB free on its file system\)", printed[0]), printed[0]  # a full disk's hint
+        assert "Traceback" not in root_cause, root_cause
         return
     assert "rank      : 1" in root_cause, root_cause
     error = f"pretrain_spiral: rank 1: RuntimeError: injected fault: rank 1, {fault.split(':')[1]}"

@@ -112,10 +112,19 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
     With `background` (a BackgroundSaves), Megatron writes the tensors in a forked process
     and the publishing waits for `background.finalize`; else it happens before returning.
     `extra` goes into the common state (e.g. the last step's loss, for the NaN message).
-    A file-system error (full disk, broken mount) becomes SaveFailed, naming what is kept.
+    A file-system error (full disk, broken mount) becomes SaveFailed, naming what is kept; so
+    does a failed writer (megatron-core runs even a synchronous save's writers as workers, and
+    every rank raises CheckpointException when it gathers their results: background_failure.py).
     """
+    from torch.distributed.checkpoint import CheckpointException
+
+    from spiral_megatron.job.checkpoint import background_failure
+
     try:
         return _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra)
+    except CheckpointException as e:
+        raise background_failure.translated(e, f"saving iteration {iteration} to {root}", kept(root),
+                                            SaveFailed) from e
     except OSError as e:
         if isinstance(e, ConnectionError):  # a peer rank died: not this save's fault
             raise
@@ -125,9 +134,15 @@ def save(root, iteration: int, consumed_samples: int, parts: Components, cfg, to
 
 
 def kept(root) -> str:
-    """The latest complete checkpoint under `root`, in words."""
+    """The latest complete checkpoint under `root`, in words, and the space left beside it (a
+    writer that failed on a full disk says only "OSError")."""
     latest = latest_iteration(root)
-    return f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
+    where = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return where
+    return f"{where} ({free / 2 ** 20:,.1f} MiB free on its file system)"
 
 
 def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
@@ -234,8 +249,8 @@ class BackgroundSaves:
         try:
             self.queue.maybe_finalize_async_calls(blocking=blocking)
         except CheckpointException as e:
-            raise background_failure.translated(e, self.folders[0], kept(self.folders[0].parent),
-                                                SaveFailed) from e
+            raise background_failure.translated(e, f"the background save of {self.folders[0]}",
+                                                kept(self.folders[0].parent), SaveFailed) from e
 
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
