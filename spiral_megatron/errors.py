@@ -15,3 +15,8 @@ class SpiralError(Exception):
 class ConfigError(SpiralError, ValueError):
     """A bad setting, value or combination (of the job's keys, its data, checkpoint or folder).
     A ValueError too: SpiralConfig's refusals are ValueErrors wherever it is built."""
+
+
+class SaveFailed(ConfigError):
+    """Writing a checkpoint or a model folder failed (a full disk, a broken mount); what was
+    complete before is kept. The message names what failed, the space left there, what is kept."""

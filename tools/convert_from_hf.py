@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.conversion import convert
+    from spiral_megatron.errors import SaveFailed
 
     save = Path(args.save)
     if save.exists() and (not save.is_dir() or any(save.iterdir())) and not args.force:
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
         return 2
     try:
         folder = convert.hf_folder_to_megatron(args.load, args.save, args.iteration, args.force)
+    except SaveFailed as e:  # a full disk, a broken mount: the output holds what it held before
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

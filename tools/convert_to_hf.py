@@ -32,12 +32,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.conversion import convert
+    from spiral_megatron.errors import SaveFailed
     from spiral_megatron.conversion.hf_config import UnsupportedConfigError
     from spiral_megatron.conversion.megatron_io import CheckpointError
 
     try:
         result = convert.megatron_to_hf_folder(args.load, args.out, args.iteration, args.dtype, args.force,
                                                int(args.max_shard_size * 1024**3))
+    except SaveFailed as e:  # a full disk, a broken mount: the output holds what it held before
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, UnsupportedConfigError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

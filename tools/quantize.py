@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.conversion.megatron_io import CheckpointError
+    from spiral_megatron.errors import SaveFailed
     from spiral_megatron.quantization import run
     from spiral_megatron.quantization.formats import check_format
     from spiral_megatron.quantization.ptq import QuantRecipe
@@ -86,17 +87,25 @@ def main(argv=None) -> int:
         run.write_json(results, args.json)
     if args.save:
         fmt, scale = chosen[0]
-        folder = run.save(model, source, QuantRecipe(fmt, scale == "per-level"), args.save, args.force)
+        try:
+            folder = run.save(model, source, QuantRecipe(fmt, scale == "per-level"), args.save, args.force)
+        except SaveFailed as e:  # a full disk, a broken mount: --save holds what it held before
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"saved {fmt} ({scale} scales) to {folder}")
     return 0
 
 
 def export(args) -> int:
     from spiral_megatron.conversion.megatron_io import CheckpointError
+    from spiral_megatron.errors import SaveFailed
     from spiral_megatron.quantization.export import export_hf
 
     try:
         result = export_hf(args.load, args.export_hf, args.iteration, args.force)
+    except SaveFailed as e:  # a full disk, a broken mount: the folder holds what it held before
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,8 +43,9 @@ def tokenizer_info(folder: Optional[Path]) -> dict:
 
 
 def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, dtype: str = "fp32",
-                          force: bool = False, max_shard_bytes: int = 2 * 1024**3) -> dict:
-    """Checkpoint -> HF folder. Returns what `verify` needs (args, state, config, out)."""
+                          force: bool = False, max_shard_bytes: int = 2 * 1024**3, extra=None) -> dict:
+    """Checkpoint -> HF folder (`extra`: see hf_io.write_hf_folder). Returns what `verify` needs
+    (args, state, config, out)."""
     if dtype not in hf_io.DTYPES:
         raise ValueError(f"dtype {dtype!r} must be one of {tuple(hf_io.DTYPES)}")
     hf_io.prepare_output(Path(out), force)
@@ -68,7 +69,7 @@ def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, 
     padding = mapping.vocab_padding(source, shapes)
     card = model_card.model_card(Path(out).name, config, sum(v.numel() for v in state.values()), str(folder),
                                  iteration, bool(padding))
-    hf_io.write_hf_folder(Path(out), config, state, tok_dir, padding, force, max_shard_bytes, card)
+    hf_io.write_hf_folder(Path(out), config, state, tok_dir, padding, force, max_shard_bytes, card, extra)
     return {"args": args, "source": source, "config": config, "out": Path(out), "dtype": torch_dtype,
             "iteration": iteration, "tokenizer": tok_dir}
 

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from spiral_megatron import hf as hf_package
 from spiral_megatron.conversion.mapping import StateDict
+from spiral_megatron.errors import SaveFailed
 from spiral_megatron.hf.configuration_spiral import SpiralFormerConfig
+from spiral_megatron.job.checkpoint.checkpoint_files import space_left
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -40,9 +42,11 @@ def prepare_output(out: Path, force: bool) -> None:
 
 def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tokenizer: Optional[Path] = None,
                     padding: Optional[StateDict] = None, force: bool = False,
-                    max_shard_bytes: int = 2 * 1024**3, card: Optional[str] = None) -> Path:
+                    max_shard_bytes: int = 2 * 1024**3, card: Optional[str] = None,
+                    extra: Optional[Callable[[Path, SpiralFormerConfig], None]] = None) -> Path:
     """Everything is written into a temporary sibling folder, swapped in at the end (`_swap_in`);
-    `card`: the README.md (the Hub's model card)."""
+    `card`: the README.md (the Hub's model card); `extra(folder, config)` writes more files into
+    it (a quantized export's scales), so they arrive with the rest or not at all."""
     out = Path(out)
     remove_stale_temporaries(out)
     prepare_output(out, force)
@@ -61,9 +65,16 @@ def write_hf_folder(out: Path, config: SpiralFormerConfig, state: StateDict, tok
             save_file({k: v.contiguous() for k, v in padding.items()}, str(tmp / PADDING), metadata={"format": "pt"})
         if card is not None:
             (tmp / "README.md").write_text(card)
+        if extra is not None:
+            extra(tmp, config)
         for f in tmp.iterdir():  # safetensors writes owner-only (0600) files; every file follows the umask
             os.chmod(f, 0o666 & ~_umask())
         _swap_in(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk, a broken mount
+        left = space_left(out.parent)  # before what was written is deleted
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(f"writing {out} failed ({type(e).__name__}: {e}); {left}; "
+                         f"{out} holds what it held before") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -115,21 +115,24 @@ def export_hf(load: str, out: str, iteration: Optional[int] = None, force: bool 
                          "support (the HF loop's levels are not visible to module hooks); export shared scales")
     model = restore_megatron(folder)
     tokenizer = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
+
+    def write_scales(hf_folder: Path, config) -> None:  # inside the converter's folder, before it is swapped in
+        shapes = hf_config.shapes_of(config)
+        linears = quantized_linears(model)
+        scales = {}
+        for name, entry in activation_scales(model).items():
+            for hf in _hf_names(name, linears[name].weight, shapes):
+                scales.update({f"{hf}.{k}": v.clone() for k, v in entry.items()})
+        spec = {"format": recipe.format, "per_level": False, "source_iteration": iteration,
+                "weights": "fake-quantized: stored values are modelopt's quantize-dequantize of the weights",
+                "activations": _activation_settings(model)}
+        (hf_folder / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        save_file(scales, str(hf_folder / SCALES_FILE))
+
     with tempfile.TemporaryDirectory() as tmp:  # the converter reads checkpoints: give it one
         megatron_io.write_checkpoint(tmp, iteration, megatron_io.read_model_args(folder),
                                      fake_quantized_state(model), tokenizer)
-        result = convert.megatron_to_hf_folder(tmp, out, iteration, "fp32", force)
-    shapes = hf_config.shapes_of(result["config"])
-    linears = quantized_linears(model)
-    scales = {}
-    for name, entry in activation_scales(model).items():
-        for hf in _hf_names(name, linears[name].weight, shapes):
-            scales.update({f"{hf}.{k}": v.clone() for k, v in entry.items()})
-    spec = {"format": recipe.format, "per_level": False, "source_iteration": iteration,
-            "weights": "fake-quantized: stored values are modelopt's quantize-dequantize of the weights",
-            "activations": _activation_settings(model)}
-    (Path(out) / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    save_file(scales, str(Path(out) / SCALES_FILE))
+        result = convert.megatron_to_hf_folder(tmp, out, iteration, "fp32", force, extra=write_scales)
     return dict(result, megatron=model)
 
 

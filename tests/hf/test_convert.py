@@ -197,3 +197,37 @@ def test_converted_folder_follows_the_umask(hf_dir):
     os.umask(mask)
     assert hf_dir.stat().st_mode & 0o777 == 0o777 & ~mask
     assert (hf_dir / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_output_as_it_was(ckpt, hf_dir, tmp_path, capsys, monkeypatch):
+    """Both converters on a disk that fills while they write: one line naming the output, the
+    cause and the space left, exit 1 (a failed write, as the training job's failed save), and
+    nothing half-written behind (no staging folder, no temporary, the old folder intact).
+    The fault is raised where a full disk raises it: in Megatron's checkpoint writer (which reports
+    it as a failed worker) and in safetensors' file write. Before: a traceback each."""
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from spiral_megatron.conversion import hf_io
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(filesystem_async, "_write_item", full)
+        back = tmp_path / "back"
+        assert convert_from_hf.main(["--load", str(hf_dir), "--save", str(back)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: writing {back / 'iter_0000000'} failed (rank 0: ") and err.count("\n") == 1, err
+    assert "MiB free on its file system" in err and f"{back} holds what it held before" in err, err
+    assert sorted(p.name for p in back.iterdir()) == [], "the failed write's staging folder is deleted"
+
+    before = sorted(p.name for p in hf_dir.iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(hf_io, "save_file", full)  # safetensors' writer of the weights
+        assert convert_to_hf.main(["--load", str(ckpt), "--out", str(hf_dir), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: writing {hf_dir} failed (OSError: [Errno 28] No space left on device)"), err
+    assert sorted(p.name for p in hf_dir.iterdir()) == before, "the old folder stays"
+    assert not [p for p in hf_dir.parent.iterdir() if p.name.startswith(f".{hf_dir.name}.")], "no temporary left"

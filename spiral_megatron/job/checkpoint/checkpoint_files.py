@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
+from spiral_megatron.errors import SaveFailed
 from spiral_megatron.job.checkpoint.errors import CheckpointError, megatron_core_version  # noqa: F401 (read from here too)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -145,12 +146,32 @@ def write_model_only(root, iteration: int, module, write_files: Callable[[Path],
     if folder.exists() and any(folder.iterdir()) and not force:
         raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
     recover(root)  # what a killed earlier run left
+    from torch.distributed.checkpoint import CheckpointException
+
+    from spiral_megatron.job.checkpoint.background_failure import describe
+
     staging = staging_dir(root, iteration)
     staging.mkdir(parents=True)
-    dist_checkpointing.save({"model": module.sharded_state_dict()}, str(staging))
-    write_files(staging)
+    try:
+        dist_checkpointing.save({"model": module.sharded_state_dict()}, str(staging))
+        write_files(staging)
+    except (CheckpointException, OSError) as e:  # a full disk, a broken mount: nothing half-written stays
+        left = space_left(root)  # before what was written is deleted
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = describe(e) if isinstance(e, CheckpointException) else f"{type(e).__name__}: {e}"
+        raise SaveFailed(f"writing {folder} failed ({cause}); {left}; "
+                         f"{root} holds what it held before") from e
     publish(root, iteration, record(iteration, {"tp": 1, "pp": 1, "dp": 1}, optimizer=None))
     return folder
+
+
+def space_left(folder) -> str:
+    """The free space of `folder`'s file system, in words (a writer that failed on a full disk
+    may report only "OSError")."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:,.1f} MiB free on its file system"
+    except OSError as e:
+        return f"its free space unknown ({e.strerror})"
 
 
 def recover(root) -> Optional[str]:

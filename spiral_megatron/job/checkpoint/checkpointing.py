@@ -30,7 +30,7 @@ from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, torch_
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
-from spiral_megatron.job.settings.config import ConfigError
+from spiral_megatron.errors import SaveFailed  # noqa: F401 (raised here; read from here too)
 
 
 def optimizer_format(cfg) -> dict:
@@ -41,10 +41,6 @@ def optimizer_format(cfg) -> dict:
     "fully_sharded_model_space", needs flattened ShardedTensors, which 0.16 refuses."""
     fully = cfg is not None and cfg.dist_ckpt_optim_fully_reshardable
     return {"distrib_optim_sharding_type": "fully_reshardable" if fully else "dp_reshardable"}
-
-
-class SaveFailed(ConfigError):
-    """Writing a checkpoint failed (a full disk, a broken mount); the latest complete one is kept."""
 
 
 def start_save_helper() -> None:
@@ -138,11 +134,7 @@ def kept(root) -> str:
     writer that failed on a full disk says only "OSError")."""
     latest = latest_iteration(root)
     where = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        return where
-    return f"{where} ({free / 2 ** 20:,.1f} MiB free on its file system)"
+    return f"{where} ({checkpoint_files.space_left(root)})"
 
 
 def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
