@@ -20,3 +20,14 @@ class ConfigError(SpiralError, ValueError):
 class SaveFailed(ConfigError):
     """Writing a checkpoint or a model folder failed (a full disk, a broken mount); what was
     complete before is kept. The message names what failed, the space left there, what is kept."""
+
+
+def space_left(folder) -> str:
+    """The free space of `folder`'s file system, in words, for a SaveFailed message (a writer
+    that failed on a full disk may say only "OSError")."""
+    import shutil
+
+    try:
+        return f"{shutil.disk_usage(folder).free / 2 ** 20:,.1f} MiB free on its file system"
+    except OSError as e:
+        return f"its free space unknown ({e.strerror})"

@@ -45,12 +45,16 @@ def parse_args(argv):
 
 
 def main(argv) -> int:
+    from spiral_megatron.errors import SaveFailed
     from spiral_megatron.job.data.preprocess import preprocess
 
     args = parse_args(argv)
     try:
         preprocess(args.input, args.output_prefix, args.tokenizer, args.vocab_size, args.json_key,
                    args.save_tokenizer, args.force, args.workers)
+    except SaveFailed as e:  # a full disk, a broken mount: nothing half-written is left
+        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"preprocess_data: error: {e}", file=sys.stderr)
         return 2

@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from spiral_megatron import hf as hf_package
 from spiral_megatron.conversion.mapping import StateDict
-from spiral_megatron.errors import SaveFailed
+from spiral_megatron.errors import SaveFailed, space_left
 from spiral_megatron.hf.configuration_spiral import SpiralFormerConfig
-from spiral_megatron.job.checkpoint.checkpoint_files import space_left
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

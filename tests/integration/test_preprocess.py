@@ -176,3 +176,38 @@ def test_data_made_with_a_tokenizer_elsewhere_finds_it_through_its_record(tmp_pa
     job = resolve(["--data-path", "second/b", "--train-iters", "2"], ROOT / "examples" / "configs" / "debug-cpu.yaml")
     with pytest.raises(ConfigError, match="second/b.meta.json says it was made with 'first/a_tokenizer', not found"):
         data.resolve(job.data, build_default=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """The disk fills while the dataset is written: one line naming the output, the cause and the
+    space left, exit 1, and no temporary file left filling the disk. Before: a traceback, and the
+    partial .bin stayed (its cleanup closed the file first, whose flush failed again). An input
+    that cannot be read is still named as the input (exit 2)."""
+    import errno
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preprocess_data
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "a.txt").write_text("some text to tokenize " * 50)
+    tokenizer = tmp_path / "tok"
+    Tokenizer.train_bpe(["some text to tokenize " * 50], vocab_size=300).save(tokenizer)
+    writes = []
+
+    def full(self, *args, **kwargs):
+        writes.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_document", full)
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "a.txt"), "--output-prefix", str(out / "d"), "--tokenizer-model", str(tokenizer)]
+    assert preprocess_data.main(argv) == 1 and writes
+    err = capsys.readouterr().err
+    assert err.startswith(f"preprocess_data: error: writing {out / 'd'}.bin/.idx failed (OSError: [Errno 28] No space "
+                          "left on device); ") and err.count("\n") == 1, err
+    assert "MiB free on its file system; nothing of it was kept" in err and list(out.iterdir()) == [], err
+    monkeypatch.undo()
+    assert preprocess_data.main([*argv[:1], str(tmp_path / "missing.txt"), *argv[2:]]) == 2

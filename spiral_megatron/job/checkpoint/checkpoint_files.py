@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from spiral_megatron.errors import SaveFailed
+from spiral_megatron.errors import SaveFailed, space_left  # noqa: F401 (space_left read from here too)
 from spiral_megatron.job.checkpoint.errors import CheckpointError, megatron_core_version  # noqa: F401 (read from here too)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -163,15 +163,6 @@ def write_model_only(root, iteration: int, module, write_files: Callable[[Path],
                          f"{root} holds what it held before") from e
     publish(root, iteration, record(iteration, {"tp": 1, "pp": 1, "dp": 1}, optimizer=None))
     return folder
-
-
-def space_left(folder) -> str:
-    """The free space of `folder`'s file system, in words (a writer that failed on a full disk
-    may report only "OSError")."""
-    try:
-        return f"{shutil.disk_usage(folder).free / 2 ** 20:,.1f} MiB free on its file system"
-    except OSError as e:
-        return f"its free space unknown ({e.strerror})"
 
 
 def recover(root) -> Optional[str]:

@@ -12,6 +12,8 @@ processes tokenize (Megatron-LM's `--workers`), in the documents' order: the out
 depend on their number.
 """
 
+import contextlib
+import errno
 import json
 import multiprocessing
 import os
@@ -24,6 +26,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy
 
+from spiral_megatron.errors import SaveFailed, space_left
 from spiral_megatron.job.data.tokenizer import Tokenizer
 
 
@@ -171,15 +174,26 @@ def write_indexed_dataset(documents: Iterable[str], tokenizer: Tokenizer, output
         for ext in (".bin", ".idx", ".meta.json"):
             if Path(tmp + ext).exists():
                 os.replace(tmp + ext, prefix + ext)
-    except BaseException:
+    except BaseException as e:
+        left = space_left(Path(prefix).parent)  # before the partial files are deleted
         if builder is not None:  # closed first: with multi-storage-client installed, megatron-core 0.16
-            builder.data_file.close()  # writes through msc.open, which creates the file only on close
+            with contextlib.suppress(OSError):  # writes through msc.open, which creates the file only on close
+                builder.data_file.close()  # (a full disk fails this flush too)
         for ext in (".bin", ".idx", ".meta.json"):
             Path(tmp + ext).unlink(missing_ok=True)
+        if _write_error(e, tmp):  # a full disk, a broken mount (not an input that cannot be read)
+            raise SaveFailed(f"writing {prefix}.bin/.idx failed ({type(e).__name__}: {e}); {left}; "
+                             "nothing of it was kept") from e
         raise
     if not quiet:
         progress.close()
     return progress.tokens
+
+
+def _write_error(e: BaseException, tmp: str) -> bool:
+    """Whether `e` failed writing the output (files starting with `tmp`), not reading an input."""
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+                                       or str(e.filename or "").startswith(tmp))
 
 
 def _write_meta(path: Path, tokenizer, name: Optional[str]) -> None:
