@@ -11,6 +11,7 @@
                            collectives)
     raise:writer:RANK      RuntimeError in RANK's checkpoint writer (with --async-save: Megatron's
                            forked writer process), as a disk error would
+    full:log-json:N        the N-th write to --log-json fails as on a full disk (OSError ENOSPC)
 
 A stopped job is then killed whole by the test (tools/crash_test.kill_job), as a scheduler does.
 """
@@ -54,6 +55,23 @@ def plant(fault: str) -> None:
 
     kind, where, *rest = fault.split(":")
     rank = int(os.environ.get("RANK", "0"))
+    if kind == "full":  # full:log-json:N
+        import errno
+        import json
+
+        from spiral_megatron.job.run import metrics
+
+        writes = []
+
+        class FullDisk:  # metrics' json module: the N-th record's write fails
+            def dumps(self, record):
+                writes.append(1)
+                if len(writes) == int(rest[0]):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return json.dumps(record)
+
+        metrics.json = FullDisk()
+        return
     if fault == "pause:startup":
         around(console, "write_config", after=pause)
     elif kind == "pause" and where == "save":  # pause:save:N stops in the N-th save (default 1)

@@ -30,7 +30,7 @@ from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, torch_
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
-from spiral_megatron.errors import SaveFailed  # noqa: F401 (raised here; read from here too)
+from spiral_megatron.errors import ConfigError, SaveFailed  # noqa: F401 (SaveFailed read from here too)
 
 
 def optimizer_format(cfg) -> dict:

@@ -62,7 +62,10 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
         signals = ExitSignal(cfg.exit_duration_in_mins, started)
         try:
             with trainer.gc:  # --manual-gc: automatic collection off while training
-                return trainer.run(signals)
+                outcome = trainer.run(signals)
+            logger.close()  # a failure here is the last write's: the run has saved
+            trainer.stop_if_log_failed(outcome)
+            return outcome
         finally:
             logger.close()
             late = quiet.report(cfg.save) if quiet is not None and layout.rank0 else None

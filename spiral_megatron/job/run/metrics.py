@@ -1,6 +1,9 @@
 """Logged numbers: throughput, TFLOP/s and MFU (spiral_megatron.config.flops), memory; console,
-`--log-json` (one JSON object per logged step) and TensorBoard. Rank 0 writes."""
+`--log-json` (one JSON object per logged step) and TensorBoard. Rank 0 writes. A write to a
+log file that fails (a full disk) is recorded in `failure`, once, and that file is written no
+more: the run then stops, saving first (trainer.Trainer.stop_if_log_failed)."""
 
+import contextlib
 import json
 import math
 import sys
@@ -10,6 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from spiral_megatron.config import flops
+from spiral_megatron.errors import space_left
 
 # Dense bf16 peak TFLOP/s per GPU (vendor data sheets), matched against the device name.
 PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0,
@@ -63,6 +67,8 @@ class Logger:
             Path(log_json).parent.mkdir(parents=True, exist_ok=True)  # as a --tensorboard-dir is made
         self.json = open(log_json, "a") if rank0 and log_json else None
         self.tb = tensorboard_writer(tensorboard_dir) if rank0 else None
+        self.paths = {"json": log_json, "tb": tensorboard_dir}
+        self.failure: Optional[str] = None  # the first failed write to a log file, in words
         self.tty = rank0 and sys.stdout.isatty()
         self.train_time, self.steps, self.total = 0.0, 0, None
 
@@ -107,20 +113,41 @@ class Logger:
         if not self.rank0:
             return
         print(("\r" if self.tty else "") + format_record(record), flush=True)
-        if self.json:
-            self.json.write(json.dumps(record) + "\n")
-            self.json.flush()
-        if self.tb:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["iteration"])
-            self.tb.flush()
+        with self._sink("json", record["iteration"]):
+            if self.json:
+                self.json.write(json.dumps(record) + "\n")
+                self.json.flush()
+        with self._sink("tb", record["iteration"]):
+            if self.tb:
+                for key, value in record.items():
+                    if key != "iteration" and isinstance(value, (int, float)):
+                        self.tb.add_scalar(key, value, record["iteration"])
+                self.tb.flush()
+
+    @contextlib.contextmanager
+    def _sink(self, name: str, iteration: Optional[int]):
+        """Writing to one log file: an OSError (a full disk) is recorded, said once on the
+        console, and that file is closed and written no more."""
+        try:
+            yield
+        except OSError as e:
+            path = self.paths[name]
+            where = f"at iteration {iteration}" if iteration is not None else "at its close"
+            failure = (f"writing {'--log-json' if name == 'json' else '--tensorboard-dir'} {path} failed {where} "
+                       f"({type(e).__name__}: {e}); {space_left(Path(path).parent)}")
+            self.failure = self.failure or failure
+            print(f"pretrain_spiral: {failure}: the run stops, saving first", flush=True)
+            with contextlib.suppress(OSError):
+                getattr(self, name).close()
+            setattr(self, name, None)
 
     def close(self) -> None:
-        if self.json:
-            self.json.close()
-        if self.tb:
-            self.tb.close()
+        with self._sink("json", None):
+            if self.json:
+                self.json.close()
+        with self._sink("tb", None):
+            if self.tb:
+                self.tb.close()
 
 
 def duration(seconds: float) -> str:

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from spiral_megatron.errors import SpiralError
+import torch.distributed as dist
+
+from spiral_megatron.errors import SaveFailed, SpiralError
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint import checkpointing, loading
 from spiral_megatron.job.data import datasets as data
@@ -161,7 +163,21 @@ class Trainer:
                                             self.cfg.empty_unused_memory_level)
         self.iteration += 1
         self.consumed_samples += self.cfg.global_batch_size
-        self.check(self.flags.swap(self.iteration, loss, signals.received, host_values))
+        # a failed log write (rank 0's) stops the run as a signal does: every rank, saved, one step later
+        self.check(self.flags.swap(self.iteration, loss, signals.received or self.logger.failure is not None,
+                                   host_values))
+
+    def stop_if_log_failed(self, outcome: str) -> None:
+        """Raise SaveFailed on every rank where rank 0 failed to write a log file (a collective:
+        every rank calls it at the same point, once the run has saved); `outcome` says how the
+        run ended."""
+        said = [self.logger.failure]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(said, src=0)  # the logger writes on rank 0
+        if said[0] is not None:
+            failed = SaveFailed(f"{said[0]}; {outcome}")
+            failed.every_rank = True  # examples/pretrain_spiral.py: rank 0 prints it, every rank records it
+            raise failed
 
     def settle(self) -> step.Settled:
         """This step's values, checked (a host sync: for log lines, saves and the end)."""
@@ -218,6 +234,7 @@ class Trainer:
                 self.settle()
                 self.save()
                 self.finish_saves()
+                self.stop_if_log_failed(f"stopped after iteration {self.iteration} ({resumes})")
                 return f"{signals.reason()}: stopped after iteration {self.iteration} ({resumes})"
         self.settle()
         self.save()
