@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from spiral_megatron.errors import SaveFailed, space_left  # noqa: F401 (space_left read from here too)
+from spiral_megatron.errors import SaveFailed, space_left
 from spiral_megatron.job.checkpoint.errors import CheckpointError, megatron_core_version  # noqa: F401 (read from here too)
 
 TRACKER = "latest_checkpointed_iteration.txt"

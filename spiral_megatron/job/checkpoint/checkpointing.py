@@ -15,6 +15,8 @@ Saves may run in the background (`async_save`, Megatron's AsyncCallsQueue): publ
 happens when every rank's write has finished. Restoring is in loading.py.
 """
 
+import contextlib
+import errno
 import os
 import random
 import shutil
@@ -30,7 +32,7 @@ from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, torch_
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
-from spiral_megatron.errors import ConfigError, SaveFailed  # noqa: F401 (SaveFailed read from here too)
+from spiral_megatron.errors import ConfigError, SaveFailed, space_left  # noqa: F401 (SaveFailed read from here too)
 
 
 def optimizer_format(cfg) -> dict:
@@ -134,7 +136,7 @@ def kept(root) -> str:
     writer that failed on a full disk says only "OSError")."""
     latest = latest_iteration(root)
     where = f"iteration {latest} in {root}" if latest is not None else f"none in {root}"
-    return f"{where} ({checkpoint_files.space_left(root)})"
+    return f"{where} ({space_left(root)})"
 
 
 def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, extra) -> Path:
@@ -254,10 +256,13 @@ class BackgroundSaves:
 def check_writable(root) -> None:
     """A clear error before training when the save folder cannot be written."""
     root = Path(root)
+    probe = root / f"{checkpoint_files.WRITE_TEST}{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f"{checkpoint_files.WRITE_TEST}{os.getpid()}"
         probe.write_text("ok")
-        probe.unlink(missing_ok=True)
     except OSError as e:
-        raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}") from None
+        detail = f"; {space_left(root)}" if e.errno == errno.ENOSPC else ""
+        raise ConfigError(f"save {str(root)!r} is not writable: {e.strerror or e}{detail}") from None
+    finally:
+        with contextlib.suppress(OSError):  # created empty on a full disk: not left behind
+            probe.unlink(missing_ok=True)
