@@ -147,6 +147,16 @@ def test_every_flag_of_megatron_lms_gpt_scripts_is_known(flag):
     assert pairs, f"{flag} is unknown"
 
 
+def test_skip_train_names_the_tool_that_evaluates_a_checkpoint():
+    """Megatron-LM's --skip-train (evaluate, no training): refused in one line naming
+    tools/evaluate.py; it was "unknown config key"."""
+    from spiral_megatron.job.settings import config
+
+    with pytest.raises(ConfigError, match=r"^--skip-train True: an evaluation-only run is not built: tools/evaluate.py "
+                                          r"--model CHECKPOINT --data PREFIX"):
+        cli.canonical("skip-train", True, config.FIELDS)
+
+
 def test_lr_warmup_init_starts_the_warmup():
     """--lr-warmup-init (Megatron-LM's): Megatron's scheduler rises linearly from it to lr."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

@@ -126,6 +126,8 @@ INSTEAD.update({
     "use_torch_fsdp2": "FSDP is not built: --use-distributed-optimizer shards the optimizer state over "
                        "data-parallel ranks (ZeRO-1)",
     "tensorboard_log_interval": "--tensorboard-dir gets every log line: --log-interval sets both",
+    "skip_train": "an evaluation-only run is not built: tools/evaluate.py --model CHECKPOINT --data PREFIX scores "
+                  "a checkpoint of any TP/PP layout on indexed data or text (loss and perplexity)",
     "vocab_size": "the vocabulary is the tokenizer's; with --mock-data it is --tokenizer-vocab-size (Megatron-LM's "
                   "NullTokenizer adds one for its end-of-document token: pass N + 1)",
 })
