@@ -141,15 +141,14 @@ def write_model_only(root, iteration: int, module, write_files: Callable[[Path],
     tools/quantize.py write), staged and published as the job's saves are: a kill leaves no
     half folder. `write_files(staging)` adds the side files (model_args.json, tokenizer, ...)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import CheckpointException
+
+    from spiral_megatron.job.checkpoint.background_failure import describe
 
     folder = iteration_dir(root, iteration)
     if folder.exists() and any(folder.iterdir()) and not force:
         raise FileExistsError(f"{str(folder)!r} is not empty; pass --force to overwrite it")
     recover(root)  # what a killed earlier run left
-    from torch.distributed.checkpoint import CheckpointException
-
-    from spiral_megatron.job.checkpoint.background_failure import describe
-
     staging = staging_dir(root, iteration)
     staging.mkdir(parents=True)
     try:
