@@ -64,6 +64,9 @@ JOB_TO_BRIDGE = {
     "lr_warmup_samples": "scheduler.lr_warmup_samples",
     "lr_decay_samples": "scheduler.lr_decay_samples",
     "lr_decay_style": "scheduler.lr_decay_style",
+    "lr_wsd_decay_style": "scheduler.lr_wsd_decay_style",
+    "lr_wsd_decay_iters": "scheduler.lr_wsd_decay_iters",
+    "lr_wsd_decay_samples": "scheduler.lr_wsd_decay_samples",
     "weight_decay": "optimizer.weight_decay, scheduler.start_weight_decay, scheduler.end_weight_decay",
     "adam_beta1": "optimizer.adam_beta1",
     "adam_beta2": "optimizer.adam_beta2",
@@ -228,6 +231,8 @@ def _scheduler(job: Resolved) -> SchedulerConfig:
         lr_warmup_iters=0 if fraction else keys.lr_warmup_iters,
         lr_warmup_samples=0 if fraction else keys.lr_warmup_samples,
         lr_warmup_init=s.init_lr, lr_decay_iters=keys.lr_decay_iters, lr_decay_samples=keys.lr_decay_samples,
+        lr_wsd_decay_style=s.lr_wsd_decay_style, lr_wsd_decay_iters=keys.lr_wsd_decay_iters,
+        lr_wsd_decay_samples=keys.lr_wsd_decay_samples,
         start_weight_decay=s.start_wd, end_weight_decay=s.end_wd, weight_decay_incr_style=s.wd_incr_style,
         override_opt_param_scheduler=s.override_opt_param_scheduler,
         use_checkpoint_opt_param_scheduler=s.use_checkpoint_opt_param_scheduler)

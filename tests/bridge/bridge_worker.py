@@ -98,13 +98,18 @@ def schedules() -> dict:
     out = {}
     for name, keys in (("samples", dict(train_samples=4808, lr_warmup_samples=160, lr_decay_samples=4000)),
                        ("samples_fraction", dict(train_samples=4808, lr_warmup_fraction=0.05)),
-                       ("iters", dict(train_iters=30, lr_warmup_iters=3, lr_decay_iters=25))):
+                       ("iters", dict(train_iters=30, lr_warmup_iters=3, lr_decay_iters=25)),
+                       ("wsd", dict(train_iters=30, lr_warmup_iters=3, lr_decay_style="WSD", lr_wsd_decay_iters=8,
+                                    lr_wsd_decay_style="minus_sqrt")),
+                       ("wsd_samples", dict(train_samples=4808, lr_decay_style="WSD", lr_wsd_decay_samples=700))):
         job = recipes.resolved_job("debug", mock_data=True, **keys)
         cfg = recipes.container(job)
         cfg.validate()
         s, b = job.schedule, cfg.scheduler
-        out[name] = [[cfg.train.train_iters, b.lr_warmup_steps, b.lr_decay_steps, b.wd_incr_steps],
-                     [job.keys.train_iters, s.lr_warmup_steps, s.lr_decay_steps, s.wd_incr_steps]]
+        out[name] = [[cfg.train.train_iters, b.lr_warmup_steps, b.lr_decay_steps, b.wd_incr_steps, b.lr_decay_style,
+                      b.wsd_decay_steps, b.lr_wsd_decay_style],
+                     [job.keys.train_iters, s.lr_warmup_steps, s.lr_decay_steps, s.wd_incr_steps, s.lr_decay_style,
+                      s.wsd_decay_steps, s.lr_wsd_decay_style]]
     return out
 
 

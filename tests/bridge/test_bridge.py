@@ -119,11 +119,16 @@ def test_recipes_match_the_project_configs(results):
 
 def test_sample_based_schedules_are_the_jobs(results):
     """--train-samples, --lr-warmup-samples, --lr-decay-samples (Megatron-LM's sample-based
-    training) give Bridge the job's steps and schedule, as iteration keys do."""
+    training) give Bridge the job's steps and schedule, as iteration keys do; so does WSD's
+    annealing (--lr-wsd-decay-iters or -samples, --lr-wsd-decay-style)."""
     got = results["recipes"]["schedules"]
-    assert got["samples"] == [[300, 160, 4000, 4808]] * 2
-    assert got["samples_fraction"][0] == got["samples_fraction"][1] == [300, 0.05 * 4808, 4808, 4808]
-    assert got["iters"] == [[30, 48, 400, 480]] * 2
+    assert got["samples"] == [[300, 160, 4000, 4808, "cosine", None, "exponential"]] * 2
+    assert got["samples_fraction"][0] == got["samples_fraction"][1] == [300, 0.05 * 4808, 4808, 4808, "cosine", None,
+                                                                        "exponential"]
+    assert got["iters"] == [[30, 48, 400, 480, "cosine", None, "exponential"]] * 2
+    assert got["wsd"] == [[30, 48, 480, 480, "WSD", 128, "minus_sqrt"]] * 2
+    assert got["wsd_samples"][0] == got["wsd_samples"][1] == [300, 0.0667 * 4808, 4808, 4808, "WSD", 700,
+                                                              "exponential"]
 
 
 def test_pretrain_loss_falls(results):

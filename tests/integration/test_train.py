@@ -80,14 +80,19 @@ def test_exact_resume(reference, cache_dir, tmp_path):
 
 def test_exact_resume_with_the_distributed_optimizer(cache_dir, tmp_path):
     """DP2 with the distributed optimizer: 2 steps + resume + 2 steps == 4 steps, bitwise
-    (loss, learning rate and gradient norm; the Adam step count must survive the load)."""
-    args = (*TINY, "--use-distributed-optimizer", "true")
+    (loss, learning rate and gradient norm; the Adam step count must survive the load), on a
+    WSD schedule whose annealing (steps 2-4) spans the resume: Megatron's scheduler state leaves
+    it out, the checkpoint keeps it (job/checkpoint/scheduler_state.py)."""
+    args = (*TINY, "--use-distributed-optimizer", "true", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", 3,
+            "--lr-wsd-decay-style", "linear")
     launch(cache_dir, *args, "--save", tmp_path / "full", "--log-json", tmp_path / "full.jsonl", nproc=2)
     save = tmp_path / "ckpt"
     launch(cache_dir, *args, "--exit-interval", 2, "--save", save, "--log-json", tmp_path / "a.jsonl", nproc=2)
     launch(cache_dir, *args, "--load", save, "--save", save, "--log-json", tmp_path / "b.jsonl", nproc=2)
     full, resumed = logged(tmp_path / "full.jsonl"), {**logged(tmp_path / "a.jsonl"), **logged(tmp_path / "b.jsonl")}
     assert sorted(resumed) == [1, 2, 3, 4]
+    # lr 3e-3 after the warmup step, then linearly to min_lr 3e-4 over the last 3 steps
+    assert [full[it]["lr"] for it in (1, 2, 3, 4)] == pytest.approx([3e-3, 2.1e-3, 1.2e-3, 3e-4], rel=1e-12)
     for it, record in resumed.items():
         for key in ("loss", "lr", "grad_norm"):
             assert record[key] == full[it][key], (it, key)

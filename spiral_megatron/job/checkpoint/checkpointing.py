@@ -28,7 +28,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, torch_adam
+from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, scheduler_state, torch_adam
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
@@ -157,7 +157,7 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
     state = {
         "model": model_sd,
         "optimizer": optimizer_state.sharded_state_dict(parts.optimizer, model_sd, metadata),
-        "scheduler": parts.scheduler.state_dict(),
+        "scheduler": scheduler_state.state_dict(parts.scheduler),
         "rng": rng_object(layout),
         "iteration": iteration,
         "consumed_samples": consumed_samples,

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from spiral_megatron.job.build import Components, create_adam_state
-from spiral_megatron.job.checkpoint import checkpoint_files, torch_adam
+from spiral_megatron.job.checkpoint import checkpoint_files, scheduler_state, torch_adam
 from spiral_megatron.job.checkpoint.checkpoint_files import TRACKER, CheckpointError, iteration_dir, latest_iteration
 from spiral_megatron.job.checkpoint.checkpointing import parallel_layout, rng_object, set_rng
 
@@ -90,7 +90,7 @@ def load(root, parts: Components, cfg=None, tokenizer=None, finetune: bool = Fal
         parts.optimizer.reload_model_params()  # its main copies from the loaded weights
     if weights_only:
         return Restored(iteration, None, True)
-    parts.scheduler.load_state_dict(common["scheduler"])
+    scheduler_state.load(parts.scheduler, common["scheduler"])
     if load_rng:
         set_rng(state["rng"])
     return Restored(iteration, common["consumed_samples"], False, common.get("extra", {}))

@@ -31,7 +31,8 @@ RUN_KEYS = {"save", "load", "log_json", "tensorboard_dir", "log_interval", "eval
 SCHEDULE_FIELDS = {"max_lr": "lr", "min_lr": "min_lr", "lr_warmup_steps": "lr_warmup_iters (or _samples, _fraction)",
                    "lr_decay_steps": "lr_decay_iters/train_iters (or _samples)", "lr_decay_style": "lr_decay_style",
                    "start_wd": "weight_decay", "end_wd": "weight_decay", "wd_incr_steps": "train_iters (or _samples)",
-                   "wd_incr_style": "weight decay style"}
+                   "wd_incr_style": "weight decay style", "wsd_decay_steps": "lr_wsd_decay_iters (or _samples)",
+                   "lr_wsd_decay_style": "lr_wsd_decay_style"}
 
 
 def _note(field: str, saved, new) -> str:
@@ -129,4 +130,4 @@ def other_differences(saved: Optional[Dict], cfg: TrainingConfig) -> Optional[st
 # Compared above (architecture, tokenizer, schedule), or may change freely (data seed).
 CHECKED_KEYS = {"lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style", "train_iters",
                 "train_samples", "lr_warmup_samples", "lr_decay_samples", "weight_decay", "seq_length", "tokenizer",
-                "tokenizer_vocab_size"}
+                "tokenizer_vocab_size", "lr_wsd_decay_style", "lr_wsd_decay_iters", "lr_wsd_decay_samples"}

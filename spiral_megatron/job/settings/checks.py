@@ -14,8 +14,8 @@ from spiral_megatron.parallel import pipeline_plan
 from spiral_megatron.config.spiral_config import SpiralConfig
 from spiral_megatron.job.settings import model_fields
 from spiral_megatron.job.data.dataset_check import parse_split
-from spiral_megatron.job.settings.keys import (BACKENDS, FIELDS, LR_DECAY_STYLES, PRECISIONS, ConfigError,
-                                             TrainingConfig, model_overrides)
+from spiral_megatron.job.settings.keys import (BACKENDS, FIELDS, LR_DECAY_STYLES, LR_WSD_DECAY_STYLES, PRECISIONS,
+                                             ConfigError, TrainingConfig, model_overrides)
 
 
 def _positive(cfg: TrainingConfig, *names: str) -> None:
@@ -52,11 +52,11 @@ def check(cfg: TrainingConfig) -> None:
         raise ConfigError("manual_gc_interval and manual_gc_eval mean something with manual_gc only: pass --manual-gc")
     if cfg.empty_unused_memory_level not in (0, 1, 2):
         raise ConfigError(f"empty_unused_memory_level {cfg.empty_unused_memory_level} must be 0, 1 or 2")
-    _check_warmup(cfg)
     for name, allowed in (("precision", PRECISIONS), ("lr_decay_style", LR_DECAY_STYLES),
-                          ("backend", BACKENDS)):
+                          ("lr_wsd_decay_style", LR_WSD_DECAY_STYLES), ("backend", BACKENDS)):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"{name} {getattr(cfg, name)!r} must be one of {allowed}")
+    _check_warmup(cfg)
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be in [0, 1)")
@@ -103,7 +103,7 @@ def _check_warmup(cfg: TrainingConfig) -> None:
     train_iters, samples with train_samples; a warmup shorter than the decay."""
     samples = cfg.train_samples is not None
     unit = "samples" if samples else "iters"
-    for kind in ("decay", "warmup"):
+    for kind in ("decay", "warmup", "wsd_decay"):
         iters, samples_key = f"lr_{kind}_iters", f"lr_{kind}_samples"
         if samples and getattr(cfg, iters):
             raise ConfigError(f"{iters} {getattr(cfg, iters)} counts iterations, but train_samples makes the run "
@@ -122,6 +122,27 @@ def _check_warmup(cfg: TrainingConfig) -> None:
     elif warmup < 0 or warmup >= decay:
         raise ConfigError(f"lr_warmup_{unit} {warmup} must be >= 0 and below lr_decay_{unit} (or "
                           f"train_{unit}) {decay}; or give lr_warmup_fraction")
+    _check_wsd(cfg, unit, decay)
+
+
+def _check_wsd(cfg: TrainingConfig, unit: str, decay: int) -> None:
+    """WSD's annealing: given with WSD only, and as long as the decay at most (Megatron-LM asserts
+    that it is given)."""
+    length = getattr(cfg, f"lr_wsd_decay_{unit}")
+    if cfg.lr_decay_style != "WSD":
+        given = [f"lr_wsd_decay_{unit} {length}"] if length is not None else []
+        if cfg.lr_wsd_decay_style != "exponential":
+            given.append(f"lr_wsd_decay_style {cfg.lr_wsd_decay_style!r}")
+        if given:
+            raise ConfigError(f"{' and '.join(given)} shape WSD's annealing, but lr_decay_style is "
+                              f"{cfg.lr_decay_style!r}: pass --lr-decay-style WSD or leave them out")
+        return
+    if length is None:
+        raise ConfigError(f"lr_decay_style 'WSD' needs lr_wsd_decay_{unit}, the length of its annealing "
+                          f"(the last {unit} of the decay; as in Megatron-LM)")
+    if not 0 < length <= decay:
+        raise ConfigError(f"lr_wsd_decay_{unit} {length} must be in [1, lr_decay_{unit} (or train_{unit}) "
+                          f"{decay}]: the annealing is the decay's last {unit}")
 
 
 def _check_data(cfg: TrainingConfig) -> None:

@@ -18,7 +18,8 @@ import yaml
 from spiral_megatron.errors import ConfigError  # noqa: F401 (the names callers read from here)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -96,7 +97,20 @@ class TrainingConfig:
     """With train_samples: samples over which lr decays to min_lr; None = train_samples."""
 
     lr_decay_style: str = "cosine"
-    """One of LR_DECAY_STYLES."""
+    """The decay from lr to min_lr after the warmup: constant, linear, cosine, inverse-square-root or
+    WSD (warmup-stable-decay: lr until the last lr_wsd_decay_iters of the decay, then the
+    annealing of lr_wsd_decay_style), as Megatron-LM's --lr-decay-style."""
+
+    lr_wsd_decay_style: str = "exponential"
+    """WSD only: the annealing's shape, exponential, linear, cosine or minus_sqrt (Megatron-LM's
+    --lr-wsd-decay-style and default)."""
+
+    lr_wsd_decay_iters: Optional[int] = None
+    """WSD only: the annealing's length in steps, the last ones of the decay (Megatron-LM's
+    --lr-wsd-decay-iters); a WSD run needs it, or lr_wsd_decay_samples with train_samples."""
+
+    lr_wsd_decay_samples: Optional[int] = None
+    """WSD with train_samples: the annealing's length in samples (Megatron-LM's --lr-wsd-decay-samples)."""
 
     weight_decay: float = 0.1
     """AdamW weight decay."""

@@ -4,6 +4,7 @@ Made once per job by resolve.py from the keys; job/build.py hands them to Megatr
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 from spiral_megatron.job.settings.keys import TrainingConfig
 from spiral_megatron.job.settings.model_config import DTYPES
@@ -25,6 +26,8 @@ class Schedule:
     wd_incr_style: str
     use_checkpoint_opt_param_scheduler: bool
     override_opt_param_scheduler: bool
+    wsd_decay_steps: Optional[int]
+    lr_wsd_decay_style: str
 
 
 def schedule(cfg: TrainingConfig) -> Schedule:
@@ -32,21 +35,25 @@ def schedule(cfg: TrainingConfig) -> Schedule:
     samples, as Megatron-LM counts them: with train_samples, the sample keys (decay over
     lr_decay_samples, else train_samples); else the iteration keys times the global batch (decay
     over lr_decay_iters, else train_iters). lr_warmup_fraction is a fraction of the decay: of
-    its samples as Megatron-LM's, or with iterations rounded to whole steps [ours]."""
+    its samples as Megatron-LM's, or with iterations rounded to whole steps [ours]. WSD anneals
+    over the decay's last lr_wsd_decay_iters (or _samples)."""
     if cfg.train_samples is not None:
         total, decay = cfg.train_samples, cfg.lr_decay_samples or cfg.train_samples
         warmup = cfg.lr_warmup_samples if cfg.lr_warmup_fraction is None else cfg.lr_warmup_fraction * decay
+        wsd = cfg.lr_wsd_decay_samples
     else:
         batch, decay_iters = cfg.global_batch_size, cfg.lr_decay_iters or cfg.train_iters
         total, decay = cfg.train_iters * batch, decay_iters * batch
         warmup = batch * (cfg.lr_warmup_iters if cfg.lr_warmup_fraction is None
                           else int(round(cfg.lr_warmup_fraction * decay_iters)))
+        wsd = None if cfg.lr_wsd_decay_iters is None else cfg.lr_wsd_decay_iters * batch
     return Schedule(
         init_lr=cfg.lr_warmup_init, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
         lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
         wd_incr_steps=total, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=cfg.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
+        wsd_decay_steps=wsd if cfg.lr_decay_style == "WSD" else None, lr_wsd_decay_style=cfg.lr_wsd_decay_style,
     )
 
 
