@@ -251,9 +251,24 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
         )
         return out if (return_dict if return_dict is not None else c.return_dict) else out.to_tuple()
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """transformers' inputs for the next forward, less the tokenizers `generate` takes for its
+        own use (stop_strings, token healing, assisted decoding across vocabularies) and passes on
+        with them: forward refuses what it does not take, where transformers' models swallow it."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        for key in ("tokenizer", "assistant_tokenizer"):
+            inputs.pop(key, None)
+        return inputs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`generate`'s hook: the model's own Cache (assisted decoding needs one before the first
-        call); a cache the caller passes must be a SpiralCache (checked in forward)."""
+        call); a cache the caller passes must be a SpiralCache (checked in forward). Another
+        `cache_implementation` than "dynamic" (which SpiralCache is) is refused, not ignored."""
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic"):
+            raise ValueError(f"cache_implementation {implementation!r} is not supported: SpiralForCausalLM decodes "
+                             "with its own SpiralCache, which grows as a dynamic cache does (leave it out)")
+        generation_config.cache_implementation = None  # "dynamic": transformers would warn that it ignores it
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.use_cache is not False and model_kwargs.get("cache") is None:
             model_kwargs["cache"] = SpiralCache(self.config)

@@ -137,6 +137,41 @@ def test_prompt_lookup_decoding_is_greedy_decoding(model, crops):
     assert any(k < 0 for k in crops), f"no draft was rejected (crops {crops}): the test checks nothing"
 
 
+def test_stop_strings_stop_where_decoding_without_them_reaches_the_string(model, folder):
+    """generate(stop_strings=..., tokenizer=tok), transformers' StopStringCriteria: generate hands
+    `tokenizer` on with the model's inputs. Greedy stops right after the first new token that
+    is the string; beam search with the cache stops as the search without it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # the folder's word-level vocabulary with a word for the prefix StopStringCriteria tokenizes
+    words = ["<|endoftext|>", "abcdef"] + [f"w{i}" for i in range(H.VOCAB - 3)] + ["[UNK]"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    ids = prompts([6], seed=9)[0][None]
+    n = ids.shape[1]
+    full = model.generate(ids, max_new_tokens=12, use_cache=False, **GEN)
+    stop = tok.convert_ids_to_tokens(int(full[0, n + 3]))
+    first = next(k for k in range(12) if full[0, n + k] == full[0, n + 3])
+    greedy = model.generate(ids, max_new_tokens=12, stop_strings=[stop], tokenizer=tok, **GEN)
+    assert torch.equal(greedy, full[:, : n + first + 1])
+    search = dict(max_new_tokens=12, num_beams=3, stop_strings=[stop], tokenizer=tok, **GEN)
+    assert torch.equal(model.generate(ids, **search), model.generate(ids, use_cache=False, **search))
+
+
+def test_cache_implementations_other_than_the_models_own_are_refused(model):
+    """transformers would warn and ignore a `cache_implementation` this model cannot take;
+    "dynamic", what SpiralCache is, decodes as the default does."""
+    ids = prompts([5], seed=10)[0][None]
+    default = model.generate(ids, max_new_tokens=6, **GEN)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, cache_implementation="dynamic", **GEN), default)
+    for implementation in ("static", "offloaded", "quantized"):
+        with pytest.raises(ValueError, match=f"^cache_implementation '{implementation}' is not supported: "
+                                             "SpiralForCausalLM decodes with its own SpiralCache"):
+            model.generate(ids, max_new_tokens=6, cache_implementation=implementation, **GEN)
+
+
 def decode(model, ids, cache, start: int) -> torch.Tensor:
     """Logits [b, n - start, V] of feeding ids[:, start:] one token at a time into `cache`."""
     return torch.cat([model(ids[:, k : k + 1], cache=cache).logits for k in range(start, ids.shape[1])], dim=1)
