@@ -129,6 +129,7 @@ MEGATRON_LM_SCRIPT_FLAGS = [
     "--no-create-attention-mask-in-dataloader", "--no-mmap-bin-files", "--num-workers 1",
     "--tokenizer-model t", "--vocab-size 128256", "--log-throughput", "--profile", "--profile-step-start 4", "--profile-step-end 6",
     "--ckpt-format torch_dist", "--distributed-timeout-minutes 60",
+    "--use-dist-ckpt",  # deprecated in Megatron-LM (no effect there), still in older launch scripts
 ]
 
 
@@ -236,6 +237,10 @@ def test_sample_based_training_as_megatron_lm(tmp_path):
     (["--reset-position-ids"], "--reset-position-ids True: a sample's documents are not separated"),
     (["--no-save-optim"], "--no-save-optim True: every checkpoint holds what resuming needs"),
     (["--optimizer", "sgd"], "--optimizer 'sgd': the job always uses Megatron's Adam"),
+    (["--test-data-path", "t"], "--test-data-path 't': the test split is never read"),
+    (["--num-experts", "8"], "--num-experts 8: mixture-of-experts layers are not built"),
+    (["--yaml-cfg", "a.yaml"], "--yaml-cfg 'a.yaml': the job's YAML is --config FILE.yaml"),
+    (["--use-dist-ckpt", "false"], "--use-dist-ckpt False: the job always saves Megatron-Core's torch_dist"),
     (["--bf16", "--fp16"], "--bf16 and --fp16 both set precision ('bf16', 'fp16'): pass one"),
     (["--tensor-parallel", "1", "--tensor-model-parallel-size", "2"],
      "--tensor-parallel and --tensor-model-parallel-size both set tensor_parallel (1, 2): pass one"),

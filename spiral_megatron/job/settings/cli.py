@@ -59,6 +59,7 @@ FIXED: Dict[str, Tuple[Any, str]] = {
     "use_mcore_models": (True, "builds Megatron-Core models"),
     "position_embedding_type": ("rope", "uses rotary position embeddings"),
     "ckpt_format": ("torch_dist", "saves Megatron-Core's torch_dist checkpoints"),
+    "use_dist_ckpt": (True, "saves Megatron-Core's torch_dist checkpoints (Megatron-LM's deprecated flag for it)"),
     "tokenizer_type": ("HuggingFaceTokenizer", "reads a Hugging Face tokenizer.json (--tokenizer-model DIR; "
                                                "--mock-data for none)"),
     "use_rotary_position_embeddings": (True, "uses rotary position embeddings"),
@@ -128,6 +129,11 @@ INSTEAD.update({
     "tensorboard_log_interval": "--tensorboard-dir gets every log line: --log-interval sets both",
     "skip_train": "an evaluation-only run is not built: tools/evaluate.py --model CHECKPOINT --data PREFIX scores "
                   "a checkpoint of any TP/PP layout on indexed data or text (loss and perplexity)",
+    "test_data_path": "the test split is never read (nor is --split's third part): leave --test-data-path out; "
+                      "tools/evaluate.py --model CHECKPOINT --data PREFIX scores a checkpoint on any data",
+    "num_experts": "mixture-of-experts layers are not built: the prelude, core and coda are dense layers",
+    "yaml_cfg": "the job's YAML is --config FILE.yaml, with the flat keys --help lists (Megatron-LM's --yaml-cfg "
+                "sections are not read)",
     "vocab_size": "the vocabulary is the tokenizer's; with --mock-data it is --tokenizer-vocab-size (Megatron-LM's "
                   "NullTokenizer adds one for its end-of-document token: pass N + 1)",
 })
