@@ -81,6 +81,12 @@ def _main(argv, quiet) -> int:
     return 0
 
 
+if __name__ == "__mp_main__":  # a spawned helper (Megatron's checkpoint writer) ends with its rank
+    from spiral_megatron.job.run.parent_watch import exit_with_parent
+
+    exit_with_parent()
+
+
 if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this module
     from spiral_megatron.job.run import fatal
 

@@ -95,6 +95,12 @@ def plant(fault: str) -> None:
         around(owner, name, before=fail)
 
 
+if __name__ == "__mp_main__":  # a spawned helper (Megatron's checkpoint writer) ends with its rank
+    from spiral_megatron.job.run.parent_watch import exit_with_parent
+
+    exit_with_parent()
+
+
 if __name__ == "__main__":  # dist_checkpointing's save helper re-imports this module
     spec = importlib.util.spec_from_file_location("pretrain_spiral", ROOT / "examples" / "pretrain_spiral.py")
     job = importlib.util.module_from_spec(spec)

@@ -1,7 +1,8 @@
 """Any crash, then the same command again, continues (issue 21, item 2): the whole job killed
 (SIGKILL to every process, as a scheduler does) at start-up, in a save, in a background save,
 at teardown, and at random moments (tools/crash_test.py); each relaunch of `--load X --save X`
-starts on its own and every step it logs equals the uninterrupted run's, bitwise."""
+starts on its own and every step it logs equals the uninterrupted run's, bitwise. A rank killed
+alone (the OOM killer) leaves no helper process behind."""
 
 import sys
 import time
@@ -18,9 +19,10 @@ from tests.jobs import Job, crash_test
 pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
 
 
-def killed(cache_dir, args, fault: str, timeout: float = 300) -> str:
+def killed(cache_dir, args, fault: str, timeout: float = 300, stopped=None) -> str:
     """Run the job with `fault` (a pause point of tests/integration/faulty_job.py), wait until
-    it stops there, kill every process of it; returns what it printed."""
+    it stops there, call `stopped(process)` (the job's process) if given, kill every process of
+    it; returns what it printed."""
     env = dict(environment(cache_dir), SPIRAL_TEST_FAULT=fault)
     folder = Path(args[args.index("--save") + 1]).parent
     with Job([sys.executable, ROOT / "tests" / "integration" / "faulty_job.py", *args], env, folder,
@@ -30,6 +32,8 @@ def killed(cache_dir, args, fault: str, timeout: float = 300) -> str:
             assert job.proc.poll() is None, f"exited {job.proc.returncode} before {fault}:\n{job.stdout()[-3000:]}"
             assert time.monotonic() < deadline, f"never reached {fault}:\n{job.stdout()[-3000:]}"
             time.sleep(0.05)
+        if stopped:
+            stopped(psutil.Process(job.pid))
     return job.stdout() + job.stderr()
 
 
@@ -73,10 +77,21 @@ def test_killed_at_startup_in_a_save_and_at_teardown(reference, cache_dir, tmp_p
     assert_same_steps(reference[1], log)
 
 
+def rank_killed_alone(rank) -> None:
+    """SIGKILL to the rank only, as the OOM killer sends it: its helpers (Megatron's spawned
+    background writer and what it started) end with it (job/run/parent_watch.py), and the
+    resource tracker once they are gone."""
+    helpers = rank.children(recursive=True)
+    assert helpers, "no background writer to orphan"
+    rank.kill()
+    _, alive = psutil.wait_procs(helpers, timeout=15)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+
+
 def test_killed_in_a_background_save(reference, cache_dir, tmp_path):
     save, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
     args = [*TINY, "--async-save", "--load", save, "--save", save, "--log-json", log]
-    killed(cache_dir, args, "pause:background-save")  # its writer process was left to run on, then killed
+    killed(cache_dir, args, "pause:background-save", stopped=rank_killed_alone)  # its writer was left to run on
     assert not (save / TRACKER).exists()
     proc = launch(cache_dir, *args)
     assert "pretrain_spiral: finished iteration 4" in proc.stdout

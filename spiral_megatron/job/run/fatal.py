@@ -26,6 +26,7 @@ import time
 import traceback
 from typing import Callable, NoReturn
 
+from spiral_megatron.job.run import parent_watch
 from spiral_megatron.job.run.errors import report
 
 # A rank stopped by another's failure exits this much later than it finds out: torchrun
@@ -138,6 +139,7 @@ def run(main: Callable[[list], int], argv: list) -> NoReturn:
     """The process's whole life: `main(argv)`, then exit (quickly unless it returned 0)."""
     faulthandler.enable(all_threads=True)  # a native crash still prints every thread's stack
     threading.excepthook = _thread_failed
+    parent_watch.watch_forked_helpers()  # a helper forked from here ends with this process, even one killed -9
     try:
         code = main(argv)
     except SystemExit as e:
