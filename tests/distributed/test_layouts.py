@@ -29,7 +29,7 @@ import torch
 
 from tests.conftest import torchrun
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 ALL_CASES = [f"{t}-{c}" for t in ("residual", "anchor", "mesh") for c in ("8421", "1111")]
@@ -213,7 +213,12 @@ def check_fully_reshardable(layout: str, trained: dict, resumed: dict, ref: dict
     compare(f"{layout} -> TP1 PP1", {"resumed": continued}, {"resumed": ref})
 
 
-@pytest.mark.parametrize("layout", list(REPRESENTATIVE))
+# megatron-core 0.16.1 too (CI): PP x DP with the distributed optimizer, both its checkpoint formats
+BOTH_RELEASES = ("pp2-dp2-distributed-optimizer",)
+
+
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[pytest.mark.both_releases] * (layout in BOTH_RELEASES))
+                                    for layout in REPRESENTATIVE])
 def test_representative_layouts_match_one_process(layout, reference):
     run_layout(layout, REPRESENTATIVE[layout], reference)
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import convert_from_hf  # noqa: E402
 import convert_to_hf  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = [pytest.mark.checkpoint, pytest.mark.both_releases]  # CI runs it on megatron-core 0.16.1 too
 
 ARGS = dict(num_query_groups=2, gated_linear_unit=True, chunk_offsets=[1, 1, 0], topology="mesh")
 

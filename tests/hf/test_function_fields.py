@@ -13,7 +13,7 @@ from spiral_megatron.model.model_args import ModelArgs
 from tests.hf import helpers as H
 from tests.hf.test_parity import TOL, hf_from_megatron
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 IDS = torch.randint(0, H.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
 

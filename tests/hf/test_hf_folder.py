@@ -10,7 +10,7 @@ import torch
 
 from tests.hf.test_convert import _load, ckpt, hf_dir  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def test_tokenizer_is_standard_and_pads_left(hf_dir):  # noqa: F811

@@ -8,7 +8,7 @@ import pytest
 from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import TINY, launch, logged
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = [pytest.mark.checkpoint, pytest.mark.both_releases]  # CI runs it on megatron-core 0.16.1 too
 
 
 def hidden(folder) -> list:

@@ -18,7 +18,7 @@ from spiral_megatron.job.checkpoint import checkpoint_files
 from spiral_megatron.job.checkpoint.checkpoint_files import MARKER, TRACKER, CheckpointError
 from tests.integration.conftest import TINY, checkpoint_at, launch, logged
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 OTHER_PYTHON = os.environ.get("SPIRAL_OTHER_PYTHON")
 
@@ -50,6 +50,7 @@ def test_load_folders_that_are_not_checkpoints(reference, tmp_path):
         checkpoint_files.find_resumable(empty, save=None)
 
 
+@pytest.mark.both_releases
 def test_completeness_is_megatrons_check_plus_our_marker(reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0] / "ckpt", ckpt)
@@ -99,6 +100,7 @@ def as_saved_before_the_marker(folder: Path) -> None:
         torch.save(common, folder / "common.pt")
 
 
+@pytest.mark.both_releases
 def test_a_checkpoint_saved_before_the_marker_resumes_exactly(reference, cache_dir, tmp_path):
     """Issue 21, item 4: refused as "damaged or incomplete" before; now proven complete and
     resumed: the losses of the uninterrupted run, bitwise."""
@@ -161,6 +163,7 @@ def buckets_record(**changes) -> dict:
     return {"distributed": True, "format": "dp_reshardable", "buckets": buckets}
 
 
+@pytest.mark.both_releases
 def test_dp_reshardable_state_refused_where_its_buckets_change(reference, cache_dir, tmp_path):
     """Another loop placement or pipeline split (layers on other stages), or a bucket size that
     splits the first stage otherwise: one line naming both sides and what to pass, before
@@ -226,6 +229,7 @@ def test_dp_reshardable_state_refused_where_its_buckets_change(reference, cache_
     assert "pipeline partition" not in proc.stdout and "parameters" not in proc.stdout  # before building
 
 
+@pytest.mark.both_releases
 def test_fully_reshardable_distributed_optimizer_resumes_at_other_layouts(reference, cache_dir, tmp_path):
     """TP2 -> PP2 -> TP1 with the distributed optimizer, saved fully_reshardable: the losses of
     one uninterrupted single-process run, within TP/PP summation-order noise. The PP2 run
@@ -255,6 +259,7 @@ def test_fully_reshardable_distributed_optimizer_resumes_at_other_layouts(refere
         assert record["grad_norm"] == pytest.approx(full[it]["grad_norm"], rel=1e-4), it
 
 
+@pytest.mark.both_releases
 @pytest.mark.skipif(not OTHER_PYTHON, reason="SPIRAL_OTHER_PYTHON (the other megatron-core release) not set")
 def test_checkpoints_across_releases(reference, cache_dir, tmp_path):
     """Saved by the older release, resumed by the newer: exact. Saved by the newer, loaded by

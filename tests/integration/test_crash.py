@@ -16,7 +16,7 @@ from spiral_megatron.job.checkpoint.folder_lock import LOCK
 from tests.integration.conftest import ROOT, TINY, environment, launch
 from tests.jobs import Job, crash_test
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = [pytest.mark.checkpoint, pytest.mark.both_releases]  # CI runs it on megatron-core 0.16.1 too
 
 
 def killed(cache_dir, args, fault: str, timeout: float = 300, stopped=None) -> str:

@@ -15,7 +15,7 @@ from spiral_megatron.job.run.divergence import LargeValueCheck, largest_abs_weig
 from tests.integration.conftest import ROOT, TINY, environment, launch
 from tests.tiny import tiny_model
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def test_spiky_loss_check_stops_before_saving(cache_dir, tmp_path):

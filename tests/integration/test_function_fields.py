@@ -10,7 +10,7 @@ from spiral_megatron.job.checkpoint import resume_check
 from spiral_megatron.job.settings.resolve import resolve
 from tests.integration.conftest import ROOT, TINY, launch
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 DEBUG = ROOT / "examples" / "configs" / "debug-cpu.yaml"
 # field -> a value other than the debug flavor's (and SpiralConfig's) default

@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.conftest import ROOT, TINY, environment, launch
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 # Five documents of our own, about 250 to 900 tokens each with a 300-token BPE.
 DOCS = [

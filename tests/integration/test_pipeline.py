@@ -9,7 +9,7 @@ import pytest
 
 from tests.integration.conftest import TINY, checkpoint_at, launch, logged
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def test_pipeline_parallel_losses_match_single_process(reference, pp2):
     assert log[4]["val_loss"] == pytest.approx(full[4]["val_loss"], rel=1e-5)
 
 
+@pytest.mark.both_releases
 def test_pipeline_checkpoint_resumes_at_one_stage(reference, pp2, cache_dir, tmp_path):
     """The PP=2 checkpoint of iteration 3 (one copy of the replicated core) at PP=1: the
     model and optimizer reshard, and iteration 4 gives the reference's loss."""

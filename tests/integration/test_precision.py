@@ -17,7 +17,7 @@ from spiral_megatron.config import flavors
 from tests.formats import loss_change_failures, tolerance
 from tests.integration.conftest import checkpoint_at, launch, logged
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 BASE = ("--micro-batch-size", 2, "--global-batch-size", 4, "--lr-warmup-iters", 1,
         "--log-interval", 1, "--eval-interval", "null", "--save-interval", 3)
@@ -78,6 +78,7 @@ def test_loss_falls_as_in_fp32(fp32, runs, fmt):
     assert not failures, failures
 
 
+@pytest.mark.both_releases
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_resume_repeats_the_uninterrupted_steps_exactly(runs, fmt):
     full, resumed = runs(fmt)
@@ -85,6 +86,7 @@ def test_resume_repeats_the_uninterrupted_steps_exactly(runs, fmt):
     _assert_same_steps(full, resumed, fp16=fmt == "fp16")
 
 
+@pytest.mark.both_releases
 @pytest.mark.parametrize("name", list(EARLY))
 def test_fp16_resume_before_the_first_taken_step(runs, name):
     """The step-3 checkpoint is saved before Adam's first step (steps 1-3 overflow at Megatron's
@@ -107,6 +109,7 @@ def _assert_same_steps(full: dict, resumed: dict, fp16: bool) -> None:
             assert record[key] == full[it][key], (it, key)
 
 
+@pytest.mark.both_releases
 def test_fp16_dynamic_loss_scaling_grows_and_backs_off(runs):
     """The flags reach Megatron's scaler: it starts at --initial-loss-scale, doubles after
     --loss-scale-window good steps, and an overflow skips the step and halves it (--hysteresis 1)."""

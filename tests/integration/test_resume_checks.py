@@ -7,7 +7,7 @@ import pytest
 
 from tests.integration.conftest import TINY, launch, logged
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def test_resume_refuses_another_model_sequence_length_or_tokenizer(reference, cache_dir, tmp_path):
@@ -27,6 +27,7 @@ def test_resume_refuses_another_model_sequence_length_or_tokenizer(reference, ca
     assert "seq_length 128 -> 64" in line and "tokenizer: the checkpoint's (512 tokens" in line
 
 
+@pytest.mark.both_releases
 def test_resume_with_another_lr_schedule_follows_megatron(reference, cache_dir, tmp_path):
     ckpt = reference[0] / "ckpt"
     longer = (*TINY, "--train-iters", 6, "--load", ckpt, "--save", tmp_path / "new")
@@ -49,6 +50,7 @@ def test_resume_past_train_iters_says_no_step_ran(reference, cache_dir, tmp_path
     assert not list((tmp_path / "new").glob("iter_*"))
 
 
+@pytest.mark.both_releases
 def test_use_checkpoint_args_takes_the_checkpoints_model_and_refuses_a_contradiction(reference, tmp_path):
     """Megatron-LM's --use-checkpoint-args: a run whose config names another model (as a
     fine-tune of a converted model would, from the default config) builds the checkpoint's,

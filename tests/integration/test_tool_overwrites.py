@@ -12,7 +12,7 @@ import pytest
 from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import ROOT, environment
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def tool(cache_dir, name, *args, expect_rc=0):

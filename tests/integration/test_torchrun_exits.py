@@ -14,7 +14,7 @@ from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import ROOT, TINY, command, environment, launch
 from tests.jobs import Job
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def test_an_error_found_by_one_rank_is_reported_once(cache_dir, tmp_path):
@@ -27,6 +27,7 @@ def test_an_error_found_by_one_rank_is_reported_once(cache_dir, tmp_path):
         assert noise not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.both_releases
 def test_sigterm_to_the_process_group_under_torchrun(cache_dir, tmp_path):
     """Every worker saves and exits 0; torchrun itself, signalled too, exits 1 (its
     SignalException) once its workers are done: the checkpoint, not the code, says it is safe."""
@@ -44,7 +45,8 @@ def test_sigterm_to_the_process_group_under_torchrun(cache_dir, tmp_path):
     assert "exitcode" not in stderr  # no worker failed: torchrun reports none
 
 
-@pytest.mark.parametrize("fault", ["raise:step:1:3", "raise:save:1", "raise:writer:1", "raise:writer:1 sync"])
+@pytest.mark.parametrize("fault", ["raise:step:1:3", *(pytest.param(f, marks=pytest.mark.both_releases)  # a save's failure paths
+                                   for f in ("raise:save:1", "raise:writer:1", "raise:writer:1 sync"))])
 def test_a_rank_that_raises_ends_the_job_within_seconds(cache_dir, tmp_path, fault):
     """Issue 21, item 9: rank 1 raises in its third step, or as the first save starts writing
     (rank 0 then waits in the save's collectives), or in its checkpoint writer: Megatron's forked

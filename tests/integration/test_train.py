@@ -13,7 +13,7 @@ from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from tests.integration.conftest import TINY, command, environment, launch, logged
 from tests.jobs import Job
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def test_single_process_run_logs_evaluates_and_saves(reference):
@@ -28,6 +28,7 @@ def test_single_process_run_logs_evaluates_and_saves(reference):
     assert "val ppl" in stdout and "pretrain_spiral: finished iteration 4" in stdout
 
 
+@pytest.mark.both_releases
 def test_checkpoint_layout_for_the_converters(reference, megatron):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -59,6 +60,7 @@ def test_checkpoint_layout_for_the_converters(reference, megatron):
     assert 0 < reference[1][4]["num_zeros"] < sum(t.numel() for t in weights)
 
 
+@pytest.mark.both_releases
 def test_exact_resume(reference, cache_dir, tmp_path):
     """2 steps + resume + 2 steps == 4 steps, the same loss at every step (bitwise on CPU)."""
     _, full, _ = reference
@@ -78,6 +80,7 @@ def test_exact_resume(reference, cache_dir, tmp_path):
         assert record["lr"] == full[it]["lr"], it
 
 
+@pytest.mark.both_releases
 def test_exact_resume_with_the_distributed_optimizer(cache_dir, tmp_path):
     """DP2 with the distributed optimizer: 2 steps + resume + 2 steps == 4 steps, bitwise
     (loss, learning rate and gradient norm; the Adam step count must survive the load), on a
@@ -110,6 +113,7 @@ def tp2_then_tp1(cache_dir, tmp_path_factory):
     return save, {**logged(out / "tp2.jsonl"), **logged(out / "tp1.jsonl")}, proc.stdout
 
 
+@pytest.mark.both_releases
 def test_two_processes_tensor_parallel_then_resume_at_tp1(tp2_then_tp1):
     save, losses, stdout = tp2_then_tp1
     assert "resumed from" in stdout and "at iteration 2 (8 samples consumed)" in stdout
@@ -155,6 +159,7 @@ def test_nan_read_a_step_late_still_names_its_own_iteration(cache_dir, tmp_path)
     assert not (save / TRACKER).exists()
 
 
+@pytest.mark.both_releases
 def test_sigterm_saves_then_exits_cleanly(cache_dir, tmp_path):
     save = tmp_path / "ckpt"
     args = [*TINY, "--train-iters", 100000, "--eval-interval", "null", "--save-interval", "null",

@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.conftest import ROOT, TINY, environment, launch, logged
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = [pytest.mark.checkpoint, pytest.mark.both_releases]  # CI runs it on megatron-core 0.16.1 too
 
 
 def tool(cache_dir, name, *args):

@@ -9,7 +9,7 @@ pytest.importorskip("modelopt.torch.quantization")
 from spiral_megatron.config import flavors  # noqa: E402
 from spiral_megatron.model.model_args import ModelArgs  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = [pytest.mark.checkpoint, pytest.mark.both_releases]  # CI runs it on megatron-core 0.16.1 too
 
 SEQ, BATCH, VOCAB = 64, 2, 512
 

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from tests.quantization.test_calibration import SEQ, debug_model, forward_loop  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def quantized_checkpoint(root, fmt, per_level=False):

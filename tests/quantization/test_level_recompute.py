@@ -12,7 +12,7 @@ from spiral_megatron.config import flavors  # noqa: E402
 from spiral_megatron.model.model_args import ModelArgs  # noqa: E402
 from tests.quantization.test_calibration import BATCH, SEQ, VOCAB, batches, forward_loop  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 RECOMPUTE = {
     "loop-iterations": dict(recompute_loop_iterations=True),

@@ -15,7 +15,7 @@ pytest.importorskip("modelopt.torch.quantization")
 
 from tests.integration.conftest import ROOT, TINY, cache_dir, environment, launch, logged, reference  # noqa: E402,F401
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 TOOL = ROOT / "tools" / "quantize.py"
 

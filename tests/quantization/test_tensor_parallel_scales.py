@@ -15,7 +15,7 @@ pytest.importorskip("modelopt.torch.quantization")
 from tests.conftest import torchrun  # noqa: E402
 from tests.quantization.test_calibration import BATCH, SEQ, VOCAB, batches  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 WORKER = Path(__file__).with_name("tp_worker.py")
 FORMATS = ("int8_sq", "int4_awq", "fp8")

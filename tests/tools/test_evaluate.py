@@ -15,7 +15,7 @@ import evaluate as evaluate_tool  # noqa: E402
 
 from spiral_megatron.analysis import data  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def test_sequences_are_consecutive_windows():

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 lm_eval = pytest.importorskip("lm_eval")
 

@@ -15,7 +15,7 @@ import probe as probe_tool  # noqa: E402
 
 from spiral_megatron.analysis import probe  # noqa: E402
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = pytest.mark.checkpoint  # saves or loads a checkpoint
 
 
 def _hf_model(seed=0, **overrides):
