@@ -14,10 +14,11 @@ import pytest
 from spiral_megatron.job.checkpoint import checkpointing
 from spiral_megatron.job.checkpoint.checkpointing import TRACKER
 from spiral_megatron.job.checkpoint.folder_lock import LOCK
+from spiral_megatron.job.run import fatal
 from tests.integration.conftest import TINY, command, environment, launch
-from tests.jobs import Job
+from tests.jobs import Job, crash_test
 
-pytestmark = pytest.mark.checkpoint  # CI runs it on both megatron-core releases
+pytestmark = [pytest.mark.checkpoint, pytest.mark.both_releases]  # CI runs it on megatron-core 0.16.1 too
 
 LONG = (*TINY, "--train-iters", 100000, "--eval-interval", "null", "--log-interval", 50)
 
@@ -41,13 +42,20 @@ def killed_at_second_rename(monkeypatch):
 
 
 # Items 1, 3, 9: the requeue command on an empty folder, a second job refused, SIGTERM to the group.
-def test_sigterm_to_the_process_group_after_a_periodic_save(cache_dir, tmp_path):
+@pytest.mark.parametrize("saves", ["synchronous", "--async-save"])
+def test_sigterm_to_the_process_group_after_a_periodic_save(cache_dir, tmp_path, saves):
     """SLURM preemption and scancel signal every process of the job: Megatron's checkpoint
-    helper process used to die with it, and the exit save failed with BrokenPipeError."""
+    helper process (the manager serving its writer's results queue) used to die with it, and
+    the exit save failed with BrokenPipeError. A synchronous job starts no such helper: its
+    writer reports to a queue of the rank itself (checkpointing.start_save_helper)."""
     save = tmp_path / "ckpt"
-    with Job(command(1, [*LONG, "--save-interval", 2, "--load", save, "--save", save]), environment(cache_dir),
-             tmp_path) as job:
+    flags = [saves] if saves.startswith("--") else []
+    with Job(command(1, [*LONG, *flags, "--save-interval", 2, "--load", save, "--save", save]),
+             environment(cache_dir), tmp_path) as job:
         job.wait_for(lambda line: line.startswith("saved checkpoint"))
+        spawned = [" ".join(p.cmdline()) for p in crash_test.tagged_processes(job.tag)]
+        helpers = [c for c in spawned if "spawn_main" in c and fatal.RESOURCE_TRACKER not in c]
+        assert (helpers == []) == (saves == "synchronous"), helpers
         warnings = [line for _, line in job.lines if "holds no checkpoint yet" in line]
         assert len(warnings) == 1 and "starting from scratch" in warnings[0], job.stdout()[-3000:]
         # A second job on the same folder is refused, naming the holder.

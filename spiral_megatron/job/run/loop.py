@@ -58,7 +58,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
         if held.resume_from is not None:
             agreed(lambda: trainer.resume(held.resume_root, held.finetune))  # checks before collectives
         if cfg.save:
-            checkpointing.start_save_helper()  # before ExitSignal: SIGTERM ignored in the helper
+            checkpointing.start_save_helper(cfg.async_save)  # before ExitSignal: SIGTERM ignored in the helper
         signals = ExitSignal(cfg.exit_duration_in_mins, started)
         try:
             with trainer.gc:  # --manual-gc: automatic collection off while training
