@@ -100,13 +100,21 @@ def test_padding_inside_a_row_is_refused(hf_dir):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
 
 
-def test_round_trip_is_bit_exact(ckpt, hf_dir, tmp_path):
+def test_round_trip_is_bit_exact(ckpt, hf_dir, tmp_path, monkeypatch):
+    """HF -> job layout gives the converted checkpoint's tensors back, bit for bit; its save, in
+    one process, starts no helper process (job/checkpoint/results_queue.py)."""
+    import multiprocessing
+
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from spiral_megatron.model.model_args import ModelArgs
 
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a new process
+    before = set(multiprocessing.active_children())
     back = tmp_path / "back"
     assert convert_from_hf.main(["--load", str(hf_dir), "--save", str(back), "--iteration", "200"]) == 0
+    assert set(multiprocessing.active_children()) == before  # Megatron's writer would spawn its manager
     a = dist_checkpointing.load_plain_tensors(str(ckpt / "iter_0000200"))
     b = dist_checkpointing.load_plain_tensors(str(back / "iter_0000200"))
     assert set(a) == set(b)

@@ -143,6 +143,7 @@ def write_model_only(root, iteration: int, module, write_files: Callable[[Path],
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import CheckpointException
 
+    from spiral_megatron.job.checkpoint import results_queue
     from spiral_megatron.job.checkpoint.background_failure import describe
 
     folder = iteration_dir(root, iteration)
@@ -151,6 +152,7 @@ def write_model_only(root, iteration: int, module, write_files: Callable[[Path],
     recover(root)  # what a killed earlier run left
     staging = staging_dir(root, iteration)
     staging.mkdir(parents=True)
+    results_queue.in_this_process(replace=False)  # a one-process synchronous save: no helper process
     try:
         dist_checkpointing.save({"model": module.sharded_state_dict()}, str(staging))
         write_files(staging)

@@ -18,10 +18,8 @@ happens when every rank's write has finished. Restoring is in loading.py.
 import contextlib
 import errno
 import os
-import queue
 import random
 import shutil
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +27,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, scheduler_state, torch_adam
+from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, results_queue, scheduler_state, torch_adam
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
@@ -47,32 +45,13 @@ def optimizer_format(cfg) -> dict:
 
 
 def start_save_helper(background: bool) -> None:
-    """Give Megatron's checkpoint writer the queue its results come back through, now.
-
-    dist_checkpointing's writer reports through a queue served by a `spawn`ed manager process,
-    started at the first save and reused after. A synchronous save writes in this process (its
-    write workers, on 0.16, are forked by it and report to it), so a plain queue of this process
-    serves it, and no manager starts: the manager is a Python of its own that imports torch to
-    read the results, about 3 s of CPU and 270 MB per rank. A background save (`background`,
-    `--async-save`) writes in another process, which reaches the manager's queue.
-
-    That process ignores SIGINT but not SIGTERM, so a SIGTERM sent to the whole process group
-    (SLURM preemption, `scancel`, torchrun's agent) killed it, and the exit save then failed with
-    BrokenPipeError. A spawned child inherits an ignored signal: start it while SIGTERM is
-    ignored, before our own handler.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if not background:
-        filesystem_async._results_queue = queue.Queue()  # what both releases' getters return once set
-        return
-    start = getattr(filesystem_async, "get_write_results_queue", None)  # megatron-core >= 0.17
-    start = start or getattr(filesystem_async, "_get_write_results_queue")  # 0.16
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        start()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """Give Megatron's checkpoint writer its results queue now (results_queue.py): one of this
+    process for synchronous saves, Megatron's manager process for background ones (`background`,
+    `--async-save`), started before the job's own SIGTERM handler."""
+    if background:
+        results_queue.start_manager()
+    else:
+        results_queue.in_this_process()
 
 
 def parallel_layout() -> dict:
