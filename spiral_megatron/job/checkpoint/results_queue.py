@@ -34,8 +34,11 @@ def in_this_process(replace: bool = True) -> None:
 
 
 def start_manager() -> None:
-    """Start Megatron's own queue, served by its manager process, with SIGTERM ignored in it."""
+    """Start Megatron's own queue, served by its manager process, with SIGTERM ignored in it
+    (in place of a queue of this process set before: a background writer could not reach it)."""
     writer = _module()
+    if isinstance(writer._results_queue, queue.Queue):
+        writer._results_queue = None
     start = getattr(writer, "get_write_results_queue", None)  # megatron-core >= 0.17
     start = start or getattr(writer, "_get_write_results_queue")  # 0.16
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
