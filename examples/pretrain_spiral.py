@@ -81,7 +81,7 @@ def _main(argv, quiet) -> int:
     return 0
 
 
-if __name__ == "__mp_main__":  # a spawned helper (Megatron's checkpoint writer) ends with its rank
+if __name__ == "__mp_main__":  # a spawned helper (the manager of Megatron's checkpoint writer) ends with its rank
     from spiral_megatron.job.run.parent_watch import exit_with_parent
 
     exit_with_parent()

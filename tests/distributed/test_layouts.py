@@ -217,7 +217,7 @@ def check_fully_reshardable(layout: str, trained: dict, resumed: dict, ref: dict
 BOTH_RELEASES = ("pp2-dp2-distributed-optimizer",)
 
 
-@pytest.mark.parametrize("layout", [pytest.param(layout, marks=[pytest.mark.both_releases] * (layout in BOTH_RELEASES))
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=pytest.mark.both_releases if layout in BOTH_RELEASES else ())
                                     for layout in REPRESENTATIVE])
 def test_representative_layouts_match_one_process(layout, reference):
     run_layout(layout, REPRESENTATIVE[layout], reference)

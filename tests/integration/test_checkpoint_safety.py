@@ -47,7 +47,7 @@ def test_sigterm_to_the_process_group_after_a_periodic_save(cache_dir, tmp_path,
     """SLURM preemption and scancel signal every process of the job: Megatron's checkpoint
     helper process (the manager serving its writer's results queue) used to die with it, and
     the exit save failed with BrokenPipeError. A synchronous job starts no such helper: its
-    writer reports to a queue of the rank itself (checkpointing.start_save_helper)."""
+    writer reports to a queue of the rank itself (job/checkpoint/results_queue.py)."""
     save = tmp_path / "ckpt"
     flags = [saves] if saves.startswith("--") else []
     with Job(command(1, [*LONG, *flags, "--save-interval", 2, "--load", save, "--save", save]),

@@ -78,8 +78,8 @@ def test_killed_at_startup_in_a_save_and_at_teardown(reference, cache_dir, tmp_p
 
 
 def rank_killed_alone(rank) -> None:
-    """SIGKILL to the rank only, as the OOM killer sends it: its helpers (Megatron's spawned
-    background writer and what it started) end with it (job/run/parent_watch.py), and the
+    """SIGKILL to the rank only, as the OOM killer sends it: its helpers (the forked background
+    writer and its workers, the spawned manager of the writer's results) end with it (job/run/parent_watch.py), and the
     resource tracker once they are gone."""
     helpers = rank.children(recursive=True)
     assert helpers, "no background writer to orphan"

@@ -27,7 +27,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, results_queue, scheduler_state, torch_adam
+from spiral_megatron.job.checkpoint import checkpoint_files, extra_state, scheduler_state, torch_adam
 from spiral_megatron.job.build import Components, sync_params
 from spiral_megatron.job.checkpoint.checkpoint_files import (TRACKER, CheckpointError, find_resumable,  # noqa: F401
                                                        iteration_dir, latest_iteration, recover)
@@ -42,16 +42,6 @@ def optimizer_format(cfg) -> dict:
     "fully_sharded_model_space", needs flattened ShardedTensors, which 0.16 refuses."""
     fully = cfg is not None and cfg.dist_ckpt_optim_fully_reshardable
     return {"distrib_optim_sharding_type": "fully_reshardable" if fully else "dp_reshardable"}
-
-
-def start_save_helper(background: bool) -> None:
-    """Give Megatron's checkpoint writer its results queue now (results_queue.py): one of this
-    process for synchronous saves, Megatron's manager process for background ones (`background`,
-    `--async-save`), started before the job's own SIGTERM handler."""
-    if background:
-        results_queue.start_manager()
-    else:
-        results_queue.in_this_process()
 
 
 def parallel_layout() -> dict:
@@ -178,7 +168,7 @@ def _save(root, iteration, consumed_samples, parts, cfg, tokenizer, background, 
 def _async_arguments(background) -> dict:
     """dist_checkpointing.save's arguments for a background save. megatron-core >= 0.19 defaults
     to NVIDIA Resiliency Extension's async writer; Megatron's own ("mcore") is the one whose
-    request fits megatron.core's AsyncCallsQueue and whose helper `start_save_helper` starts."""
+    request fits megatron.core's AsyncCallsQueue and whose helper `results_queue.for_saves` starts."""
     import inspect
 
     from megatron.core import dist_checkpointing

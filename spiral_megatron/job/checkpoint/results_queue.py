@@ -7,9 +7,9 @@ and 270 MB per rank), and it is only needed when the writer runs in another proc
 background save's does (`--async-save`). A synchronous save writes in this process (its write
 workers, on 0.16, are forked by it and report to it), so a plain queue of this process serves it.
 
-`in_this_process` sets that plain queue (the job without `--async-save`, and the one-process
-tools, which only save synchronously); `start_manager` starts the manager now, for background
-saves, with SIGTERM ignored in it: a SIGTERM sent to the whole process group (SLURM
+`for_saves` is the job's choice, made once before its SIGTERM handler: `in_this_process` sets
+that plain queue (also for the one-process tools, which only save synchronously);
+`start_manager` starts the manager now, for background saves, with SIGTERM ignored in it: a SIGTERM sent to the whole process group (SLURM
 preemption, `scancel`, torchrun's agent) killed it, and the exit save then failed with
 BrokenPipeError. A spawned child inherits an ignored signal.
 """
@@ -22,6 +22,15 @@ def _module():
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     return filesystem_async
+
+
+def for_saves(background: bool) -> None:
+    """The job's queue: Megatron's manager for background saves (`--async-save`), else one of
+    this process."""
+    if background:
+        start_manager()
+    else:
+        in_this_process()
 
 
 def in_this_process(replace: bool = True) -> None:

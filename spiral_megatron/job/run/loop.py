@@ -10,7 +10,7 @@ from typing import Optional
 
 from spiral_megatron import parallel
 from spiral_megatron.job.build import build
-from spiral_megatron.job.checkpoint import checkpointing, extra_state
+from spiral_megatron.job.checkpoint import extra_state, results_queue
 from spiral_megatron.job.data import datasets as data
 from spiral_megatron.job.run import console, memory
 from spiral_megatron.job.run.metrics import Logger, device_peak_tflops
@@ -58,7 +58,7 @@ def run(job: Resolved, quiet: Optional[console.HeldWarnings] = None) -> str:
         if held.resume_from is not None:
             agreed(lambda: trainer.resume(held.resume_root, held.finetune))  # checks before collectives
         if cfg.save:
-            checkpointing.start_save_helper(cfg.async_save)  # before ExitSignal: SIGTERM ignored in the helper
+            results_queue.for_saves(cfg.async_save)  # before ExitSignal: SIGTERM ignored in the helper
         signals = ExitSignal(cfg.exit_duration_in_mins, started)
         try:
             with trainer.gc:  # --manual-gc: automatic collection off while training

@@ -2,16 +2,16 @@
 
 A rank that ends in Python stops its helpers itself (fatal.py; Megatron closes its writer). A
 rank killed with SIGKILL (the OOM killer, a kill -9 of one process) cannot: its helpers lived on
-as orphans, each holding its memory (megatron-core 0.19.2's persistent checkpoint writer about
-270 MB) and, through its pipe, the rank's multiprocessing resource tracker. Here each helper
+as orphans, each holding its memory (the manager process serving Megatron's checkpoint
+writer, about 270 MB: job/checkpoint/results_queue.py) and, through its pipe, the rank's multiprocessing resource tracker. Here each helper
 watches its parent from a daemon thread and exits within POLL_S seconds of losing it (the
 process is re-parented). What such a helper was writing belongs to a save that never
 completes: its rank is gone before marking it (checkpointing.py), and the next launch deletes
 it.
 
-Helpers are spawned (Megatron's persistent checkpoint writer, on both releases): a spawned
+Helpers are spawned (that manager, on both releases, with `--async-save`): a spawned
 process runs the job's main script again as `__mp_main__`, which calls `exit_with_parent`. Or
-forked (data loader workers, a writer's own write workers): `watch_forked_helpers`, called by
+forked (data loader workers, a background save's writer and its write workers): `watch_forked_helpers`, called by
 every rank at its start (fatal.run), starts the watch in every child it forks, and each child
 passes it on to its own.
 """
