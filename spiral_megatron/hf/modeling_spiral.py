@@ -251,11 +251,13 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
         )
         return out if (return_dict if return_dict is not None else c.return_dict) else out.to_tuple()
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """transformers' inputs for the next forward, less the tokenizers `generate` takes for its
         own use (stop_strings, token healing, assisted decoding across vocabularies) and passes on
-        with them: forward refuses what it does not take, where transformers' models swallow it."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        with them: forward refuses what it does not take, where transformers' models swallow it.
+        `inputs_embeds` is named so that `generate` sees that the prompt may come as embeddings
+        (it reads this signature), which forward takes for the first step."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         for key in ("tokenizer", "assistant_tokenizer"):
             inputs.pop(key, None)
         return inputs

@@ -233,6 +233,22 @@ def test_a_prompt_cache_passed_back_and_the_returned_cache_continue_decoding(mod
     assert torch.equal(more, model.generate(out.sequences, max_new_tokens=5, use_cache=False, **GEN))
 
 
+
+@pytest.mark.parametrize("search", ["greedy", "beams"])
+def test_a_prompt_given_as_embeddings_decodes_as_without_a_cache(model, search):
+    """generate(inputs_embeds=...) (soft prompts, a vision encoder's tokens): the embeddings feed
+    the first step, the new tokens' ids the next. Against: the token prompt, and a soft prompt
+    (embeddings moved off every token) decoded without a cache; a left-padded batch."""
+    ids, mask = left_pad(prompts([6, 3], seed=9))
+    kw = dict(attention_mask=mask, max_new_tokens=7, **GEN, **({"num_beams": 3} if search == "beams" else {}))
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)  # [b, n, d]
+        assert torch.equal(model.generate(inputs_embeds=embeds, **kw), model.generate(ids, **kw)[:, ids.shape[1]:])
+        soft = embeds + 0.5 * torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+        cached = model.generate(inputs_embeds=soft, **kw)
+        assert torch.equal(cached, model.generate(inputs_embeds=soft, use_cache=False, **kw))
+        assert not torch.equal(cached, model.generate(ids, **kw)[:, ids.shape[1]:]), "the soft prompt changed nothing"
+
 STANDALONE = """
 import os, sys
 sys.modules["spiral_megatron"] = None  # the folder's own files only
