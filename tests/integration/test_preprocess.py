@@ -61,6 +61,9 @@ def test_a_record_without_the_text_key_is_named_with_its_keys(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"content": "x", "id": 2}) + "\n")
     with pytest.raises(ValueError, match=r"a.jsonl:2: no text under key 'text' \(the record holds: content, id; --json-keys KEY names the key\)"):
         list(read_documents([tmp_path / "a.jsonl"]))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(ValueError, match=r"b.jsonl:2: 'text' holds null, not text \(a string\)$"):
+        list(read_documents([tmp_path / "b.jsonl"]))
     # Megatron-LM's --json-keys, and --json-key, name the key; one key per run
     base = ["--input", "a.jsonl", "--output-prefix", "p"]
     assert preprocess_data.parse_args(base + ["--json-keys", "content"]).json_key == "content"

@@ -76,6 +76,8 @@ def _documents(path: Path, text_key: str) -> Iterator[str]:
                     except ValueError as e:
                         raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
                     text = record.get(text_key) if isinstance(record, dict) else None
+                    if isinstance(record, dict) and text_key in record and not isinstance(text, str):
+                        raise ValueError(f"{path}:{n}: {text_key!r} holds {json.dumps(text)[:40]}, not text (a string)")
                     if not isinstance(text, str):
                         keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
                         raise ValueError(f"{path}:{n}: no text under key {text_key!r} (the record holds: {keys}; "
