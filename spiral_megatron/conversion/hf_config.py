@@ -9,6 +9,7 @@ from spiral_megatron.model.model_args import ModelArgs
 
 AUTO_MAP = {
     "AutoConfig": "configuration_spiral.SpiralFormerConfig",
+    "AutoModel": "modeling_spiral.SpiralModel",
     "AutoModelForCausalLM": "modeling_spiral.SpiralForCausalLM",
 }
 # Recorded FUNCTION fields (model_args.RECORDED_FIELDS) the HF model implements one way only:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -74,7 +74,10 @@ class SpiralPreTrainedModel(PreTrainedModel):
 
 
 class SpiralModel(SpiralPreTrainedModel):
-    """Embedding -> prelude -> loop -> coda -> final norm; hidden states [b, n, d]."""
+    """Embedding -> prelude -> loop -> coda -> final norm; hidden states [b, n, d]. AutoModel's
+    class: loaded from a folder, it takes the weights under `model.` and leaves the head."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]  # the causal LM's head, not the base model's
 
     def __init__(self, config: SpiralFormerConfig):
         super().__init__(config)
@@ -89,8 +92,60 @@ class SpiralModel(SpiralPreTrainedModel):
         """Token embeddings times sqrt(d) with `scale_embeddings` (MeSH appendix B)."""
         return embeddings * math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else embeddings
 
-    def forward(self, e: torch.Tensor, cache: Optional[SpiralCache] = None, pads: Optional[List[int]] = None,
-                record: Optional[Record] = None) -> torch.Tensor:
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        cache: Optional[SpiralCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """input_ids [b, n] (or inputs_embeds [b, n, d], unscaled, as embed_tokens gives them)
+        -> last_hidden_state [b, n, d], the final norm's output (zeros at left padding).
+        `cache`: a SpiralCache, filled by earlier calls (input_ids are then only the new tokens)
+        or empty. `AutoModel`'s forward; SpiralForCausalLM's runs it. hidden_states: docs/HF.md."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{type(self).__name__} takes exactly one of input_ids and inputs_embeds")
+        if cache is not None and not isinstance(cache, SpiralCache):
+            raise TypeError(f"cache must be a SpiralCache, as model(ids, use_cache=True).cache returns it, "
+                            f"got {type(cache).__name__}")
+        c = self.config
+        use_cache = c.use_cache if use_cache is None else use_cache
+        if use_cache and self.training and self.is_activation_checkpointing:
+            logger.warning_once(f"{type(self).__name__}: gradient checkpointing recomputes layers; use_cache=False")
+            use_cache = False
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} {value!r} must be True or False")
+        if use_cache and cache is None:
+            cache = SpiralCache(c)
+
+        e = self.scale(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        n = e.shape[1]
+        pads = row_pads(attention_mask, n, cache, use_cache)
+        if output_attentions and (pads is not None or (cache is not None and cache.rows is not None)):
+            raise ValueError("output_attentions is not supported for a left-padded batch: run its rows one by one")
+        if output_attentions and cache is not None and cache.seen and n > 1:
+            raise ValueError(f"output_attentions with a filled cache takes one new token per call, got {n}")
+        if position_ids is not None:
+            check_positions(position_ids, cache, pads, n)
+        record = Record(output_hidden_states, output_attentions)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=self.hidden(e, cache, pads, record), cache=cache if use_cache else None,
+            hidden_states=tuple(record.hidden_states) if output_hidden_states else None,
+            attentions=tuple(record.attentions) if output_attentions else None,
+        )
+        return out if (return_dict if return_dict is not None else c.return_dict) else out.to_tuple()
+
+    def hidden(self, e: torch.Tensor, cache: Optional[SpiralCache] = None, pads: Optional[List[int]] = None,
+               record: Optional[Record] = None) -> torch.Tensor:
         """e: scaled embeddings [b, n, d] -> final hidden states [b, n, d]. Without a cache, or
         with an empty one: the whole sequence (filling the cache). With a filled one: the n new
         tokens, one at a time. `pads`: each row's left padding, when a batch starts left-padded."""
@@ -151,7 +206,7 @@ class SpiralModel(SpiralPreTrainedModel):
             cache.rows = [SpiralCache(self.config) for _ in range(b)]
         pads = pads if pads is not None else [0] * b
         parts = [record.like() for _ in range(b)]
-        rows = [F.pad(self(e[r : r + 1, pads[r] :], cache.rows[r] if cache is not None else None, None, parts[r]),
+        rows = [F.pad(self.hidden(e[r : r + 1, pads[r] :], cache.rows[r] if cache is not None else None, None, parts[r]),
                       (0, 0, pads[r], 0)) for r in range(b)]  # [1, n, d] each
         if cache is not None:
             cache.seen += n
@@ -201,37 +256,12 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
         -> logits [b, n, V]. `cache`: a SpiralCache, filled by earlier calls (input_ids are then
         only the new tokens) or empty. Loss: mean over scored tokens, or their sum divided by
         `num_items_in_batch`. hidden_states: docs/HF.md."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("SpiralForCausalLM takes exactly one of input_ids and inputs_embeds")
-        if cache is not None and not isinstance(cache, SpiralCache):
-            raise TypeError(f"cache must be a SpiralCache, as model(ids, use_cache=True).cache returns it, "
-                            f"got {type(cache).__name__}")
-        c = self.config
-        use_cache = c.use_cache if use_cache is None else use_cache
-        if use_cache and self.training and self.is_activation_checkpointing:
-            logger.warning_once("SpiralForCausalLM: gradient checkpointing recomputes layers; use_cache=False")
-            use_cache = False
-        output_attentions = c.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
-        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} {value!r} must be True or False")
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError(f"labels need logits at every position; logits_to_keep {logits_to_keep} must be 0")
-        if use_cache and cache is None:
-            cache = SpiralCache(c)
-
-        e = self.model.scale(self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
-        n = e.shape[1]
-        pads = row_pads(attention_mask, n, cache, use_cache)
-        if output_attentions and (pads is not None or (cache is not None and cache.rows is not None)):
-            raise ValueError("output_attentions is not supported for a left-padded batch: run its rows one by one")
-        if output_attentions and cache is not None and cache.seen and n > 1:
-            raise ValueError(f"output_attentions with a filled cache takes one new token per call, got {n}")
-        if position_ids is not None:
-            check_positions(position_ids, cache, pads, n)
-        record = Record(output_hidden_states, output_attentions)
-        h = self.model(e, cache, pads, record)  # [b, n, d]
+        base = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states, return_dict=True)
+        h, n = base.last_hidden_state, base.last_hidden_state.shape[1]
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
         else:
@@ -242,14 +272,11 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [b, n]: what position i predicts
             if attention_mask is not None:  # a pad position predicts nothing
                 targets = targets.masked_fill(attention_mask[:, -n:] == 0, -100)
-            loss = self.loss_function(logits=logits, labels=None, vocab_size=c.vocab_size,
+            loss = self.loss_function(logits=logits, labels=None, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=num_items_in_batch, shift_labels=targets)
-        out = CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=cache if use_cache else None,
-            hidden_states=tuple(record.hidden_states) if output_hidden_states else None,
-            attentions=tuple(record.attentions) if output_attentions else None,
-        )
-        return out if (return_dict if return_dict is not None else c.return_dict) else out.to_tuple()
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=base.cache, hidden_states=base.hidden_states,
+                                     attentions=base.attentions)
+        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """transformers' inputs for the next forward, less the tokenizers `generate` takes for its

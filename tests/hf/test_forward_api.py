@@ -125,3 +125,29 @@ def test_return_dict_position_ids_inputs_embeds_and_logits_to_keep(model):
         assert torch.equal(model(ids, position_ids=positions).logits, out.logits)
         with pytest.raises(ValueError, match="position_ids"):
             model(ids, position_ids=positions + 3)  # positions the model does not take
+
+
+def test_automodel_is_the_base_model_with_the_folders_weights(folder, model):
+    """AutoModel (feature extraction, reward heads, sentence embeddings) loads the folder's base
+    model: every weight from the file, none new. Reference: the causal LM's last hidden state,
+    which times the folder's output layer is its logits; a left-padded batch, the cache and the
+    past_key_values name as the causal LM takes them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    base, info = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32,
+                                           output_loading_info=True)
+    assert type(base).__name__ == "SpiralModel" and not any(info.values()), info
+    ids, mask = left_pad(prompts([8, 5], seed=4))
+    with torch.no_grad():
+        out = base.eval()(ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+        full = model(ids, attention_mask=mask, output_hidden_states=True)
+        assert torch.equal(out.last_hidden_state, full.hidden_states[-1])
+        assert len(out.hidden_states) == len(full.hidden_states) == NUM_HIDDEN
+        head = load_file(str(folder / "model.safetensors"))["lm_head.weight"]
+        torch.testing.assert_close(out.last_hidden_state @ head.T, full.logits, rtol=0, atol=1e-5)
+        nxt = torch.tensor([[3], [5]])
+        step = base(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), cache=out.cache).last_hidden_state
+        again = base(torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), use_cache=False)
+        torch.testing.assert_close(step[:, -1], again.last_hidden_state[:, -1], rtol=0, atol=tolerance(again[0]))
+        assert base(ids, return_dict=False)[0].shape == (2, 8, CONFIG["hidden_size"])
