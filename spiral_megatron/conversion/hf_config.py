@@ -11,6 +11,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_spiral.SpiralFormerConfig",
     "AutoModel": "modeling_spiral.SpiralModel",
     "AutoModelForCausalLM": "modeling_spiral.SpiralForCausalLM",
+    "AutoModelForSequenceClassification": "classification_spiral.SpiralForSequenceClassification",
 }
 # Recorded FUNCTION fields (model_args.RECORDED_FIELDS) the HF model implements one way only:
 # another value is refused by name. Every other recorded field is carried (CONFIG_NAMES,

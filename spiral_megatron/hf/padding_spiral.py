@@ -27,17 +27,17 @@ def row_pads(attention_mask, n: int, cache, use_cache: bool) -> Optional[List[in
     if not start:
         if bool(attention_mask[:, -n:].all()):
             return None
-        raise ValueError("SpiralForCausalLM: tokens after the start of a batch must all be real (attention_mask 1)")
+        raise ValueError("SpiralFormer: tokens after the start of a batch must all be real (attention_mask 1)")
     mask = attention_mask.long()
     steps = mask.diff(dim=-1)
     if bool((steps >= 0).all()):  # 0...0 1...1 per row
         if not bool(mask[:, -1].all()):
-            raise ValueError("SpiralForCausalLM: a row of the batch has no real token (attention_mask all 0)")
+            raise ValueError("SpiralFormer: a row of the batch has no real token (attention_mask all 0)")
         return (mask.shape[1] - mask.sum(dim=1)).tolist()
     if cache is None and not use_cache and bool((steps <= 0).all()):  # 1...1 0...0: right padding
         return None
     raise ValueError(
-        "SpiralForCausalLM: attention_mask must be left padding (0...0 1...1 per row) at the start of a "
+        "SpiralFormer: attention_mask must be left padding (0...0 1...1 per row) at the start of a "
         "batch, or right padding in a plain forward with use_cache=False; padding in the middle of a row or "
         "added to a running cache is not supported (chunk boundaries count from a row's first real token)."
     )
