@@ -169,6 +169,10 @@ def read_hf_folder(folder: Path):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json")
     config = SpiralFormerConfig.from_pretrained(str(folder))
+    heads = [a for a in config.architectures or [] if a != "SpiralForCausalLM"]
+    if heads:  # a classifier's score has no Megatron counterpart; its lm_head is missing
+        raise ValueError(f"{str(folder)!r} holds a {heads[0]} (config.json's architectures): only the causal LM, "
+                         "SpiralForCausalLM, converts to a Megatron checkpoint")
     if (folder / INDEX).is_file():
         files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
     elif (folder / WEIGHTS).is_file():

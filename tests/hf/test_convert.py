@@ -171,6 +171,13 @@ def test_errors(ckpt, hf_dir, tmp_path, capsys):
     assert convert_from_hf.main(["--load", str(bin_only), "--save", str(tmp_path / "b1")]) == 2
     assert "only safetensors" in capsys.readouterr().err
 
+    classifier = tmp_path / "classifier"  # a fine-tuned AutoModelForSequenceClassification's folder
+    shutil.copytree(hf_dir, classifier)
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps({**config, "architectures": ["SpiralForSequenceClassification"]}))
+    assert convert_from_hf.main(["--load", str(classifier), "--save", str(tmp_path / "b3")]) == 2
+    assert "holds a SpiralForSequenceClassification" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+
     cut = tmp_path / "cut"
     shutil.copytree(hf_dir, cut)
     data = (cut / "model.safetensors").read_bytes()
