@@ -115,6 +115,8 @@ def load_hf(folder: Path):
     """AutoModelForCausalLM from a converted folder, in float32, with its own model code."""
     from transformers import AutoModelForCausalLM
 
+    hf_io.read_config(folder)  # the causal LM's folder, not a classifier's
+
     return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
 
 

@@ -161,6 +161,18 @@ def _write_weights(folder: Path, state: StateDict, max_shard_bytes: int) -> None
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def read_config(folder: Path) -> SpiralFormerConfig:
+    """config.json of a folder that holds the causal LM: a fine-tuned classifier's folder
+    (AutoModelForSequenceClassification) has no output layer, and its score has no Megatron
+    counterpart, so the converter and the tools refuse it rather than start a new lm_head."""
+    config = SpiralFormerConfig.from_pretrained(str(folder))
+    heads = [a for a in config.architectures or [] if a != "SpiralForCausalLM"]
+    if heads:
+        raise ValueError(f"{str(folder)!r} holds a {heads[0]} (config.json's architectures), not the causal LM "
+                         "SpiralForCausalLM: its next-token output layer is not in the folder")
+    return config
+
+
 def read_hf_folder(folder: Path):
     """(SpiralFormerConfig, weights, vocab padding) of a folder; only safetensors are loaded."""
     folder = Path(folder)
@@ -168,11 +180,7 @@ def read_hf_folder(folder: Path):
         raise FileNotFoundError(f"Hugging Face folder {str(folder)!r} does not exist")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json")
-    config = SpiralFormerConfig.from_pretrained(str(folder))
-    heads = [a for a in config.architectures or [] if a != "SpiralForCausalLM"]
-    if heads:  # a classifier's score has no Megatron counterpart; its lm_head is missing
-        raise ValueError(f"{str(folder)!r} holds a {heads[0]} (config.json's architectures): only the causal LM, "
-                         "SpiralForCausalLM, converts to a Megatron checkpoint")
+    config = read_config(folder)
     if (folder / INDEX).is_file():
         files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
     elif (folder / WEIGHTS).is_file():

@@ -3,6 +3,7 @@ indexed dataset, against the HF model's own loss."""
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -72,3 +73,11 @@ def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus,
 def test_evaluate_errors(hf_folder, tmp_path, capsys):
     assert evaluate_tool.main(["--model", str(hf_folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+    classifier = tmp_path / "classifier"  # a fine-tuned AutoModelForSequenceClassification's folder
+    shutil.copytree(hf_folder, classifier)
+    config = json.loads((classifier / "config.json").read_text())
+    (classifier / "config.json").write_text(json.dumps({**config, "architectures": ["SpiralForSequenceClassification"]}))
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "some text " * 40}) + "\n")
+    assert evaluate_tool.main(["--model", str(classifier), "--data", str(tmp_path / "text.jsonl")]) == 2
+    assert "holds a SpiralForSequenceClassification" in capsys.readouterr().err  # not a perplexity of a new lm_head
