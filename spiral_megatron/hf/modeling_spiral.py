@@ -206,8 +206,9 @@ class SpiralModel(SpiralPreTrainedModel):
             cache.rows = [SpiralCache(self.config) for _ in range(b)]
         pads = pads if pads is not None else [0] * b
         parts = [record.like() for _ in range(b)]
-        rows = [F.pad(self.hidden(e[r : r + 1, pads[r] :], cache.rows[r] if cache is not None else None, None, parts[r]),
-                      (0, 0, pads[r], 0)) for r in range(b)]  # [1, n, d] each
+        caches = cache.rows if cache is not None else [None] * b
+        rows = [F.pad(self.hidden(e[r : r + 1, pads[r] :], caches[r], None, parts[r]), (0, 0, pads[r], 0))
+                for r in range(b)]  # [1, n, d] each
         if cache is not None:
             cache.seen += n
         record.join(parts, dim=0, front_pads=pads)
