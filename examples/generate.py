@@ -5,6 +5,7 @@
     python examples/generate.py --model hf/debug --prompt "The loop" "Each iteration" --num-beams 4
     python examples/generate.py --model hf/debug --prompt "The" --do-sample --temperature 0.8 --top-p 0.9 \
         --num-return-sequences 3
+    python examples/generate.py --model hf/debug --prompt "def f(x):" --stop-strings "return" ")"
 
 Several prompts run as one left-padded batch (the folder's tokenizer pads on the left). The
 options are transformers' `generate` arguments of the same names; greedy decoding by default.
@@ -28,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--num-return-sequences", type=int, default=1, help="sequences per prompt")
     p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop-strings", nargs="+", default=None, metavar="TEXT",
+                   help="end a sequence once it generates one of these strings (transformers' stop_strings)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -47,7 +50,8 @@ def generation_kwargs(args) -> dict:
     chosen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
                   num_return_sequences=args.num_return_sequences, use_cache=not args.no_cache,
                   temperature=args.temperature, top_k=args.top_k if args.top_k is not None or not args.do_sample
-                  else 50, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+                  else 50, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                  stop_strings=args.stop_strings)
     return {k: v for k, v in chosen.items() if v is not None}
 
 
@@ -56,6 +60,8 @@ def generate(tokenizer, model, prompts, **kwargs) -> list:
     import torch
 
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+    if kwargs.get("stop_strings"):
+        kwargs = dict(kwargs, tokenizer=tokenizer)  # StopStringCriteria reads the tokens' strings
     with torch.no_grad():
         out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **kwargs)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

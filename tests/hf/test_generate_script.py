@@ -48,3 +48,31 @@ def test_a_combination_transformers_refuses_is_one_line(folder, capsys):
     assert script().main(["--model", str(folder), "--num-return-sequences", "3", "--max-new-tokens", "2"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("generate.py: error: ") and "num_return_sequences" in last
+
+
+def test_stop_strings_end_each_sequence_after_the_string(folder, tmp_path):
+    """--stop-strings: each prompt's text ends right after the first new token that is the
+    string, and is what it was without the option up to there; a prompt that never generates
+    it runs to --max-new-tokens. The folder's word-level vocabulary gets the word
+    StopStringCriteria tokenizes as its prefix ("abcdef"), as test_generate.py's does."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "model")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer_json["model"]["vocab"]
+    vocab["abcdef"] = vocab.pop("w0")
+    (tmp_path / "model" / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    gen = script()
+    prompts = ["w5 w9 w3", "w7"]
+    base = ["--model", str(tmp_path / "model"), "--prompt", *prompts, "--max-new-tokens", "10"]
+    tokenizer, model = gen.load(str(tmp_path / "model"))
+    full = gen.generate(tokenizer, model, prompts, **gen.generation_kwargs(gen.parse_args(base)))
+    stop = full[0].split()[2]  # the first prompt's third new word
+    args = gen.parse_args(base + ["--stop-strings", stop])
+    stopped = gen.generate(tokenizer, model, prompts, **gen.generation_kwargs(args))
+    for text, reference in zip(stopped, full):
+        words = reference.split()
+        cut = words.index(stop) + 1 if stop in words else len(words)
+        assert text.split() == words[:cut]
+    assert len(stopped[0].split()) <= 3 < len(full[0].split())
