@@ -214,3 +214,19 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsy
     assert "MiB free on its file system; nothing of it was kept" in err and list(out.iterdir()) == [], err
     monkeypatch.undo()
     assert preprocess_data.main([*argv[:1], str(tmp_path / "missing.txt"), *argv[2:]]) == 2
+
+
+def test_the_summary_goes_to_the_stdout_of_the_call(tmp_path, monkeypatch):
+    """The progress line is written to sys.stdout as it is when the tool runs (a notebook, a
+    test, a caller that redirects it), not to the stream of when the module was imported."""
+    import io
+
+    from spiral_megatron.job.data import preprocess
+    from spiral_megatron.job.data.tokenizer import Tokenizer
+
+    (tmp_path / "a.txt").write_text("one document of text " * 20)
+    tokenizer = Tokenizer.train_bpe(list(preprocess.read_documents([tmp_path / "a.txt"])), vocab_size=300)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    preprocess.write_indexed_dataset(preprocess.read_documents([tmp_path / "a.txt"]), tokenizer, str(tmp_path / "p"))
+    assert "1 documents, " in out.getvalue()

@@ -95,9 +95,10 @@ def token_dtype(vocab_size: int):
 class _Progress:
     """A one-line progress display on a terminal; a summary line otherwise."""
 
-    def __init__(self, stream=sys.stdout):
-        self.stream, self.start, self.docs, self.tokens = stream, time.time(), 0, 0
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stdout  # today's stdout, not the one at import
+        self.start, self.docs, self.tokens = time.time(), 0, 0
+        self.tty = self.stream.isatty()
 
     def update(self, tokens: int) -> None:
         self.docs, self.tokens = self.docs + 1, self.tokens + tokens
