@@ -6,8 +6,9 @@
     DynamicLayer x num_prelude_layers    keys/values of every token (transformers' own layer)
     LevelLayer   x len(chunk_sizes)      one loop level: the core's latent keys/values and more
     DynamicLayer x num_coda_layers
-A left-padded batch runs row by row (each row's chunks count from its own first real token), so
-its cache is one SpiralCache per row, in `rows` (see modeling_spiral.py).
+A left-padded batch decodes row by row (each row's chunks count from its own first real token),
+so its cache is one SpiralCache per row, in `rows`: its batched prefill's cache cut to each
+row's real tokens (see modeling_spiral.py).
 
 Crop is exact to any length: a level keeps, besides the core's keys/values of its closed chunks,
 the input of every token it has seen and the (unshifted) token updates of every closed chunk, so

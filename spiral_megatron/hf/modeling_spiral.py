@@ -12,10 +12,12 @@ prelude and coda, and the core of level t only when it closes one of level t's c
 
 Positions count from each row's first real token: chunk boundaries are token positions, so
 `position_ids`, when given (generate gives them), must be those positions. A left-padded batch
-(attention_mask 0...0 1...1 per row) runs row by row, each row without its padding and with a
-cache of its own: every row's chunks then start at its first real token, at every level,
-exactly as the row alone; the batch gives batch size 1's tokens, at batch size 1's speed. A pad
-position predicts nothing (zero logits, no loss).
+(attention_mask 0...0 1...1 per row) starts as one batch with every row rolled to start at its
+first real token (its padding at the end, where causality keeps it out), so every row's chunks
+start at its first real token, at every level, exactly as the row alone: training, evaluation
+and a prefill run batched. With a cache, each row then keeps a cache of its own and decoding
+runs row by row (batch size 1's speed per new token). A pad position predicts nothing (zero
+logits, no loss). In training mode a forward keeps no cache unless asked (use_cache=True).
 """
 
 import math
@@ -115,7 +117,8 @@ class SpiralModel(SpiralPreTrainedModel):
             raise TypeError(f"cache must be a SpiralCache, as model(ids, use_cache=True).cache returns it, "
                             f"got {type(cache).__name__}")
         c = self.config
-        use_cache = c.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # training (model.train()) keeps no cache unless asked: Trainer reads none
+            use_cache = c.use_cache and not self.training
         if use_cache and self.training and self.is_activation_checkpointing:
             logger.warning_once(f"{type(self).__name__}: gradient checkpointing recomputes layers; use_cache=False")
             use_cache = False
@@ -150,6 +153,8 @@ class SpiralModel(SpiralPreTrainedModel):
         with an empty one: the whole sequence (filling the cache). With a filled one: the n new
         tokens, one at a time. `pads`: each row's left padding, when a batch starts left-padded."""
         record = record if record is not None else Record()
+        if pads is not None and (cache is None or (cache.seen == 0 and cache.rows is None)):
+            return self._realigned(e, pads, record, cache)
         if pads is not None or (cache is not None and cache.rows is not None):
             return self._rows(e, cache, pads, record)
         if cache is None or cache.seen == 0:
@@ -197,6 +202,34 @@ class SpiralModel(SpiralPreTrainedModel):
         if record.hidden_states is not None:
             record.hidden_states[-1] = h
         return h
+
+    def _realigned(self, e, pads: List[int], record: Record, cache: Optional[SpiralCache]) -> torch.Tensor:
+        """The start of a left-padded batch as one batch: each row rolled left by its padding
+        starts at its first real token, the padding after its last (causality keeps it out of
+        the real tokens); the outputs rolled back, padding zeroed as `_rows` leaves it. With a
+        cache (a prefill), each row's cache is then the batch's cut to the row's real tokens
+        (crop is exact), and decoding goes on row by row. Each row as alone
+        (tests/hf/test_batching.py)."""
+        b, n, d = e.shape
+        pad = torch.tensor(pads, device=e.device)[:, None]  # [b, 1]
+        cols = torch.arange(n, device=e.device)[None]  # [1, n]
+        real = (cols >= pad)[..., None]  # [b, n, 1]
+        inner, batch = record.like(), (SpiralCache(self.config) if cache is not None else None)
+        h = self.hidden(e.gather(1, ((cols + pad) % n)[..., None].expand(b, n, d)), batch, None, inner)
+        if cache is not None:
+            cache.rows = [batch.copy() for _ in range(b)]
+            for r, row in enumerate(cache.rows):
+                row.batch_select_indices(torch.tensor([r], device=e.device))
+                row.crop(-pads[r])  # the row's padding, rolled to its end
+            cache.seen += n
+
+        def back(x: torch.Tensor) -> torch.Tensor:  # [b, n, d'] rolled right by each row's padding
+            x = x.gather(1, ((cols - pad) % n)[..., None].expand(b, n, x.shape[-1]))
+            return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+        if record.hidden_states is not None:
+            record.hidden_states.extend(back(x) for x in inner.hidden_states)
+        return back(h)
 
     def _rows(self, e, cache: Optional[SpiralCache], pads: Optional[List[int]], record: Record) -> torch.Tensor:
         """A left-padded batch, row by row: row r without its pads[r] padding tokens (or, after

@@ -11,7 +11,7 @@ import torch
 
 
 def row_pads(attention_mask, n: int, cache, use_cache: bool) -> Optional[List[int]]:
-    """The padding of each row when the batch starts left-padded (run row by row), else None.
+    """The padding of each row when the batch starts left-padded (see SpiralModel), else None.
 
     Accepted: no mask or an all-ones mask; left padding (0...0 1...1 per row) when the batch
     starts (no cache, or an empty one); right padding (1...1 0...0) in a plain forward without a

@@ -67,3 +67,62 @@ def test_beam_search_on_a_left_padded_batch_runs(model_and_prompts):
         alone = model.generate(prompt[None], max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0,
                                eos_token_id=None)
         assert torch.equal(out[r, ids.shape[1]:], alone[0, len(prompt):])
+
+
+def test_a_left_padded_batch_without_a_cache_runs_as_one_batch_with_each_rows_values(model_and_prompts, monkeypatch):
+    """Training, evaluation and uncached decoding (no cache): the rows realigned to right
+    padding run as one batch. Against each prompt alone: logits, every hidden state (zeros on
+    the padding, as the row-by-row path leaves them) and the gradients of the summed loss; and
+    in training mode, where a forward keeps no cache unless asked, the same runs batched."""
+    model, prompts, ids, mask = model_and_prompts
+    rows_run = []
+    base = type(model.model)
+    monkeypatch.setattr(base, "_rows", lambda self, *a: rows_run.append(1) or pytest.fail("ran row by row"))
+    out = model(ids, attention_mask=mask, labels=ids, use_cache=False, output_hidden_states=True)
+    out.loss.backward()
+    batch_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.undo()
+    scored = sum(len(p) - 1 for p in prompts)
+    for r, prompt in enumerate(prompts):
+        pad = ids.shape[1] - len(prompt)
+        alone = model(prompt[None], labels=prompt[None], use_cache=False, output_hidden_states=True)
+        (alone.loss * (len(prompt) - 1) / scored).backward()  # the batch's loss: the mean over every scored token
+        torch.testing.assert_close(out.logits[r, pad:], alone.logits[0], rtol=0, atol=1e-5)
+        assert bool((out.logits[r, :pad] == 0).all())
+        for h_batch, h_alone in zip(out.hidden_states, alone.hidden_states, strict=True):
+            torch.testing.assert_close(h_batch[r, pad:], h_alone[0], rtol=0, atol=1e-5)
+            assert bool((h_batch[r, :pad] == 0).all())
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(batch_grads[k], p.grad, rtol=0, atol=1e-5 * max(1.0, p.grad.abs().max().item()))
+    model.zero_grad()
+    model.train()
+    try:
+        monkeypatch.setattr(base, "_rows", lambda self, *a: pytest.fail("ran row by row"))
+        trained = model(ids, attention_mask=mask)
+        assert trained.cache is None
+        torch.testing.assert_close(trained.logits, out.logits.detach(), rtol=0, atol=1e-6)
+        monkeypatch.undo()
+        assert model(ids[:1, -2:], use_cache=True).cache is not None  # asked for: kept
+    finally:
+        model.eval()
+
+
+def test_a_left_padded_prefill_runs_as_one_batch_and_leaves_each_row_its_own_cache(model_and_prompts, monkeypatch):
+    """The prefill of a left-padded batch (use_cache=True) runs as one batch; each row's cache
+    is the batch's cut to the row's real tokens. Against each prompt alone: the prefill's logits
+    and the next tokens decoded from the rows' caches (then row by row)."""
+    model, prompts, ids, mask = model_and_prompts
+    base = type(model.model)
+    with torch.no_grad():
+        monkeypatch.setattr(base, "_rows", lambda self, *a: pytest.fail("the prefill ran row by row"))
+        out = model(ids, attention_mask=mask, use_cache=True)
+        monkeypatch.undo()
+        assert [row.get_seq_length() for row in out.cache.rows] == [len(p) for p in prompts]
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [b, 1]
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), cache=out.cache).logits[:, -1]
+        for r, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, nxt[r]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(out.logits[r, ids.shape[1] - len(prompt):], alone[:-1], rtol=0, atol=1e-5)
+            torch.testing.assert_close(step[r], alone[-1], rtol=0, atol=1e-5)
