@@ -34,6 +34,14 @@ def _select(x: Optional[torch.Tensor], index: torch.Tensor) -> Optional[torch.Te
     return None if x is None else x.index_select(0, index.to(x.device))
 
 
+def _rows_of(layer: DynamicLayer, change) -> None:
+    """change(keys or values) -> new rows, for a core layer that has its batch shape: also when
+    it holds no latent yet (cut back to none), which transformers' own reorder and repeat skip,
+    leaving its batch size stale for the next chunk's keys."""
+    if layer.is_initialized and layer.keys.dim() > 1:
+        layer.keys, layer.values = change(layer.keys), change(layer.values)
+
+
 class LevelLayer:
     """Loop level t after `seen` tokens, all rows alike (batch-first tensors):
         core     one DynamicLayer per core layer: latent keys/values, one per closed chunk
@@ -118,13 +126,13 @@ class LevelLayer:
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.core:
-            layer.reorder_cache(indices) if layer.get_seq_length() else None
+            _rows_of(layer, lambda x: _select(x, indices))
         self.inputs, self.updates = _select(self.inputs, indices), _select(self.updates, indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for layer in self.core:
-            layer.batch_repeat_interleave(repeats)
         rep = lambda x: None if x is None else x.repeat_interleave(repeats, dim=0)  # noqa: E731
+        for layer in self.core:
+            _rows_of(layer, rep)
         self.inputs, self.updates = rep(self.inputs), rep(self.updates)
 
     def reset(self) -> None:

@@ -109,20 +109,34 @@ def test_a_left_padded_batch_without_a_cache_runs_as_one_batch_with_each_rows_va
         model.eval()
 
 
-def test_a_left_padded_prefill_runs_as_one_batch_and_leaves_each_row_its_own_cache(model_and_prompts, monkeypatch):
+@pytest.mark.parametrize("short", [False, True], ids=["long", "short"])
+def test_a_left_padded_prefill_runs_as_one_batch_and_leaves_each_row_its_own_cache(model_and_prompts, monkeypatch,
+                                                                                   short):
     """The prefill of a left-padded batch (use_cache=True) runs as one batch; each row's cache
     is the batch's cut to the row's real tokens. Against each prompt alone: the prefill's logits
-    and the next tokens decoded from the rows' caches (then row by row)."""
+    and the next tokens decoded from the rows' caches (then row by row), until a chunk of every
+    level closes. Short: prompts that close no chunk of the coarsest level (its cached keys
+    hold no latent yet, but the batch's rows)."""
     model, prompts, ids, mask = model_and_prompts
+    if short:
+        prompts = [prompts[2][:1], prompts[2]]  # 1 and 2 tokens: no chunk of 4 closed
+        ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), prompts[0]]), prompts[1]])
+        mask = torch.tensor([[0, 1], [1, 1]])
     base = type(model.model)
     with torch.no_grad():
         monkeypatch.setattr(base, "_rows", lambda self, *a: pytest.fail("the prefill ran row by row"))
         out = model(ids, attention_mask=mask, use_cache=True)
         monkeypatch.undo()
         assert [row.get_seq_length() for row in out.cache.rows] == [len(p) for p in prompts]
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [b, 1]
-        step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), cache=out.cache).logits[:, -1]
+        new, cache, logits = [], out.cache, out.logits
+        for _ in range(4):  # every level closes a chunk in 4 tokens
+            new.append(logits[:, -1].argmax(-1, keepdim=True))  # [b, 1]
+            mask = torch.cat([mask, torch.ones_like(new[-1])], 1)
+            step = model(new[-1], attention_mask=mask, cache=cache)
+            cache, logits = step.cache, step.logits
+            for r, prompt in enumerate(prompts):
+                alone = model(torch.cat([prompt, *[t[r] for t in new]])[None], use_cache=False).logits[0]
+                torch.testing.assert_close(logits[r, -1], alone[-1], rtol=0, atol=1e-5)
         for r, prompt in enumerate(prompts):
-            alone = model(torch.cat([prompt, nxt[r]])[None], use_cache=False).logits[0]
-            torch.testing.assert_close(out.logits[r, ids.shape[1] - len(prompt):], alone[:-1], rtol=0, atol=1e-5)
-            torch.testing.assert_close(step[r], alone[-1], rtol=0, atol=1e-5)
+            alone = model(prompt[None], use_cache=False).logits[0]
+            torch.testing.assert_close(out.logits[r, ids.shape[1] - len(prompt):], alone, rtol=0, atol=1e-5)
