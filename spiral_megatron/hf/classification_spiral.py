@@ -65,4 +65,4 @@ class SpiralForSequenceClassification(SpiralPreTrainedModel):
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
         out = SequenceClassifierOutputWithPast(loss=loss, logits=logits, cache=base.cache,
                                                hidden_states=base.hidden_states, attentions=base.attentions)
-        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+        return self._returned(out, return_dict)

@@ -36,14 +36,12 @@ class Record:
         if self.attentions is not None:
             self.attentions.append(weights)
 
-    def join(self, parts: List["Record"], dim: int, front_pads: Optional[List[int]] = None) -> None:
+    def join(self, parts: List["Record"], dim: int) -> None:
         """Append the hidden states of `parts` (calls over consecutive tokens, dim=1, or over the
-        rows of a batch, dim=0, each row padded in front by front_pads[r] zeros)."""
+        rows of a batch, dim=0)."""
         if self.hidden_states is None:
             return
         for entries in zip(*(part.hidden_states for part in parts)):
-            if front_pads is not None:
-                entries = [F.pad(x, (0, 0, pad, 0)) for x, pad in zip(entries, front_pads)]
             self.hidden_states.append(torch.cat(entries, dim=dim))
 
 

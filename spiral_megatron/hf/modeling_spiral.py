@@ -74,6 +74,10 @@ class SpiralPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def _returned(self, out, return_dict: Optional[bool]):
+        """A forward's output as transformers' models return it: the dataclass, or its tuple."""
+        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+
 
 class SpiralModel(SpiralPreTrainedModel):
     """Embedding -> prelude -> loop -> coda -> final norm; hidden states [b, n, d]. AutoModel's
@@ -145,7 +149,7 @@ class SpiralModel(SpiralPreTrainedModel):
             hidden_states=tuple(record.hidden_states) if output_hidden_states else None,
             attentions=tuple(record.attentions) if output_attentions else None,
         )
-        return out if (return_dict if return_dict is not None else c.return_dict) else out.to_tuple()
+        return self._returned(out, return_dict)
 
     def hidden(self, e: torch.Tensor, cache: Optional[SpiralCache] = None, pads: Optional[List[int]] = None,
                record: Optional[Record] = None) -> torch.Tensor:
@@ -153,10 +157,10 @@ class SpiralModel(SpiralPreTrainedModel):
         with an empty one: the whole sequence (filling the cache). With a filled one: the n new
         tokens, one at a time. `pads`: each row's left padding, when a batch starts left-padded."""
         record = record if record is not None else Record()
-        if pads is not None and (cache is None or (cache.seen == 0 and cache.rows is None)):
+        if pads is not None:  # a left-padded start: row_pads gives pads only without a cache or with an empty one
             return self._realigned(e, pads, record, cache)
-        if pads is not None or (cache is not None and cache.rows is not None):
-            return self._rows(e, cache, pads, record)
+        if cache is not None and cache.rows is not None:
+            return self._rows(e, cache, record)
         if cache is None or cache.seen == 0:
             return self._full(e, cache, record)
         parts = [record.like() for _ in range(e.shape[1])]
@@ -206,7 +210,7 @@ class SpiralModel(SpiralPreTrainedModel):
     def _realigned(self, e, pads: List[int], record: Record, cache: Optional[SpiralCache]) -> torch.Tensor:
         """The start of a left-padded batch as one batch: each row rolled left by its padding
         starts at its first real token, the padding after its last (causality keeps it out of
-        the real tokens); the outputs rolled back, padding zeroed as `_rows` leaves it. With a
+        the real tokens); the outputs rolled back, padding zeroed. With a
         cache (a prefill), each row's cache is then the batch's cut to the row's real tokens
         (crop is exact), and decoding goes on row by row. Each row as alone
         (tests/hf/test_batching.py)."""
@@ -231,20 +235,13 @@ class SpiralModel(SpiralPreTrainedModel):
             record.hidden_states.extend(back(x) for x in inner.hidden_states)
         return back(h)
 
-    def _rows(self, e, cache: Optional[SpiralCache], pads: Optional[List[int]], record: Record) -> torch.Tensor:
-        """A left-padded batch, row by row: row r without its pads[r] padding tokens (or, after
-        a left-padded start, its n new tokens) and with its own cache. Padding gets zeros."""
-        b, n, _ = e.shape
-        if cache is not None and cache.rows is None:
-            cache.rows = [SpiralCache(self.config) for _ in range(b)]
-        pads = pads if pads is not None else [0] * b
-        parts = [record.like() for _ in range(b)]
-        caches = cache.rows if cache is not None else [None] * b
-        rows = [F.pad(self.hidden(e[r : r + 1, pads[r] :], caches[r], None, parts[r]), (0, 0, pads[r], 0))
-                for r in range(b)]  # [1, n, d] each
-        if cache is not None:
-            cache.seen += n
-        record.join(parts, dim=0, front_pads=pads)
+    def _rows(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
+        """The n new tokens of a batch that started left-padded, row by row: each row with its
+        own cache (`_realigned` cut them), whose chunks count from the row's first real token."""
+        parts = [record.like() for _ in cache.rows]
+        rows = [self.hidden(e[r : r + 1], row, None, part) for r, (row, part) in enumerate(zip(cache.rows, parts))]
+        cache.seen += e.shape[1]
+        record.join(parts, dim=0)
         return torch.cat(rows, dim=0)  # [b, n, d]
 
 
@@ -310,7 +307,7 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
                                       num_items_in_batch=num_items_in_batch, shift_labels=targets)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, cache=base.cache, hidden_states=base.hidden_states,
                                      attentions=base.attentions)
-        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+        return self._returned(out, return_dict)
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """transformers' inputs for the next forward, less the tokenizers `generate` takes for its
