@@ -153,9 +153,9 @@ def recording(model):
     originals = [a._attend for a in attns]
 
     def wrap(i, fn):
-        def _attend(q, k, v):
+        def _attend(q, k, v, *mask):  # a folder's attention may take a key mask (decoding) or not (older)
             rec["calls"][i].append((q.detach(), k.detach()))
-            return fn(q, k, v)
+            return fn(q, k, v, *mask)
         return _attend
 
     original_iteration = loop.iteration

@@ -6,9 +6,11 @@
     DynamicLayer x num_prelude_layers    keys/values of every token (transformers' own layer)
     LevelLayer   x len(chunk_sizes)      one loop level: the core's latent keys/values and more
     DynamicLayer x num_coda_layers
-A left-padded batch decodes row by row (each row's chunks count from its own first real token),
-so its cache is one SpiralCache per row, in `rows`: its batched prefill's cache cut to each
-row's real tokens (see modeling_spiral.py).
+A batch that started left-padded decodes as one batch, each row at its own positions (its chunks
+count from its own first real token): the cache then holds `lengths`, each row's real tokens,
+and every tensor keeps row r's entries at the row's own positions 0 .. lengths[r] - 1 (its
+batched prefill left them there, see modeling_spiral.py), with unused entries after them that no
+row reads. `write_at` and `read_at` address them per row.
 
 Crop is exact to any length: a level keeps, besides the core's keys/values of its closed chunks,
 the input of every token it has seen and the (unshifted) token updates of every closed chunk, so
@@ -30,6 +32,39 @@ except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
 
 
+def _index(starts: List[int], k: int, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Columns starts[r] .. starts[r] + k - 1 of each row r, shaped to index x's `dim` [b, .., k, ..]."""
+    cols = torch.tensor(starts, device=x.device)[:, None] + torch.arange(k, device=x.device)  # [b, k]
+    return cols.view(cols.shape[:1] + (1,) * (dim - 1) + (k,) + (1,) * (x.dim() - dim - 1))
+
+
+def write_at(buffer: Optional[torch.Tensor], x: torch.Tensor, starts: List[int], dim: int) -> torch.Tensor:
+    """buffer with x's k entries along `dim` written at each row's own columns starts[r] ..
+    starts[r] + k - 1, grown with zeros to fit. A new tensor: a cache's tensors are shared
+    (SpiralCache.copy), never written into. x: [b, .., k, ..] like buffer."""
+    width = 0 if buffer is None else buffer.shape[dim]
+    if all(s == width for s in starts):  # every row appends: what a uniform batch does
+        return x if buffer is None else torch.cat([buffer, x], dim=dim)
+    need = max(starts) + x.shape[dim]
+    if need > width:
+        grow = list(x.shape)
+        grow[dim] = need - width
+        buffer = x.new_zeros(grow) if buffer is None else torch.cat([buffer, buffer.new_zeros(grow)], dim=dim)
+    return buffer.scatter(dim, _index(starts, x.shape[dim], x, dim).expand(x.shape), x)
+
+
+def read_at(buffer: torch.Tensor, starts: List[int], k: int, dim: int) -> torch.Tensor:
+    """Each row's k entries along `dim` from its own column starts[r]: [b, .., k, ..]; zeros at
+    columns before 0 (a chunk's front padding, the shift's zeros) or past the buffer's end."""
+    shape = list(buffer.shape)
+    shape[dim] = k
+    if buffer.shape[dim] == 0:
+        return buffer.new_zeros(shape)
+    cols = _index(starts, k, buffer, dim)
+    x = buffer.gather(dim, cols.clamp(0, buffer.shape[dim] - 1).expand(shape))
+    return torch.where((cols >= 0) & (cols < buffer.shape[dim]), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _select(x: Optional[torch.Tensor], index: torch.Tensor) -> Optional[torch.Tensor]:
     return None if x is None else x.index_select(0, index.to(x.device))
 
@@ -43,7 +78,8 @@ def _rows_of(layer: DynamicLayer, change) -> None:
 
 
 class LevelLayer:
-    """Loop level t after `seen` tokens, all rows alike (batch-first tensors):
+    """Loop level t after `seen` tokens, all rows alike, or each row at its own positions with
+    SpiralCache.lengths (the `_rows` methods; `seen` is then the prefill's) (batch-first tensors):
         core     one DynamicLayer per core layer: latent keys/values, one per closed chunk
         inputs   [b, seen, d]      the level's input h of every token (the open chunk is read here)
         updates  [b, n_c * g, d]   the token update of every closed chunk, before its shift (x-space)
@@ -99,6 +135,24 @@ class LevelLayer:
         """The update [b, 1, d] at x-position m (None before the first: the shift's zeros)."""
         return None if m < 0 else self.updates[:, m : m + 1]
 
+    # ---- the same, each row at its own position (SpiralCache.lengths) ----
+    def append_rows(self, h: torch.Tensor, positions: List[int]) -> None:
+        """The input h [b, 1, d] of each row's next token, at its position."""
+        self.inputs = write_at(self.inputs, h, positions, dim=1)
+
+    def chunk_inputs_rows(self, chunks: List[int]) -> torch.Tensor:
+        """The inputs [b, g, d] of each row's chunk chunks[r], front padding as zeros."""
+        starts = [F.chunk_tokens(j, self.chunk_size, self.offset)[0] for j in chunks]
+        return read_at(self.inputs, starts, self.chunk_size, dim=1)
+
+    def close_rows(self, u: torch.Tensor, chunks: List[int]) -> None:
+        """The token update u [b, g, d] of each row's chunk chunks[r]."""
+        self.updates = write_at(self.updates, u, [j * self.chunk_size for j in chunks], dim=1)
+
+    def update_at_rows(self, positions: List[int]) -> torch.Tensor:
+        """Each row's update [b, 1, d] at its x-position (zeros before the first: the shift's)."""
+        return read_at(self.updates, positions, 1, dim=1)
+
     # ---- the Cache layer API ----
     def get_seq_length(self) -> int:
         return self.seen
@@ -152,7 +206,7 @@ class SpiralCache(Cache):
         levels = [LevelLayer(g, w, config.num_core_layers) for g, w in zip(config.chunk_sizes, config.offsets)]
         coda = [DynamicLayer() for _ in range(config.num_coda_layers)]
         super().__init__(layers=prelude + levels + coda)
-        self.rows: Optional[List["SpiralCache"]] = None  # a left-padded batch: one cache per row
+        self.lengths: Optional[List[int]] = None  # a batch that started left-padded: each row's real tokens
         self.seen = 0  # tokens (columns of the batch) seen
 
     @property
@@ -179,35 +233,36 @@ class SpiralCache(Cache):
         for layer in new.layers:
             if isinstance(layer, LevelLayer):
                 layer.core = [copy.copy(c) for c in layer.core]
-        new.rows = None if self.rows is None else [row.copy() for row in self.rows]
+        new.lengths = None if self.lengths is None else list(self.lengths)
         return new
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Keep what each row's first tokens produced, all but its last |tokens_to_remove|. With
+        `lengths` only they change: every entry is at its row's own position, and those past a
+        row's length are not read."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
-        for cache in self.rows if self.rows is not None else []:  # a row holds only its real tokens
-            cache.crop(-min(-tokens_to_remove, cache.seen))
-        if self.rows is None:
-            super().crop(tokens_to_remove)
         self.seen = max(self.seen + tokens_to_remove, 0)
+        if self.lengths is None:
+            super().crop(tokens_to_remove)
+        elif self.seen == 0:
+            self.reset()
+        else:
+            self.lengths = [max(n + tokens_to_remove, 0) for n in self.lengths]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.rows is None:
-            return super().batch_select_indices(indices)
-        picked, rows = set(), []
-        for i in indices.tolist():
-            rows.append(self.rows[i].copy() if i in picked else self.rows[i])
-            picked.add(i)
-        self.rows = rows
+        super().batch_select_indices(indices)
+        if self.lengths is not None:
+            self.lengths = [self.lengths[i] for i in indices.tolist()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.rows is None:
-            return super().batch_repeat_interleave(repeats)
-        self.rows = [row if k == 0 else row.copy() for row in self.rows for k in range(repeats)]
+        super().batch_repeat_interleave(repeats)
+        if self.lengths is not None:
+            self.lengths = [n for n in self.lengths for _ in range(repeats)]
 
     def reset(self) -> None:
         super().reset()
-        self.rows, self.seen = None, 0
+        self.lengths, self.seen = None, 0

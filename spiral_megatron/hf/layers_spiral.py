@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .cache_spiral import write_at
+
 
 class Record:
     """The hidden states and attention weights one forward was asked to return (None: not asked)."""
@@ -73,8 +75,15 @@ def rotary_angles(config, positions: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.cat((freqs, freqs), dim=-1)  # [n, dim]
 
 
+def row_angles(config, positions: List[int], device) -> Optional[torch.Tensor]:
+    """RoPE angles [b, 1, 1, rot] of one token per row, each at its own position."""
+    angles = rotary_angles(config, torch.tensor(positions, device=device))
+    return None if angles is None else angles[:, None, None]
+
+
 def apply_rotary(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """t: [b, heads, n, hd]; angles: [n, rot]. Non-interleaved (rotate-half), like Megatron."""
+    """t: [b, heads, n, hd]; angles: [n, rot], or [b, 1, 1, rot] per row (`row_angles`).
+    Non-interleaved (rotate-half), like Megatron."""
     rot = angles.shape[-1]
     t, t_pass = t[..., :rot], t[..., rot:]
     cos, sin = torch.cos(angles).to(t.dtype), torch.sin(angles).to(t.dtype)
@@ -101,10 +110,13 @@ class SpiralAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, angles: Optional[torch.Tensor], cache=None, output_attentions: bool = False):
+    def forward(self, x: torch.Tensor, angles: Optional[torch.Tensor], cache=None, output_attentions: bool = False,
+                positions: Optional[List[int]] = None):
         """x: [b, n, d]; angles: [n, rot] for these n positions; cache: a DynamicLayer or None.
-        The n new queries attend causally to cached + new keys. Returns (out [b, n, d], weights
-        [b, heads, n, m] with `output_attentions`, else None)."""
+        The n new queries attend causally to cached + new keys. `positions`: one new token per
+        row, each at its own position in the cache (SpiralCache.lengths; angles [b, 1, 1, rot]),
+        attending to its row's keys up to there. Returns (out [b, n, d], weights [b, heads, n, m]
+        with `output_attentions`, else None)."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
@@ -114,36 +126,45 @@ class SpiralAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, n, hd]
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-        if cache is not None:
+        mask = None
+        if positions is not None:  # [b, kvh, m, hd]: each row's keys at its positions, then ones no row reads
+            cache.keys, cache.values = write_at(cache.keys, k, positions, dim=2), write_at(cache.values, v, positions, dim=2)
+            k, v = cache.keys, cache.values
+            mask = torch.arange(k.shape[2], device=k.device) <= torch.tensor(positions, device=k.device)[:, None, None, None]
+        elif cache is not None:
             k, v = cache.update(k, v)  # [b, kvh, m, hd]: cached keys, then these n
         if self.config._attn_implementation == "eager":
-            out, weights = self._attend_eager(q, k, v)
+            out, weights = self._attend_eager(q, k, v, mask)
         elif output_attentions:
             raise ValueError(f"output_attentions=True needs attn_implementation='eager', the model runs "
                              f"{self.config._attn_implementation!r}: load it with attn_implementation='eager'")
         else:
-            out, weights = self._attend(q, k, v), None  # [b, heads, n, hd]
+            out, weights = self._attend(q, k, v, mask), None  # [b, heads, n, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), (weights if output_attentions else None)
 
     def _kv_heads(self, k, v):
         groups = self.num_heads // self.num_kv_heads  # query heads of group i use kv head i
         return (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
 
-    def _attend(self, q, k, v):
-        """scaled_dot_product_attention, causal over the last n of m keys."""
+    def _attend(self, q, k, v, mask=None):
+        """scaled_dot_product_attention, causal over the last n of m keys; or one query per row
+        over the keys `mask` [b, 1, 1, m] allows."""
         kr, vr = self._kv_heads(k, v)
         n, m = q.shape[2], k.shape[2]
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
         if n == 1:
             return F.scaled_dot_product_attention(q, kr, vr)
         if n == m:
             return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
         return F.scaled_dot_product_attention(q, kr, vr, attn_mask=causal_mask(n, m, q.device))
 
-    def _attend_eager(self, q, k, v):
+    def _attend_eager(self, q, k, v, mask=None):
         """The same attention written out, softmax in float32: (out, weights [b, heads, n, m])."""
         kr, vr = self._kv_heads(k, v)
         scores = torch.matmul(q, kr.transpose(2, 3)) / self.head_dim**0.5  # [b, heads, n, m]
-        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        allowed = causal_mask(q.shape[2], k.shape[2], q.device) if mask is None else mask
+        scores = scores.masked_fill(~allowed, float("-inf"))
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(weights, vr), weights
 
@@ -182,8 +203,9 @@ class SpiralDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
         self.mlp = SpiralMLP(config)
 
-    def forward(self, x, angles, cache=None, output_attentions: bool = False):
-        a, weights = self.self_attn(self.input_layernorm(x), angles, cache=cache, output_attentions=output_attentions)
+    def forward(self, x, angles, cache=None, output_attentions: bool = False, positions: Optional[List[int]] = None):
+        a, weights = self.self_attn(self.input_layernorm(x), angles, cache=cache, output_attentions=output_attentions,
+                                    positions=positions)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), weights
 
@@ -196,14 +218,16 @@ class Block(nn.Module):
         self.layers = nn.ModuleList([SpiralDecoderLayer(config) for _ in range(num_layers)])
 
     def forward(self, x, angles, caches: Optional[list] = None, record: Optional[Record] = None,
-                states: bool = True) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
-        """x: [b, n, d]; caches: one DynamicLayer per layer, or None. Records each layer's output
-        (with `states`) into `record`; returns the output and each layer's attention weights
-        (None unless `record` asks for them)."""
+                states: bool = True, positions: Optional[List[int]] = None
+                ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+        """x: [b, n, d]; caches: one DynamicLayer per layer, or None; positions: each row's own
+        (SpiralAttention). Records each layer's output (with `states`) into `record`; returns
+        the output and each layer's attention weights (None unless `record` asks for them)."""
         weights = []
         want = record is not None and record.attentions is not None
         for i, layer in enumerate(self.layers):
-            x, w = layer(x, angles, cache=caches[i] if caches is not None else None, output_attentions=want)
+            x, w = layer(x, angles, cache=caches[i] if caches is not None else None, output_attentions=want,
+                         positions=positions)
             weights.append(w)
             if states and record is not None:
                 record.state(x)

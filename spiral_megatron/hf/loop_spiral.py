@@ -18,7 +18,7 @@ read as weights: this model runs the formulas with autograd's backward, the Mega
 written-out backwards of `functional_autograd.py`.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
@@ -131,13 +131,15 @@ class SpiralLoop(nn.Module):
         return u
 
     # ---- one new token (docs/MODEL.md 6) ----
-    def step(self, h: torch.Tensor, embeddings: torch.Tensor, i: int, levels: List[LevelLayer],
+    def step(self, h: torch.Tensor, embeddings: torch.Tensor, i: Union[int, List[int]], levels: List[LevelLayer],
              record: Optional[Record] = None) -> torch.Tensor:
-        """h: [b, 1, d] loop input of the token at position i, embeddings [b, 1, d] its raw
-        embedding; updates `levels` in place. The topology is per token: no cache needed."""
+        """h: [b, 1, d] loop input of the token at position i (or each row's at positions i[r]),
+        embeddings [b, 1, d] its raw embedding; updates `levels` in place. The topology is per
+        token: no cache needed."""
         state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
-            state = self.write(state, self.step_iteration(t, state[0], i, levels[t], record), t)
+            iterate = self.step_iteration if isinstance(i, int) else self.step_iteration_rows
+            state = self.write(state, iterate(t, state[0], i, levels[t], record), t)
             if record is not None:
                 record.state(state[0])
         return state[0]
@@ -163,3 +165,32 @@ class SpiralLoop(nn.Module):
                 record.attention(a)
         u = level.update_at(i - F.update_delay(s, w))
         return torch.zeros_like(h) if u is None else u  # [b, 1, d]
+
+    def step_iteration_rows(self, t: int, h: torch.Tensor, positions: List[int], level: LevelLayer,
+                            record: Optional[Record] = None) -> torch.Tensor:
+        """`step_iteration` for one token per row, row r's at its own position positions[r] (a
+        batch that started left-padded; its levels hold each row at its own positions). When a
+        row closes a chunk, the core runs on every row's current chunk: a row that closes none
+        writes its latent and update where its open chunk's go, which it reads only after
+        closing that chunk, which writes them anew. -> [b, 1, d]"""
+        g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
+        level.append_rows(h, positions)
+        chunks, slots = zip(*(F.token_chunk(i, g, w) for i in positions))
+        if g - 1 in slots:  # run the core on one new latent per row
+            x = level.chunk_inputs_rows(list(chunks))  # [b, g, d]
+            z = self._downscale_rows(t, x, [max(-F.chunk_tokens(j, g, w)[0], 0) for j in chunks]) if g > 1 else x
+            angles = self.latent_angles(t, torch.tensor(chunks, device=h.device))
+            angles = None if angles is None else angles[:, None, None]  # [b, 1, 1, rot]
+            y, _ = self.core(z, angles, level.core, states=False, positions=list(chunks))  # [b, 1, d]
+            level.close_rows(self.upscale(t, y, y - z) if g > 1 else y - z, list(chunks))  # [b, g, d]
+        return level.update_at_rows([i - F.update_delay(s, w) for i in positions])  # [b, 1, d]
+
+    def _downscale_rows(self, t: int, x: torch.Tensor, first_pads: List[int]) -> torch.Tensor:
+        """One latent [b, 1, d] per row from its chunk's inputs x [b, g, d], whose first
+        first_pads[r] slots are front padding (chunk 0 only)."""
+        z = None
+        for pad in sorted(set(first_pads)):
+            latent = self.downscale(t, x[:, None], pad)  # [b, 1, d]
+            rows = torch.tensor([p == pad for p in first_pads], device=x.device)[:, None, None]
+            z = latent if z is None else torch.where(rows, latent, z)
+        return z

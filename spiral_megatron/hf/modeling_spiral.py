@@ -15,8 +15,9 @@ Positions count from each row's first real token: chunk boundaries are token pos
 (attention_mask 0...0 1...1 per row) starts as one batch with every row rolled to start at its
 first real token (its padding at the end, where causality keeps it out), so every row's chunks
 start at its first real token, at every level, exactly as the row alone: training, evaluation
-and a prefill run batched. With a cache, each row then keeps a cache of its own and decoding
-runs row by row (batch size 1's speed per new token). A pad position predicts nothing (zero
+and a prefill run batched. With a cache, the batch then decodes as one batch, each row at its
+own positions (cache_spiral.py: every row's entries stay where the rolled prefill put them,
+attention masks what lies past a row's tokens). A pad position predicts nothing (zero
 logits, no loss). In training mode a forward keeps no cache unless asked (use_cache=True).
 """
 
@@ -34,7 +35,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_spiral import SpiralCache
 from .configuration_spiral import SpiralFormerConfig
-from .layers_spiral import Block, Record, make_norm, rotary_angles
+from .layers_spiral import Block, Record, make_norm, rotary_angles, row_angles
 from .loop_spiral import SpiralLoop
 from .padding_spiral import check_positions, row_pads
 
@@ -137,7 +138,7 @@ class SpiralModel(SpiralPreTrainedModel):
         e = self.scale(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         n = e.shape[1]
         pads = row_pads(attention_mask, n, cache, use_cache)
-        if output_attentions and (pads is not None or (cache is not None and cache.rows is not None)):
+        if output_attentions and (pads is not None or (cache is not None and cache.lengths is not None)):
             raise ValueError("output_attentions is not supported for a left-padded batch: run its rows one by one")
         if output_attentions and cache is not None and cache.seen and n > 1:
             raise ValueError(f"output_attentions with a filled cache takes one new token per call, got {n}")
@@ -159,8 +160,6 @@ class SpiralModel(SpiralPreTrainedModel):
         record = record if record is not None else Record()
         if pads is not None:  # a left-padded start: row_pads gives pads only without a cache or with an empty one
             return self._realigned(e, pads, record, cache)
-        if cache is not None and cache.rows is not None:
-            return self._rows(e, cache, record)
         if cache is None or cache.seen == 0:
             return self._full(e, cache, record)
         parts = [record.like() for _ in range(e.shape[1])]
@@ -183,19 +182,25 @@ class SpiralModel(SpiralPreTrainedModel):
         return self._final(h, record)
 
     def _step(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
-        i = cache.seen
-        angles = rotary_angles(self.config, torch.tensor([i], device=e.device))
+        """One new token per row: at position cache.seen, or at each row's own (cache.lengths)."""
+        rows = cache.lengths
+        if rows is None:
+            i, angles = cache.seen, rotary_angles(self.config, torch.tensor([cache.seen], device=e.device))
+        else:
+            i, angles = rows, row_angles(self.config, rows, e.device)
         record.state(e)
-        h = self._block(self.prelude, e, angles, cache.prelude, record)
+        h = self._block(self.prelude, e, angles, cache.prelude, record, rows)
         if self.loop is not None:
             h = self.loop.step(h, e, i, cache.levels, record)
-        h = self._block(self.coda, h, angles, cache.coda, record)
-        cache.seen = i + 1
+        h = self._block(self.coda, h, angles, cache.coda, record, rows)
+        cache.seen += 1
+        if rows is not None:
+            cache.lengths = [n + 1 for n in rows]
         return self._final(h, record)
 
     @staticmethod
-    def _block(block: Block, x, angles, caches, record: Record) -> torch.Tensor:
-        x, weights = block(x, angles, caches, record)
+    def _block(block: Block, x, angles, caches, record: Record, positions: Optional[List[int]] = None) -> torch.Tensor:
+        x, weights = block(x, angles, caches, record, positions=positions)
         for w in weights:
             record.attention(w)
         return x
@@ -210,9 +215,9 @@ class SpiralModel(SpiralPreTrainedModel):
     def _realigned(self, e, pads: List[int], record: Record, cache: Optional[SpiralCache]) -> torch.Tensor:
         """The start of a left-padded batch as one batch: each row rolled left by its padding
         starts at its first real token, the padding after its last (causality keeps it out of
-        the real tokens); the outputs rolled back, padding zeroed. With a
-        cache (a prefill), each row's cache is then the batch's cut to the row's real tokens
-        (crop is exact), and decoding goes on row by row. Each row as alone
+        the real tokens); the outputs rolled back, padding zeroed. With a cache (a prefill),
+        the cache is the rolled batch's, with each row's length: every row's entries are at its
+        own positions, and decoding goes on as one batch (`_step`). Each row as alone
         (tests/hf/test_batching.py)."""
         b, n, d = e.shape
         pad = torch.tensor(pads, device=e.device)[:, None]  # [b, 1]
@@ -221,11 +226,7 @@ class SpiralModel(SpiralPreTrainedModel):
         inner, batch = record.like(), (SpiralCache(self.config) if cache is not None else None)
         h = self.hidden(e.gather(1, ((cols + pad) % n)[..., None].expand(b, n, d)), batch, None, inner)
         if cache is not None:
-            cache.rows = [batch.copy() for _ in range(b)]
-            for r, row in enumerate(cache.rows):
-                row.batch_select_indices(torch.tensor([r], device=e.device))
-                row.crop(-pads[r])  # the row's padding, rolled to its end
-            cache.seen += n
+            cache.layers, cache.lengths, cache.seen = batch.layers, [n - p for p in pads], n
 
         def back(x: torch.Tensor) -> torch.Tensor:  # [b, n, d'] rolled right by each row's padding
             x = x.gather(1, ((cols - pad) % n)[..., None].expand(b, n, x.shape[-1]))
@@ -234,15 +235,6 @@ class SpiralModel(SpiralPreTrainedModel):
         if record.hidden_states is not None:
             record.hidden_states.extend(back(x) for x in inner.hidden_states)
         return back(h)
-
-    def _rows(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
-        """The n new tokens of a batch that started left-padded, row by row: each row with its
-        own cache (`_realigned` cut them), whose chunks count from the row's first real token."""
-        parts = [record.like() for _ in cache.rows]
-        rows = [self.hidden(e[r : r + 1], row, None, part) for r, (row, part) in enumerate(zip(cache.rows, parts))]
-        cache.seen += e.shape[1]
-        record.join(parts, dim=0)
-        return torch.cat(rows, dim=0)  # [b, n, d]
 
 
 class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):

@@ -1,8 +1,8 @@
 """What a forward's attention_mask and position_ids may say (docs/HF.md, *What forward takes*).
 
-Chunk boundaries count from a row's first real token, so a batch may start left-padded (run row
-by row), a plain forward may be right-padded, and positions are each row's own; anything else is
-refused here, naming what is wrong.
+Chunk boundaries count from a row's first real token, so a batch may start left-padded (each
+row then at its own positions), a plain forward may be right-padded, and positions are each
+row's own; anything else is refused here, naming what is wrong.
 """
 
 from typing import List, Optional
@@ -51,8 +51,8 @@ def check_positions(position_ids: torch.Tensor, cache, pads: Optional[List[int]]
     if pads is not None:  # a left-padded start: row r's real tokens are its last n - pads[r]
         pad = torch.tensor(pads, device=new.device)[:, None]
         want, real = new - pad, new >= pad  # [b, n]
-    elif cache is not None and cache.rows is not None:
-        want, real = torch.tensor([row.seen for row in cache.rows], device=new.device)[:, None] + new, None
+    elif cache is not None and cache.lengths is not None:  # each row at its own position
+        want, real = torch.tensor(cache.lengths, device=new.device)[:, None] + new, None
     else:
         want, real = (cache.seen if cache is not None else 0) + new, None
     wrong = position_ids != want

@@ -1,5 +1,8 @@
 """Left-padded batches in the HF model: prefill and cached decoding give every row the tokens and
-logits of the same prompt alone (batch size 1), greedy and with a cache or without."""
+logits of the same prompt alone (batch size 1), greedy and with a cache or without, and run as
+one batch (the final norm runs once per forward, not once per row)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -26,6 +29,18 @@ def model_and_prompts(megatron):
         ids[r, width - len(p):] = p
         mask[r, width - len(p):] = 1
     return hf, prompts, ids, mask
+
+
+@contextlib.contextmanager
+def batches(model):
+    """The batch sizes the final norm saw while active: one entry per forward of a token range
+    (a decode step, a prefill), the whole batch's rows in it when they ran as one batch."""
+    seen = []
+    handle = model.model.norm.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def generate(model, ids, mask=None, use_cache=True):
@@ -75,14 +90,12 @@ def test_a_left_padded_batch_without_a_cache_runs_as_one_batch_with_each_rows_va
     the padding, as the row-by-row path leaves them) and the gradients of the summed loss; and
     in training mode, where a forward keeps no cache unless asked, the same runs batched."""
     model, prompts, ids, mask = model_and_prompts
-    rows_run = []
-    base = type(model.model)
-    monkeypatch.setattr(base, "_rows", lambda self, *a: rows_run.append(1) or pytest.fail("ran row by row"))
-    out = model(ids, attention_mask=mask, labels=ids, use_cache=False, output_hidden_states=True)
+    with batches(model) as seen:
+        out = model(ids, attention_mask=mask, labels=ids, use_cache=False, output_hidden_states=True)
+    assert seen == [len(prompts)]
     out.loss.backward()
     batch_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.undo()
     scored = sum(len(p) - 1 for p in prompts)
     for r, prompt in enumerate(prompts):
         pad = ids.shape[1] - len(prompt)
@@ -99,44 +112,68 @@ def test_a_left_padded_batch_without_a_cache_runs_as_one_batch_with_each_rows_va
     model.zero_grad()
     model.train()
     try:
-        monkeypatch.setattr(base, "_rows", lambda self, *a: pytest.fail("ran row by row"))
-        trained = model(ids, attention_mask=mask)
-        assert trained.cache is None
+        with batches(model) as seen:
+            trained = model(ids, attention_mask=mask)
+        assert trained.cache is None and seen == [len(prompts)]
         torch.testing.assert_close(trained.logits, out.logits.detach(), rtol=0, atol=1e-6)
-        monkeypatch.undo()
         assert model(ids[:1, -2:], use_cache=True).cache is not None  # asked for: kept
     finally:
         model.eval()
 
 
 @pytest.mark.parametrize("short", [False, True], ids=["long", "short"])
-def test_a_left_padded_prefill_runs_as_one_batch_and_leaves_each_row_its_own_cache(model_and_prompts, monkeypatch,
-                                                                                   short):
-    """The prefill of a left-padded batch (use_cache=True) runs as one batch; each row's cache
-    is the batch's cut to the row's real tokens. Against each prompt alone: the prefill's logits
-    and the next tokens decoded from the rows' caches (then row by row), until a chunk of every
-    level closes. Short: prompts that close no chunk of the coarsest level (its cached keys
-    hold no latent yet, but the batch's rows)."""
+def test_a_left_padded_batch_prefills_and_decodes_as_one_batch(model_and_prompts, short):
+    """The prefill of a left-padded batch (use_cache=True) and every decoding step after it run
+    as one batch, each row at its own positions (cache.lengths). Against each prompt alone: the
+    prefill's logits and the next tokens' logits, until a chunk of every level closes, at
+    different steps in different rows. Short: prompts that close no chunk of the coarsest level
+    (its cached keys hold no latent yet, but the batch's rows)."""
     model, prompts, ids, mask = model_and_prompts
     if short:
         prompts = [prompts[2][:1], prompts[2]]  # 1 and 2 tokens: no chunk of 4 closed
         ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), prompts[0]]), prompts[1]])
         mask = torch.tensor([[0, 1], [1, 1]])
-    base = type(model.model)
-    with torch.no_grad():
-        monkeypatch.setattr(base, "_rows", lambda self, *a: pytest.fail("the prefill ran row by row"))
+    b = len(prompts)
+    new, steps = [], []
+    with torch.no_grad(), batches(model) as seen:
         out = model(ids, attention_mask=mask, use_cache=True)
-        monkeypatch.undo()
-        assert [row.get_seq_length() for row in out.cache.rows] == [len(p) for p in prompts]
-        new, cache, logits = [], out.cache, out.logits
+        assert out.cache.lengths == [len(p) for p in prompts]
+        cache, logits = out.cache, out.logits
         for _ in range(4):  # every level closes a chunk in 4 tokens
             new.append(logits[:, -1].argmax(-1, keepdim=True))  # [b, 1]
             mask = torch.cat([mask, torch.ones_like(new[-1])], 1)
             step = model(new[-1], attention_mask=mask, cache=cache)
             cache, logits = step.cache, step.logits
-            for r, prompt in enumerate(prompts):
-                alone = model(torch.cat([prompt, *[t[r] for t in new]])[None], use_cache=False).logits[0]
-                torch.testing.assert_close(logits[r, -1], alone[-1], rtol=0, atol=1e-5)
+            steps.append(logits[:, -1])
+        assert cache.lengths == [len(p) + 4 for p in prompts]
+    assert seen == [b] * 5, f"batch sizes of the prefill and the 4 steps: {seen}"
+    with torch.no_grad():
         for r, prompt in enumerate(prompts):
-            alone = model(prompt[None], use_cache=False).logits[0]
-            torch.testing.assert_close(out.logits[r, ids.shape[1] - len(prompt):], alone, rtol=0, atol=1e-5)
+            alone = model(torch.cat([prompt, *[t[r] for t in new]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(out.logits[r, ids.shape[1] - len(prompt):], alone[: len(prompt)], rtol=0, atol=1e-5)
+            for k, logits in enumerate(steps):
+                torch.testing.assert_close(logits[r], alone[len(prompt) + k], rtol=0, atol=1e-5)
+
+
+def test_a_left_padded_cache_crops_selects_and_repeats_its_rows(model_and_prompts):
+    """The Cache API on a batch decoding at each row's own positions: crop back to fewer tokens
+    (assisted decoding's), select rows (beam search's reorder) and repeat them; each row then
+    decodes as its prompt alone does from the same tokens."""
+    model, prompts, ids, mask = model_and_prompts
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache, tokens = out.cache, [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], 1)
+            tokens.append(model(tokens[-1], attention_mask=mask, cache=cache).logits[:, -1].argmax(-1, keepdim=True))
+        cache.crop(-2)  # back to the prompts and the first new token of each row
+        assert cache.lengths == [len(p) + 1 for p in prompts]
+        cache.batch_select_indices(torch.tensor([2, 0, 2]))
+        cache.batch_repeat_interleave(2)
+        rows = [2, 2, 0, 0, 2, 2]
+        assert cache.lengths == [len(prompts[r]) + 1 for r in rows]
+        nxt = torch.stack([tokens[1][r] for r in rows])  # [6, 1]
+        logits = model(nxt, attention_mask=torch.ones(6, ids.shape[1] + 2, dtype=torch.long), cache=cache).logits
+        for k, r in enumerate(rows):
+            alone = model(torch.cat([prompts[r], tokens[0][r], tokens[1][r]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(logits[k, -1], alone[-1], rtol=0, atol=1e-5)
