@@ -117,23 +117,28 @@ class LevelLayer:
                 layer.crop(n_c - layer.get_seq_length())
 
     def append(self, h: torch.Tensor) -> None:
-        """The input h [b, 1, d] of the next token."""
+        """The inputs h [b, n, d] of the next n tokens."""
         self.inputs = h if self.inputs is None else torch.cat([self.inputs, h], dim=1)
-        self.seen += 1
+        self.seen += h.shape[1]
 
-    def chunk_inputs(self, j: int) -> torch.Tensor:
-        """The inputs of chunk j's g tokens [b, g, d], front padding as zeros."""
-        start, stop = F.chunk_tokens(j, self.chunk_size, self.offset)
-        x = self.inputs[:, max(start, 0) : stop]
+    def chunk_inputs(self, first: int, stop: int) -> torch.Tensor:
+        """The inputs of chunks first .. stop - 1 [b, (stop - first) * g, d], front padding as zeros."""
+        start = F.chunk_tokens(first, self.chunk_size, self.offset)[0]
+        end = F.chunk_tokens(stop - 1, self.chunk_size, self.offset)[1]
+        x = self.inputs[:, max(start, 0) : end]
         return torch.nn.functional.pad(x, (0, 0, -start, 0)) if start < 0 else x  # zeros in front: chunk 0
 
     def close(self, u: torch.Tensor) -> None:
-        """The token update u [b, g, d] of the chunk that just closed."""
+        """The token updates u [b, k * g, d] of the k chunks that just closed."""
         self.updates = u if self.updates is None else torch.cat([self.updates, u], dim=1)
 
-    def update_at(self, m: int) -> Optional[torch.Tensor]:
-        """The update [b, 1, d] at x-position m (None before the first: the shift's zeros)."""
-        return None if m < 0 else self.updates[:, m : m + 1]
+    def updates_at(self, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The updates [b, n, d] at x-positions m .. m + n - 1, zeros before the first (the
+        shift's); `like`: a tensor of the batch's shape, dtype and device, for those zeros."""
+        if m + n <= 0:
+            return torch.zeros_like(like)
+        u = self.updates[:, max(m, 0) : m + n]
+        return torch.nn.functional.pad(u, (0, 0, -m, 0)) if m < 0 else u
 
     # ---- the same, each row at its own position (SpiralCache.lengths) ----
     def append_rows(self, h: torch.Tensor, positions: List[int]) -> None:

@@ -8,8 +8,9 @@ One iteration t, chunk size g, offset w, shift s, on token states h:
     u = shift_right(u, s - w)      token i sees only chunks that closed at or before it
     state = topology.write(state, u, t)
 Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
-fill a `LevelLayer` per iteration); `step` runs one new token against those, running the core of
-level t only when the token closes one of its chunks (docs/MODEL.md section 6). The iteration,
+fill a `LevelLayer` per iteration); `segment` runs new tokens after those, running the core of
+level t on the chunks they close (docs/MODEL.md section 6); `step` runs one token per row, each
+row at its own position (a batch that started left-padded). The iteration,
 the topologies, the math of each step and where a token sits in a level (its chunk, the update
 it receives) are `functional_spiral.py`, which the Megatron model imports too
 (`spiral_megatron/functional_spiral.py`, copied beside this file in a converted folder). The
@@ -18,7 +19,7 @@ read as weights: this model runs the formulas with autograd's backward, the Mega
 written-out backwards of `functional_autograd.py`.
 """
 
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -130,45 +131,57 @@ class SpiralLoop(nn.Module):
             level.fill(F.crop_to(h, L, dim=1), seen["u"] if g > 1 else seen["y"] - seen["z"])
         return u
 
-    # ---- one new token (docs/MODEL.md 6) ----
-    def step(self, h: torch.Tensor, embeddings: torch.Tensor, i: Union[int, List[int]], levels: List[LevelLayer],
-             record: Optional[Record] = None) -> torch.Tensor:
-        """h: [b, 1, d] loop input of the token at position i (or each row's at positions i[r]),
-        embeddings [b, 1, d] its raw embedding; updates `levels` in place. The topology is per
-        token: no cache needed."""
+    # ---- new tokens after cached ones (docs/MODEL.md 6) ----
+    def segment(self, h: torch.Tensor, embeddings: torch.Tensor, i: int, levels: List[LevelLayer],
+                record: Optional[Record] = None) -> torch.Tensor:
+        """h: [b, n, d] loop input of the n tokens at positions i .. i + n - 1, after the i that
+        `levels` hold; embeddings [b, n, d] their raw embeddings. Updates `levels` in place. The
+        topology is per token: no cache needed."""
         state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
-            iterate = self.step_iteration if isinstance(i, int) else self.step_iteration_rows
-            state = self.write(state, iterate(t, state[0], i, levels[t], record), t)
+            state = self.write(state, self.segment_iteration(t, state[0], i, levels[t], record), t)
             if record is not None:
                 record.state(state[0])
         return state[0]
 
-    def step_iteration(self, t: int, h: torch.Tensor, i: int, level: LevelLayer,
-                       record: Optional[Record] = None) -> torch.Tensor:
-        """Token i's update [b, 1, d] at level t, running the core if the token closes a chunk.
-        Where the token sits is functional_spiral's: its chunk and slot (`token_chunk`), the
-        chunk's tokens (`chunk_tokens`), the update it receives (`update_delay`)."""
+    def segment_iteration(self, t: int, h: torch.Tensor, i: int, level: LevelLayer,
+                          record: Optional[Record] = None) -> torch.Tensor:
+        """The updates [b, n, d] at level t of the n tokens at positions i .. i + n - 1: the core
+        runs on one new latent per chunk they close (none, one or several), after the level's
+        cached latents. Where a token sits is functional_spiral's: the chunks closed
+        (`closed_chunks`), their tokens (`chunk_tokens`), the update a token receives
+        (`update_delay`)."""
         g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
+        first = level.closed()
         level.append(h)
-        j, slot = F.token_chunk(i, g, w)
-        closes = slot == g - 1
-        if closes:  # run the core on one new latent
-            x = level.chunk_inputs(j)  # [b, g, d]
-            first_pad = max(-F.chunk_tokens(j, g, w)[0], 0)
-            z = self.downscale(t, x[:, None], first_pad) if g > 1 else x  # [b, 1, d]
-            angles = self.latent_angles(t, torch.tensor([j], device=h.device))
-            y, weights = self.core(z, angles, level.core, record, states=False)  # [b, 1, d]
-            level.close(self.upscale(t, y, y - z) if g > 1 else y - z)  # [b, g, d]
+        stop = level.closed()
+        weights = [None] * len(self.core.layers)
+        if stop > first:  # run the core on the new latents
+            x = level.chunk_inputs(first, stop)  # [b, k * g, d]
+            z = self.downscale(t, F.chunk(x, g, dim=1), w if first == 0 else 0) if g > 1 else x  # [b, k, d]
+            angles = self.latent_angles(t, torch.arange(first, stop, device=h.device))
+            y, weights = self.core(z, angles, level.core, record, states=False)  # [b, k, d]
+            level.close(self.upscale(t, y, y - z) if g > 1 else y - z)  # [b, k * g, d]
         if record is not None:
-            for a in (weights if closes else [None] * len(self.core.layers)):
+            for a in weights:
                 record.attention(a)
-        u = level.update_at(i - F.update_delay(s, w))
-        return torch.zeros_like(h) if u is None else u  # [b, 1, d]
+        return level.updates_at(i - F.update_delay(s, w), h.shape[1], h)  # [b, n, d]
+
+    # ---- one new token per row, each at its own position ----
+    def step(self, h: torch.Tensor, embeddings: torch.Tensor, positions: List[int], levels: List[LevelLayer],
+             record: Optional[Record] = None) -> torch.Tensor:
+        """h: [b, 1, d] loop input of each row's next token, row r's at position positions[r],
+        embeddings [b, 1, d] their raw embeddings; updates `levels` in place."""
+        state = self.init(h, embeddings)
+        for t in range(len(self.chunk_sizes)):
+            state = self.write(state, self.step_iteration_rows(t, state[0], positions, levels[t], record), t)
+            if record is not None:
+                record.state(state[0])
+        return state[0]
 
     def step_iteration_rows(self, t: int, h: torch.Tensor, positions: List[int], level: LevelLayer,
                             record: Optional[Record] = None) -> torch.Tensor:
-        """`step_iteration` for one token per row, row r's at its own position positions[r] (a
+        """`segment_iteration` for one token per row, row r's at its own position positions[r] (a
         batch that started left-padded; its levels hold each row at its own positions). When a
         row closes a chunk, the core runs on every row's current chunk: a row that closes none
         writes its latent and update where its open chunk's go, which it reads only after

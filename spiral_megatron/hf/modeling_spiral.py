@@ -156,16 +156,18 @@ class SpiralModel(SpiralPreTrainedModel):
                record: Optional[Record] = None) -> torch.Tensor:
         """e: scaled embeddings [b, n, d] -> final hidden states [b, n, d]. Without a cache, or
         with an empty one: the whole sequence (filling the cache). With a filled one: the n new
-        tokens, one at a time. `pads`: each row's left padding, when a batch starts left-padded."""
+        tokens in one pass (`_segment`), or one at a time with each row at its own position
+        (`_step`, a batch that started left-padded). `pads`: each row's left padding, when a
+        batch starts left-padded."""
         record = record if record is not None else Record()
         if pads is not None:  # a left-padded start: row_pads gives pads only without a cache or with an empty one
             return self._realigned(e, pads, record, cache)
         if cache is None or cache.seen == 0:
             return self._full(e, cache, record)
+        if cache.lengths is None:
+            return self._segment(e, cache, record)
         parts = [record.like() for _ in range(e.shape[1])]
         h = torch.cat([self._step(e[:, k : k + 1], cache, part) for k, part in enumerate(parts)], dim=1)
-        if len(parts) == 1 and record.attentions is not None:
-            record.attentions.extend(parts[0].attentions)
         record.join(parts, dim=1)
         return h
 
@@ -181,21 +183,30 @@ class SpiralModel(SpiralPreTrainedModel):
             cache.seen = L
         return self._final(h, record)
 
+    def _segment(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
+        """n new tokens after the cache's, every row alike: one pass, as `_full` from position
+        cache.seen (the loop's levels run the core on the chunks the n tokens close)."""
+        i, n = cache.seen, e.shape[1]
+        angles = rotary_angles(self.config, torch.arange(i, i + n, device=e.device))
+        record.state(e)
+        h = self._block(self.prelude, e, angles, cache.prelude, record)
+        if self.loop is not None:
+            h = self.loop.segment(h, e, i, cache.levels, record)
+        h = self._block(self.coda, h, angles, cache.coda, record)
+        cache.seen = i + n
+        return self._final(h, record)
+
     def _step(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
-        """One new token per row: at position cache.seen, or at each row's own (cache.lengths)."""
+        """One new token per row, each at its row's own position (cache.lengths)."""
         rows = cache.lengths
-        if rows is None:
-            i, angles = cache.seen, rotary_angles(self.config, torch.tensor([cache.seen], device=e.device))
-        else:
-            i, angles = rows, row_angles(self.config, rows, e.device)
+        angles = row_angles(self.config, rows, e.device)
         record.state(e)
         h = self._block(self.prelude, e, angles, cache.prelude, record, rows)
         if self.loop is not None:
-            h = self.loop.step(h, e, i, cache.levels, record)
+            h = self.loop.step(h, e, rows, cache.levels, record)
         h = self._block(self.coda, h, angles, cache.coda, record, rows)
         cache.seen += 1
-        if rows is not None:
-            cache.lengths = [n + 1 for n in rows]
+        cache.lengths = [n + 1 for n in rows]
         return self._final(h, record)
 
     @staticmethod

@@ -202,6 +202,33 @@ def test_crop_to_every_length_is_exact(model):
     print(f"\ncrop to 1..{n - 1} of {n} tokens: max |decoded - full forward| = {worst:.1e}; bit-exact for keep >= {prefill}")
 
 
+def test_several_new_tokens_after_a_filled_cache_run_in_one_pass(model):
+    """n new tokens against a filled cache (assisted decoding's check, a prompt cache continued,
+    a prefill in pieces) run as one pass, however many chunks of each level they close, and give
+    the full forward's logits; also after a crop back into an earlier piece."""
+    ids = torch.stack(prompts([40, 40], seed=14))
+    pieces = [3, 1, 5, 9, 2, 10]  # chunk sizes 4, 2, 1: pieces closing none, one and several chunks
+    seen = []
+    handle = model.model.norm.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    try:
+        with torch.no_grad():
+            full = model(ids, use_cache=False).logits
+            seen.clear()
+            cache, got, start = None, [], 0
+            for n in pieces:
+                out = model(ids[:, start : start + n], cache=cache, use_cache=True)
+                cache, start = out.cache, start + n
+                got.append(out.logits)
+            cache.crop(-6)  # back into the last piece
+            start -= 6
+            got[-1] = got[-1][:, :-6]
+            got.append(model(ids[:, start:], cache=cache).logits)
+    finally:
+        handle.remove()
+    assert seen == [*pieces, ids.shape[1] - start], f"tokens per pass: {seen}"
+    torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=0, atol=tolerance(full))
+
+
 def test_rows_selected_and_repeated_in_the_cache_decode_as_those_rows(model):
     ids = torch.stack(prompts([9, 9], seed=13))
     with torch.no_grad():
