@@ -128,9 +128,10 @@ class SpiralAttention(nn.Module):
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         mask = None
         if positions is not None:  # [b, kvh, m, hd]: each row's keys at its positions, then ones no row reads
-            cache.keys, cache.values = write_at(cache.keys, k, positions, dim=2), write_at(cache.values, v, positions, dim=2)
-            k, v = cache.keys, cache.values
-            mask = torch.arange(k.shape[2], device=k.device) <= torch.tensor(positions, device=k.device)[:, None, None, None]
+            k = cache.keys = write_at(cache.keys, k, positions, dim=2)
+            v = cache.values = write_at(cache.values, v, positions, dim=2)
+            last = torch.tensor(positions, device=k.device)[:, None, None, None]  # [b, 1, 1, 1]
+            mask = torch.arange(k.shape[2], device=k.device) <= last  # [b, 1, 1, m]
         elif cache is not None:
             k, v = cache.update(k, v)  # [b, kvh, m, hd]: cached keys, then these n
         if self.config._attn_implementation == "eager":

@@ -9,7 +9,7 @@ One iteration t, chunk size g, offset w, shift s, on token states h:
     state = topology.write(state, u, t)
 Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
 fill a `LevelLayer` per iteration); `segment` runs new tokens after those, running the core of
-level t on the chunks they close (docs/MODEL.md section 6); `step` runs one token per row, each
+level t on the chunks they close (docs/MODEL.md section 6); `step_rows` runs one token per row, each
 row at its own position (a batch that started left-padded). The iteration,
 the topologies, the math of each step and where a token sits in a level (its chunk, the update
 it receives) are `functional_spiral.py`, which the Megatron model imports too
@@ -158,7 +158,8 @@ class SpiralLoop(nn.Module):
         weights = [None] * len(self.core.layers)
         if stop > first:  # run the core on the new latents
             x = level.chunk_inputs(first, stop)  # [b, k * g, d]
-            z = self.downscale(t, F.chunk(x, g, dim=1), w if first == 0 else 0) if g > 1 else x  # [b, k, d]
+            first_pad = max(-F.chunk_tokens(first, g, w)[0], 0)  # front padding: chunk 0's
+            z = self.downscale(t, F.chunk(x, g, dim=1), first_pad) if g > 1 else x  # [b, k, d]
             angles = self.latent_angles(t, torch.arange(first, stop, device=h.device))
             y, weights = self.core(z, angles, level.core, record, states=False)  # [b, k, d]
             level.close(self.upscale(t, y, y - z) if g > 1 else y - z)  # [b, k * g, d]
@@ -168,19 +169,18 @@ class SpiralLoop(nn.Module):
         return level.updates_at(i - F.update_delay(s, w), h.shape[1], h)  # [b, n, d]
 
     # ---- one new token per row, each at its own position ----
-    def step(self, h: torch.Tensor, embeddings: torch.Tensor, positions: List[int], levels: List[LevelLayer],
-             record: Optional[Record] = None) -> torch.Tensor:
+    def step_rows(self, h: torch.Tensor, embeddings: torch.Tensor, positions: List[int], levels: List[LevelLayer],
+                  record: Optional[Record] = None) -> torch.Tensor:
         """h: [b, 1, d] loop input of each row's next token, row r's at position positions[r],
         embeddings [b, 1, d] their raw embeddings; updates `levels` in place."""
         state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
-            state = self.write(state, self.step_iteration_rows(t, state[0], positions, levels[t], record), t)
+            state = self.write(state, self.step_iteration_rows(t, state[0], positions, levels[t]), t)
             if record is not None:
                 record.state(state[0])
         return state[0]
 
-    def step_iteration_rows(self, t: int, h: torch.Tensor, positions: List[int], level: LevelLayer,
-                            record: Optional[Record] = None) -> torch.Tensor:
+    def step_iteration_rows(self, t: int, h: torch.Tensor, positions: List[int], level: LevelLayer) -> torch.Tensor:
         """`segment_iteration` for one token per row, row r's at its own position positions[r] (a
         batch that started left-padded; its levels hold each row at its own positions). When a
         row closes a chunk, the core runs on every row's current chunk: a row that closes none

@@ -203,7 +203,7 @@ class SpiralModel(SpiralPreTrainedModel):
         record.state(e)
         h = self._block(self.prelude, e, angles, cache.prelude, record, rows)
         if self.loop is not None:
-            h = self.loop.step(h, e, rows, cache.levels, record)
+            h = self.loop.step_rows(h, e, rows, cache.levels, record)
         h = self._block(self.coda, h, angles, cache.coda, record, rows)
         cache.seen += 1
         cache.lengths = [n + 1 for n in rows]

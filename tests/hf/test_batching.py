@@ -150,7 +150,8 @@ def test_a_left_padded_batch_prefills_and_decodes_as_one_batch(model_and_prompts
     with torch.no_grad():
         for r, prompt in enumerate(prompts):
             alone = model(torch.cat([prompt, *[t[r] for t in new]])[None], use_cache=False).logits[0]
-            torch.testing.assert_close(out.logits[r, ids.shape[1] - len(prompt):], alone[: len(prompt)], rtol=0, atol=1e-5)
+            prefill = out.logits[r, ids.shape[1] - len(prompt):]
+            torch.testing.assert_close(prefill, alone[: len(prompt)], rtol=0, atol=1e-5)
             for k, logits in enumerate(steps):
                 torch.testing.assert_close(logits[r], alone[len(prompt) + k], rtol=0, atol=1e-5)
 
