@@ -55,14 +55,22 @@ def write_at(buffer: Optional[torch.Tensor], x: torch.Tensor, starts: List[int],
 
 def read_at(buffer: torch.Tensor, starts: List[int], k: int, dim: int) -> torch.Tensor:
     """Each row's k entries along `dim` from its own column starts[r]: [b, .., k, ..]; zeros at
-    columns before 0 (a chunk's front padding, the shift's zeros) or past the buffer's end."""
+    columns before 0 (a chunk's front padding, the shift's zeros) or past the buffer's end.
+    Rows alike: a slice, padded with those zeros."""
+    width = buffer.shape[dim]
+    if all(s == starts[0] for s in starts):
+        start = starts[0]
+        x = buffer.narrow(dim, min(max(start, 0), width), max(min(start + k, width) - max(start, 0), 0))
+        front = min(max(-start, 0), k)
+        back = k - front - x.shape[dim]
+        return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [front, back]) if front or back else x
     shape = list(buffer.shape)
     shape[dim] = k
-    if buffer.shape[dim] == 0:
+    if width == 0:
         return buffer.new_zeros(shape)
     cols = _index(starts, k, buffer, dim)
-    x = buffer.gather(dim, cols.clamp(0, buffer.shape[dim] - 1).expand(shape))
-    return torch.where((cols >= 0) & (cols < buffer.shape[dim]), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    x = buffer.gather(dim, cols.clamp(0, width - 1).expand(shape))
+    return torch.where((cols >= 0) & (cols < width), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _select(x: Optional[torch.Tensor], index: torch.Tensor) -> Optional[torch.Tensor]:
@@ -78,8 +86,8 @@ def _rows_of(layer: DynamicLayer, change) -> None:
 
 
 class LevelLayer:
-    """Loop level t after `seen` tokens, all rows alike, or each row at its own positions with
-    SpiralCache.lengths (the `_rows` methods; `seen` is then the prefill's) (batch-first tensors):
+    """Loop level t after `seen` tokens (batch-first tensors; with SpiralCache.lengths, row r's
+    entries at its own positions, `seen` the widest):
         core     one DynamicLayer per core layer: latent keys/values, one per closed chunk
         inputs   [b, seen, d]      the level's input h of every token (the open chunk is read here)
         updates  [b, n_c * g, d]   the token update of every closed chunk, before its shift (x-space)
@@ -116,47 +124,25 @@ class LevelLayer:
             if layer.get_seq_length() > n_c:
                 layer.crop(n_c - layer.get_seq_length())
 
-    def append(self, h: torch.Tensor) -> None:
-        """The inputs h [b, n, d] of the next n tokens."""
-        self.inputs = h if self.inputs is None else torch.cat([self.inputs, h], dim=1)
-        self.seen += h.shape[1]
+    def append(self, h: torch.Tensor, starts: List[int]) -> None:
+        """The inputs h [b, n, d] of each row's next n tokens, row r's from position starts[r]."""
+        self.inputs = write_at(self.inputs, h, starts, dim=1)
+        self.seen = self.inputs.shape[1]
 
-    def chunk_inputs(self, first: int, stop: int) -> torch.Tensor:
-        """The inputs of chunks first .. stop - 1 [b, (stop - first) * g, d], front padding as zeros."""
-        start = F.chunk_tokens(first, self.chunk_size, self.offset)[0]
-        end = F.chunk_tokens(stop - 1, self.chunk_size, self.offset)[1]
-        x = self.inputs[:, max(start, 0) : end]
-        return torch.nn.functional.pad(x, (0, 0, -start, 0)) if start < 0 else x  # zeros in front: chunk 0
+    def chunk_inputs(self, firsts: List[int], k: int) -> torch.Tensor:
+        """The inputs [b, k * g, d] of each row's chunks firsts[r] .. firsts[r] + k - 1, front
+        padding as zeros."""
+        starts = [F.chunk_tokens(j, self.chunk_size, self.offset)[0] for j in firsts]
+        return read_at(self.inputs, starts, k * self.chunk_size, dim=1)
 
-    def close(self, u: torch.Tensor) -> None:
-        """The token updates u [b, k * g, d] of the k chunks that just closed."""
-        self.updates = u if self.updates is None else torch.cat([self.updates, u], dim=1)
+    def close(self, u: torch.Tensor, firsts: List[int]) -> None:
+        """The token updates u [b, k * g, d] of each row's chunks firsts[r] .. firsts[r] + k - 1."""
+        self.updates = write_at(self.updates, u, [j * self.chunk_size for j in firsts], dim=1)
 
-    def updates_at(self, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
-        """The updates [b, n, d] at x-positions m .. m + n - 1, zeros before the first (the
-        shift's); `like`: a tensor of the batch's shape, dtype and device, for those zeros."""
-        if m + n <= 0:
-            return torch.zeros_like(like)
-        u = self.updates[:, max(m, 0) : m + n]
-        return torch.nn.functional.pad(u, (0, 0, -m, 0)) if m < 0 else u
-
-    # ---- the same, each row at its own position (SpiralCache.lengths) ----
-    def append_rows(self, h: torch.Tensor, positions: List[int]) -> None:
-        """The input h [b, 1, d] of each row's next token, at its position."""
-        self.inputs = write_at(self.inputs, h, positions, dim=1)
-
-    def chunk_inputs_rows(self, chunks: List[int]) -> torch.Tensor:
-        """The inputs [b, g, d] of each row's chunk chunks[r], front padding as zeros."""
-        starts = [F.chunk_tokens(j, self.chunk_size, self.offset)[0] for j in chunks]
-        return read_at(self.inputs, starts, self.chunk_size, dim=1)
-
-    def close_rows(self, u: torch.Tensor, chunks: List[int]) -> None:
-        """The token update u [b, g, d] of each row's chunk chunks[r]."""
-        self.updates = write_at(self.updates, u, [j * self.chunk_size for j in chunks], dim=1)
-
-    def update_at_rows(self, positions: List[int]) -> torch.Tensor:
-        """Each row's update [b, 1, d] at its x-position (zeros before the first: the shift's)."""
-        return read_at(self.updates, positions, 1, dim=1)
+    def updates_at(self, starts: List[int], n: int) -> torch.Tensor:
+        """Each row's updates [b, n, d] at x-positions starts[r] .. starts[r] + n - 1, zeros before
+        the first (the shift's)."""
+        return read_at(self.updates, starts, n, dim=1)
 
     # ---- the Cache layer API ----
     def get_seq_length(self) -> int:

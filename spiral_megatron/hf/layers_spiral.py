@@ -63,26 +63,30 @@ def make_norm(config, size: int) -> nn.Module:
 
 
 def rotary_angles(config, positions: torch.Tensor) -> Optional[torch.Tensor]:
-    """RoPE angles [n, rot_dim] for integer positions [n], as Megatron's RotaryEmbedding:
-    inv_freq in float32 over the first int(head_dim * rotary_percent) dims, halves repeated."""
+    """RoPE angles [.., rot_dim] for integer positions [..] (`token_positions`), as Megatron's
+    RotaryEmbedding: inv_freq in float32 over the first int(head_dim * rotary_percent) dims,
+    halves repeated."""
     if config.position_embedding_type != "rope":
         return None
     dim = config.head_dim
     if config.rotary_percent < 1.0:
         dim = int(dim * config.rotary_percent)
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
-    freqs = torch.outer(positions.to(torch.float32), inv_freq)  # [n, dim/2]
-    return torch.cat((freqs, freqs), dim=-1)  # [n, dim]
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [.., dim/2]
+    return torch.cat((freqs, freqs), dim=-1)  # [.., dim]
 
 
-def row_angles(config, positions: List[int], device) -> Optional[torch.Tensor]:
-    """RoPE angles [b, 1, 1, rot] of one token per row, each at its own position."""
-    angles = rotary_angles(config, torch.tensor(positions, device=device))
-    return None if angles is None else angles[:, None, None]
+def token_positions(starts: List[int], n: int, device) -> torch.Tensor:
+    """The positions of each row's n tokens from starts[r]: [n] when the rows start alike, else
+    [b, 1, n] (their angles [b, 1, n, rot] broadcast over the heads)."""
+    steps = torch.arange(n, device=device)
+    if all(s == starts[0] for s in starts):
+        return starts[0] + steps
+    return torch.tensor(starts, device=device)[:, None, None] + steps
 
 
 def apply_rotary(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """t: [b, heads, n, hd]; angles: [n, rot], or [b, 1, 1, rot] per row (`row_angles`).
+    """t: [b, heads, n, hd]; angles: [n, rot], or [b, 1, n, rot] per row (`token_positions`).
     Non-interleaved (rotate-half), like Megatron."""
     rot = angles.shape[-1]
     t, t_pass = t[..., :rot], t[..., rot:]
@@ -113,10 +117,11 @@ class SpiralAttention(nn.Module):
     def forward(self, x: torch.Tensor, angles: Optional[torch.Tensor], cache=None, output_attentions: bool = False,
                 positions: Optional[List[int]] = None):
         """x: [b, n, d]; angles: [n, rot] for these n positions; cache: a DynamicLayer or None.
-        The n new queries attend causally to cached + new keys. `positions`: one new token per
-        row, each at its own position in the cache (SpiralCache.lengths; angles [b, 1, 1, rot]),
-        attending to its row's keys up to there. Returns (out [b, n, d], weights [b, heads, n, m]
-        with `output_attentions`, else None)."""
+        The n new queries attend causally to cached + new keys. `positions`: where each row's n
+        new tokens start in the cache; rows whose cache ends there append, and other rows (a
+        batch that started left-padded, SpiralCache.lengths; angles [b, 1, n, rot]) write their
+        keys there and attend to their keys up to each query. Returns (out [b, n, d], weights
+        [b, heads, n, m] with `output_attentions`, else None)."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
@@ -127,11 +132,13 @@ class SpiralAttention(nn.Module):
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         mask = None
-        if positions is not None:  # [b, kvh, m, hd]: each row's keys at its positions, then ones no row reads
+        if positions is not None and any(p != cache.get_seq_length() for p in positions):
+            # [b, kvh, m, hd]: each row's keys at its own positions, then ones no row reads
             k = cache.keys = write_at(cache.keys, k, positions, dim=2)
             v = cache.values = write_at(cache.values, v, positions, dim=2)
-            last = torch.tensor(positions, device=k.device)[:, None, None, None]  # [b, 1, 1, 1]
-            mask = torch.arange(k.shape[2], device=k.device) <= last  # [b, 1, 1, m]
+            first = torch.tensor(positions, device=k.device)[:, None, None, None]  # [b, 1, 1, 1]
+            last = first + torch.arange(n, device=k.device)[:, None]  # [b, 1, n, 1]: each query's position
+            mask = torch.arange(k.shape[2], device=k.device) <= last  # [b, 1, n, m]
         elif cache is not None:
             k, v = cache.update(k, v)  # [b, kvh, m, hd]: cached keys, then these n
         if self.config._attn_implementation == "eager":
@@ -148,8 +155,8 @@ class SpiralAttention(nn.Module):
         return (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)) if groups > 1 else (k, v)
 
     def _attend(self, q, k, v, mask=None):
-        """scaled_dot_product_attention, causal over the last n of m keys; or one query per row
-        over the keys `mask` [b, 1, 1, m] allows."""
+        """scaled_dot_product_attention, causal over the last n of m keys, or over the keys
+        `mask` [b, 1, n, m] allows."""
         kr, vr = self._kv_heads(k, v)
         n, m = q.shape[2], k.shape[2]
         if mask is not None:

@@ -9,8 +9,8 @@ One iteration t, chunk size g, offset w, shift s, on token states h:
     state = topology.write(state, u, t)
 Chunk size 1 skips the resampling (no parameters). `forward` runs a whole sequence (and can
 fill a `LevelLayer` per iteration); `segment` runs new tokens after those, running the core of
-level t on the chunks they close (docs/MODEL.md section 6); `step_rows` runs one token per row, each
-row at its own position (a batch that started left-padded). The iteration,
+level t on the chunks they close, each row's at its own positions when the batch started
+left-padded (docs/MODEL.md section 6). The iteration,
 the topologies, the math of each step and where a token sits in a level (its chunk, the update
 it receives) are `functional_spiral.py`, which the Megatron model imports too
 (`spiral_megatron/functional_spiral.py`, copied beside this file in a converted folder). The
@@ -30,7 +30,7 @@ try:  # a converted model folder: the copy beside this file
 except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
 from .cache_spiral import LevelLayer
-from .layers_spiral import Block, Record, rotary_angles
+from .layers_spiral import Block, Record, rotary_angles, token_positions
 
 
 class SpiralLoop(nn.Module):
@@ -132,78 +132,52 @@ class SpiralLoop(nn.Module):
         return u
 
     # ---- new tokens after cached ones (docs/MODEL.md 6) ----
-    def segment(self, h: torch.Tensor, embeddings: torch.Tensor, i: int, levels: List[LevelLayer],
+    def segment(self, h: torch.Tensor, embeddings: torch.Tensor, starts: List[int], levels: List[LevelLayer],
                 record: Optional[Record] = None) -> torch.Tensor:
-        """h: [b, n, d] loop input of the n tokens at positions i .. i + n - 1, after the i that
-        `levels` hold; embeddings [b, n, d] their raw embeddings. Updates `levels` in place. The
-        topology is per token: no cache needed."""
+        """h: [b, n, d] loop input of each row's next n tokens, row r's at positions starts[r] ..
+        starts[r] + n - 1 (after the starts[r] tokens `levels` hold of it; every row alike unless
+        the batch started left-padded); embeddings [b, n, d] their raw embeddings. Updates
+        `levels` in place. The topology is per token: no cache needed."""
         state = self.init(h, embeddings)
         for t in range(len(self.chunk_sizes)):
-            state = self.write(state, self.segment_iteration(t, state[0], i, levels[t], record), t)
+            state = self.write(state, self.segment_iteration(t, state[0], starts, levels[t], record), t)
             if record is not None:
                 record.state(state[0])
         return state[0]
 
-    def segment_iteration(self, t: int, h: torch.Tensor, i: int, level: LevelLayer,
+    def segment_iteration(self, t: int, h: torch.Tensor, starts: List[int], level: LevelLayer,
                           record: Optional[Record] = None) -> torch.Tensor:
-        """The updates [b, n, d] at level t of the n tokens at positions i .. i + n - 1: the core
-        runs on one new latent per chunk they close (none, one or several), after the level's
-        cached latents. Where a token sits is functional_spiral's: the chunks closed
-        (`closed_chunks`), their tokens (`chunk_tokens`), the update a token receives
-        (`update_delay`)."""
+        """The updates [b, n, d] at level t of each row's n tokens from position starts[r]: the
+        core runs on one new latent per chunk they close (none, one or several), after the
+        level's cached latents. Rows that close different numbers of chunks (a batch that
+        started left-padded) all run as many as the most: a row's extra latents and updates go
+        where its open chunks' will, which it reads only after closing them, which writes them
+        anew. Where a token sits is functional_spiral's: the chunks closed (`closed_chunks`),
+        their tokens (`chunk_tokens`), the update a token receives (`update_delay`)."""
         g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
-        first = level.closed()
-        level.append(h)
-        stop = level.closed()
+        n = h.shape[1]
+        firsts = [F.closed_chunks(i, g, w) for i in starts]  # each row's first chunk to close
+        k = max(F.closed_chunks(i + n, g, w) - j for i, j in zip(starts, firsts))
+        level.append(h, starts)
         weights = [None] * len(self.core.layers)
-        if stop > first:  # run the core on the new latents
-            x = level.chunk_inputs(first, stop)  # [b, k * g, d]
-            first_pad = max(-F.chunk_tokens(first, g, w)[0], 0)  # front padding: chunk 0's
-            z = self.downscale(t, F.chunk(x, g, dim=1), first_pad) if g > 1 else x  # [b, k, d]
-            angles = self.latent_angles(t, torch.arange(first, stop, device=h.device))
-            y, weights = self.core(z, angles, level.core, record, states=False)  # [b, k, d]
-            level.close(self.upscale(t, y, y - z) if g > 1 else y - z)  # [b, k * g, d]
+        if k:  # run the core on k new latents per row
+            x = level.chunk_inputs(firsts, k)  # [b, k * g, d]
+            z = self._downscale(t, F.chunk(x, g, dim=1), firsts) if g > 1 else x  # [b, k, d]
+            angles = self.latent_angles(t, token_positions(firsts, k, h.device))
+            y, weights = self.core(z, angles, level.core, record, states=False, positions=firsts)  # [b, k, d]
+            level.close(self.upscale(t, y, y - z) if g > 1 else y - z, firsts)  # [b, k * g, d]
         if record is not None:
             for a in weights:
                 record.attention(a)
-        return level.updates_at(i - F.update_delay(s, w), h.shape[1], h)  # [b, n, d]
+        return level.updates_at([i - F.update_delay(s, w) for i in starts], n)  # [b, n, d]
 
-    # ---- one new token per row, each at its own position ----
-    def step_rows(self, h: torch.Tensor, embeddings: torch.Tensor, positions: List[int], levels: List[LevelLayer],
-                  record: Optional[Record] = None) -> torch.Tensor:
-        """h: [b, 1, d] loop input of each row's next token, row r's at position positions[r],
-        embeddings [b, 1, d] their raw embeddings; updates `levels` in place."""
-        state = self.init(h, embeddings)
-        for t in range(len(self.chunk_sizes)):
-            state = self.write(state, self.step_iteration_rows(t, state[0], positions, levels[t]), t)
-            if record is not None:
-                record.state(state[0])
-        return state[0]
-
-    def step_iteration_rows(self, t: int, h: torch.Tensor, positions: List[int], level: LevelLayer) -> torch.Tensor:
-        """`segment_iteration` for one token per row, row r's at its own position positions[r] (a
-        batch that started left-padded; its levels hold each row at its own positions). When a
-        row closes a chunk, the core runs on every row's current chunk: a row that closes none
-        writes its latent and update where its open chunk's go, which it reads only after
-        closing that chunk, which writes them anew. -> [b, 1, d]"""
-        g, w, s = self.chunk_sizes[t], self.offsets[t], self.shifts[t]
-        level.append_rows(h, positions)
-        chunks, slots = zip(*(F.token_chunk(i, g, w) for i in positions))
-        if g - 1 in slots:  # run the core on one new latent per row
-            x = level.chunk_inputs_rows(list(chunks))  # [b, g, d]
-            z = self._downscale_rows(t, x, [max(-F.chunk_tokens(j, g, w)[0], 0) for j in chunks]) if g > 1 else x
-            angles = self.latent_angles(t, torch.tensor(chunks, device=h.device))
-            angles = None if angles is None else angles[:, None, None]  # [b, 1, 1, rot]
-            y, _ = self.core(z, angles, level.core, states=False, positions=list(chunks))  # [b, 1, d]
-            level.close_rows(self.upscale(t, y, y - z) if g > 1 else y - z, list(chunks))  # [b, g, d]
-        return level.update_at_rows([i - F.update_delay(s, w) for i in positions])  # [b, 1, d]
-
-    def _downscale_rows(self, t: int, x: torch.Tensor, first_pads: List[int]) -> torch.Tensor:
-        """One latent [b, 1, d] per row from its chunk's inputs x [b, g, d], whose first
-        first_pads[r] slots are front padding (chunk 0 only)."""
+    def _downscale(self, t: int, chunks: torch.Tensor, firsts: List[int]) -> torch.Tensor:
+        """Latents [b, k, d] of chunks [b, k, g, d], row r's from chunk firsts[r] on: chunk 0's
+        first w slots are front padding."""
+        pads = [max(-F.chunk_tokens(j, self.chunk_sizes[t], self.offsets[t])[0], 0) for j in firsts]
         z = None
-        for pad in sorted(set(first_pads)):
-            latent = self.downscale(t, x[:, None], pad)  # [b, 1, d]
-            rows = torch.tensor([p == pad for p in first_pads], device=x.device)[:, None, None]
-            z = latent if z is None else torch.where(rows, latent, z)
+        for pad in sorted(set(pads)):  # rows alike: one call
+            latents = self.downscale(t, chunks, pad)  # [b, k, d]
+            rows = torch.tensor([p == pad for p in pads], device=chunks.device)[:, None, None]
+            z = latents if z is None else torch.where(rows, latents, z)
         return z

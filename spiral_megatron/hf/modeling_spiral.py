@@ -35,7 +35,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_spiral import SpiralCache
 from .configuration_spiral import SpiralFormerConfig
-from .layers_spiral import Block, Record, make_norm, rotary_angles, row_angles
+from .layers_spiral import Block, Record, make_norm, rotary_angles, token_positions
 from .loop_spiral import SpiralLoop
 from .padding_spiral import check_positions, row_pads
 
@@ -156,20 +156,14 @@ class SpiralModel(SpiralPreTrainedModel):
                record: Optional[Record] = None) -> torch.Tensor:
         """e: scaled embeddings [b, n, d] -> final hidden states [b, n, d]. Without a cache, or
         with an empty one: the whole sequence (filling the cache). With a filled one: the n new
-        tokens in one pass (`_segment`), or one at a time with each row at its own position
-        (`_step`, a batch that started left-padded). `pads`: each row's left padding, when a
-        batch starts left-padded."""
+        tokens in one pass (`_segment`). `pads`: each row's left padding, when a batch starts
+        left-padded."""
         record = record if record is not None else Record()
         if pads is not None:  # a left-padded start: row_pads gives pads only without a cache or with an empty one
             return self._realigned(e, pads, record, cache)
         if cache is None or cache.seen == 0:
             return self._full(e, cache, record)
-        if cache.lengths is None:
-            return self._segment(e, cache, record)
-        parts = [record.like() for _ in range(e.shape[1])]
-        h = torch.cat([self._step(e[:, k : k + 1], cache, part) for k, part in enumerate(parts)], dim=1)
-        record.join(parts, dim=1)
-        return h
+        return self._segment(e, cache, record)
 
     def _full(self, e, cache: Optional[SpiralCache], record: Record) -> torch.Tensor:
         L = e.shape[1]
@@ -184,29 +178,20 @@ class SpiralModel(SpiralPreTrainedModel):
         return self._final(h, record)
 
     def _segment(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
-        """n new tokens after the cache's, every row alike: one pass, as `_full` from position
-        cache.seen (the loop's levels run the core on the chunks the n tokens close)."""
-        i, n = cache.seen, e.shape[1]
-        angles = rotary_angles(self.config, torch.arange(i, i + n, device=e.device))
+        """n new tokens after the cache's in one pass, as `_full` from each row's position:
+        cache.seen, or each row's own (cache.lengths, a batch that started left-padded). The
+        loop's levels run the core on the chunks the n tokens close."""
+        n = e.shape[1]
+        starts = cache.lengths if cache.lengths is not None else [cache.seen] * e.shape[0]
+        angles = rotary_angles(self.config, token_positions(starts, n, e.device))  # [n, rot] or [b, 1, n, rot]
         record.state(e)
-        h = self._block(self.prelude, e, angles, cache.prelude, record)
+        h = self._block(self.prelude, e, angles, cache.prelude, record, starts)
         if self.loop is not None:
-            h = self.loop.segment(h, e, i, cache.levels, record)
-        h = self._block(self.coda, h, angles, cache.coda, record)
-        cache.seen = i + n
-        return self._final(h, record)
-
-    def _step(self, e, cache: SpiralCache, record: Record) -> torch.Tensor:
-        """One new token per row, each at its row's own position (cache.lengths)."""
-        rows = cache.lengths
-        angles = row_angles(self.config, rows, e.device)
-        record.state(e)
-        h = self._block(self.prelude, e, angles, cache.prelude, record, rows)
-        if self.loop is not None:
-            h = self.loop.step_rows(h, e, rows, cache.levels, record)
-        h = self._block(self.coda, h, angles, cache.coda, record, rows)
-        cache.seen += 1
-        cache.lengths = [n + 1 for n in rows]
+            h = self.loop.segment(h, e, starts, cache.levels, record)
+        h = self._block(self.coda, h, angles, cache.coda, record, starts)
+        cache.seen += n
+        if cache.lengths is not None:
+            cache.lengths = [length + n for length in cache.lengths]
         return self._final(h, record)
 
     @staticmethod
@@ -228,7 +213,7 @@ class SpiralModel(SpiralPreTrainedModel):
         starts at its first real token, the padding after its last (causality keeps it out of
         the real tokens); the outputs rolled back, padding zeroed. With a cache (a prefill),
         the cache is the rolled batch's, with each row's length: every row's entries are at its
-        own positions, and decoding goes on as one batch (`_step`). Each row as alone
+        own positions, and decoding goes on as one batch (`_segment`). Each row as alone
         (tests/hf/test_batching.py)."""
         b, n, d = e.shape
         pad = torch.tensor(pads, device=e.device)[:, None]  # [b, 1]

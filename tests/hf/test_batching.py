@@ -33,10 +33,10 @@ def model_and_prompts(megatron):
 
 @contextlib.contextmanager
 def batches(model):
-    """The batch sizes the final norm saw while active: one entry per forward of a token range
-    (a decode step, a prefill), the whole batch's rows in it when they ran as one batch."""
+    """The (rows, tokens) the final norm saw while active: one entry per pass (a prefill, a
+    decoding step), the whole batch's rows and the call's tokens when they ran as one."""
     seen = []
-    handle = model.model.norm.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    handle = model.model.norm.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape[:2])))
     try:
         yield seen
     finally:
@@ -92,7 +92,7 @@ def test_a_left_padded_batch_without_a_cache_runs_as_one_batch_with_each_rows_va
     model, prompts, ids, mask = model_and_prompts
     with batches(model) as seen:
         out = model(ids, attention_mask=mask, labels=ids, use_cache=False, output_hidden_states=True)
-    assert seen == [len(prompts)]
+    assert seen == [tuple(ids.shape)]
     out.loss.backward()
     batch_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -114,7 +114,7 @@ def test_a_left_padded_batch_without_a_cache_runs_as_one_batch_with_each_rows_va
     try:
         with batches(model) as seen:
             trained = model(ids, attention_mask=mask)
-        assert trained.cache is None and seen == [len(prompts)]
+        assert trained.cache is None and seen == [tuple(ids.shape)]
         torch.testing.assert_close(trained.logits, out.logits.detach(), rtol=0, atol=1e-6)
         assert model(ids[:1, -2:], use_cache=True).cache is not None  # asked for: kept
     finally:
@@ -126,8 +126,9 @@ def test_a_left_padded_batch_prefills_and_decodes_as_one_batch(model_and_prompts
     """The prefill of a left-padded batch (use_cache=True) and every decoding step after it run
     as one batch, each row at its own positions (cache.lengths). Against each prompt alone: the
     prefill's logits and the next tokens' logits, until a chunk of every level closes, at
-    different steps in different rows. Short: prompts that close no chunk of the coarsest level
-    (its cached keys hold no latent yet, but the batch's rows)."""
+    different steps in different rows, then 5 tokens per row in one pass (closing one or two
+    chunks of a level, depending on the row). Short: prompts that close no chunk of the
+    coarsest level (its cached keys hold no latent yet, but the batch's rows)."""
     model, prompts, ids, mask = model_and_prompts
     if short:
         prompts = [prompts[2][:1], prompts[2]]  # 1 and 2 tokens: no chunk of 4 closed
@@ -145,8 +146,11 @@ def test_a_left_padded_batch_prefills_and_decodes_as_one_batch(model_and_prompts
             step = model(new[-1], attention_mask=mask, cache=cache)
             cache, logits = step.cache, step.logits
             steps.append(logits[:, -1])
-        assert cache.lengths == [len(p) + 4 for p in prompts]
-    assert seen == [b] * 5, f"batch sizes of the prefill and the 4 steps: {seen}"
+        piece = torch.randint(1, H.VOCAB, (b, 5), generator=torch.Generator().manual_seed(8))  # [b, 5]
+        mask = torch.cat([mask, torch.ones_like(piece)], 1)
+        ahead = model(piece, attention_mask=mask, cache=cache).logits  # [b, 5, V]
+        assert cache.lengths == [len(p) + 9 for p in prompts]
+    assert seen == [(b, ids.shape[1])] + [(b, 1)] * 4 + [(b, 5)], f"(rows, tokens) of each pass: {seen}"
     with torch.no_grad():
         for r, prompt in enumerate(prompts):
             alone = model(torch.cat([prompt, *[t[r] for t in new]])[None], use_cache=False).logits[0]
@@ -154,6 +158,8 @@ def test_a_left_padded_batch_prefills_and_decodes_as_one_batch(model_and_prompts
             torch.testing.assert_close(prefill, alone[: len(prompt)], rtol=0, atol=1e-5)
             for k, logits in enumerate(steps):
                 torch.testing.assert_close(logits[r], alone[len(prompt) + k], rtol=0, atol=1e-5)
+            whole = torch.cat([prompt, *[t[r] for t in new], piece[r]])[None]
+            torch.testing.assert_close(ahead[r], model(whole, use_cache=False).logits[0, -5:], rtol=0, atol=1e-5)
 
 
 def test_a_left_padded_cache_crops_selects_and_repeats_its_rows(model_and_prompts):
