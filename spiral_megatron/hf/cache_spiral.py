@@ -19,7 +19,6 @@ recomputed. That costs 2 x tokens x hidden_size numbers per level and row, about
 keys and values cost.
 """
 
-import copy
 from typing import List, Optional
 
 import torch
@@ -40,8 +39,8 @@ def _index(starts: List[int], k: int, x: torch.Tensor, dim: int) -> torch.Tensor
 
 def write_at(buffer: Optional[torch.Tensor], x: torch.Tensor, starts: List[int], dim: int) -> torch.Tensor:
     """buffer with x's k entries along `dim` written at each row's own columns starts[r] ..
-    starts[r] + k - 1, grown with zeros to fit. A new tensor: a cache's tensors are shared
-    (SpiralCache.copy), never written into. x: [b, .., k, ..] like buffer."""
+    starts[r] + k - 1, grown with zeros to fit. A new tensor, as transformers' own layers make
+    (their cat): a cached tensor is never written into. x: [b, .., k, ..] like buffer."""
     width = 0 if buffer is None else buffer.shape[dim]
     if all(s == width for s in starts):  # every row appends: what a uniform batch does
         return x if buffer is None else torch.cat([buffer, x], dim=dim)
@@ -215,17 +214,6 @@ class SpiralCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
-
-    def copy(self) -> "SpiralCache":
-        """A cache of its own that shares the tensors (every update replaces tensors, never
-        writes into them), for a row picked twice by beam search."""
-        new = copy.copy(self)
-        new.layers = [copy.copy(layer) for layer in self.layers]
-        for layer in new.layers:
-            if isinstance(layer, LevelLayer):
-                layer.core = [copy.copy(c) for c in layer.core]
-        new.lengths = None if self.lengths is None else list(self.lengths)
-        return new
 
     def crop(self, tokens_to_remove: int) -> None:
         """Keep what each row's first tokens produced, all but its last |tokens_to_remove|. With
