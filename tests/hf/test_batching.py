@@ -184,3 +184,19 @@ def test_a_left_padded_cache_crops_selects_and_repeats_its_rows(model_and_prompt
         for k, r in enumerate(rows):
             alone = model(torch.cat([prompts[r], tokens[0][r], tokens[1][r]])[None], use_cache=False).logits[0]
             torch.testing.assert_close(logits[k, -1], alone[-1], rtol=0, atol=1e-5)
+
+
+def test_a_left_padded_batch_continues_from_the_cache_generate_returned(model_and_prompts):
+    """A second turn: the first `generate`'s sequences plus the same new text for every row,
+    decoded from the cache it returned (the new text and the last token in one pass, each row
+    from its own position), against the whole sequences without a cache."""
+    model, prompts, ids, mask = model_and_prompts
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, return_dict_in_generate=True)
+    assert first.cache.lengths == [len(p) + 2 for p in prompts]  # the last new token is not fed yet
+    suffix = torch.randint(1, H.VOCAB, (1, 4), generator=torch.Generator().manual_seed(9)).expand(len(prompts), 4)
+    more = torch.cat([first.sequences, suffix], dim=1)
+    more_mask = torch.cat([mask, torch.ones(len(prompts), more.shape[1] - mask.shape[1], dtype=torch.long)], dim=1)
+    kwargs = dict(attention_mask=more_mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    continued = model.generate(more, cache=first.cache, **kwargs)
+    assert torch.equal(continued, model.generate(more, use_cache=False, **kwargs))
