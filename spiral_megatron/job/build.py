@@ -13,6 +13,7 @@ import torch
 
 from spiral_megatron.model import init
 from spiral_megatron.model.model_args import ModelArgs, make_model
+from spiral_megatron.parallel import param_gather
 from spiral_megatron.parallel.pipeline import finalize_model_grads
 from spiral_megatron.job.settings import training
 from spiral_megatron.job.settings.resolve import Resolved
@@ -29,18 +30,34 @@ class Components:
     model_args: ModelArgs
 
 
-def wrap_in_ddp(ddp, config, module):
-    """Megatron DDP (the resolved DistributedDataParallelConfig `ddp`, copied) around this stage's `module`. Under the distributed optimizer a
-    core replicated on several stages first gets bucket boundaries that every stage shares
+def before_ddp(ddp, module) -> None:
+    """What this stage's `module` needs before Megatron DDP (the resolved
+    DistributedDataParallelConfig `ddp`) wraps it: under the distributed optimizer, a core
+    replicated on several stages gets bucket boundaries that every stage shares
     (pipeline.CoreReplicas.separate_buckets), whatever the bucket size."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel
 
-    if ddp.use_distributed_optimizer and getattr(module, "loop", None) is not None \
+    if ddp is not None and ddp.use_distributed_optimizer and getattr(module, "loop", None) is not None \
             and module.core_replicas is not None:
         size = training.bucket_size(ddp, parallel_state.get_data_parallel_world_size())
         module.core_replicas.separate_buckets(module.loop.core, size)
-    return DistributedDataParallel(config, copy.copy(ddp), module)
+
+
+def after_ddp(model, module) -> None:
+    """What Megatron DDP `model` around this stage's `module` needs: its parameter all-gathers
+    chained in the order the forward uses them (parallel/param_gather.py)."""
+    param_gather.chain(model, module.parameters_in_forward_order())
+
+
+def wrap_in_ddp(ddp, config, module):
+    """Megatron DDP (the resolved DistributedDataParallelConfig `ddp`, copied) around this
+    stage's `module`, with `before_ddp` and `after_ddp` (Bridge's provider runs them too)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    before_ddp(ddp, module)
+    model = DistributedDataParallel(config, copy.copy(ddp), module)
+    after_ddp(model, module)
+    return model
 
 
 def build(job: Resolved, prepare: Optional[Callable[[torch.nn.Module], None]] = None) -> Components:

@@ -113,6 +113,19 @@ class SpiralLoop(MegatronModule):
                 state = step(t, state, rotary_pos_emb, use_mask)
         return state
 
+    def modules_in_forward_order(self) -> list:
+        """The loop's modules in the order `forward` first calls them: the topology's start
+        (MeSH's transitional routers, where iteration 0 runs here), then per iteration the
+        down-scale, the core, the up-scale and the topology's routers."""
+        modules = self.topology.modules_of_init() if 0 in self.iterations else []
+        for t in self.iterations:
+            key = str(t)
+            modules += [self.downscale[key]] if key in self.downscale else []
+            modules.append(self.core)
+            modules += [self.upscale[key]] if key in self.upscale else []
+            modules += self.topology.modules_of(t)
+        return modules
+
     def step(self, t: int, state, rotary_pos_emb, use_mask: bool):
         """Iteration t and its topology write: the loop state after iteration t."""
         u = self.iteration(t, self.topology.read(state), rotary_pos_emb, use_mask)

@@ -29,6 +29,7 @@ from spiral_megatron import functional_spiral as F
 from spiral_megatron.parallel import pipeline, pipeline_plan
 from spiral_megatron.config import schedule
 from spiral_megatron.config.spiral_config import SpiralConfig, block_config
+from spiral_megatron.model import forward_order
 from spiral_megatron.model.layer_specs import SpiralModelSubmodules, get_spiral_model_spec
 from spiral_megatron.model.loop import SpiralLoop
 from spiral_megatron.model.stage_block import StageBlock
@@ -140,6 +141,23 @@ class SpiralGPTModel(LanguageModule):
             pg_collection=self.pg_collection,
             first_layer=layers.start,
         )
+
+    def parameters_in_forward_order(self) -> list:
+        """This stage's parameters in the order its forward first uses them: embedding, prelude,
+        the loop's iterations (SpiralLoop.modules_in_forward_order), coda, output layer. DDP
+        chains its parameter all-gathers in this order (parallel/param_gather.py)."""
+        modules = [self.embedding] if self.pre_process else []
+        modules.append(self.prelude)
+        if self.loop is not None:
+            modules += self.loop.modules_in_forward_order()
+        modules.append(self.coda)
+        if self.post_process:
+            modules.append(self.output_layer)
+        order = {}  # insertion-ordered, each parameter once (the core's, tied weights)
+        for module in modules:
+            order.update((param, None) for param in forward_order.parameters_in_forward_order(module)
+                         if param not in order)
+        return list(order)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand a non-first stage its input here."""

@@ -40,6 +40,14 @@ class Residual(MegatronModule):
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
         return F.update_state(self.name, state, u)
 
+    def modules_of_init(self) -> list:
+        """The modules `init` calls (their parameters, in order of use)."""
+        return []
+
+    def modules_of(self, t: int) -> list:
+        """The modules `write(state, u, t)` calls."""
+        return []
+
     def pack(self, state: State) -> torch.Tensor:
         """A state of k tensors [s, b, h] -> one tensor [k * s, b, h] for a pipeline message."""
         return torch.cat(state, dim=0) if len(state) > 1 else state[0]
@@ -90,6 +98,12 @@ class Mesh(Residual):
     def write(self, state: State, u: torch.Tensor, t: int) -> State:
         return _routed(self.write_router[str(t)], self.read_router[str(t)],
                        lambda weights: F.update_state(self.name, state, u, weights))
+
+    def modules_of_init(self) -> list:
+        return [self.init_write_router, self.init_read_router]
+
+    def modules_of(self, t: int) -> list:
+        return [self.write_router[str(t)], self.read_router[str(t)]]
 
     def pack(self, state: State) -> torch.Tensor:
         h, slots = state
