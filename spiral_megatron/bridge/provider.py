@@ -26,6 +26,7 @@ from megatron.bridge.models.model_provider import ModelProviderMixin
 from megatron.bridge.models.transformer_config import TransformerConfig as BridgeTransformerConfig
 from megatron.training.vocab_utils import calculate_padded_vocab_size
 
+from spiral_megatron.job import build
 from spiral_megatron.model import init
 from spiral_megatron.config.spiral_config import SpiralConfig
 from spiral_megatron.model.model_args import ModelArgs, make_model
@@ -130,6 +131,31 @@ class SpiralModelProvider(SpiralTransformerConfig, ModelProviderMixin):
             init.initialize(model, self.init_seed)
         return model
 
+    def provide_distributed_model(self, ddp_config=None, *args, pre_wrap_hook=None, post_wrap_hook=None, **kwargs):
+        """Bridge's, with what the project's job adds around Megatron DDP (job/build.py): before
+        it, a replicated core's bucket boundaries shared by its stages (without them, at PP > 1
+        with the distributed optimizer and a core longer than a bucket, the stages' sums of the
+        core's gradients mismatch: gloo refuses them); after it, the parameter all-gathers
+        chained in the forward's order. Hooks given or registered run first, as Bridge runs them."""
+        from megatron.core.distributed import DistributedDataParallel
+        from megatron.core.utils import get_attr_wrapped_model
+
+        def before(chunks):
+            for chunk in chunks:
+                build.before_ddp(ddp_config, chunk)
+            return chunks
+
+        def after(chunks):
+            for chunk in chunks:
+                if isinstance(chunk, DistributedDataParallel):
+                    build.after_ddp(chunk, get_attr_wrapped_model(chunk, "core_replicas", return_model_obj=True))
+            return chunks
+
+        pre = pre_wrap_hook if pre_wrap_hook is not None else self.pre_wrap_hook
+        post = post_wrap_hook if post_wrap_hook is not None else self.post_wrap_hook
+        return super().provide_distributed_model(ddp_config, *args, pre_wrap_hook=[*_hooks(pre), before],
+                                                 post_wrap_hook=lambda chunks: after(_run(post, chunks)), **kwargs)
+
     @classmethod
     def from_model_args(cls, args: ModelArgs, **runtime) -> "SpiralModelProvider":
         """The provider of a recorded model (model_args.json, or an HF config through
@@ -140,3 +166,14 @@ class SpiralModelProvider(SpiralTransformerConfig, ModelProviderMixin):
                    share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
                    position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
                    rotary_percent=args.rotary_percent)
+
+
+def _hooks(hook) -> list:
+    """Bridge's pre-wrap hook argument (None, a callable or a list of them) as a list."""
+    return [] if hook is None else list(hook) if isinstance(hook, list) else [hook]
+
+
+def _run(hook, chunks):
+    """A post-wrap hook on the model chunks (its result, or the chunks where it returns None)."""
+    result = hook(chunks) if hook is not None else None
+    return chunks if result is None else result

@@ -159,8 +159,9 @@ def test_fp16_resume_before_the_first_taken_step(results, optimizer):
 
 def test_pipeline_parallel_matches_data_parallel(results):
     """PP 2 (the core replicated on both stages, its gradients summed by the forward step's
-    hook) from the same seed: the same 4 losses as DP 2 (the first update has lr 0 in warmup,
-    so steps 3 and 4 are the ones a missing gradient sum changes)."""
+    hook; DDP buckets of 4000 elements, smaller than the core, split alike on both stages by
+    the provider) from the same seed: the same 4 losses as DP 2 (the first update has lr 0 in
+    warmup, so steps 3 and 4 are the ones a missing gradient sum changes)."""
     torch.testing.assert_close(torch.tensor(results["train"]["pp2"]),
                                torch.tensor(results["train"]["uninterrupted"]), rtol=2e-6, atol=0)
 
