@@ -59,6 +59,7 @@ def test_separate_validation_data(own_data, cache_dir, tmp_path):
     proc = launch(cache_dir, "--train-data-path", own_data, "--valid-data-path", own_data, *TINY,
                   "--save", tmp_path / "ckpt", timeout=240)
     assert "val loss" in proc.stdout and "finished iteration 4" in proc.stdout
+    assert f"data: train {own_data}; valid {own_data}, vocabulary" in proc.stdout  # both named
 
 
 def test_data_of_another_tokenizer_is_refused_by_name(own_data, cache_dir, tmp_path):

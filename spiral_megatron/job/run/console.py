@@ -178,8 +178,10 @@ def summary(job, layout, parts, source) -> List[str]:
 def _data_line(cfg, source) -> str:
     if source.train is None:
         return "mock data (random tokens)"
-    if cfg.data_path or cfg.train_data_path:
-        return " ".join(cfg.data_path or cfg.train_data_path)
+    if cfg.data_path:
+        return " ".join(cfg.data_path)
+    if cfg.train_data_path:  # validated with valid_data_path, whole
+        return f"train {' '.join(cfg.train_data_path)}; valid {' '.join(cfg.valid_data_path or ['none'])}"
     return "the embedded corpus (CPython docstrings)"
 
 
