@@ -31,10 +31,11 @@ except ImportError:  # the spiral_megatron package, where it lives one level up
     from spiral_megatron import functional_spiral as F
 
 
-def _index(starts: List[int], k: int, x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Columns starts[r] .. starts[r] + k - 1 of each row r, shaped to index x's `dim` [b, .., k, ..]."""
-    cols = torch.tensor(starts, device=x.device)[:, None] + torch.arange(k, device=x.device)  # [b, k]
-    return cols.view(cols.shape[:1] + (1,) * (dim - 1) + (k,) + (1,) * (x.dim() - dim - 1))
+def row_columns(starts: List[int], k: int, ndim: int, dim: int, device) -> torch.Tensor:
+    """Columns starts[r] .. starts[r] + k - 1 of each row r, as [b, 1.., k, 1..]: along `dim` of
+    an `ndim`-dimensional tensor (positions of each row's tokens, indices into a cached tensor)."""
+    cols = torch.tensor(starts, device=device)[:, None] + torch.arange(k, device=device)  # [b, k]
+    return cols.view(cols.shape[:1] + (1,) * (dim - 1) + (k,) + (1,) * (ndim - dim - 1))
 
 
 def write_at(buffer: Optional[torch.Tensor], x: torch.Tensor, starts: List[int], dim: int) -> torch.Tensor:
@@ -49,7 +50,7 @@ def write_at(buffer: Optional[torch.Tensor], x: torch.Tensor, starts: List[int],
         grow = list(x.shape)
         grow[dim] = need - width
         buffer = x.new_zeros(grow) if buffer is None else torch.cat([buffer, buffer.new_zeros(grow)], dim=dim)
-    return buffer.scatter(dim, _index(starts, x.shape[dim], x, dim).expand(x.shape), x)
+    return buffer.scatter(dim, row_columns(starts, x.shape[dim], x.dim(), dim, x.device).expand(x.shape), x)
 
 
 def read_at(buffer: torch.Tensor, starts: List[int], k: int, dim: int) -> torch.Tensor:
@@ -67,7 +68,7 @@ def read_at(buffer: torch.Tensor, starts: List[int], k: int, dim: int) -> torch.
     shape[dim] = k
     if width == 0:
         return buffer.new_zeros(shape)
-    cols = _index(starts, k, buffer, dim)
+    cols = row_columns(starts, k, buffer.dim(), dim, buffer.device)
     x = buffer.gather(dim, cols.clamp(0, width - 1).expand(shape))
     return torch.where((cols >= 0) & (cols < width), x, torch.zeros((), dtype=x.dtype, device=x.device))
 

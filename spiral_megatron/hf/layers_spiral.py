@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .cache_spiral import write_at
+from .cache_spiral import row_columns, write_at
 
 
 class Record:
@@ -79,10 +79,9 @@ def rotary_angles(config, positions: torch.Tensor) -> Optional[torch.Tensor]:
 def token_positions(starts: List[int], n: int, device) -> torch.Tensor:
     """The positions of each row's n tokens from starts[r]: [n] when the rows start alike, else
     [b, 1, n] (their angles [b, 1, n, rot] broadcast over the heads)."""
-    steps = torch.arange(n, device=device)
     if all(s == starts[0] for s in starts):
-        return starts[0] + steps
-    return torch.tensor(starts, device=device)[:, None, None] + steps
+        return starts[0] + torch.arange(n, device=device)
+    return row_columns(starts, n, 3, 2, device)
 
 
 def apply_rotary(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -136,9 +135,8 @@ class SpiralAttention(nn.Module):
             # [b, kvh, m, hd]: each row's keys at its own positions, then ones no row reads
             k = cache.keys = write_at(cache.keys, k, positions, dim=2)
             v = cache.values = write_at(cache.values, v, positions, dim=2)
-            first = torch.tensor(positions, device=k.device)[:, None, None, None]  # [b, 1, 1, 1]
-            last = first + torch.arange(n, device=k.device)[:, None]  # [b, 1, n, 1]: each query's position
-            mask = torch.arange(k.shape[2], device=k.device) <= last  # [b, 1, n, m]
+            queries = row_columns(positions, n, 4, 2, k.device)  # [b, 1, n, 1]: each query's position
+            mask = torch.arange(k.shape[2], device=k.device) <= queries  # [b, 1, n, m]
         elif cache is not None:
             k, v = cache.update(k, v)  # [b, kvh, m, hd]: cached keys, then these n
         if self.config._attn_implementation == "eager":
