@@ -171,6 +171,20 @@ class SpiralLoop(nn.Module):
                 record.attention(a)
         return level.updates_at([i - F.update_delay(s, w) for i in starts], n)  # [b, n, d]
 
+    def own_latents(self, t: int, weights: torch.Tensor, before: List[int], real: List[int]) -> torch.Tensor:
+        """Core attention weights [b, heads, q, m] at level t of a batch whose row r had before[r]
+        tokens and runs real[r] real ones more: its queries are the latents from its first chunk
+        to close on (`segment`; all of them at the start, before = 0), its keys its latents. Zeros
+        for a row's latents of chunks its tokens leave open (extra queries of a row that closes
+        fewer chunks than another, a last chunk holding the batch's padding)."""
+        g, w = self.chunk_sizes[t], self.offsets[t]
+        first = torch.tensor([F.closed_chunks(i, g, w) for i in before], device=weights.device)[:, None]  # [b, 1]
+        last = torch.tensor([F.closed_chunks(i + m, g, w) for i, m in zip(before, real)], device=weights.device)[:, None]
+        rows = torch.arange(weights.shape[2], device=weights.device) < last - first  # [b, q]
+        cols = torch.arange(weights.shape[3], device=weights.device) < last  # [b, m]
+        keep = rows[:, None, :, None] & cols[:, None, None, :]  # [b, 1, q, m]
+        return torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+
     def _downscale(self, t: int, chunks: torch.Tensor, firsts: List[int]) -> torch.Tensor:
         """Latents [b, k, d] of chunks [b, k, g, d], row r's from chunk firsts[r] on: chunk 0's
         first w slots are front padding."""

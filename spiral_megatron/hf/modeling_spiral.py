@@ -37,7 +37,7 @@ from .cache_spiral import SpiralCache
 from .configuration_spiral import SpiralFormerConfig
 from .layers_spiral import Block, Record, make_norm, rotary_angles, token_positions
 from .loop_spiral import SpiralLoop
-from .padding_spiral import check_positions, row_pads
+from .padding_spiral import check_positions, right_aligned, row_pads
 
 logger = logging.get_logger(__name__)
 
@@ -138,17 +138,17 @@ class SpiralModel(SpiralPreTrainedModel):
         e = self.scale(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         n = e.shape[1]
         pads = row_pads(attention_mask, n, cache, use_cache)
-        if output_attentions and (pads is not None or (cache is not None and cache.lengths is not None)):
-            raise ValueError("output_attentions is not supported for a left-padded batch: run its rows one by one")
         if output_attentions and cache is not None and cache.seen and n > 1:
             raise ValueError(f"output_attentions with a filled cache takes one new token per call, got {n}")
         if position_ids is not None:
             check_positions(position_ids, cache, pads, n)
         record = Record(output_hidden_states, output_attentions)
+        before = list(cache.lengths) if cache is not None and cache.lengths is not None else None
         out = BaseModelOutputWithPast(
             last_hidden_state=self.hidden(e, cache, pads, record), cache=cache if use_cache else None,
             hidden_states=tuple(record.hidden_states) if output_hidden_states else None,
-            attentions=tuple(record.attentions) if output_attentions else None,
+            attentions=self._padded_attentions(record.attentions, pads, before, n, attention_mask)
+            if output_attentions else None,
         )
         return self._returned(out, return_dict)
 
@@ -218,19 +218,47 @@ class SpiralModel(SpiralPreTrainedModel):
         b, n, d = e.shape
         pad = torch.tensor(pads, device=e.device)[:, None]  # [b, 1]
         cols = torch.arange(n, device=e.device)[None]  # [1, n]
-        real = (cols >= pad)[..., None]  # [b, n, 1]
         inner, batch = record.like(), (SpiralCache(self.config) if cache is not None else None)
         h = self.hidden(e.gather(1, ((cols + pad) % n)[..., None].expand(b, n, d)), batch, None, inner)
+        lengths = [n - p for p in pads]
         if cache is not None:
-            cache.layers, cache.lengths, cache.seen = batch.layers, [n - p for p in pads], n
+            cache.layers, cache.lengths, cache.seen = batch.layers, lengths, n
+        if record.hidden_states is not None:  # [b, n, d] rolled back: each row's padding in front, zeros
+            record.hidden_states.extend(right_aligned(x, lengths, n, dim=1) for x in inner.hidden_states)
+        if record.attentions is not None:  # as the rolled rows have them: forward's _padded_attentions aligns them
+            record.attentions.extend(inner.attentions)
+        return right_aligned(h, lengths, n, dim=1)
 
-        def back(x: torch.Tensor) -> torch.Tensor:  # [b, n, d'] rolled right by each row's padding
-            x = x.gather(1, ((cols - pad) % n)[..., None].expand(b, n, x.shape[-1]))
-            return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-        if record.hidden_states is not None:
-            record.hidden_states.extend(back(x) for x in inner.hidden_states)
-        return back(h)
+    def _padded_attentions(self, weights: list, pads: Optional[List[int]], before: Optional[List[int]], n: int,
+                           attention_mask: Optional[torch.Tensor]) -> tuple:
+        """The attention weights of a left-padded batch as its layout has them (other batches'
+        as recorded). Its start (`pads`) ran rolled, and a batch that started so decodes each row
+        at its own positions (`before`: each row's tokens before these n): a prelude or coda
+        entry [b, heads, n, W] gets each row's keys, and at the start its queries, right-aligned
+        in the W columns of the padded layout (the attention mask's), zeros at its padding; a
+        core entry at level t keeps each row's own latents (counted from its first real token),
+        zeros for those of chunks its real tokens have not closed (the row alone reports the
+        open last chunk's latent, aggregated over the zeros that pad its end)."""
+        if pads is not None:  # the start: each row's last n - pads[r] tokens are real
+            before, real, width = [0] * len(pads), [n - p for p in pads], n
+        elif before is not None:  # n new tokens per row, all real
+            real = [n] * len(before)
+            width = attention_mask.shape[1] if attention_mask is not None and attention_mask.shape[1] > n else max(before) + n
+        else:
+            return tuple(weights)
+        levels = [None] * len(self.prelude.layers)
+        if self.loop is not None:
+            levels += [t for t in range(len(self.config.chunk_sizes)) for _ in self.loop.core.layers]
+        levels += [None] * len(self.coda.layers)
+        out = []
+        for a, t in zip(weights, levels):
+            if a is not None and t is None:
+                a = right_aligned(a, [i + m for i, m in zip(before, real)], width, dim=3)  # keys
+                a = right_aligned(a, real, n, dim=2)  # queries
+            elif a is not None:
+                a = self.loop.own_latents(t, a, before, real)
+            out.append(a)
+        return tuple(out)
 
 
 class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):

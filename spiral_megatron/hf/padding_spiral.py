@@ -43,6 +43,17 @@ def row_pads(attention_mask, n: int, cache, use_cache: bool) -> Optional[List[in
     )
 
 
+def right_aligned(x: torch.Tensor, lengths: List[int], width: int, dim: int) -> torch.Tensor:
+    """The left-padded layout of per-row entries: row r's first lengths[r] entries along `dim`
+    of x [b, ..] as the last lengths[r] of `width`, zeros in front (at the row's padding)."""
+    src = (torch.arange(width, device=x.device)
+           - torch.tensor([width - n for n in lengths], device=x.device)[:, None])  # [b, width]: x's entry, < 0 at padding
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = width
+    index = src.clamp(min=0).view(shape).expand(*x.shape[:dim], width, *x.shape[dim + 1 :])
+    return torch.where((src >= 0).view(shape), x.gather(dim, index), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def check_positions(position_ids: torch.Tensor, cache, pads: Optional[List[int]],
                      n: int) -> None:
     """position_ids [b|1, n] must be each real token's position counted from its row's first

@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 
+from spiral_megatron import functional_spiral as F
 from tests.hf import helpers as H
 from tests.hf.test_parity import hf_from_megatron
 
@@ -200,3 +201,57 @@ def test_a_left_padded_batch_continues_from_the_cache_generate_returned(model_an
     kwargs = dict(attention_mask=more_mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     continued = model.generate(more, cache=first.cache, **kwargs)
     assert torch.equal(continued, model.generate(more, use_cache=False, **kwargs))
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """The model with attn_implementation "eager" (which returns attention weights) while active."""
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def assert_rows_attention(batch, alone, r: int, width: int, model, tokens: int):
+    """Row r's attention weights in a left-padded batch against its prompt alone (`tokens` of
+    its tokens read so far): prelude and coda right-aligned in `width` columns (zeros in
+    front); each core level the row's own latents of the chunks it closed, zeros after."""
+    c = model.config
+    levels = ([None] * c.num_prelude_layers + [t for t in range(len(c.chunk_sizes)) for _ in range(c.num_core_layers)]
+              + [None] * c.num_coda_layers)
+    assert len(batch) == len(alone) == len(levels)
+    for got, want, t in zip(batch, alone, levels):
+        if t is None:  # [.., q, keys]: the row's keys are the last of the padded layout
+            q, m = want.shape[-2:]
+            assert got.shape[-1] == width
+            torch.testing.assert_close(got[r, :, -q:, -m:], want[0], rtol=0, atol=1e-6)
+            assert not got[r, :, :, :-m].any() and not got[r, :, :-q].any()
+            continue
+        if want is None:  # no chunk of this level closed: no row's core ran, or not this row's
+            assert got is None or not got[r].any()
+            continue
+        closed = F.closed_chunks(tokens, c.chunk_sizes[t], c.offsets[t])  # latents of closed chunks
+        q = min(want.shape[-2], closed)  # alone, a forward also reports its open last chunk's latent
+        torch.testing.assert_close(got[r, :, :q, :closed], want[0, :, :q, :closed], rtol=0, atol=1e-6)
+        assert not got[r, :, q:].any() and not got[r, :, :, closed:].any()
+
+
+def test_attention_weights_of_a_left_padded_batch_are_each_prompts_alone(model_and_prompts):
+    """output_attentions of a left-padded batch (eager attention), in a forward without a cache
+    and at every step of a cached generate: each row's weights are its prompt's alone, laid out
+    as the batch's padding lays out its tokens (assert_rows_attention)."""
+    model, prompts, ids, mask = model_and_prompts
+    width = ids.shape[1]
+    with eager_attention(model), torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=False, output_attentions=True)
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, output_attentions=True, return_dict_in_generate=True)
+        for r, prompt in enumerate(prompts):
+            alone = model(prompt[None], use_cache=False, output_attentions=True).attentions
+            assert_rows_attention(out.attentions, alone, r, width, model, len(prompt))
+            alone = model.generate(prompt[None], max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None, output_attentions=True, return_dict_in_generate=True)
+            assert torch.equal(gen.sequences[r, width:], alone.sequences[0, len(prompt):]), f"row {r}"
+            for k, (got, want) in enumerate(zip(gen.attentions, alone.attentions, strict=True)):  # prefill, then a token a step
+                assert_rows_attention(got, want, r, width + k, model, len(prompt) + k)
