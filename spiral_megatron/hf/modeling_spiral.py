@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -138,8 +139,6 @@ class SpiralModel(SpiralPreTrainedModel):
         e = self.scale(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         n = e.shape[1]
         pads = row_pads(attention_mask, n, cache, use_cache)
-        if output_attentions and cache is not None and cache.seen and n > 1:
-            raise ValueError(f"output_attentions with a filled cache takes one new token per call, got {n}")
         if position_ids is not None:
             check_positions(position_ids, cache, pads, n)
         record = Record(output_hidden_states, output_attentions)
@@ -335,6 +334,16 @@ class SpiralForCausalLM(SpiralPreTrainedModel, GenerationMixin):
         for key in ("tokenizer", "assistant_tokenizer"):
             inputs.pop(key, None)
         return inputs
+
+    def _validate_generation_mode(self, generation_mode, generation_config, *args, **kwargs):
+        """`generate`'s check of its strategy, and one more: assisted decoding (an assistant
+        model, prompt lookup) splits every attention entry into one per new token, which the
+        core's entries, over latents, are not: output_attentions there is refused, not mangled."""
+        super()._validate_generation_mode(generation_mode, generation_config, *args, **kwargs)
+        if generation_mode == GenerationMode.ASSISTED_GENERATION and generation_config.output_attentions:
+            raise ValueError("output_attentions is not supported with assisted decoding (assistant_model, "
+                             "prompt_lookup_num_tokens): transformers splits the weights per new token, and the "
+                             "core's are per latent; generate without the assistant, or call the model on the sequences")
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`generate`'s hook: the model's own Cache (assisted decoding needs one before the first

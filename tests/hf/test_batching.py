@@ -238,9 +238,10 @@ def assert_rows_attention(batch, alone, r: int, width: int, model, tokens: int):
 
 
 def test_attention_weights_of_a_left_padded_batch_are_each_prompts_alone(model_and_prompts):
-    """output_attentions of a left-padded batch (eager attention), in a forward without a cache
-    and at every step of a cached generate: each row's weights are its prompt's alone, laid out
-    as the batch's padding lays out its tokens (assert_rows_attention)."""
+    """output_attentions of a left-padded batch (eager attention), in a forward without a cache,
+    at every step of a cached generate and for several tokens in one pass after its prefill:
+    each row's weights are its prompt's alone, laid out as the batch's padding lays out its
+    tokens (assert_rows_attention)."""
     model, prompts, ids, mask = model_and_prompts
     width = ids.shape[1]
     with eager_attention(model), torch.no_grad():
@@ -255,3 +256,12 @@ def test_attention_weights_of_a_left_padded_batch_are_each_prompts_alone(model_a
             assert torch.equal(gen.sequences[r, width:], alone.sequences[0, len(prompt):]), f"row {r}"
             for k, (got, want) in enumerate(zip(gen.attentions, alone.attentions, strict=True)):  # prefill, then a token a step
                 assert_rows_attention(got, want, r, width + k, model, len(prompt) + k)
+        # 5 tokens per row in one pass after the prefill: rows close different numbers of chunks
+        piece = torch.randint(1, H.VOCAB, (len(prompts), 5), generator=torch.Generator().manual_seed(10))
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        more = model(piece, attention_mask=torch.cat([mask, torch.ones_like(piece)], 1), cache=cache,
+                     output_attentions=True).attentions
+        for r, prompt in enumerate(prompts):
+            cache = model(prompt[None], use_cache=True).cache
+            alone = model(piece[r : r + 1], cache=cache, output_attentions=True).attentions
+            assert_rows_attention(more, alone, r, width + 5, model, len(prompt) + 5)

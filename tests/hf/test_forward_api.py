@@ -94,6 +94,38 @@ def test_generate_returns_each_steps_attention_weights(eager):
         torch.testing.assert_close(step[-1][:, :, 0], full[-1][:, :, k, : k + 1], rtol=0, atol=1e-5)
 
 
+def test_several_tokens_after_a_filled_cache_return_the_full_forwards_attention_weights(eager):
+    """n new tokens after c cached ones in one call (a prefill in pieces, assisted decoding):
+    their rows of the full uncached forward's weights; the core of a level, the rows of the
+    latents whose chunks they close (None where they close none)."""
+    from spiral_megatron.functional_spiral import closed_chunks
+
+    levels = ([None] * CONFIG["num_prelude_layers"]
+              + [t for t in range(len(CONFIG["chunk_sizes"])) for _ in range(CONFIG["num_core_layers"])]
+              + [None] * CONFIG["num_coda_layers"])
+    for c, n in ((5, 7), (8, 3), (3, 1)):
+        ids = torch.stack(prompts([c + n, c + n], seed=c))
+        with torch.no_grad():
+            full = eager(ids, use_cache=False, output_attentions=True).attentions
+            cache = eager(ids[:, :c], use_cache=True).cache
+            got = eager(ids[:, c:], cache=cache, output_attentions=True).attentions
+        assert len(got) == len(full) == NUM_CALLS
+        for a, want, t in zip(got, full, levels):
+            if t is None:
+                torch.testing.assert_close(a, want[:, :, c:, :], rtol=0, atol=1e-5)
+                continue
+            g, w = CONFIG["chunk_sizes"][t], CONFIG["chunk_offsets"][t]
+            first, last = closed_chunks(c, g, w), closed_chunks(c + n, g, w)
+            if first == last:
+                assert a is None, f"level {t}: no chunk closed, but weights"
+            else:
+                torch.testing.assert_close(a, want[:, :, first:last, :last], rtol=0, atol=1e-5)
+    # assisted decoding would split every entry per new token, the core's latent ones too: refused
+    with pytest.raises(ValueError, match="output_attentions is not supported with assisted decoding"):
+        eager.generate(torch.cat([ids, ids], 1), max_new_tokens=4, prompt_lookup_num_tokens=3,
+                       output_attentions=True, return_dict_in_generate=True, **GEN)
+
+
 def test_loss_of_a_left_padded_batch_is_that_of_its_rows(model):
     """Each row's first real token is predicted by nothing, as when the row runs alone; the batch
     loss is the token-weighted mean of the rows' losses, or their sum / num_items_in_batch."""
