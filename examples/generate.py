@@ -6,6 +6,7 @@
     python examples/generate.py --model hf/debug --prompt "The" --do-sample --temperature 0.8 --top-p 0.9 \
         --num-return-sequences 3
     python examples/generate.py --model hf/debug --prompt "def f(x):" --stop-strings "return" ")"
+    python examples/generate.py --model hf/debug --prompt "The loop" --dtype bf16
 
 Several prompts run as one left-padded batch (the folder's tokenizer pads on the left). The
 options are transformers' `generate` arguments of the same names; greedy decoding by default.
@@ -15,6 +16,8 @@ import argparse
 import os
 import sys
 import time
+
+DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch's names
 
 
 def parse_args(argv=None):
@@ -33,15 +36,18 @@ def parse_args(argv=None):
                    help="end a sequence once it generates one of these strings (transformers' stop_strings)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                   help="the model's dtype (default: the folder's weights', as transformers loads them)")
     return p.parse_args(argv)
 
 
-def load(folder: str):
+def load(folder: str, dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    chosen = DTYPES[dtype] if dtype == "auto" else getattr(torch, DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=chosen).eval()
     return tokenizer, model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    tokenizer, model = load(args.model)
+    tokenizer, model = load(args.model, args.dtype)
     start = time.perf_counter()
     try:
         texts = generate(tokenizer, model, args.prompt, **generation_kwargs(args))
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
             print(f"=== prompt {i // per + 1}" + (f", sequence {i % per + 1}" if per > 1 else ""))
         print(args.prompt[i // per] + text)
     print(f"[{len(texts)} sequence{'s' if len(texts) > 1 else ''} of up to {args.max_new_tokens} new tokens "
-          f"in {elapsed:.2f}s, {'no ' if args.no_cache else ''}cache]")
+          f"in {elapsed:.2f}s, {'no ' if args.no_cache else ''}cache, {str(model.dtype).replace('torch.', '')}]")
     return 0
 
 

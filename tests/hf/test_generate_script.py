@@ -76,3 +76,13 @@ def test_stop_strings_end_each_sequence_after_the_string(folder, tmp_path):
         cut = words.index(stop) + 1 if stop in words else len(words)
         assert text.split() == words[:cut]
     assert len(stopped[0].split()) <= 3 < len(full[0].split())
+
+
+def test_dtype_loads_the_model_in_it_and_auto_keeps_the_folders(folder, capsys):
+    """--dtype bf16 runs an fp32 folder in bfloat16 (the line after the texts says so); the default
+    keeps the dtype the folder's weights are stored in."""
+    gen = script()
+    assert gen.load(str(folder))[1].dtype == torch.float32
+    assert gen.load(str(folder), "bf16")[1].dtype == torch.bfloat16
+    assert gen.main(["--model", str(folder), "--prompt", "ab", "--max-new-tokens", "3", "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("cache, bfloat16]")
