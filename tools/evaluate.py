@@ -7,9 +7,10 @@
 --data: Megatron indexed dataset prefixes (.bin/.idx) and/or JSONL (`text` key, or --json-keys KEY) / text files
 (or folders of them, or quoted patterns), tokenized with the model's tokenizer (or --tokenizer). Documents are joined with the
 end-of-document id and cut into consecutive windows (no seed: the same data every time); the
-first --max-sequences of them are scored (default 256; 0 = all), --batch-size at a time.
-Says up front how many it will score, then shows progress (plain lines in a log) and the
-result; --out writes it as JSON. Nothing is downloaded.
+first --max-sequences of them are scored (default 256; 0 = all), --batch-size at a time, on
+--device (default: a GPU when there is one) in --dtype (default fp32; the loss is summed in
+fp32 either way). Says up front how many it will score, then shows progress (plain lines in a
+log) and the result; --out writes it as JSON. Nothing is downloaded.
 """
 
 import argparse
@@ -26,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--max-sequences", type=int, default=256,
                    help="score the first this many sequences (default 256: bounded time; 0 = all of the data)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--device", default=None, help="where the model runs (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the model's dtype (a model trained in bf16 can be scored as it ran)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     return p.parse_args(argv)
 
@@ -42,6 +46,8 @@ def main(argv=None) -> int:
 
 
 def _run(argv) -> int:
+    import torch
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.analysis import evaluate, models
@@ -52,13 +58,21 @@ def _run(argv) -> int:
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
+    from spiral_megatron.conversion.hf_io import DTYPES
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = loaded.model.to(device=device, dtype=DTYPES[args.dtype])
+    except (RuntimeError, AssertionError) as e:  # no such device here (torch: RuntimeError; no CUDA build: AssertionError)
+        print(f"evaluate: error: --device {device!r}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     n = rows.shape[0]
     bound = (f" (the first {n}: --max-sequences; 0 scores all)" if args.max_sequences and n == args.max_sequences
              else " (all of the data)")
-    print(f"evaluating {loaded.source} ({loaded.kind}) on {n} sequences of {seq} tokens = {n * seq:,} "
-          f"tokens{bound}, {args.batch_size} at a time", file=sys.stderr)
-    result = evaluate.perplexity(loaded.model, rows, args.batch_size, evaluate.text_progress(n))
-    result.update(model=loaded.source, data=list(args.data))
+    print(f"evaluating {loaded.source} ({loaded.kind}, {args.dtype} on {device}) on {n} sequences of {seq} tokens = "
+          f"{n * seq:,} tokens{bound}, {args.batch_size} at a time", file=sys.stderr)
+    result = evaluate.perplexity(model, rows, args.batch_size, evaluate.text_progress(n))
+    result.update(model=loaded.source, data=list(args.data), dtype=args.dtype)
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -34,10 +34,12 @@ def perplexity(model, rows: torch.Tensor, batch_size: int = 8,
                progress: Optional[Callable[[int, int, float, int], None]] = None) -> dict:
     """rows [n, seq_length + 1] -> {"loss", "perplexity", "tokens", "sequences", "seq_length"}.
 
-    `model(input_ids)` must return an object with `.logits` [b, s, V] (an HF causal LM)."""
+    `model(input_ids)` must return an object with `.logits` [b, s, V] (an HF causal LM); the
+    rows go to its device, the loss is computed in float32."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for start in range(0, rows.shape[0], batch_size):
-        batch = rows[start : start + batch_size]
+        batch = rows[start : start + batch_size].to(device)
         inputs, labels = batch[:, :-1], batch[:, 1:]  # [b, s]
         logits = model(inputs, use_cache=False).logits.float()  # [b, s, V]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()

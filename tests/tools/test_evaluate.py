@@ -70,6 +70,20 @@ def test_perplexity_from_checkpoint_and_hf_folder(checkpoint, hf_folder, corpus,
     assert json.loads((tmp_path / "c.json").read_text())["loss"] == b["loss"]
 
 
+def test_dtype_scores_the_model_in_it(hf_folder, corpus, tmp_path, capsys):
+    """--dtype bf16: the model runs in bfloat16 (the line and the JSON say so), its loss near the
+    fp32 one's and not the same; a device this machine lacks is one line naming it."""
+    common = ["--model", str(hf_folder), "--data", str(corpus), "--seq-length", "20"]
+    assert evaluate_tool.main([*common, "--out", str(tmp_path / "fp32.json")]) == 0
+    assert evaluate_tool.main([*common, "--dtype", "bf16", "--device", "cpu", "--out", str(tmp_path / "bf16.json")]) == 0
+    assert "bf16 on cpu" in capsys.readouterr().err
+    fp32, bf16 = (json.loads((tmp_path / f).read_text()) for f in ("fp32.json", "bf16.json"))
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    assert evaluate_tool.main([*common, "--device", "nowhere"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("evaluate: error: --device 'nowhere'")
+
+
 def test_evaluate_errors(hf_folder, tmp_path, capsys):
     assert evaluate_tool.main(["--model", str(hf_folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
