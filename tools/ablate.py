@@ -103,12 +103,9 @@ def train_command(args, flavor: str, variant, lr: float, seed: int, data: tuple,
 def score(run_dir: Path, valid_rows) -> dict:
     """Val loss of the run's final checkpoint on the fixed held-out rows (float32, on a GPU when
     there is one), plus what the table needs."""
-    import torch
-
     from spiral_megatron.analysis import evaluate, models
 
-    loaded = models.load(str(run_dir / "ckpt"))
-    model = loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = models.placed(models.load(str(run_dir / "ckpt")).model)
     return evaluate.perplexity(model, valid_rows, batch_size=16)
 
 

@@ -46,8 +46,6 @@ def main(argv=None) -> int:
 
 
 def _run(argv) -> int:
-    import torch
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     from spiral_megatron.analysis import evaluate, models
@@ -60,11 +58,10 @@ def _run(argv) -> int:
         return 2
     from spiral_megatron.conversion.hf_io import DTYPES
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = loaded.model.to(device=device, dtype=DTYPES[args.dtype])
-    except (RuntimeError, AssertionError) as e:  # no such device here (torch: RuntimeError; no CUDA build: AssertionError)
-        print(f"evaluate: error: --device {device!r}: {str(e).splitlines()[0]}", file=sys.stderr)
+        model, device = models.placed(loaded.model, args.device, DTYPES[args.dtype])
+    except ValueError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     n = rows.shape[0]
     bound = (f" (the first {n}: --max-sequences; 0 scores all)" if args.max_sequences and n == args.max_sequences

@@ -8,7 +8,8 @@ mass and mean attention distance (in tokens at every resolution); MeSH's state d
 --model: a checkpoint folder (any TP/PP layout) or a converted HF folder (the same numbers).
 --data: indexed dataset prefixes or .jsonl/.txt files; the first --samples windows of
 --seq-length tokens (see spiral_megatron/analysis/data.py). Writes OUT/probe.json,
-OUT/probe_attention.png and OUT/probe_states.png and prints a table. Definitions:
+OUT/probe_attention.png and OUT/probe_states.png and prints a table. The model runs in
+float32 on --device (default: a GPU when there is one). Definitions:
 spiral_megatron/analysis/probe.py and docs/RESEARCH.md.
 """
 
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=16, help="local window W in tokens")
     p.add_argument("--top-fraction", type=float, default=0.4, help="share of heads that change most (paper: 0.4)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="where the model runs (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, help="output folder for probe.json and the plots")
     return p.parse_args(argv)
 
@@ -46,14 +48,13 @@ def main(argv=None) -> int:
 def _run(argv) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
-    import torch
-
     from spiral_megatron.analysis import models, probe
 
     try:
         loaded, rows, seq = models.load_with_sequences(args.model, args.data, args.iteration, args.tokenizer,
                                                        args.seq_length, args.samples, args.text_key)
-        prober = probe.Probe(loaded.model, args.window, args.top_fraction)
+        model, _ = models.placed(loaded.model, args.device)
+        prober = probe.Probe(model, args.window, args.top_fraction)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2

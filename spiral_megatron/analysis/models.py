@@ -64,6 +64,16 @@ def _from_megatron(load_dir: str, iteration: Optional[int]) -> Loaded:
     return Loaded(model.float().eval(), tok_dir, f"{folder}", "megatron")
 
 
+def placed(model: torch.nn.Module, device: Optional[str] = None, dtype: torch.dtype = torch.float32):
+    """(model on `device` in `dtype`, the device's name): by default a GPU when there is one. A
+    device this machine lacks is a ValueError naming it."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return model.to(device=device, dtype=dtype), device
+    except (RuntimeError, AssertionError) as e:  # torch: RuntimeError; a build without CUDA: AssertionError
+        raise ValueError(f"--device {device!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_tokenizer(loaded: Loaded, override: Optional[str] = None):
     """spiral_megatron's Tokenizer (with its eod id) of the model, or of `override`."""
     from spiral_megatron.job.data.tokenizer import Tokenizer

@@ -79,11 +79,11 @@ def top_changing_heads(local_mass: torch.Tensor, fraction: float = TOP_FRACTION)
 class StateMoments:
     """Running sums over tokens of T+1 loop states [N, d]: means, cross-covariances, update sizes."""
 
-    def __init__(self, num_states: int, d: int):
+    def __init__(self, num_states: int, d: int, device=None):
         self.n, self.count = num_states, 0
-        self.sums = torch.zeros(num_states, d, dtype=torch.float64)
-        self.cross = torch.zeros(num_states, num_states, d, d, dtype=torch.float64)
-        self.update = torch.zeros(max(num_states - 1, 0), dtype=torch.float64)
+        self.sums = torch.zeros(num_states, d, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(num_states, num_states, d, d, dtype=torch.float64, device=device)
+        self.update = torch.zeros(max(num_states - 1, 0), dtype=torch.float64, device=device)
 
     def add(self, states: Sequence[torch.Tensor]) -> None:
         """states: T+1 tensors [b, L, d] of real tokens."""
@@ -188,7 +188,8 @@ class Probe:
         T, layers, heads = len(self.chunk_sizes), cfg.num_core_layers, cfg.num_attention_heads
         self.sums = {k: torch.zeros(T, layers, heads, dtype=torch.float64)
                      for k in ("entropy", "local_mass", "distance", "count")}
-        self.moments = StateMoments(T + 1, cfg.hidden_size)
+        self.device = next(model.parameters()).device  # the forward and the state moments run there
+        self.moments = StateMoments(T + 1, cfg.hidden_size, self.device)
         self.samples = 0
 
     @torch.no_grad()
@@ -196,7 +197,7 @@ class Probe:
         """input_ids [b, L]: one full forward (no cache) under `recording`."""
         L = input_ids.shape[1]
         with recording(self.model) as rec:
-            self.model(input_ids, use_cache=False)
+            self.model(input_ids.to(self.device), use_cache=False)
         T = len(self.chunk_sizes)
         for layer, calls in enumerate(rec["calls"]):
             if len(calls) != T:
@@ -204,7 +205,7 @@ class Probe:
             for t, (q, k) in enumerate(calls):
                 sums = head_sums(attention_probs(q, k), self.chunk_sizes[t], self.offsets[t], L, self.window)
                 for key, value in sums.items():
-                    self.sums[key][t, layer] += value
+                    self.sums[key][t, layer] += value.cpu()
         states = [s[:, :L] for s in rec["states"]]
         if len(states) != T + 1:
             raise RuntimeError(f"recorded {len(states)} loop states, expected T+1={T + 1}")

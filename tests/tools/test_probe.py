@@ -107,7 +107,7 @@ def test_top_changing_heads():
     assert probe.top_changing_heads(local, 0.2) == [(0, 2), (1, 3)]
 
 
-def test_probe_same_from_checkpoint_and_its_hf_conversion(checkpoint, hf_folder, corpus, tmp_path):
+def test_probe_same_from_checkpoint_and_its_hf_conversion(checkpoint, hf_folder, corpus, tmp_path, capsys):
     common = ["--data", str(corpus), "--samples", "6", "--seq-length", "24", "--batch-size", "4", "--window", "4"]
     assert probe_tool.main(["--model", str(checkpoint), "--out", str(tmp_path / "m"), *common]) == 0
     assert probe_tool.main(["--model", str(hf_folder), "--out", str(tmp_path / "h"), *common]) == 0
@@ -117,6 +117,11 @@ def test_probe_same_from_checkpoint_and_its_hf_conversion(checkpoint, hf_folder,
         assert a[key] == b[key]  # the same model: the same numbers exactly
     assert (tmp_path / "m" / "probe_attention.png").stat().st_size > 0
     assert (tmp_path / "m" / "probe_states.png").stat().st_size > 0
+    # --device: where the model and the state moments run; one this machine lacks is one line
+    assert probe_tool.main(["--model", str(hf_folder), "--out", str(tmp_path / "c"), "--device", "cpu", *common]) == 0
+    assert json.loads((tmp_path / "c" / "probe.json").read_text())["states"] == b["states"]
+    assert probe_tool.main(["--model", str(hf_folder), "--out", str(tmp_path / "x"), "--device", "nowhere", *common]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("probe: error: --device 'nowhere'")
 
 
 def test_probe_errors_name_the_problem(tmp_path, capsys):
