@@ -3,6 +3,9 @@
     python tools/convert_to_hf.py --load checkpoints/debug --out hf/debug [--iteration N]
         [--dtype fp32|bf16|fp16] [--verify] [--force]
 
+The weights are written in the checkpoint's dtype (the format the model trained in: bf16 for a
+--bf16 run; Megatron's fp32 main weights are optimizer state) unless --dtype says otherwise.
+
 The folder loads with `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`.
 `--verify` compares both models' logits on sample text and exits 1 above tolerance.
 """
@@ -17,7 +20,8 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="checkpoint folder (holds latest_checkpointed_iteration.txt)")
     p.add_argument("--out", required=True, help="Hugging Face output folder")
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the latest)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weight dtype written")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="weight dtype written (default: the checkpoint's, the format the model trained in)")
     p.add_argument("--verify", action="store_true", help="compare Megatron and HF logits; exit 1 above tolerance")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs logit difference / max(1, max |logit|)")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard")
@@ -45,7 +49,8 @@ def main(argv=None) -> int:
     except (CheckpointError, UnsupportedConfigError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {result['out']} from iteration {result['iteration']} ({args.dtype})")
+    written = args.dtype or f"{result['dtype_name']}, the checkpoint's"
+    print(f"wrote {result['out']} from iteration {result['iteration']} ({written})")
     if args.verify:
         report = convert.verify(result, args.tolerance)
         print(f"verify: max abs logit difference {report['max_abs_logit_diff']:.3e}, cached vs full "

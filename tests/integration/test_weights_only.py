@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.integration.conftest import ROOT, TINY, environment, launch, logged
 
@@ -42,6 +43,13 @@ def test_converted_hf_checkpoint_loads_weights_and_trains(reference, converted, 
     # the reference's after its last step (same weights, same validation batches; bf16 rounds).
     assert log[1]["val_loss"] == pytest.approx(full[4]["val_loss"], abs=0.02 if precision else 1e-5)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    # converted back to Hugging Face, by default in the format it trained in (its stored weights')
+    from spiral_megatron.conversion import convert, hf_io
+
+    result = convert.megatron_to_hf_folder(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    _, state, _ = hf_io.read_hf_folder(tmp_path / "hf")
+    want = torch.bfloat16 if precision else torch.float32
+    assert result["dtype"] == want and {v.dtype for v in state.values()} == {want}
 
 
 def test_finetune_starts_from_the_weights_at_iteration_0_then_resumes_its_own(reference, cache_dir, tmp_path):
