@@ -136,6 +136,15 @@ def test_bf16_and_sharded(ckpt, tmp_path):
     config, state, _ = hf_io.read_hf_folder(out)
     assert all(v.dtype == torch.bfloat16 for v in state.values())
     assert convert.load_hf(out)(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, H.VOCAB)
+    # back to the job's layout and out again, each in the dtype it came in: the same bf16 folder
+    assert convert_from_hf.main(["--load", str(out), "--save", str(tmp_path / "back")]) == 0
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_plain_tensors(str(tmp_path / "back" / "iter_0000000"))
+    assert {v.dtype for v in stored.values() if isinstance(v, torch.Tensor)} == {torch.bfloat16}
+    assert convert_to_hf.main(["--load", str(tmp_path / "back"), "--out", str(tmp_path / "again")]) == 0
+    _, again, _ = hf_io.read_hf_folder(tmp_path / "again")
+    assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
 
 
 def test_errors(ckpt, hf_dir, tmp_path, capsys):
