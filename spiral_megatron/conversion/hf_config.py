@@ -12,6 +12,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_spiral.SpiralModel",
     "AutoModelForCausalLM": "modeling_spiral.SpiralForCausalLM",
     "AutoModelForSequenceClassification": "classification_spiral.SpiralForSequenceClassification",
+    "AutoModelForTokenClassification": "classification_spiral.SpiralForTokenClassification",
+    "AutoModelForQuestionAnswering": "classification_spiral.SpiralForQuestionAnswering",
 }
 # Recorded FUNCTION fields (model_args.RECORDED_FIELDS) the HF model implements one way only:
 # another value is refused by name. Every other recorded field is carried (CONFIG_NAMES,

@@ -62,9 +62,11 @@ batch = tokenizer(["The loop"], return_tensors="pt")
 print(tokenizer.decode(model.generate(**batch, max_new_tokens=20)[0]))
 ```
 
-`AutoModel` loads the base model (hidden states, no output layer), and
+`AutoModel` loads the base model (hidden states, no output layer);
 `AutoModelForSequenceClassification` (with `num_labels`) a classifier or reward model that scores
-each sequence's last real token, its `score` layer new.
+each sequence's last real token, `AutoModelForTokenClassification` a tagger that scores every
+token and `AutoModelForQuestionAnswering` an extractive QA model (span start and end logits),
+each with its head new.
 """ + ("""
 `megatron_vocab_padding.safetensors` keeps the embedding rows Megatron padded beyond the
 vocabulary, which this model does not use; spiral_megatron's `tools/convert_from_hf.py` puts them
