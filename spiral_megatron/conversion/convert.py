@@ -42,18 +42,10 @@ def tokenizer_info(folder: Optional[Path]) -> dict:
     return info
 
 
-def stored_dtype(tensors: dict) -> str:
-    """The name (hf_io.DTYPES) of the dtype a checkpoint's weights are stored in: the model's
-    training format (Megatron keeps fp32 main weights in the optimizer's state, not here); the
-    widest of them if they differ."""
-    names = {name for name, dtype in hf_io.DTYPES.items() for v in tensors.values() if v.dtype == dtype}
-    return names.pop() if len(names) == 1 else "fp32"
-
-
 def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, dtype: Optional[str] = None,
                           force: bool = False, max_shard_bytes: int = 2 * 1024**3, extra=None) -> dict:
     """Checkpoint -> HF folder (`extra`: see hf_io.write_hf_folder), its weights in `dtype`
-    (default: the checkpoint's, `stored_dtype`). Returns what `verify` needs (args, state,
+    (default: the checkpoint's, `mapping.stored_dtype`). Returns what `verify` needs (args, state,
     config, out) and the dtype's name."""
     if dtype is not None and dtype not in hf_io.DTYPES:
         raise ValueError(f"dtype {dtype!r} must be one of {tuple(hf_io.DTYPES)}")
@@ -69,11 +61,11 @@ def megatron_to_hf_folder(load: str, out: str, iteration: Optional[int] = None, 
     tok = tokenizer_info(tok_dir)
     config = hf_config.to_hf_config(args, **tok)
     source = mapping.normalize_megatron(megatron_io.read_tensors(folder))
-    dtype = dtype or stored_dtype(source)
     shapes = hf_config.shapes_of(config)
     state = mapping.megatron_to_hf(source, shapes, config.tie_word_embeddings)
     mapping.check_coverage(state, expected_hf_shapes(config), "Hugging Face")
-    torch_dtype = hf_io.DTYPES[dtype]
+    torch_dtype = hf_io.DTYPES[dtype] if dtype else mapping.stored_dtype(source)
+    dtype = dtype or next(name for name, value in hf_io.DTYPES.items() if value == torch_dtype)
     state = {k: v.to(torch_dtype) for k, v in state.items()}
     config.dtype = torch_dtype
     padding = mapping.vocab_padding(source, shapes)

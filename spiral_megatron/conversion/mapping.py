@@ -207,6 +207,15 @@ def vocab_padding(sd: StateDict, shapes: Shapes) -> StateDict:
             if k in sd and sd[k].shape[0] > shapes.vocab_size}
 
 
+def stored_dtype(sd: StateDict) -> torch.dtype:
+    """The dtype a state's weights are stored in: the format the model trained in (Megatron keeps
+    its fp32 main weights in the optimizer's state, not among these). float32 when they differ
+    or are none of the training formats."""
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    one = dtypes.pop() if len(dtypes) == 1 else None
+    return one if one in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def check_coverage(produced: StateDict, expected: Dict[str, torch.Size], side: str) -> None:
     """Every expected tensor written, nothing extra, shapes equal; errors list the names."""
     missing = sorted(set(expected) - set(produced))

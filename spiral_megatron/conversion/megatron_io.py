@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from spiral_megatron.conversion import mapping
 from spiral_megatron.conversion.mapping import StateDict
 from spiral_megatron.model.model_args import ModelArgs
 
@@ -143,9 +144,7 @@ def write_checkpoint(save: str, iteration: int, args: ModelArgs, state: StateDic
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:
         raise ValueError(f"state does not fit the Megatron model: missing {missing}, unexpected {unexpected}")
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:  # stored as they came: a bf16 folder's weights stay bf16 (the model built fp32)
-        model.to(dtypes.pop())
+    model.to(mapping.stored_dtype(state))  # stored as they came: a bf16 folder's weights stay bf16 (built fp32)
 
     def write_files(staging: Path) -> None:
         args.save(staging / "model_args.json")
